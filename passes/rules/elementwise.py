@@ -1,0 +1,196 @@
+"""Rules for element-wise ops (with broadcasting), activations, reductions, softmax, pooling,
+padding and the no-op bookkeeping ops (size, dim, asserts).
+
+Broadcasting aligns dims from the right; a size-1 side couples nothing. Division pins the
+divisor's channels (a zeroed divisor is not a removed one). Reductions keep the dims they do not
+reduce; a sum over channels is exact under removal (zeros add nothing), a mean or max is not, so
+those pin what they reduce.
+"""
+
+from __future__ import annotations
+
+import builtins
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pcompiler.passes.rules.base import RuleContext, RuleError, arg, rule
+
+_ACT_MODULES = (
+    nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.Softsign,
+    nn.Tanhshrink, nn.LogSigmoid, nn.Threshold, nn.Hardshrink, nn.Softshrink, nn.RReLU,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
+)
+_ACT_FUNCTIONS = (
+    F.relu, F.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish, F.hardswish,
+    F.hardsigmoid, F.hardtanh, F.softplus, F.softsign, F.tanhshrink, F.logsigmoid, F.sigmoid, F.tanh,
+    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.threshold,
+    torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.log, torch.sqrt, torch.rsqrt, torch.abs,
+    torch.neg, torch.clamp, torch.clip, torch.erf, torch.square, torch.sin, torch.cos, torch.reciprocal,
+    torch.nan_to_num, torch.clone, torch.detach, torch.pow, operator.neg, operator.pos, operator.pow,
+)
+_ACT_METHODS = (
+    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "log", "sqrt", "rsqrt", "abs", "neg",
+    "clamp", "clamp_", "clip", "erf", "square", "sin", "cos", "reciprocal", "contiguous", "clone", "detach",
+    "float", "double", "half", "bfloat16", "to", "type", "type_as", "cpu", "cuda", "requires_grad_",
+    "nan_to_num", "masked_fill", "masked_fill_", "pow", "pow_", "zero_", "fill_",
+)
+
+
+@rule(*_ACT_MODULES, *_ACT_FUNCTIONS, *_ACT_METHODS)
+def unary(node: fx.Node, ctx: RuleContext) -> None:
+    """Output channel c is a function of input channel c (and of scalars)."""
+    x = node.args[0] if node.args else next(iter(node.kwargs.values()))
+    if ctx.info(x) is None:
+        if ctx.info(node) is None:  # arithmetic on sizes, not tensors
+            return
+        raise RuleError("first argument is not a tensor")
+    ctx.same_shape(x, node)
+    for other in list(node.args[1:]) + list(node.kwargs.values()):  # e.g. masked_fill's mask, type_as
+        if ctx.info(other) is not None and node.target != "type_as":
+            ctx.same_shape(other, node)
+
+
+_BINARY = (
+    operator.add, operator.sub, operator.mul, operator.iadd, operator.isub, operator.imul, torch.add,
+    torch.sub, torch.mul, torch.maximum, torch.minimum, torch.where, torch.lerp, torch.addcmul,
+    operator.gt, operator.lt, operator.ge, operator.le, operator.eq, operator.ne, operator.and_, operator.or_,
+    "add", "add_", "sub", "sub_", "mul", "mul_", "maximum", "minimum", "where", "lerp", "addcmul",
+)
+_DIVISION = (operator.truediv, operator.itruediv, operator.floordiv, torch.div, torch.true_divide, "div", "div_",
+             "true_divide")
+
+
+@rule(*_BINARY)
+def binary(node: fx.Node, ctx: RuleContext) -> None:
+    """Every tensor operand's dims are the output's dims (broadcasting from the right)."""
+    if ctx.info(node) is None:  # arithmetic on sizes, not tensors
+        return
+    for a in list(node.args) + list(node.kwargs.values()):
+        if ctx.info(a) is not None:
+            ctx.same_shape(a, node)
+
+
+@rule(*_DIVISION)
+def division(node: fx.Node, ctx: RuleContext) -> None:
+    if ctx.info(node) is None:
+        return
+    num, den = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+    if ctx.info(num) is not None:
+        ctx.same_shape(num, node)
+    if ctx.info(den) is not None:
+        ctx.same_shape(den, node)
+        ctx.pin_tensor(den, "divides by these channels (a zeroed divisor is not a removed one)")
+
+
+_REDUCTIONS = {
+    "sum": True, "mean": False, "amax": False, "amin": False, "max": False, "min": False, "std": False,
+    "var": False, "norm": False, "logsumexp": False, "prod": False, "nansum": True, "nanmean": False,
+}
+_REDUCTION_FUNCTIONS = {getattr(torch, n): exact for n, exact in _REDUCTIONS.items()}
+
+
+@rule(*_REDUCTIONS, *_REDUCTION_FUNCTIONS)
+def reduction(node: fx.Node, ctx: RuleContext) -> None:
+    x = node.args[0]
+    tx = ctx.info(x)
+    name = node.target if isinstance(node.target, str) else node.target.__name__
+    exact = _REDUCTIONS[name]
+    dims = arg(node, 1, "dim", None)
+    if name == "norm":
+        dims = arg(node, 2, "dim", None)
+    keepdim = bool(arg(node, 2 if name != "norm" else 3, "keepdim", False))
+    if dims is None:
+        if not exact:
+            ctx.pin_tensor(x, f"{name} over every dim (zeroing channels is not removing them)")
+        return
+    if isinstance(dims, fx.Node):
+        raise RuleError("reduced dims are computed at run time")
+    dims = {d % tx.ndim for d in ([dims] if isinstance(dims, int) else dims)}
+    outputs = [()] if ctx.info(node) is not None else [(0,), (1,)]  # max/min with dim give (values, indices)
+    for path in outputs:
+        j = 0
+        for d in range(tx.ndim):
+            if d in dims:
+                if not exact:
+                    ctx.pin(ctx.ref(x, d), f"{name} over these channels (zeroing them is not removing them)")
+                j += keepdim
+                continue
+            ctx.same(ctx.ref(x, d), ctx.ref(node, j, path))
+            j += 1
+
+
+@rule(nn.Softmax, nn.LogSoftmax, nn.Softmin, F.softmax, F.log_softmax, F.softmin, torch.softmax,
+      torch.log_softmax, "softmax", "log_softmax")
+def softmax(node: fx.Node, ctx: RuleContext) -> None:
+    x = node.args[0]
+    ctx.same_shape(x, node)
+    dim = ctx.module(node).dim if node.op == "call_module" else arg(node, 1, "dim")
+    if dim is None:
+        raise RuleError("softmax without an explicit dim")
+    ctx.pin(ctx.ref(node, dim), "softmax normalizes over these channels")
+
+
+_POOL_MODULES = {}
+for _cls in (nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d, nn.LPPool1d):
+    _POOL_MODULES[_cls] = 1
+for _cls in (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.LPPool2d,
+             nn.FractionalMaxPool2d, nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d):
+    _POOL_MODULES[_cls] = 2
+for _cls in (nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d):
+    _POOL_MODULES[_cls] = 3
+_POOL_FUNCTIONS = {
+    F.max_pool1d: 1, F.avg_pool1d: 1, F.adaptive_avg_pool1d: 1, F.adaptive_max_pool1d: 1,
+    F.max_pool2d: 2, F.avg_pool2d: 2, F.adaptive_avg_pool2d: 2, F.adaptive_max_pool2d: 2, F.lp_pool2d: 2,
+    F.max_pool3d: 3, F.avg_pool3d: 3, F.adaptive_avg_pool3d: 3, F.adaptive_max_pool3d: 3,
+    torch.max_pool2d: 2, torch.avg_pool1d: 1, torch.adaptive_avg_pool1d: 1,
+}
+
+
+@rule(*_POOL_MODULES, *_POOL_FUNCTIONS, F.interpolate)
+def pooling(node: fx.Node, ctx: RuleContext) -> None:
+    """Spatial dims change size; the leading (batch, channel) dims pass through."""
+    x = node.args[0] if node.args else node.kwargs["input"]
+    tx, to = ctx.info(x), ctx.info(node)
+    if to is None:
+        raise RuleError("pooling that returns indices")
+    if node.op == "call_module":
+        k = _POOL_MODULES[type(ctx.module(node))]
+    else:
+        k = _POOL_FUNCTIONS.get(node.target, tx.ndim - 2)
+    for d in range(tx.ndim - k):
+        ctx.same(ctx.ref(x, d), ctx.ref(node, d))
+
+
+@rule(F.pad, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
+      nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d)
+def pad(node: fx.Node, ctx: RuleContext) -> None:
+    x = node.args[0]
+    pads = ctx.module(node).padding if node.op == "call_module" else arg(node, 1, "pad")
+    if any(isinstance(p, fx.Node) for p in pads):
+        ctx.pin_tensor(x, "padding computed at run time")
+        return
+    tx = ctx.info(x)
+    padded = {tx.ndim - 1 - i // 2 for i, p in enumerate(pads) if p != 0}
+    for d in range(tx.ndim):
+        if d in padded:
+            ctx.pin(ctx.ref(x, d), "padded dim")
+        else:
+            ctx.same(ctx.ref(x, d), ctx.ref(node, d))
+
+
+@rule("size", "dim", "numel", "ndimension", "nelement", "get_device", "is_contiguous", torch.numel,
+      builtins.len, torch._assert, builtins.isinstance)
+def no_channels(node: fx.Node, ctx: RuleContext) -> None:
+    """Ops that read sizes or check things; their results carry no channels."""
+
+
+@rule(builtins.getattr)
+def attribute(node: fx.Node, ctx: RuleContext) -> None:
+    """x.shape / x.dtype / x.device carry no channels; x.T / x.mT do but are rare: pinned."""
+    if ctx.info(node) is not None:
+        raise RuleError(f"tensor attribute '{node.args[1]}'")

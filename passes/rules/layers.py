@@ -1,0 +1,309 @@
+"""Rules for layers with parameters: conv (grouped, depthwise, transposed), linear, norms,
+embeddings, as modules and as torch.nn.functional calls on plain parameters.
+
+Grouped convs: a channel cannot leave one conv group alone (every group must keep the same
+width), so the rule couples whole conv groups: removing one removes its input and output
+channels together and `groups` shrinks. Depthwise convs are the case of width one.
+GroupNorm likewise couples whole norm groups (its statistics are per group). LayerNorm and
+RMSNorm normalise over their channels: zeroing a channel there changes the statistics of the
+others, so those channels are pinned.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pcompiler.ir import DimRef, Role
+from pcompiler.passes.rules.base import RewriteContext, RuleContext, RuleError, arg, rewriter, rule, set_arg
+
+_CONVS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+_TCONVS = {nn.ConvTranspose1d: 1, nn.ConvTranspose2d: 2, nn.ConvTranspose3d: 3}
+_FCONVS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+_FTCONVS = {F.conv_transpose1d: 1, F.conv_transpose2d: 2, F.conv_transpose3d: 3}
+
+
+def _conv(ctx: RuleContext, node: fx.Node, x: fx.Node, nd: int, w: DimRef, w_in: DimRef, bias: DimRef | None,
+          groups: int, transposed: bool) -> None:
+    """Map channels through a convolution. `w` is the weight dim indexed by output channels
+    (dim 0, or dim 1 for transposed), `w_in` the one indexed by input channels."""
+    tx = ctx.info(x)
+    if tx is None:
+        raise RuleError("conv input is not a tensor")
+    cdim = tx.ndim - nd - 1
+    if cdim == 1:
+        ctx.same(ctx.ref(x, 0), ctx.ref(node, 0))
+    cin, cout = ctx.ref(x, cdim), ctx.ref(node, cdim)
+    if bias is not None:
+        ctx.same(cout, bias)
+        ctx.role(bias, Role.PRODUCE)
+    if groups == 1:
+        ctx.same(cout, w)
+        ctx.same(cin, w_in)
+        ctx.role(w, Role.PRODUCE)
+        ctx.role(w_in, Role.CONSUME)
+        return
+    a, b = ctx.size(cin) // groups, ctx.size(cout) // groups
+    # Whole conv groups: input channel i and output channel o belong to group i//a, o//b.
+    ctx.link(cin, np.arange(groups * a), cout, (np.arange(groups * a) // a) * b)
+    ctx.link(cout, np.arange(groups * b), cout, (np.arange(groups * b) // b) * b)
+    full = w_in if transposed else w  # the weight dim that spans all channels of its side
+    ctx.same(cin if transposed else cout, full)
+    ctx.role(full, Role.CONSUME if transposed else Role.PRODUCE)
+
+
+def _param(ctx: RuleContext, value: Any, dim: int) -> DimRef | None:
+    return ctx.ref(value, dim) if isinstance(value, fx.Node) else None
+
+
+@rule(*_CONVS, *_TCONVS)
+def conv_module(node: fx.Node, ctx: RuleContext) -> None:
+    m = ctx.module(node)
+    transposed = type(m) in _TCONVS
+    nd = len(m.kernel_size)
+    w_out = ctx.param_ref(f"{node.target}.weight", 1 if transposed else 0)
+    w_in = ctx.param_ref(f"{node.target}.weight", 0 if transposed else 1)
+    bias = ctx.param_ref(f"{node.target}.bias", 0) if m.bias is not None else None
+    _conv(ctx, node, node.args[0], nd, w_out, w_in, bias, m.groups, transposed)
+
+
+@rewriter(*_CONVS, *_TCONVS)
+def conv_module_rewrite(node: fx.Node, ctx: RewriteContext) -> None:
+    m = ctx.module(node)
+    x = node.args[0]
+    cdim = -len(m.kernel_size) - 1
+    new_in, new_out = ctx.new_size(x, cdim), ctx.new_size(node, cdim)
+    if m.groups > 1:
+        per_group = m.out_channels // m.groups
+        m.groups = new_out // per_group
+    m.in_channels, m.out_channels = new_in, new_out
+
+
+@rule(*_FCONVS, *_FTCONVS)
+def conv_functional(node: fx.Node, ctx: RuleContext) -> None:
+    transposed = node.target in _FTCONVS
+    nd = (_FTCONVS if transposed else _FCONVS)[node.target]
+    x, w = arg(node, 0, "input"), arg(node, 1, "weight")
+    groups = arg(node, 6 if transposed else 6, "groups", 1)
+    if not isinstance(groups, int) or not isinstance(w, fx.Node):
+        raise RuleError("groups or weight are computed at run time")
+    bias = _param(ctx, arg(node, 2, "bias"), 0)
+    _conv(ctx, node, x, nd, ctx.ref(w, 1 if transposed else 0), ctx.ref(w, 0 if transposed else 1), bias,
+          groups, transposed)
+
+
+@rewriter(*_FCONVS, *_FTCONVS)
+def conv_functional_rewrite(node: fx.Node, ctx: RewriteContext) -> None:
+    groups = arg(node, 6, "groups", 1)
+    if groups > 1:
+        nd = (_FTCONVS if node.target in _FTCONVS else _FCONVS)[node.target]
+        per_group = ctx.old_size(node, -nd - 1) // groups
+        set_arg(node, 6, "groups", ctx.new_size(node, -nd - 1) // per_group)
+
+
+def _linear(ctx: RuleContext, node: fx.Node, x: fx.Node, w_out: DimRef, w_in: DimRef, bias: DimRef | None) -> None:
+    tx = ctx.info(x)
+    if tx is None:
+        raise RuleError("linear input is not a tensor")
+    for d in range(1, tx.ndim):
+        ctx.same(ctx.ref(x, -d - 1), ctx.ref(node, -d - 1))
+    ctx.same(ctx.ref(x, -1), w_in)
+    ctx.same(ctx.ref(node, -1), w_out)
+    ctx.role(w_in, Role.CONSUME)
+    ctx.role(w_out, Role.PRODUCE)
+    if bias is not None:
+        ctx.same(ctx.ref(node, -1), bias)
+        ctx.role(bias, Role.PRODUCE)
+
+
+@rule(nn.Linear)
+def linear_module(node: fx.Node, ctx: RuleContext) -> None:
+    m = ctx.module(node)
+    w = f"{node.target}.weight"
+    bias = ctx.param_ref(f"{node.target}.bias", 0) if m.bias is not None else None
+    _linear(ctx, node, node.args[0], ctx.param_ref(w, 0), ctx.param_ref(w, 1), bias)
+
+
+@rewriter(nn.Linear)
+def linear_module_rewrite(node: fx.Node, ctx: RewriteContext) -> None:
+    m = ctx.module(node)
+    m.in_features, m.out_features = ctx.new_size(node.args[0], -1), ctx.new_size(node, -1)
+
+
+@rule(F.linear)
+def linear_functional(node: fx.Node, ctx: RuleContext) -> None:
+    w = arg(node, 1, "weight")
+    if not isinstance(w, fx.Node):
+        raise RuleError("weight is not a graph value")
+    _linear(ctx, node, arg(node, 0, "input"), ctx.ref(w, 0), ctx.ref(w, 1), _param(ctx, arg(node, 2, "bias"), 0))
+
+
+# --- norms ---------------------------------------------------------------------------------------
+
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+_INSTANCENORMS = {nn.InstanceNorm1d: 1, nn.InstanceNorm2d: 2, nn.InstanceNorm3d: 3}
+
+
+def _channel_norm(ctx: RuleContext, node: fx.Node, x: fx.Node, cdim: int, affine: list, stats: list) -> None:
+    ctx.same_shape(x, node)
+    c = ctx.ref(node, cdim)
+    for ref in affine:
+        if ref is not None:
+            ctx.same(c, ref)
+            ctx.role(ref, Role.PRODUCE)
+    for ref in stats:
+        if ref is not None:
+            ctx.same(c, ref)
+            ctx.role(ref, Role.TIED)
+
+
+def _module_vec(ctx: RuleContext, node: fx.Node, name: str):
+    return ctx.param_ref(f"{node.target}.{name}", 0) if getattr(ctx.module(node), name, None) is not None else None
+
+
+@rule(*_BATCHNORMS, *_INSTANCENORMS)
+def channel_norm_module(node: fx.Node, ctx: RuleContext) -> None:
+    x = node.args[0]
+    nd = _INSTANCENORMS.get(type(ctx.module(node)))
+    cdim = 1 if nd is None else ctx.info(x).ndim - nd - 1
+    vec = [_module_vec(ctx, node, n) for n in ("weight", "bias", "running_mean", "running_var")]
+    _channel_norm(ctx, node, x, cdim, vec[:2], vec[2:])
+
+
+@rewriter(*_BATCHNORMS, *_INSTANCENORMS)
+def channel_norm_module_rewrite(node: fx.Node, ctx: RewriteContext) -> None:
+    nd = _INSTANCENORMS.get(type(ctx.module(node)))
+    cdim = 1 if nd is None else -nd - 1
+    ctx.module(node).num_features = ctx.new_size(node.args[0], cdim)
+
+
+@rule(F.batch_norm, F.instance_norm)
+def channel_norm_functional(node: fx.Node, ctx: RuleContext) -> None:
+    x = arg(node, 0, "input")
+    # Both take (input, running_mean, running_var, weight, bias, ...); channels on dim 1.
+    stats = [arg(node, 1, "running_mean"), arg(node, 2, "running_var")]
+    affine = [arg(node, 3, "weight"), arg(node, 4, "bias")]
+    _channel_norm(ctx, node, x, 1, [_param(ctx, a, 0) for a in affine], [_param(ctx, s, 0) for s in stats])
+
+
+def _group_norm(ctx: RuleContext, node: fx.Node, x: fx.Node, groups: int, affine: list) -> None:
+    _channel_norm(ctx, node, x, 1, affine, [])
+    c = ctx.ref(node, 1)
+    n = ctx.size(c)
+    per = n // groups
+    ctx.link(c, np.arange(n), c, (np.arange(n) // per) * per)
+
+
+@rule(nn.GroupNorm)
+def group_norm_module(node: fx.Node, ctx: RuleContext) -> None:
+    m = ctx.module(node)
+    _group_norm(ctx, node, node.args[0], m.num_groups, [_module_vec(ctx, node, "weight"), _module_vec(ctx, node, "bias")])
+
+
+@rewriter(nn.GroupNorm)
+def group_norm_module_rewrite(node: fx.Node, ctx: RewriteContext) -> None:
+    m = ctx.module(node)
+    per = m.num_channels // m.num_groups
+    m.num_channels = ctx.new_size(node, 1)
+    m.num_groups = m.num_channels // per
+
+
+@rule(F.group_norm)
+def group_norm_functional(node: fx.Node, ctx: RuleContext) -> None:
+    groups = arg(node, 1, "num_groups")
+    affine = [_param(ctx, arg(node, 2, "weight"), 0), _param(ctx, arg(node, 3, "bias"), 0)]
+    _group_norm(ctx, node, arg(node, 0, "input"), groups, affine)
+
+
+@rewriter(F.group_norm)
+def group_norm_functional_rewrite(node: fx.Node, ctx: RewriteContext) -> None:
+    per = ctx.old_size(node, 1) // arg(node, 1, "num_groups")
+    set_arg(node, 1, "num_groups", ctx.new_size(node, 1) // per)
+
+
+def _last_dims_norm(ctx: RuleContext, node: fx.Node, x: fx.Node, k: int, affine: list[list[DimRef]], what: str) -> None:
+    """`affine[i]` lists the k dims of one affine tensor (weight/bias), outer to inner."""
+    ctx.same_shape(x, node)
+    for d in range(k):
+        ref = ctx.ref(node, d - k)
+        ctx.pin(ref, f"{what} normalizes over these channels: removing some changes its statistics")
+        for dims in affine:
+            ctx.same(ref, dims[d])
+            ctx.role(dims[d], Role.PRODUCE)
+
+
+@rule(nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))
+def last_dims_norm_module(node: fx.Node, ctx: RuleContext) -> None:
+    m = ctx.module(node)
+    k = len(m.normalized_shape)
+    affine = [[ctx.param_ref(f"{node.target}.{name}", d) for d in range(k)]
+              for name in ("weight", "bias") if getattr(m, name, None) is not None]
+    _last_dims_norm(ctx, node, node.args[0], k, affine, type(m).__name__)
+
+
+@rule(F.layer_norm, *([F.rms_norm] if hasattr(F, "rms_norm") else []))
+def last_dims_norm_functional(node: fx.Node, ctx: RuleContext) -> None:
+    shape = arg(node, 1, "normalized_shape")
+    k = len(shape) if isinstance(shape, (list, tuple)) else 1
+    names = ("weight", "bias") if node.target is F.layer_norm else ("weight",)
+    tensors = [arg(node, 2 + i, n) for i, n in enumerate(names)]
+    affine = [[ctx.ref(t, d) for d in range(k)] for t in tensors if isinstance(t, fx.Node)]
+    _last_dims_norm(ctx, node, arg(node, 0, "input"), k, affine, node.target.__name__)
+
+
+@rule(nn.LocalResponseNorm)
+def local_response_norm(node: fx.Node, ctx: RuleContext) -> None:
+    ctx.same_shape(node.args[0], node)
+    ctx.pin(ctx.ref(node, 1), "LocalResponseNorm mixes neighbouring channels")
+
+
+# --- embeddings and attention modules ------------------------------------------------------------
+
+
+def _embedding(ctx: RuleContext, node: fx.Node, idx: fx.Node, w_dim: DimRef) -> None:
+    ti = ctx.info(idx)
+    for d in range(ti.ndim):
+        ctx.same(ctx.ref(idx, d), ctx.ref(node, d))
+    ctx.same(ctx.ref(node, -1), w_dim)
+    ctx.role(w_dim, Role.PRODUCE)
+
+
+@rule(nn.Embedding)
+def embedding_module(node: fx.Node, ctx: RuleContext) -> None:
+    _embedding(ctx, node, node.args[0], ctx.param_ref(f"{node.target}.weight", 1))
+
+
+@rewriter(nn.Embedding)
+def embedding_module_rewrite(node: fx.Node, ctx: RewriteContext) -> None:
+    ctx.module(node).embedding_dim = ctx.new_size(node, -1)
+
+
+@rule(F.embedding)
+def embedding_functional(node: fx.Node, ctx: RuleContext) -> None:
+    _embedding(ctx, node, arg(node, 0, "input"), ctx.ref(arg(node, 1, "weight"), 1))
+
+
+@rule(nn.MultiheadAttention)
+def multihead_attention(node: fx.Node, ctx: RuleContext) -> None:
+    ctx.pin_node(node, "nn.MultiheadAttention ties its inner width to embed_dim, so its channels stay")
+
+
+@rule(nn.PReLU)
+def prelu(node: fx.Node, ctx: RuleContext) -> None:
+    x = node.args[0]
+    ctx.same_shape(x, node)
+    m = ctx.module(node)
+    if m.weight.numel() > 1:
+        ref = ctx.param_ref(f"{node.target}.weight", 0)
+        ctx.same(ctx.ref(node, 1), ref)
+        ctx.role(ref, Role.TIED)
+
+
+@rewriter(nn.PReLU)
+def prelu_rewrite(node: fx.Node, ctx: RewriteContext) -> None:
+    m = ctx.module(node)
+    m.num_parameters = m.weight.numel()

@@ -1,0 +1,319 @@
+"""Rules for ops that move channels between dims: reshape/view/flatten/unflatten/squeeze,
+permute/transpose, cat/stack, split/chunk/unbind, indexing, expand/repeat, roll/flip.
+
+Reshapes are read from the recorded shapes, not the arguments: input and output dims are
+grouped into the smallest blocks with equal products. A 1:1 block is the same channels; a 1:n
+split or n:1 merge is a `choice` the analysis resolves (see analyze.py); anything else pins.
+After slim, literal sizes in the arguments (view sizes, split sizes, slice bounds, expand
+sizes) are rewritten to the new channel counts; sizes computed at run time from `x.size()` need
+nothing.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from pcompiler.ir import iter_tensors, node_value, tensor_at
+from pcompiler.passes.rules.base import RewriteContext, RuleContext, RuleError, arg, rewriter, rule, set_arg
+
+_RESHAPES = ("view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as",
+             torch.reshape, torch.flatten, torch.unflatten, torch.squeeze, torch.unsqueeze, nn.Flatten, nn.Unflatten)
+
+
+@rule(*_RESHAPES)
+def reshape(node: fx.Node, ctx: RuleContext) -> None:
+    x = node.args[0]
+    si, so = ctx.info(x).shape, ctx.info(node).shape
+    if int(np.prod(si)) != int(np.prod(so)):
+        raise RuleError(f"reshape from {list(si)} to {list(so)} changes the number of elements")
+    ins = [d for d, s in enumerate(si) if s != 1]
+    outs = [d for d, s in enumerate(so) if s != 1]
+    i = j = 0
+    while i < len(ins) and j < len(outs):
+        a, b = [ins[i]], [outs[j]]
+        pa, pb = si[ins[i]], so[outs[j]]
+        i, j = i + 1, j + 1
+        while pa != pb:
+            if pa < pb:
+                a.append(ins[i])
+                pa *= si[ins[i]]
+                i += 1
+            else:
+                b.append(outs[j])
+                pb *= so[outs[j]]
+                j += 1
+        if len(a) == 1 and len(b) == 1:
+            ctx.same(ctx.ref(x, a[0]), ctx.ref(node, b[0]))
+        elif len(a) == 1:
+            ctx.choice(node, ctx.ref(x, a[0]), [ctx.ref(node, d) for d in b])
+        elif len(b) == 1:
+            ctx.choice(node, ctx.ref(node, b[0]), [ctx.ref(x, d) for d in a])
+        else:
+            for ref in [ctx.ref(x, d) for d in a] + [ctx.ref(node, d) for d in b]:
+                ctx.pin(ref, f"reshape at '{node.name}' regroups {[si[d] for d in a]} into {[so[d] for d in b]}")
+
+
+def _rewrite_sizes(sizes: Any, node: fx.Node, ctx: RewriteContext, first_dim: int = 0) -> Any:
+    """Replace literal sizes (not -1, not computed) of output dims whose size changed."""
+    out = list(sizes)
+    for k, s in enumerate(out):
+        d = first_dim + k
+        if isinstance(s, int) and s != -1:
+            new = ctx.new_size(node, d)
+            if new != ctx.old_size(node, d):
+                out[k] = new
+    return type(sizes)(out) if isinstance(sizes, (tuple, list)) else out
+
+
+@rewriter(*_RESHAPES)
+def reshape_rewrite(node: fx.Node, ctx: RewriteContext) -> None:
+    t = node.target
+    if t in ("view", "reshape"):
+        if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)):
+            node.args = (node.args[0], _rewrite_sizes(node.args[1], node, ctx))
+        else:
+            node.args = (node.args[0], *_rewrite_sizes(node.args[1:], node, ctx))
+    elif t is torch.reshape:
+        set_arg(node, 1, "shape", _rewrite_sizes(arg(node, 1, "shape"), node, ctx))
+    elif t in ("unflatten", torch.unflatten):
+        dim = arg(node, 1, "dim")
+        x_ndim = len(node_value(node.args[0]).shape)
+        set_arg(node, 2, "sizes", _rewrite_sizes(arg(node, 2, "sizes"), node, ctx, dim % x_ndim))
+    elif node.op == "call_module" and isinstance(ctx.module(node), nn.Unflatten):
+        m = ctx.module(node)
+        x_ndim = len(node_value(node.args[0]).shape)
+        m.unflattened_size = tuple(_rewrite_sizes(m.unflattened_size, node, ctx, m.dim % x_ndim))
+
+
+def _permutation(node: fx.Node, ndim: int) -> list[int]:
+    """perm[i] = the input dim that output dim i comes from."""
+    t, rest = node.target, node.args[1:]
+    perm = list(range(ndim))
+    if t in ("permute", torch.permute):
+        dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest or arg(node, 1, "dims")
+        perm = [d % ndim for d in dims]
+    elif t in ("transpose", "swapaxes", "swapdims", torch.transpose, torch.swapaxes, torch.swapdims):
+        a, b = (arg(node, 1, "dim0") % ndim, arg(node, 2, "dim1") % ndim)
+        perm[a], perm[b] = perm[b], perm[a]
+    elif t in ("t", torch.t):
+        perm = perm[::-1]
+    elif t in ("movedim", torch.movedim, "moveaxis", torch.moveaxis):
+        src, dst = arg(node, 1, "source"), arg(node, 2, "destination")
+        src, dst = ([src], [dst]) if isinstance(src, int) else (list(src), list(dst))
+        src, dst = [s % ndim for s in src], [d % ndim for d in dst]
+        rest_dims = [d for d in range(ndim) if d not in src]
+        perm = [-1] * ndim
+        for s, d in zip(src, dst):
+            perm[d] = s
+        it = iter(rest_dims)
+        perm = [p if p >= 0 else next(it) for p in perm]
+    if any(isinstance(p, fx.Node) for p in perm):
+        raise RuleError("permutation computed at run time")
+    return perm
+
+
+@rule("permute", "transpose", "swapaxes", "swapdims", "t", "movedim", "moveaxis", torch.permute, torch.transpose,
+      torch.swapaxes, torch.swapdims, torch.t, torch.movedim, torch.moveaxis)
+def permute(node: fx.Node, ctx: RuleContext) -> None:
+    x = node.args[0]
+    for i, src in enumerate(_permutation(node, ctx.info(x).ndim)):
+        ctx.same(ctx.ref(x, src), ctx.ref(node, i))
+
+
+@rule(torch.cat, torch.concat, torch.concatenate)
+def cat(node: fx.Node, ctx: RuleContext) -> None:
+    tensors, dim = arg(node, 0, "tensors"), arg(node, 1, "dim", 0)
+    nd = ctx.info(node).ndim
+    dim %= nd
+    offset = 0
+    for t in tensors:
+        ti = ctx.info(t)
+        if ti is None:
+            raise RuleError("concatenates a value that is not a graph tensor")
+        for d in range(nd):
+            if d != dim:
+                ctx.same(ctx.ref(t, d), ctx.ref(node, d))
+        n = ti.shape[dim]
+        ctx.link(ctx.ref(t, dim), np.arange(n), ctx.ref(node, dim), offset + np.arange(n))
+        offset += n
+
+
+@rule(torch.stack)
+def stack(node: fx.Node, ctx: RuleContext) -> None:
+    tensors, dim = arg(node, 0, "tensors"), arg(node, 1, "dim", 0) % ctx.info(node).ndim
+    ctx.pin(ctx.ref(node, dim), "stacked dim (each position is a whole input)")
+    for t in tensors:
+        for d in range(ctx.info(t).ndim):
+            ctx.same(ctx.ref(t, d), ctx.ref(node, d + (d >= dim)))
+
+
+_SPLITS = ("split", "chunk", "unbind", torch.split, torch.chunk, torch.unbind)
+
+
+def _split_dim(node: fx.Node) -> int:
+    return arg(node, 1 if node.target in ("unbind", torch.unbind) else 2, "dim", 0)
+
+
+@rule(*_SPLITS)
+def split(node: fx.Node, ctx: RuleContext) -> None:
+    x = node.args[0]
+    tx = ctx.info(x)
+    dim = _split_dim(node) % tx.ndim
+    pieces = list(iter_tensors(node_value(node)))
+    if node.target in ("unbind", torch.unbind):
+        ctx.pin(ctx.ref(x, dim), "unbound dim (each position is a whole output)")
+        for path, _ in pieces:
+            for d in range(tx.ndim):
+                if d != dim:
+                    ctx.same(ctx.ref(x, d), ctx.ref(node, d - (d > dim), path))
+        return
+    offset = 0
+    for path, t in pieces:
+        for d in range(tx.ndim):
+            if d != dim:
+                ctx.same(ctx.ref(x, d), ctx.ref(node, d, path))
+        n = t.shape[dim]
+        ctx.link(ctx.ref(x, dim), offset + np.arange(n), ctx.ref(node, dim, path), np.arange(n))
+        offset += n
+
+
+@rewriter(*_SPLITS)
+def split_rewrite(node: fx.Node, ctx: RewriteContext) -> None:
+    if node.target in ("unbind", torch.unbind):
+        return
+    dim = _split_dim(node)
+    paths = [p for p, _ in iter_tensors(node_value(node))]
+    old = [ctx.old_size(node, dim, p) for p in paths]
+    new = [ctx.new_size(node, dim, p) for p in paths]
+    if new != old:
+        node.target = "split" if isinstance(node.target, str) else torch.split
+        node.args, node.kwargs = (node.args[0], new, dim), {}
+
+
+@rule(operator.getitem)
+def getitem(node: fx.Node, ctx: RuleContext) -> None:
+    x, idx = node.args
+    if not isinstance(x, fx.Node) or (ctx.info(x) is None and ctx.info(node) is None and node_value(x) is None):
+        return
+    if ctx.info(x) is None:  # picking an item of a tuple output
+        if not isinstance(idx, int):
+            raise RuleError("tuple indexed by a non-constant")
+        for path, t in iter_tensors(node_value(node)):
+            for d in range(t.ndim):
+                ctx.same(ctx.ref(x, d, (idx, *path)), ctx.ref(node, d, path))
+        return
+    tx = ctx.info(x)
+    for in_d, out_d, item in _index_items(idx, tx.ndim):
+        if item is None:
+            continue
+        if isinstance(item, fx.Node):
+            raise RuleError("indexed by a tensor or a computed index")
+        if isinstance(item, int):
+            ctx.pin(ctx.ref(x, in_d), "indexed by a constant position")
+        elif isinstance(item, slice):
+            if any(isinstance(v, fx.Node) for v in (item.start, item.stop, item.step)):
+                ctx.pin(ctx.ref(x, in_d), "sliced with bounds computed at run time")
+                ctx.pin(ctx.ref(node, out_d), "sliced with bounds computed at run time")
+                continue
+            rng = range(*item.indices(tx.shape[in_d]))
+            if rng.step != 1:
+                ctx.pin(ctx.ref(x, in_d), "strided slice")
+                ctx.pin(ctx.ref(node, out_d), "strided slice")
+                continue
+            ctx.link(ctx.ref(x, in_d), np.asarray(rng), ctx.ref(node, out_d), np.arange(len(rng)))
+        else:
+            raise RuleError(f"index item {item!r}")
+
+
+def _index_items(idx: Any, ndim: int) -> list[tuple[int, int, Any]]:
+    """(input dim, output dim, item) for each item of a basic index, Ellipsis expanded."""
+    items = list(idx) if isinstance(idx, tuple) else [idx]
+    used = sum(1 for it in items if it is not None and it is not Ellipsis)
+    expanded: list[Any] = []
+    for it in items:
+        expanded.extend([slice(None)] * (ndim - used) if it is Ellipsis else [it])
+    expanded.extend([slice(None)] * (ndim - sum(1 for it in expanded if it is not None)))
+    out, in_d, out_d = [], 0, 0
+    for it in expanded:
+        out.append((in_d, out_d, it))
+        if it is None:
+            out_d += 1
+        elif isinstance(it, (int, fx.Node)) and not isinstance(it, bool):
+            in_d += 1
+        else:
+            in_d, out_d = in_d + 1, out_d + 1
+    return out
+
+
+@rewriter(operator.getitem)
+def getitem_rewrite(node: fx.Node, ctx: RewriteContext) -> None:
+    x, idx = node.args
+    if not isinstance(x, fx.Node) or tensor_at(x) is None:
+        return
+    ndim = len(node_value(x).shape)
+    new_items, changed = [], False
+    for in_d, _, item in _index_items(idx, ndim):
+        if isinstance(item, slice) and not any(isinstance(v, fx.Node) for v in (item.start, item.stop, item.step)):
+            removed = ctx.removed(x, in_d)
+            start, stop, _ = item.indices(ctx.old_size(x, in_d))
+            if len(removed) and item != slice(None):
+                item = slice(start - int((removed < start).sum()), stop - int((removed < stop).sum()), item.step)
+                changed = True
+        new_items.append(item)
+    if changed:
+        node.args = (x, tuple(new_items))
+
+
+@rule("expand", torch.broadcast_to)
+def expand(node: fx.Node, ctx: RuleContext) -> None:
+    x = node.args[0]
+    tx, to = ctx.info(x), ctx.info(node)
+    lead = to.ndim - tx.ndim
+    for d in range(tx.ndim):
+        if tx.shape[d] == to.shape[d + lead]:
+            ctx.same(ctx.ref(x, d), ctx.ref(node, d + lead))
+
+
+@rewriter("expand", torch.broadcast_to)
+def expand_rewrite(node: fx.Node, ctx: RewriteContext) -> None:
+    if node.target == "expand":
+        if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)):
+            node.args = (node.args[0], _rewrite_sizes(node.args[1], node, ctx))
+        else:
+            node.args = (node.args[0], *_rewrite_sizes(node.args[1:], node, ctx))
+    else:
+        set_arg(node, 1, "size", _rewrite_sizes(arg(node, 1, "size"), node, ctx))
+
+
+@rule("expand_as", "broadcast_as")
+def expand_as(node: fx.Node, ctx: RuleContext) -> None:
+    ctx.same_shape(node.args[0], node)
+    ctx.same_shape(node.args[1], node)
+
+
+@rule("repeat", torch.roll, "roll", torch.flip, "flip")
+def repeat_roll_flip(node: fx.Node, ctx: RuleContext) -> None:
+    """Dims that are repeated, rolled or flipped are pinned; the others pass through."""
+    x = node.args[0]
+    tx, to = ctx.info(x), ctx.info(node)
+    if node.target == "repeat":
+        reps = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
+        lead = len(reps) - tx.ndim
+        moved = {d for d in range(tx.ndim) if reps[d + lead] != 1}
+    else:
+        dims = arg(node, 2 if node.target in (torch.roll, "roll") else 1, "dims")
+        if dims is None:
+            raise RuleError("rolls or flips the flattened tensor")
+        moved = {d % tx.ndim for d in ([dims] if isinstance(dims, int) else dims)}
+        lead = 0
+    for d in range(tx.ndim):
+        if d in moved:
+            ctx.pin(ctx.ref(x, d), f"{node.target if isinstance(node.target, str) else node.target.__name__} along these channels")
+        elif to.shape[d + lead] == tx.shape[d]:
+            ctx.same(ctx.ref(x, d), ctx.ref(node, d + lead))

@@ -1,0 +1,161 @@
+"""Selection: from per-channel scores to the channels each group loses (METHODS.md, "Common").
+
+- Layer-wise (default): every candidate group loses n_g = min(ceil(r*N_g), N_g - min_keep) of its
+  lowest-scored channels; with `round_to=k` the kept count is rounded up to a multiple of k.
+- Global (`global_ranking`): scores are divided by their group's mean score (so a group's
+  channels are ranked against that group's typical channel, whatever the layer's scale), then
+  the r-quantile over all candidate channels is the threshold; per-group limits still apply.
+- `skip` globs exclude groups any of whose modules match.
+- `speedup`: the ratio is searched (bisection) so that FLOPs fall by that factor; the method
+  pass does the search because it needs the slim model's FLOPs (see `MethodPass`).
+
+`MethodPass` is the base of every method: it computes scores (the subclass's job), selects,
+and stores both on the Program.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import logging
+import math
+from dataclasses import dataclass, fields
+from typing import ClassVar
+
+import numpy as np
+
+from pcompiler.ir import Analysis, ChannelGroup, Program, Selection
+from pcompiler.passmanager import CompileError, PassResult
+
+log = logging.getLogger("pcompiler")
+
+
+@dataclass(frozen=True)
+class SelectOptions:
+    ratio: float = 0.5
+    global_ranking: bool = False
+    round_to: int = 1
+    min_keep: int = 1
+    skip: tuple[str, ...] = ()
+    speedup: float | None = None
+
+    def check(self) -> None:
+        if not 0.0 <= self.ratio < 1.0:
+            raise CompileError(f"ratio {self.ratio} is outside [0, 1)", hint="e.g. --ratio 0.5 removes half")
+        if self.round_to < 1 or self.min_keep < 1:
+            raise CompileError("round_to and min_keep must be at least 1")
+        if self.speedup is not None and self.speedup < 1.0:
+            raise CompileError(f"speedup {self.speedup} is below 1", hint="--speedup 2 halves the FLOPs")
+
+
+def candidates(analysis: Analysis, skip: tuple[str, ...]) -> list[ChannelGroup]:
+    out = []
+    for g in analysis.prunable:
+        if skip and any(fnmatch.fnmatch(m, pat) for m in g.modules for pat in skip):
+            continue
+        out.append(g)
+    return out
+
+
+def _max_removable(n: int, opts: SelectOptions) -> int:
+    return max(0, n - opts.min_keep)
+
+
+def _round_kept(n: int, remove: int, opts: SelectOptions) -> int:
+    """Adjust a removal count so the kept count is a multiple of round_to (rounding kept up)."""
+    if opts.round_to == 1 or remove == 0:
+        return remove
+    kept = min(n, math.ceil((n - remove) / opts.round_to) * opts.round_to)
+    return max(0, n - kept)
+
+
+def select(analysis: Analysis, scores: dict[int, np.ndarray], opts: SelectOptions, ratio: float | None = None) -> Selection:
+    """Channels to remove per group (indices within the group, sorted)."""
+    r = opts.ratio if ratio is None else ratio
+    groups = candidates(analysis, opts.skip)
+    counts: dict[int, int] = {}
+    if opts.global_ranking and groups:
+        norm = {g.id: scores[g.id] / max(float(np.mean(scores[g.id])), 1e-12) for g in groups}
+        allv = np.concatenate(list(norm.values()))
+        k = int(math.ceil(r * len(allv)))
+        threshold = np.sort(allv)[k - 1] if k > 0 else -np.inf
+        for g in groups:
+            counts[g.id] = int((norm[g.id] <= threshold).sum()) if k > 0 else 0
+    else:
+        for g in groups:
+            counts[g.id] = int(math.ceil(r * g.size - 1e-9))
+    selection: Selection = {}
+    for g in groups:
+        n = min(counts[g.id], _max_removable(g.size, opts))
+        n = _round_kept(g.size, n, opts)
+        if n > 0:
+            order = np.argsort(scores[g.id], kind="stable")  # lowest score first
+            selection[g.id] = tuple(sorted(int(i) for i in order[:n]))
+    return selection
+
+
+@dataclass(frozen=True)
+class MethodPass:
+    """Base of the methods. Subclasses define `name` and `scores(prog) -> {group id: array}`."""
+
+    name: ClassVar[str] = "method"
+    ratio: float = 0.5
+    global_ranking: bool = False
+    round_to: int = 1
+    min_keep: int = 1
+    skip: tuple[str, ...] = ()
+    speedup: float | None = None
+
+    @property
+    def options(self) -> SelectOptions:
+        return SelectOptions(**{f.name: getattr(self, f.name) for f in fields(SelectOptions)})
+
+    def scores(self, prog: Program) -> dict[int, np.ndarray]:
+        raise NotImplementedError
+
+    def settings(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def run(self, prog: Program) -> PassResult:
+        opts = self.options
+        opts.check()
+        analysis = prog.require_analysis(self.name)
+        scores = self.scores(prog)
+        if opts.speedup is not None:
+            ratio = _search_ratio(prog, analysis, scores, opts)
+        else:
+            ratio = opts.ratio
+        selection = select(analysis, scores, opts, ratio)
+        removed = sum(len(v) for v in selection.values())
+        log.info("%s: ratio %.3f removes %d channels in %d groups", self.name, ratio, removed, len(selection))
+        info = {**prog.info, "method": {"name": self.name, "ratio_used": ratio, **self.settings()}}
+        return PassResult(prog.replace(scores=scores, selection=selection, info=info), changed=False)
+
+
+def _search_ratio(prog: Program, analysis: Analysis, scores: dict[int, np.ndarray], opts: SelectOptions) -> float:
+    """Bisect the ratio whose slim model has FLOPs closest to (and not above) before / speedup."""
+    from pcompiler.passes.slim import slim_program
+    from pcompiler.targets.bench import count_flops
+
+    before = count_flops(prog.gm, prog.example_inputs)
+    target = before / opts.speedup
+
+    def flops_at(r: float) -> float:
+        sel = select(analysis, scores, opts, r)
+        slim = slim_program(prog.replace(gm=copy.deepcopy(prog.gm), selection=sel), check=False)
+        return count_flops(slim.gm, prog.example_inputs)
+
+    lo, hi = 0.0, 0.999
+    if flops_at(hi) > target:
+        raise CompileError(
+            f"a {opts.speedup}x FLOPs reduction is out of reach: removing all but min_keep channels of every "
+            f"prunable group gives {before / flops_at(hi):.2f}x",
+            hint="lower --speedup, or un-pin groups (see --analyze)",
+        )
+    for _ in range(14):
+        mid = (lo + hi) / 2
+        if flops_at(mid) > target:
+            lo = mid
+        else:
+            hi = mid
+    return hi

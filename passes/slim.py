@@ -1,0 +1,150 @@
+"""slim: physically remove the selected channels.
+
+For every selected group, its positions are removed from every member parameter and buffer
+(producers, consumers and tied slices alike), then each node's op rule rewrites what depended
+on channel counts (module attributes such as `out_channels` and `groups`, literal view/split
+sizes, slice bounds, the sdpa scale). The result is a new GraphModule of the same standard
+modules; the model before slimming is kept as `prog.reference` for `verify`.
+
+Assumes `analyze` ran on this exact graph and a method stored `prog.selection`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from pcompiler.ir import DimRef, Program, Removal, Role, Selection, tensor_at
+from pcompiler.passes.rules.base import RewriteContext, lookup
+from pcompiler.passes.trace import propagate_shapes
+from pcompiler.passmanager import CompileError, PassResult, register_pass
+
+log = logging.getLogger("pcompiler")
+
+
+def removal_of(prog: Program, selection: Selection) -> Removal:
+    analysis = prog.require_analysis("slim")
+    params: dict[tuple[str, int], list[np.ndarray]] = defaultdict(list)
+    spaces: dict[DimRef, list[np.ndarray]] = defaultdict(list)
+    for gid, channels in selection.items():
+        group = analysis.groups[gid]
+        ch = np.asarray(channels, dtype=np.int64)
+        for p in group.params:
+            params[(p.param, p.dim)].append(p.index[ch].ravel())
+        for s in group.spaces:
+            spaces[s.ref].append(s.index[ch].ravel())
+    return Removal(
+        params={k: np.unique(np.concatenate(v)) for k, v in params.items()},
+        spaces={k: np.unique(np.concatenate(v)) for k, v in spaces.items()},
+    )
+
+
+def _owner(gm: fx.GraphModule, qualname: str) -> tuple[torch.nn.Module, str]:
+    prefix, _, name = qualname.rpartition(".")
+    return (gm.get_submodule(prefix) if prefix else gm), name
+
+
+def _slice_tensors(gm: fx.GraphModule, removal: Removal) -> None:
+    by_param: dict[str, list[tuple[int, np.ndarray]]] = defaultdict(list)
+    for (name, dim), removed in removal.params.items():
+        by_param[name].append((dim, removed))
+    for name, cuts in by_param.items():
+        owner, attr = _owner(gm, name)
+        old = getattr(owner, attr)
+        t = old.detach()
+        for dim, removed in cuts:
+            keep = np.setdiff1d(np.arange(t.shape[dim]), removed)
+            t = t.index_select(dim, torch.as_tensor(keep, device=t.device))
+        t = t.contiguous()
+        if attr in owner._parameters:
+            owner._parameters[attr] = torch.nn.Parameter(t, requires_grad=old.requires_grad)
+        elif attr in owner._buffers:
+            owner._buffers[attr] = t
+        else:
+            setattr(owner, attr, t)
+
+
+def layer_widths(prog: Program, before: fx.GraphModule, after: fx.GraphModule) -> dict[str, dict[str, list[int]]]:
+    """Per module: {"out": [before, after], "in": [before, after]} from its produce/consume dims."""
+    from pcompiler.passes.l1 import tensor_of
+
+    layers: dict[str, dict[str, list[int]]] = {}
+    for g in prog.require_analysis("slim").groups:
+        for p in g.params:
+            if p.role not in (Role.PRODUCE, Role.CONSUME) or p.is_buffer:
+                continue
+            w_before = tensor_of(before, p.param)
+            if w_before.ndim < 2 and p.role == Role.PRODUCE and not p.param.endswith("weight"):
+                continue  # biases say nothing new
+            module = p.param.rpartition(".")[0] or p.param
+            key = "out" if p.role == Role.PRODUCE else "in"
+            entry = layers.setdefault(module, {})
+            entry.setdefault(key, [int(w_before.shape[p.dim]), int(tensor_of(after, p.param).shape[p.dim])])
+    return layers
+
+
+def slim_program(prog: Program, check: bool = True) -> Program:
+    """Return a Program whose `gm` has the selected channels removed."""
+    selection = prog.require_selection("slim")
+    reference = prog.gm
+    gm = copy.deepcopy(reference)
+    removal = removal_of(prog, selection)
+    _slice_tensors(gm, removal)
+
+    nodes = {n.name: n for n in gm.graph.nodes}
+
+    def new_size(ref: DimRef) -> int:
+        return tensor_at(nodes[ref.node], ref.path).shape[ref.dim] - len(removal.removed(ref))
+
+    ctx = RewriteContext(gm, new_size, removal.removed)
+    for node in gm.graph.nodes:
+        if node.op not in ("call_module", "call_function", "call_method"):
+            continue
+        _, op_rule = lookup(node, gm)
+        if op_rule is not None and op_rule.rewrite is not None:
+            op_rule.rewrite(node, ctx)
+    gm.recompile()
+    if check:
+        try:
+            propagate_shapes(gm, prog.example_inputs, prog.opaque)
+        except CompileError as e:
+            raise CompileError(
+                f"the slimmed graph does not run: {e.message}",
+                node=e.node,
+                hint="an op rule missed a constant that depends on channel counts; "
+                "run with --skip on the module involved and report the model",
+            ) from e
+    return prog.replace(gm=gm, reference=reference, removal=removal)
+
+
+@register_pass
+@dataclass(frozen=True)
+class Slim:
+    """Remove the selected channels from every producer and consumer."""
+
+    name: ClassVar[str] = "slim"
+
+    def run(self, prog: Program) -> PassResult:
+        if not prog.require_selection(self.name):
+            log.info("slim: nothing selected")
+        out = slim_program(prog)
+        removed = sum(len(v) for v in prog.selection.values())
+        info = {
+            **out.info,
+            "slim": {
+                "groups_pruned": len(prog.selection),
+                "channels_removed": removed,
+                "layers": layer_widths(prog, out.reference, out.gm),
+            },
+        }
+        return PassResult(out.replace(info=info), changed=removed > 0)
+
+
+slim = Slim

@@ -1,0 +1,219 @@
+"""The trace pass: turn an `nn.Module` into a `Program` (a torch.fx graph with shapes).
+
+`trace(model, example_inputs)` does three things:
+
+1. Symbolic tracing with torch.fx. Standard `torch.nn` modules (and `leaf_modules`) stay whole
+   as `call_module` leaves; containers and user modules (torchvision's and timm's included) are
+   traced through. A submodule whose forward cannot be traced (data-dependent control flow,
+   iterating a shape, ...) becomes an *opaque leaf*: the nodes it had produced are erased, one
+   `call_module` node stands for it, and tracing goes on around it. The innermost failing
+   module is the one made opaque. Failure in the root's own forward is a `CompileError`.
+2. Shape propagation: the graph is run once on the example inputs (on the meta device when the
+   model lives there, so a large model needs no real memory) and every node's value is recorded
+   with `pcompiler.ir.set_node_value`.
+3. Equivalence: off meta, the traced graph's output must equal the model's own output.
+
+Assumes example inputs are positional tensors, and that the model is deterministic in eval
+mode (the model is put into eval mode, in place).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from pcompiler.ir import Program, describe, set_node_value
+from pcompiler.passmanager import CompileError
+
+log = logging.getLogger("pcompiler")
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+_RTOL, _ATOL = 1e-4, 1e-5
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
+class _Tracer(fx.Tracer):
+    """A Tracer that keeps torch.nn modules whole and turns untraceable submodules opaque."""
+
+    def __init__(self, leaf_modules: tuple[type, ...]):
+        super().__init__()
+        self.leaf_types = tuple(leaf_modules)
+        self.opaque: dict[str, str] = {}
+        # torch.fx keeps this cache as a local of `trace`; we grab it from `getattr` so a failed
+        # submodule's get_attr proxies can be dropped with the nodes they point to.
+        self._param_cache: dict[str, fx.Proxy] | None = None
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self.opaque or isinstance(m, self.leaf_types):
+            return True
+        if isinstance(m, _CONTAINERS):
+            return False
+        return type(m).__module__.startswith(("torch.nn", "torch.ao.nn"))
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        self._param_cache = parameter_proxy_cache
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        qualname = self.path_of_module(m)
+        if self.is_leaf_module(m, qualname):
+            return super().call_module(m, forward, args, kwargs)
+        last = next(iter(reversed(self.graph.nodes)), None)
+        stack_depth = len(self.module_stack)
+        num_calls = dict(self.num_calls)
+        opaque_before = dict(self.opaque)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception as e:  # noqa: BLE001 - any failure inside makes the module opaque
+            reason = _first_line(e)
+        self._undo(last)
+        # Tracer.call_module pushed onto module_stack and bumped num_calls before the forward
+        # raised; undo both so the leaf call below records the same scope a normal leaf would.
+        while len(self.module_stack) > stack_depth:
+            self.module_stack.popitem(last=True)
+        self.num_calls.clear()
+        self.num_calls.update(num_calls)
+        # Modules made opaque inside this one are gone with its nodes.
+        self.opaque.clear()
+        self.opaque.update(opaque_before)
+        self.opaque[qualname] = reason
+        log.warning("cannot trace %s (%s); keeping it as an opaque module", qualname, reason)
+        return super().call_module(m, forward, args, kwargs)  # now a leaf: one call_module node
+
+    def _undo(self, last: fx.Node | None) -> None:
+        """Erase every node created after `last`, newest first."""
+        created: list[fx.Node] = []
+        for node in reversed(self.graph.nodes):
+            if node is last:
+                break
+            created.append(node)
+        erased = set(created)
+        for node in created:
+            self.graph.erase_node(node)
+            self.node_name_to_scope.pop(node.name, None)
+        if self._param_cache is not None:
+            for name in [k for k, p in self._param_cache.items() if p.node in erased]:
+                del self._param_cache[name]
+
+
+class _ShapeProp(fx.Interpreter):
+    """Runs the graph and records every node's value (shape and dtype)."""
+
+    def __init__(self, gm: fx.GraphModule, opaque: dict[str, str], on_meta: bool):
+        super().__init__(gm)
+        self.opaque, self.on_meta = opaque, on_meta
+
+    def run_node(self, n: fx.Node) -> Any:
+        try:
+            result = super().run_node(n)
+        except Exception as e:
+            hint = "check that --input-shape (the example inputs) matches what the model expects"
+            if self.on_meta and n.op == "call_module" and n.target in self.opaque:
+                # An opaque module was opaque because of data-dependent code, which meta
+                # tensors cannot run.
+                hint = f"'{n.target}' is opaque ({self.opaque[n.target]}); trace with real weights and inputs"
+            raise CompileError(
+                f"shape propagation failed at {n.op} {_target_name(n)}: {_first_line(e)}",
+                node=n.name,
+                hint=hint,
+            ) from e
+        set_node_value(n, describe(result))
+        return result
+
+
+def _target_name(n: fx.Node) -> str:
+    t = n.target
+    return t if isinstance(t, str) else getattr(t, "__qualname__", None) or getattr(t, "__name__", str(t))
+
+
+def _first_difference(a: Any, b: Any, where: str) -> str | None:
+    """The path of the first place where `a` (traced) and `b` (model) differ, or None."""
+    if isinstance(b, torch.Tensor):
+        if not isinstance(a, torch.Tensor) or a.shape != b.shape or a.dtype != b.dtype:
+            return where
+        if a.is_floating_point() or a.is_complex():
+            same = torch.allclose(a, b, rtol=_RTOL, atol=_ATOL, equal_nan=True)
+        else:
+            same = torch.equal(a, b)
+        return None if same else where
+    if isinstance(b, Mapping):
+        if not isinstance(a, Mapping) or set(a) != set(b):
+            return where
+        return next((d for k in b if (d := _first_difference(a[k], b[k], f"{where}[{k!r}]"))), None)
+    if isinstance(b, (tuple, list)):
+        if not isinstance(a, (tuple, list)) or len(a) != len(b):
+            return where
+        fields = getattr(b, "_fields", None)  # namedtuple: name items by field
+        names = [f".{f}" for f in fields] if fields else [f"[{i}]" for i in range(len(b))]
+        return next((d for x, y, s in zip(a, b, names) if (d := _first_difference(x, y, where + s))), None)
+    if isinstance(b, float) and isinstance(a, float):
+        return None if math.isclose(a, b, rel_tol=_RTOL, abs_tol=_ATOL) else where
+    try:
+        return None if bool(a == b) else where
+    except Exception:  # noqa: BLE001 - values that cannot be compared are not checked
+        return None
+
+
+def propagate_shapes(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...], opaque: dict[str, str] | None = None) -> Any:
+    """Run `gm` on `inputs`, record every node's value, and return the output."""
+    on_meta = any(isinstance(t, torch.Tensor) and t.is_meta for t in inputs)
+    with torch.no_grad():
+        return _ShapeProp(gm, opaque or {}, on_meta).run(*inputs)
+
+
+def _on_meta(model: nn.Module) -> bool:
+    return any(t.is_meta for t in (*model.parameters(), *model.buffers()))
+
+
+def trace(
+    model: nn.Module,
+    example_inputs: tuple[torch.Tensor, ...] | torch.Tensor,
+    *,
+    leaf_modules: tuple[type, ...] = (),
+) -> Program:
+    """Trace `model` into a Program: an fx graph with standard modules as leaves, untraceable
+    submodules as opaque leaves (`Program.opaque`), and every node's value recorded.
+
+    If the model's parameters are on the meta device, the example inputs are moved there too
+    and shapes are propagated without real memory; the output check is then skipped."""
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    model.eval()
+    if _on_meta(model) and not all(t.is_meta for t in inputs if isinstance(t, torch.Tensor)):
+        inputs = tuple(t.to("meta") if isinstance(t, torch.Tensor) else t for t in inputs)
+    on_meta = any(isinstance(t, torch.Tensor) and t.is_meta for t in inputs)
+    name = type(model).__name__
+
+    tracer = _Tracer(leaf_modules)
+    try:
+        graph = tracer.trace(model)
+    except Exception as e:
+        raise CompileError(
+            f"cannot trace {name}: its forward failed under torch.fx: {_first_line(e)}",
+            hint="move the data-dependent code into a submodule, or pass it as a leaf module "
+            "(leaf_modules=...)",
+        ) from e
+    gm = fx.GraphModule(model, graph, class_name=name)
+    gm.eval()
+
+    propagate_shapes(gm, inputs, tracer.opaque)
+    with torch.no_grad():
+        if not on_meta:
+            # Run the generated code itself, which is what every later pass and target runs.
+            where = _first_difference(gm(*inputs), model(*inputs), "output")
+            if where is not None:
+                raise CompileError(
+                    f"the trace of {name} does not reproduce the model: {where} differs",
+                    hint="the model may be non-deterministic in eval mode or depend on Python state "
+                    "fixed at trace time; pass the module involved as a leaf module",
+                )
+    return Program(gm=gm, example_inputs=inputs, opaque=dict(tracer.opaque))

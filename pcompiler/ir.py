@@ -1,0 +1,249 @@
+"""The IR every pass reads and writes: a `Program` around a torch.fx GraphModule.
+
+What rides on the graph: each node's value (shape and dtype of every tensor it makes) sits in
+`node.meta` under one key, read with `node_value`. Everything else a pass computes is a typed
+field of the Program: the channel groups (`analysis`), the channels chosen for removal
+(`selection`), the model as it was before `slim` (`reference`, what `verify` compares with), and
+a record of the passes that ran.
+
+A *value path* names one tensor inside a node's value: `()` for a plain tensor, `(i,)` for the
+i-th item of a tuple output (split, chunk, a module returning a tuple).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+META_KEY = "pcompiler.value"
+
+ValuePath = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Shape and dtype of one tensor value."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+
+# A node's value: one tensor, a (nested) tuple of them, or None for non-tensor values.
+NodeValue = Union[TensorInfo, tuple["NodeValue", ...], None]  # noqa: UP007 (recursive alias)
+
+
+def node_value(node: fx.Node) -> NodeValue:
+    """The recorded value of `node` (set by the trace pass's shape propagation)."""
+    return node.meta.get(META_KEY)
+
+
+def set_node_value(node: fx.Node, value: NodeValue) -> None:
+    node.meta[META_KEY] = value
+
+
+def tensor_at(node: fx.Node, path: ValuePath = ()) -> TensorInfo | None:
+    """The TensorInfo at `path` inside `node`'s value, or None if there is no tensor there."""
+    v = node_value(node)
+    for i in path:
+        if not isinstance(v, tuple) or i >= len(v):
+            return None
+        v = v[i]
+    return v if isinstance(v, TensorInfo) else None
+
+
+def iter_tensors(value: NodeValue, path: ValuePath = ()) -> Iterator[tuple[ValuePath, TensorInfo]]:
+    """Every (path, TensorInfo) inside a node value."""
+    if isinstance(value, TensorInfo):
+        yield path, value
+    elif isinstance(value, tuple):
+        for i, v in enumerate(value):
+            yield from iter_tensors(v, path + (i,))
+
+
+def describe(value: Any) -> NodeValue:
+    """Turn a runtime value into a NodeValue (tensors become TensorInfo, lists/tuples recurse)."""
+    if isinstance(value, torch.Tensor):
+        return TensorInfo(tuple(int(s) for s in value.shape), value.dtype)
+    if isinstance(value, (tuple, list)):
+        return tuple(describe(v) for v in value)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Analysis results
+
+
+@dataclass(frozen=True)
+class DimRef:
+    """One dimension of one tensor: of a node's value (`node` set) or of a parameter/buffer
+    (`param` set, the qualified name in the GraphModule)."""
+
+    dim: int
+    node: str | None = None
+    path: ValuePath = ()
+    param: str | None = None
+
+    def __str__(self) -> str:
+        if self.param is not None:
+            return f"{self.param}[dim {self.dim}]"
+        p = "".join(f"[{i}]" for i in self.path)
+        return f"{self.node}{p}[dim {self.dim}]"
+
+
+class Role:
+    """How a parameter slice relates to the channel it belongs to."""
+
+    PRODUCE = "produce"  # creates the channel: conv/linear output rows, their bias, norm affine
+    CONSUME = "consume"  # reads the channel and contracts it away: conv/linear input columns
+    TIED = "tied"  # rides along: running stats, added position embeddings, layer scales
+
+
+@dataclass(frozen=True)
+class ParamSlice:
+    """The slices of one parameter (or buffer) that belong to a group.
+
+    `index[c]` are the positions along `dim` that channel c of the group occupies (several when
+    one channel maps onto a block, e.g. a conv channel flattened into H*W linear inputs)."""
+
+    param: str
+    dim: int
+    role: str
+    index: np.ndarray  # shape (n_channels, multiplicity), int64
+    is_buffer: bool = False
+
+
+@dataclass(frozen=True)
+class SpaceSlice:
+    """The positions a group's channels occupy in one tensor dimension of the graph."""
+
+    ref: DimRef
+    index: np.ndarray  # shape (n_channels, multiplicity)
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """A set of coupled channels that must be removed together.
+
+    `size` channels; removing channel c removes `index[c]` from every member. `pinned` holds the
+    reasons the group may not be pruned (empty: prunable)."""
+
+    id: int
+    size: int
+    params: tuple[ParamSlice, ...]
+    spaces: tuple[SpaceSlice, ...]
+    pinned: tuple[str, ...] = ()
+
+    @property
+    def prunable(self) -> bool:
+        return not self.pinned and any(p.role == Role.PRODUCE for p in self.params)
+
+    @property
+    def producers(self) -> tuple[ParamSlice, ...]:
+        return tuple(p for p in self.params if p.role == Role.PRODUCE)
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        """Owner names of the member parameters (e.g. 'layer1.0.conv1'), in order, unique."""
+        seen: dict[str, None] = {}
+        for p in self.params:
+            seen.setdefault(p.param.rpartition(".")[0] or p.param, None)
+        return tuple(seen)
+
+    def label(self) -> str:
+        prod = [p.param.rpartition(".")[0] or p.param for p in self.producers]
+        return ",".join(dict.fromkeys(prod)) or (self.modules[0] if self.modules else f"group{self.id}")
+
+
+@dataclass(frozen=True)
+class Analysis:
+    groups: tuple[ChannelGroup, ...]
+    # Nodes whose op had no rule or was opaque: node name -> reason (what the user should see).
+    notes: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def prunable(self) -> tuple[ChannelGroup, ...]:
+        return tuple(g for g in self.groups if g.prunable)
+
+    def group(self, gid: int) -> ChannelGroup:
+        return self.groups[gid]
+
+
+# Selection: group id -> sorted channel indices (within the group) to remove.
+Selection = dict[int, tuple[int, ...]]
+
+
+@dataclass(frozen=True)
+class Removal:
+    """What `slim` removed, in the original numbering: per parameter dim and per graph dim."""
+
+    params: dict[tuple[str, int], np.ndarray]
+    spaces: dict[DimRef, np.ndarray]
+
+    def removed(self, ref: DimRef) -> np.ndarray:
+        if ref.param is not None:
+            return self.params.get((ref.param, ref.dim), _EMPTY)
+        return self.spaces.get(ref, _EMPTY)
+
+
+_EMPTY = np.zeros(0, dtype=np.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# The program
+
+
+@dataclass
+class PassRecord:
+    name: str
+    seconds: float
+    changed: bool
+
+
+@dataclass
+class Program:
+    """What flows through the pipeline.
+
+    gm: the traced model. example_inputs: inputs shapes were propagated with (meta tensors if
+    the model lives on the meta device). opaque: submodules kept as leaves because they could
+    not be traced, with the reason. reference: a copy of `gm` taken by `slim` before it changed
+    anything; removal: what slim removed from it. info: per-pass results for the report (verify, exports, flops, ...)."""
+
+    gm: fx.GraphModule
+    example_inputs: tuple[torch.Tensor, ...]
+    opaque: dict[str, str] = field(default_factory=dict)
+    analysis: Analysis | None = None
+    scores: dict[int, np.ndarray] | None = None  # group id -> per-channel importance (higher = keep)
+    selection: Selection | None = None
+    reference: fx.GraphModule | None = None
+    removal: Removal | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+    history: list[PassRecord] = field(default_factory=list)
+
+    def replace(self, **changes: Any) -> Program:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def on_meta(self) -> bool:
+        return any(t.is_meta for t in self.example_inputs)
+
+    def require_analysis(self, who: str) -> Analysis:
+        if self.analysis is None:
+            raise ValueError(f"{who} needs channel groups: run the 'analyze' pass before it")
+        return self.analysis
+
+    def require_selection(self, who: str) -> Selection:
+        if self.selection is None:
+            raise ValueError(
+                f"{who} needs a selection of channels: run a method (l1, random, ...) before it"
+            )
+        return self.selection

@@ -1,0 +1,129 @@
+"""Pass contract, pass registry and the pass manager.
+
+A pass is a frozen dataclass with a class attribute `name`, its options as fields, and
+`run(prog) -> PassResult`. Passes register themselves with `@register_pass`; the CLI and the
+Python API look them up by name (`make_pass("l1", ratio=0.5)`).
+
+The manager runs passes in order, times each, records the history on the Program, can dump the
+graph after each pass, and turns a failure into a `PassError` that says which pass failed, at
+which node if the pass said so, why, and what ran before.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Protocol, TypeVar, runtime_checkable
+
+from pcompiler.ir import PassRecord, Program
+
+log = logging.getLogger("pcompiler")
+
+
+@dataclass(frozen=True)
+class PassResult:
+    program: Program
+    changed: bool
+
+
+@runtime_checkable
+class Pass(Protocol):
+    name: ClassVar[str]
+
+    def run(self, prog: Program) -> PassResult: ...
+
+
+class CompileError(Exception):
+    """An error a user can act on: what went wrong, where, and how to fix it.
+
+    `node` names the graph node when there is one. The CLI prints `str(err)` on one line."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, node: str | None = None, hint: str | None = None):
+        self.message, self.node, self.hint = message, node, hint
+        text = message if node is None else f"at node '{node}': {message}"
+        super().__init__(text if hint is None else f"{text} ({hint})")
+
+
+class PassError(CompileError):
+    """A pass failed; wraps the cause with the pass name and the passes that ran before."""
+
+    def __init__(self, pass_name: str, cause: BaseException, before: list[str]):
+        self.pass_name, self.cause, self.before = pass_name, cause, before
+        node = getattr(cause, "node", None)
+        ran = ", ".join(before) if before else "nothing"
+        detail = cause.message if isinstance(cause, CompileError) else f"{type(cause).__name__}: {cause}"
+        hint = getattr(cause, "hint", None)
+        super().__init__(f"pass '{pass_name}' failed: {detail} [ran before: {ran}]", node=node, hint=hint)
+        if isinstance(cause, CompileError):
+            self.exit_code = cause.exit_code
+
+
+_REGISTRY: dict[str, type] = {}
+P = TypeVar("P", bound=type)
+
+
+def register_pass(cls: P) -> P:
+    """Class decorator: make a pass available by its `name`."""
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"{cls.__qualname__} must define a class attribute `name` to be registered")
+    if name in _REGISTRY and _REGISTRY[name] is not cls:
+        raise ValueError(f"two passes are named '{name}': {_REGISTRY[name].__qualname__} and {cls.__qualname__}")
+    _REGISTRY[name] = cls
+    return cls
+
+
+def registered_passes() -> dict[str, type]:
+    import pcompiler.passes  # noqa: F401  (importing registers every pass)
+
+    return dict(_REGISTRY)
+
+
+def make_pass(name: str, **options) -> Pass:
+    passes = registered_passes()
+    if name not in passes:
+        raise CompileError(f"no pass named '{name}'", hint=f"known passes: {', '.join(sorted(passes))}")
+    return passes[name](**options)
+
+
+Instrument = Callable[[Pass, Program, float], None]
+
+
+def dump_instrument(folder: str | Path) -> Instrument:
+    """An instrument that writes the graph after each pass to FOLDER/NN-name.txt."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def dump(p: Pass, prog: Program, seconds: float) -> None:
+        n = len(prog.history)
+        (folder / f"{n:02d}-{p.name}.txt").write_text(str(prog.gm.graph))
+
+    return dump
+
+
+def run(prog: Program, passes: Iterable[Pass], instruments: Iterable[Instrument] = ()) -> Program:
+    """Run `passes` over `prog` in order; return the final Program."""
+    instruments = list(instruments)
+    for p in passes:
+        before = [r.name for r in prog.history]
+        t0 = time.perf_counter()
+        try:
+            result = p.run(prog)
+        except CompileError as e:
+            if isinstance(e, PassError):
+                raise
+            raise PassError(p.name, e, before) from e
+        except Exception as e:  # noqa: BLE001 - re-raised with context
+            raise PassError(p.name, e, before) from e
+        seconds = time.perf_counter() - t0
+        prog = result.program
+        prog.history = [*prog.history, PassRecord(p.name, seconds, result.changed)]
+        log.info("pass %s: %.3fs%s", p.name, seconds, " (changed)" if result.changed else "")
+        for inst in instruments:
+            inst(p, prog, seconds)
+    return prog
