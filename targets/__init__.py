@@ -1,0 +1,157 @@
+"""Backends a slim Program is written to, one file each, and what they share.
+
+- `pytorch`: the GraphModule as a pickle (`model.pt`), a `torch.export` program (`model.pt2`)
+  that loads with plain torch and no pickle, a state dict, and `export_all` that writes them all.
+- `onnx`: `torch.onnx.export`, then onnxruntime runs the file and its outputs are compared with
+  torch's.
+- `bench`: static costs (parameters, FLOPs); latency comes later.
+
+Every export function returns an `ExportResult` and never raises for a failed export: a model
+that one backend cannot take still gets the others written. Each export reloads what it wrote
+and compares outputs with the Program's GraphModule on the example inputs, in eval mode.
+
+This module holds what the backends share: `ExportResult`, output flattening and comparison,
+and the guard that turns an exception into a one-line reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pcompiler.ir import Program
+
+log = logging.getLogger("pcompiler")
+
+# Outputs match when |got - want| <= ATOL + RTOL * max|want|, per output tensor.
+ATOL = 1e-4
+RTOL = 1e-3
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What one export wrote and whether it reproduces the model.
+
+    format: "pt", "pt2", "onnx" or "state_dict". ok: the file was written and (where it can be
+    run) gives the model's outputs within tolerance. error: one line saying why not, when not ok.
+    max_error: the largest absolute output difference found by the check (None: not run).
+    seconds: time to write and check. note: anything worth knowing that is not an error (which
+    ONNX exporter was used, modules that need the user's code to unpickle, ...)."""
+
+    format: str
+    path: str
+    ok: bool
+    error: str | None = None
+    max_error: float | None = None
+    seconds: float = 0.0
+    note: str | None = None
+
+
+class ExportCheckFailed(Exception):
+    """The file was written but does not reproduce the model; carries the measured error."""
+
+    def __init__(self, message: str, max_error: float | None = None):
+        super().__init__(message)
+        self.max_error = max_error
+
+
+def one_line(err: BaseException, limit: int = 300) -> str:
+    """`Type: first line of the message`, cut to `limit` characters."""
+    text = str(err).strip().splitlines()
+    first = text[0] if text else ""
+    line = first if isinstance(err, ExportCheckFailed) else f"{type(err).__name__}: {first}"
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def guarded(fmt: str, path: str | Path, body: Callable[[], tuple[float | None, str | None]]) -> ExportResult:
+    """Run `body` (which writes and checks, returning (max_error, note)) and wrap the outcome.
+
+    Any exception becomes ok=False with a one-line reason; the full traceback goes to the log."""
+    t0 = time.perf_counter()
+    try:
+        max_error, note = body()
+    except Exception as e:  # noqa: BLE001 - an export failure is a result, not a crash
+        log.warning("export %s to %s failed: %s", fmt, path, one_line(e))
+        log.debug("export %s traceback", fmt, exc_info=True)
+        return ExportResult(
+            fmt, str(path), False, one_line(e), getattr(e, "max_error", None), time.perf_counter() - t0
+        )
+    log.info("export %s: wrote %s (max error %s)", fmt, path, max_error)
+    return ExportResult(fmt, str(path), True, None, max_error, time.perf_counter() - t0, note)
+
+
+def require_weights(prog: Program, what: str) -> None:
+    """Refuse to export a model that has no weights (lives on the meta device)."""
+    if prog.on_meta or any(p.is_meta for p in prog.gm.parameters()):
+        raise ValueError(
+            f"cannot write {what}: the model is on the meta device and has no weights "
+            "(load the checkpoint with real weights to export it)"
+        )
+
+
+@contextlib.contextmanager
+def eval_mode(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Put `module` in eval mode for the block, then restore each submodule's training flag."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
+def flatten_tensors(value: Any) -> list[torch.Tensor]:
+    """The tensors inside a model output, in order: tuples and lists in order, dicts by value
+    order (the order pytree and the ONNX exporter use); non-tensor leaves are dropped."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in flatten_tensors(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in flatten_tensors(v)]
+    return []
+
+
+def compare_outputs(got: list[Any], want: list[torch.Tensor], what: str) -> float:
+    """Max abs difference between two flat output lists; raises ExportCheckFailed if the count,
+    a shape, or a value (beyond ATOL + RTOL * max|want|) differs."""
+    if len(got) != len(want):
+        raise ExportCheckFailed(f"{what} gives {len(got)} outputs, torch gives {len(want)}")
+    worst = 0.0
+    failures = []
+    for i, (g, w) in enumerate(zip(got, want)):
+        g = torch.as_tensor(g).detach().cpu().double()
+        w = w.detach().cpu().double()
+        if tuple(g.shape) != tuple(w.shape):
+            raise ExportCheckFailed(f"{what} output {i} has shape {tuple(g.shape)}, torch's has {tuple(w.shape)}")
+        if w.numel() == 0:
+            continue
+        # Equal values (infinities included) and NaN in both count as no error; NaN in one is inf.
+        same = (g == w) | (torch.isnan(g) & torch.isnan(w))
+        diff = torch.where(same, torch.zeros_like(g), (g - w).abs()).nan_to_num(nan=float("inf"))
+        err = float(diff.max())
+        worst = max(worst, err)
+        finite = w[torch.isfinite(w)]
+        tol = ATOL + RTOL * (float(finite.abs().max()) if finite.numel() else 0.0)
+        if err > tol:
+            failures.append(f"output {i}: {err:.3g} > {tol:.3g}")
+    if failures:
+        raise ExportCheckFailed(f"{what} differs from torch ({'; '.join(failures)})", worst)
+    return worst
+
+
+def reference_outputs(prog: Program) -> list[torch.Tensor]:
+    """The Program's outputs on its example inputs, in eval mode, flattened."""
+    with torch.no_grad(), eval_mode(prog.gm):
+        return flatten_tensors(prog.gm(*prog.example_inputs))
+
+
+__all__ = ["ATOL", "RTOL", "ExportResult", "compare_outputs", "flatten_tensors"]

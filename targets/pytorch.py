@@ -1,0 +1,158 @@
+"""PyTorch targets: the GraphModule pickle (.pt), a torch.export program (.pt2), a state dict.
+
+- `.pt`: `torch.save` of the GraphModule, saved in eval mode. A GraphModule pickles as its
+  generated code plus its submodules, so when those are standard torch modules (what `slim`
+  produces) it loads with `torch.load(path, weights_only=False)` without the user's code. The
+  export reloads the file and compares outputs, and says in `note` which globals of the pickle or
+  functions of the graph live outside torch (those would need the user's code to load).
+- `.pt2`: `torch.export.export(gm, example_inputs)` in eval mode, then `torch.export.save`;
+  loads with plain `torch.export.load(path).module()` and no pickle. Checked the same way.
+- `state_dict.pt`: `torch.save(gm.state_dict())`, loads with `torch.load(path)` (weights only).
+
+`export_all` writes every format into one folder and records the results in
+`prog.info["exports"]`. Assumes the Program's model runs on its example inputs (real weights:
+a model on the meta device cannot be exported and says so).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+import torch.fx as fx
+
+from pcompiler.ir import Program
+from pcompiler.targets import (
+    ExportResult,
+    compare_outputs,
+    eval_mode,
+    flatten_tensors,
+    guarded,
+    reference_outputs,
+    require_weights,
+)
+
+log = logging.getLogger("pcompiler")
+
+# Module prefixes whose globals any torch install can resolve.
+_STANDARD_MODULES = ("torch", "collections", "builtins", "__builtin__", "copyreg", "_codecs",
+                     "numpy", "operator", "_operator", "math", "functools", "typing")
+
+# export_all: format -> file name. "pt" also writes the state dict.
+FILE_NAMES = {"pt": "model.pt", "state_dict": "state_dict.pt", "pt2": "model.pt2", "onnx": "model.onnx"}
+
+
+def _is_standard(module_name: str | None) -> bool:
+    root = (module_name or "").split(".")[0]
+    return root in _STANDARD_MODULES
+
+
+def foreign_code(gm: fx.GraphModule, pickle_path: Path | None = None) -> list[str]:
+    """What loading `gm` would need beyond torch: functions the graph calls and (if given a
+    torch.save file) globals its pickle refers to, from modules other than torch's."""
+    names: set[str] = set()
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and not _is_standard(getattr(node.target, "__module__", None)):
+            names.add(f"{getattr(node.target, '__module__', '?')}.{getattr(node.target, '__name__', node.target)}")
+    if pickle_path is not None:
+        # Globals outside the weights-only allowlist: torch.nn classes and the like, plus any
+        # class or function from the user's code.
+        for qualname in torch.serialization.get_unsafe_globals_in_checkpoint(pickle_path):
+            if not _is_standard(qualname):
+                names.add(qualname)
+    return sorted(names)
+
+
+def save_graph_module(prog: Program, path: str | Path) -> ExportResult:
+    """`torch.save` the GraphModule (in eval mode) to `path`, reload it and compare outputs."""
+    path = Path(path)
+
+    def body() -> tuple[float | None, str | None]:
+        require_weights(prog, f"the GraphModule to {path}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with eval_mode(prog.gm):
+            torch.save(prog.gm, path)
+        want = reference_outputs(prog)
+        loaded = torch.load(path, weights_only=False)
+        with torch.no_grad():
+            got = flatten_tensors(loaded(*prog.example_inputs))
+        err = compare_outputs(got, want, f"the reloaded {path.name}")
+        foreign = foreign_code(prog.gm, path)
+        note = f"loading needs code outside torch: {', '.join(foreign)}" if foreign else None
+        return err, note
+
+    return guarded("pt", path, body)
+
+
+def save_state_dict(prog: Program, path: str | Path) -> ExportResult:
+    """`torch.save` the GraphModule's state dict to `path` (loads with weights_only=True)."""
+    path = Path(path)
+
+    def body() -> tuple[float | None, str | None]:
+        require_weights(prog, f"the state dict to {path}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = prog.gm.state_dict()
+        torch.save(state, path)
+        loaded = torch.load(path, weights_only=True)
+        if list(loaded) != list(state):
+            raise ValueError(f"the reloaded {path.name} has other keys than the model's state dict")
+        return None, None
+
+    return guarded("state_dict", path, body)
+
+
+def export_program(prog: Program, path: str | Path) -> ExportResult:
+    """`torch.export` the GraphModule (eval mode) and `torch.export.save` it to `path` (.pt2);
+    reload with `torch.export.load(path).module()` and compare outputs."""
+    path = Path(path)
+
+    def body() -> tuple[float | None, str | None]:
+        require_weights(prog, f"a torch.export program to {path}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with torch.no_grad(), eval_mode(prog.gm):
+            exported = torch.export.export(prog.gm, tuple(prog.example_inputs))
+        torch.export.save(exported, path)
+        want = reference_outputs(prog)
+        with torch.no_grad():
+            got = flatten_tensors(torch.export.load(path).module()(*prog.example_inputs))
+        return compare_outputs(got, want, f"the reloaded {path.name}"), None
+
+    return guarded("pt2", path, body)
+
+
+def export_all(
+    prog: Program, out_dir: str | Path, formats: Iterable[str] = ("pt", "pt2", "onnx")
+) -> list[ExportResult]:
+    """Write each format into `out_dir` (model.pt and state_dict.pt for "pt", model.pt2,
+    model.onnx) and record the results in `prog.info["exports"]` as a list of dicts.
+
+    A failed export is a result with ok=False; the other formats are still written."""
+    formats = list(dict.fromkeys(formats))
+    unknown = [f for f in formats if f not in FILE_NAMES]
+    if unknown:
+        raise ValueError(f"unknown export format(s) {unknown}: choose from {sorted(FILE_NAMES)}")
+    if "pt" in formats and "state_dict" not in formats:
+        formats.insert(formats.index("pt") + 1, "state_dict")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for fmt in formats:
+        target = out / FILE_NAMES[fmt]
+        if fmt == "pt":
+            results.append(save_graph_module(prog, target))
+        elif fmt == "state_dict":
+            results.append(save_state_dict(prog, target))
+        elif fmt == "pt2":
+            results.append(export_program(prog, target))
+        else:
+            from pcompiler.targets.onnx import export_onnx  # imports onnx only when asked for
+
+            results.append(export_onnx(prog, target))
+    prog.info["exports"] = [dataclasses.asdict(r) for r in results]
+    failed = [r.format for r in results if not r.ok]
+    if failed:
+        log.warning("exports that failed: %s (see prog.info['exports'] for why)", ", ".join(failed))
+    return results
