@@ -285,7 +285,9 @@ def _build_groups(state: _State, labels: np.ndarray) -> tuple[ChannelGroup, ...]
         index = (el_e[s:e] - state.bases[sid]).reshape(int(n_channels[g]), -1)
         if ref.param is not None:
             role = state.roles.get(ref, Role.TIED)
-            params[g].append(ParamSlice(ref.param, ref.dim, role, index, not _is_param(state.gm, ref.param)))
+            params[g].append(
+                ParamSlice(ref.param, ref.dim, role, index, not _is_param(state.gm, ref.param), state.sizes[sid])
+            )
         else:
             spaces[g].append(SpaceSlice(ref, index))
 

@@ -71,6 +71,7 @@ def _round_kept(n: int, remove: int, opts: SelectOptions) -> int:
 
 def select(analysis: Analysis, scores: dict[int, np.ndarray], opts: SelectOptions, ratio: float | None = None) -> Selection:
     """Channels to remove per group (indices within the group, sorted)."""
+    opts.check()
     r = opts.ratio if ratio is None else ratio
     groups = candidates(analysis, opts.skip)
     counts: dict[int, int] = {}

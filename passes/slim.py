@@ -93,6 +93,12 @@ def layer_widths(prog: Program, before: fx.GraphModule, after: fx.GraphModule) -
 def slim_program(prog: Program, check: bool = True) -> Program:
     """Return a Program whose `gm` has the selected channels removed."""
     selection = prog.require_selection("slim")
+    analysis = prog.require_analysis("slim")
+    for gid in selection:
+        group = analysis.groups[gid]
+        if not group.prunable:
+            why = "; ".join(group.pinned) or "no parameter produces these channels"
+            raise CompileError(f"the selection removes channels of group {gid} ({group.label()}), which is pinned: {why}")
     reference = prog.gm
     gm = copy.deepcopy(reference)
     removal = removal_of(prog, selection)
@@ -110,6 +116,7 @@ def slim_program(prog: Program, check: bool = True) -> Program:
         _, op_rule = lookup(node, gm)
         if op_rule is not None and op_rule.rewrite is not None:
             op_rule.rewrite(node, ctx)
+    gm.graph.eliminate_dead_code()  # size computations a rewrite replaced by literals
     gm.recompile()
     if check:
         try:

@@ -29,6 +29,7 @@ import torch.fx as fx
 from torch import nn
 
 from pcompiler.ir import Program, describe, set_node_value
+from pcompiler.passes.decompose import decompose_multihead_attention
 from pcompiler.passmanager import CompileError
 
 log = logging.getLogger("pcompiler")
@@ -180,12 +181,14 @@ def trace(
     example_inputs: tuple[torch.Tensor, ...] | torch.Tensor,
     *,
     leaf_modules: tuple[type, ...] = (),
+    decompose_attention: bool = True,
 ) -> Program:
     """Trace `model` into a Program: an fx graph with standard modules as leaves, untraceable
     submodules as opaque leaves (`Program.opaque`), and every node's value recorded.
 
     If the model's parameters are on the meta device, the example inputs are moved there too
-    and shapes are propagated without real memory; the output check is then skipped."""
+    and shapes are propagated without real memory; the output check is then skipped.
+    `decompose_attention` lowers nn.MultiheadAttention into prunable pieces (decompose.py)."""
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     model.eval()
     if _on_meta(model) and not all(t.is_meta for t in inputs if isinstance(t, torch.Tensor)):
@@ -203,7 +206,12 @@ def trace(
             "(leaf_modules=...)",
         ) from e
     gm = fx.GraphModule(model, graph, class_name=name)
+    # Unpickling a GraphModule re-creates its tracer class; ours is pcompiler's, which a file
+    # meant to load without our code must not name.
+    gm._tracer_cls = graph._tracer_cls = None
     gm.eval()
+    if decompose_attention:
+        decompose_multihead_attention(gm)
 
     propagate_shapes(gm, inputs, tracer.opaque)
     with torch.no_grad():

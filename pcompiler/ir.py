@@ -120,6 +120,7 @@ class ParamSlice:
     role: str
     index: np.ndarray  # shape (n_channels, multiplicity), int64
     is_buffer: bool = False
+    extent: int = 0  # length of `dim` in the parameter (the group may hold only part of it)
 
 
 @dataclass(frozen=True)
@@ -160,8 +161,16 @@ class ChannelGroup:
         return tuple(seen)
 
     def label(self) -> str:
+        """The producing modules, e.g. 'layer1.0.conv1,layer1.0.bn1'; when the group holds only
+        some rows of its first producer (a split, a concat input), their range: 'qkv[0:64]'."""
         prod = [p.param.rpartition(".")[0] or p.param for p in self.producers]
-        return ",".join(dict.fromkeys(prod)) or (self.modules[0] if self.modules else f"group{self.id}")
+        text = ",".join(dict.fromkeys(prod)) or (self.modules[0] if self.modules else f"group{self.id}")
+        if self.producers:
+            idx = self.producers[0].index
+            lo, hi = int(idx.min()), int(idx.max()) + 1
+            if lo > 0 or hi < self.producers[0].extent or idx.size != hi - lo:
+                text += f"[{lo}:{hi}]"
+        return text
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ which node if the pass said so, why, and what ran before.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -88,7 +89,12 @@ def make_pass(name: str, **options) -> Pass:
     passes = registered_passes()
     if name not in passes:
         raise CompileError(f"no pass named '{name}'", hint=f"known passes: {', '.join(sorted(passes))}")
-    return passes[name](**options)
+    cls = passes[name]
+    known = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set(options)
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise CompileError(f"pass '{name}' has no option {', '.join(unknown)}", hint=f"its options: {', '.join(sorted(known)) or 'none'}")
+    return cls(**options)
 
 
 Instrument = Callable[[Pass, Program, float], None]

@@ -60,11 +60,15 @@ def reshape(node: fx.Node, ctx: RuleContext) -> None:
 
 
 def _rewrite_sizes(sizes: Any, node: fx.Node, ctx: RewriteContext, first_dim: int = 0) -> Any:
-    """Replace literal sizes (not -1, not computed) of output dims whose size changed."""
+    """Set the size of every output dim whose channel count changed to its new count.
+
+    Literal or computed: a computed size may read another tensor's dim (maxvit merges heads
+    with `reshape(B, G, P, D)`, D read from the attention's input), which no longer matches.
+    Channel counts are static, so a literal is always right; -1 is left to be inferred."""
     out = list(sizes)
     for k, s in enumerate(out):
         d = first_dim + k
-        if isinstance(s, int) and s != -1:
+        if not (isinstance(s, int) and s == -1):
             new = ctx.new_size(node, d)
             if new != ctx.old_size(node, d):
                 out[k] = new

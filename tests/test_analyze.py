@@ -1,0 +1,276 @@
+"""Tests of the analyze pass: how the op rules make channels flow into groups (sizes, members,
+roles, offsets, multiplicities, pin reasons), each checked again by slimming the same model and
+checking the invariant (`helpers.prune`)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import analyze, group_with, index_of, members, prune
+from torch import nn
+
+from pcompiler.ir import Role
+from pcompiler.passes.analyze import INPUT_REASON, OUTPUT_REASON
+
+P, C, T = Role.PRODUCE, Role.CONSUME, Role.TIED
+IMG = torch.randn(2, 3, 6, 6)
+
+
+@torch.fx.wrap
+def wrapped_double(t):
+    return t * 2
+
+
+class Chain(nn.Module):
+    """a -> mid -> h: the building block of most tests (mid may be any function or module)."""
+
+    def __init__(self, a: nn.Module, mid, h: nn.Module):
+        super().__init__()
+        self.a, self.mid, self.h = a, mid, h
+
+    def forward(self, x):
+        return self.h(self.mid(self.a(x)))
+
+
+def test_conv_bn_relu_conv():
+    model = Chain(nn.Conv2d(3, 8, 3, padding=1), nn.Sequential(nn.BatchNorm2d(8), nn.ReLU()), nn.Conv2d(8, 4, 3))
+    prog = analyze(model, IMG)
+    g = group_with(prog, "a.weight", 0)
+    assert g.prunable and g.size == 8 and g.pinned == ()
+    assert g.label() == "a,mid.0" and set(g.modules) == {"a", "mid.0", "h"}
+    assert members(g) == {("a.weight", 0, P), ("a.bias", 0, P), ("mid.0.weight", 0, P), ("mid.0.bias", 0, P),
+                          ("mid.0.running_mean", 0, T), ("mid.0.running_var", 0, T), ("h.weight", 1, C)}
+    assert all(p.is_buffer == p.param.endswith(("running_mean", "running_var")) for p in g.params)
+    assert all((p.index == np.arange(8)[:, None]).all() for p in g.params)
+    assert [x.id for x in prog.analysis.prunable] == [g.id]  # h's channels reach the output
+    assert group_with(prog, "h.weight", 0).pinned == (OUTPUT_REASON,)
+    slim = prune(model, IMG, ratio=0.5).gm
+    assert (slim.a.out_channels, slim.get_submodule("mid.0").num_features, slim.h.in_channels) == (4, 4, 4)
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+        self.h = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        return self.h(self.b(y) + self.c(y))
+
+
+def test_residual_add_couples_both_branches():
+    prog = analyze(Residual(), IMG)
+    g = group_with(prog, "b.weight", 0)
+    assert g.prunable and g.size == 8
+    assert members(g) == {("b.weight", 0, P), ("b.bias", 0, P), ("c.weight", 0, P), ("c.bias", 0, P),
+                          ("h.weight", 1, C)}
+    assert members(group_with(prog, "a.weight", 0)) == {("a.weight", 0, P), ("a.bias", 0, P),
+                                                        ("b.weight", 1, C), ("c.weight", 1, C)}
+    slim = prune(Residual(), IMG, ratio=0.5).gm
+    assert slim.b.out_channels == slim.c.out_channels == slim.h.in_channels == 4
+
+
+class Concat(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.h = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 6, 1), nn.Conv2d(10, 2, 1)
+
+    def forward(self, x):
+        return self.h(torch.cat([self.a(x), self.b(x)], 1))
+
+
+def test_concat_gives_groups_with_offsets():
+    prog = analyze(Concat(), IMG)
+    ga, gb = group_with(prog, "a.weight", 0), group_with(prog, "b.weight", 0)
+    assert ga.id != gb.id and ga.prunable and gb.prunable and (ga.size, gb.size) == (4, 6)
+    assert (index_of(ga, "h.weight", 1).ravel() == np.arange(4)).all()
+    assert (index_of(gb, "h.weight", 1).ravel() == 4 + np.arange(6)).all()
+    slim = prune(Concat(), IMG, ratio=0.5).gm
+    assert (slim.a.out_channels, slim.b.out_channels, slim.h.in_channels) == (2, 3, 5)
+
+
+def test_depthwise_conv_couples_input_and_output():
+    model = Chain(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Conv2d(8, 2, 1))
+    g = group_with(analyze(model, IMG), "a.weight", 0)
+    assert g.prunable and g.size == 8
+    assert members(g) == {("a.weight", 0, P), ("a.bias", 0, P), ("mid.weight", 0, P), ("mid.bias", 0, P),
+                          ("h.weight", 1, C)}
+    dw = prune(model, IMG, ratio=0.5).gm.mid
+    assert dw.groups == dw.in_channels == dw.out_channels == 4 and dw.weight.shape == (4, 1, 3, 3)
+
+
+def test_grouped_conv_couples_whole_conv_groups():
+    model = Chain(nn.Conv2d(3, 16, 1), nn.Conv2d(16, 8, 3, padding=1, groups=4), nn.Conv2d(8, 2, 1))
+    g = group_with(analyze(model, IMG), "a.weight", 0)
+    assert g.prunable and g.size == 4  # one channel per conv group
+    assert members(g) == {("a.weight", 0, P), ("a.bias", 0, P), ("mid.weight", 0, P), ("mid.bias", 0, P),
+                          ("h.weight", 1, C)}
+    assert (index_of(g, "a.weight", 0) == np.arange(16).reshape(4, 4)).all()  # input group width 4
+    assert (index_of(g, "mid.weight", 0) == np.arange(8).reshape(4, 2)).all()  # output group width 2
+    conv = prune(model, IMG, ratio=0.5).gm.mid
+    assert (conv.groups, conv.in_channels, conv.out_channels) == (2, 8, 4)
+
+
+def test_flatten_into_linear_has_block_multiplicity():
+    model = Chain(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
+    g = group_with(analyze(model, IMG), "a.weight", 0)
+    assert g.prunable and g.size == 4
+    assert members(g) == {("a.weight", 0, P), ("a.bias", 0, P), ("h.weight", 1, C)}
+    assert (index_of(g, "h.weight", 1) == np.arange(64).reshape(4, 16)).all()
+    assert prune(model, IMG, ratio=0.5).gm.h.in_features == 32
+
+
+def test_group_norm_couples_whole_norm_groups():
+    model = Chain(nn.Conv2d(3, 8, 1), nn.GroupNorm(4, 8), nn.Conv2d(8, 2, 1))
+    g = group_with(analyze(model, IMG), "a.weight", 0)
+    assert g.prunable and g.size == 4
+    assert members(g) == {("a.weight", 0, P), ("a.bias", 0, P), ("mid.weight", 0, P), ("mid.bias", 0, P),
+                          ("h.weight", 1, C)}
+    assert (index_of(g, "mid.weight", 0) == np.arange(8).reshape(4, 2)).all()
+    gn = prune(model, IMG, ratio=0.5).gm.mid
+    assert (gn.num_groups, gn.num_channels) == (2, 4)
+
+
+@pytest.mark.parametrize("mid, reason", [
+    (nn.LayerNorm(8), "LayerNorm normalizes over these channels"),
+    (lambda y: torch.softmax(y, -1), "softmax normalizes over these channels"),
+    (lambda y: y - y.mean(-1, keepdim=True), "mean over these channels"),
+    (lambda y: 2.0 / y, "divides by these channels"),
+    (lambda y: torch.cumsum(y, 1), "no rule for torch._VariableFunctionsClass.cumsum at node 'cumsum'"),
+], ids=["layernorm", "softmax", "mean", "division", "cumsum"])
+def test_ops_where_zeroing_is_not_removal_pin(mid, reason):
+    model = Chain(nn.Linear(3, 8), mid, nn.Linear(8, 2))
+    x = torch.randn(4, 3)
+    g = group_with(analyze(model, x), "a.weight", 0)
+    assert not g.prunable and len(g.pinned) == 1 and g.pinned[0].startswith(reason), g.pinned
+    prog = prune(model, x, ratio=0.5)
+    assert prog.selection == {} and prog.gm.a.out_features == 8
+
+
+def test_model_input_and_output_pin():
+    class AddInput(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.h = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.h(self.a(x) + x)
+
+    x = torch.randn(4, 8)
+    prog = analyze(AddInput(), x)
+    assert group_with(prog, "a.weight", 0).pinned == (INPUT_REASON,)
+    assert group_with(prog, "h.weight", 0).pinned == (OUTPUT_REASON,)
+    assert prog.analysis.prunable == ()
+    assert prune(AddInput(), x, ratio=0.5).selection == {}
+
+
+def test_ops_without_rules_pin_and_are_noted():
+    model = Chain(nn.Conv2d(3, 8, 1), lambda y: wrapped_double(y), nn.Conv2d(8, 2, 1))
+    prog = analyze(model, IMG)
+    (reason,) = group_with(prog, "a.weight", 0).pinned
+    assert reason.startswith("no rule for") and "wrapped_double" in reason and "at node 'wrapped_double'" in reason
+    assert prog.analysis.notes == (("wrapped_double", reason),)
+    assert prune(model, IMG, ratio=0.5).selection == {}
+
+
+class DataDependent(nn.Module):
+    def forward(self, x):
+        return x if x.sum() > 0 else -x
+
+
+def test_opaque_submodule_pins():
+    model = Chain(nn.Conv2d(3, 8, 1), DataDependent(), nn.Conv2d(8, 2, 1))
+    prog = analyze(model, IMG)
+    assert set(prog.opaque) == {"mid"}
+    (reason,) = group_with(prog, "a.weight", 0).pinned
+    assert reason.startswith("passes opaque module 'mid'")
+    assert prog.analysis.notes == (("mid", reason),)
+    assert prune(model, IMG, ratio=0.5).selection == {}
+
+
+def test_channel_shuffle_stays_prunable():
+    def shuffle(y):
+        b, c, h, w = y.shape
+        return y.view(b, 2, c // 2, h, w).transpose(1, 2).contiguous().view(b, c, h, w)
+
+    model = Chain(nn.Conv2d(3, 8, 1), shuffle, nn.Conv2d(8, 2, 1))
+    g = group_with(analyze(model, IMG), "a.weight", 0)
+    assert g.prunable and g.size == 4  # the channel follows the 4-wide sub-dim through both halves
+    assert (index_of(g, "a.weight", 0) == np.stack([np.arange(4), 4 + np.arange(4)], 1)).all()
+    assert (index_of(g, "h.weight", 1) == np.arange(8).reshape(4, 2)).all()
+    slim = prune(model, IMG, ratio=0.5).gm
+    assert (slim.a.out_channels, slim.h.in_channels) == (4, 4)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim=16, heads=2):
+        super().__init__()
+        self.heads, self.qkv, self.o = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        return self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
+
+
+def test_attention_head_dim_is_prunable():
+    x = torch.randn(2, 5, 16)
+    g = group_with(analyze(Attention(), x), "qkv.weight", 0)
+    assert g.prunable and g.size == 8  # the head width; q, k, v and both heads lose it together
+    assert members(g) == {("qkv.weight", 0, P), ("qkv.bias", 0, P), ("o.weight", 1, C)}
+    assert index_of(g, "qkv.weight", 0).shape == (8, 6) and index_of(g, "o.weight", 1).shape == (8, 2)
+    prog = prune(Attention(), x, ratio=0.5)
+    assert (prog.gm.qkv.out_features, prog.gm.o.in_features) == (24, 8)
+    (sdpa,) = [n for n in prog.gm.graph.nodes if n.target is F.scaled_dot_product_attention]
+    assert sdpa.kwargs["scale"] == pytest.approx(1 / np.sqrt(8))
+
+
+@pytest.mark.parametrize("kind", ["split", "chunk"])
+def test_split_pieces_map_to_offsets(kind):
+    sizes = [4, 8] if kind == "split" else [4, 4]
+
+    class Split(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.h1, self.h2 = nn.Conv2d(3, sum(sizes), 1), nn.Conv2d(sizes[0], 2, 1), nn.Conv2d(sizes[1], 2, 1)
+
+        def forward(self, x):
+            p, q = torch.split(self.a(x), sizes, dim=1) if kind == "split" else self.a(x).chunk(2, dim=1)
+            return self.h1(p) + self.h2(q)
+
+    prog = analyze(Split(), IMG)
+    g1, g2 = group_with(prog, "h1.weight", 1), group_with(prog, "h2.weight", 1)
+    assert g1.prunable and g2.prunable and (g1.size, g2.size) == tuple(sizes)
+    assert (index_of(g1, "a.weight", 0).ravel() == np.arange(sizes[0])).all()
+    assert (index_of(g2, "a.weight", 0).ravel() == sizes[0] + np.arange(sizes[1])).all()
+    slim = prune(Split(), IMG, ratio=0.5).gm
+    (node,) = [n for n in slim.graph.nodes if n.target in (torch.split, "split")]
+    assert list(node.args[1]) == [s // 2 for s in sizes] and node.args[2] == 1
+
+
+def test_functional_conv_and_linear_on_parameters():
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w1, self.b1 = nn.Parameter(torch.randn(8, 3, 3, 3)), nn.Parameter(torch.randn(8))
+            self.w2 = nn.Parameter(torch.randn(2, 8))
+
+        def forward(self, x):
+            return F.linear(F.conv2d(x, self.w1, self.b1, padding=1).sum((2, 3)), self.w2)
+
+    g = group_with(analyze(Functional(), IMG), "w1", 0)
+    assert g.prunable and g.size == 8 and members(g) == {("w1", 0, P), ("b1", 0, P), ("w2", 1, C)}
+    slim = prune(Functional(), IMG, ratio=0.5).gm
+    assert (slim.w1.shape, slim.b1.shape, slim.w2.shape) == ((4, 3, 3, 3), (4,), (2, 4))
+
+
+def test_embedding_weight_produces():
+    model = Chain(nn.Embedding(10, 8), nn.ReLU(), nn.Linear(8, 2))
+    ids = torch.tensor([[1, 2, 3], [4, 5, 9]])
+    g = group_with(analyze(model, ids), "a.weight", 1)
+    assert g.prunable and g.size == 8 and members(g) == {("a.weight", 1, P), ("h.weight", 1, C)}
+    slim = prune(model, ids, ratio=0.5).gm
+    assert slim.a.embedding_dim == 4 and slim.a.weight.shape == (10, 4)

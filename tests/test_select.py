@@ -1,0 +1,146 @@
+"""Tests of selection (passes/select.py) on hand-set scores: the per-group count, rounding,
+global ranking, skip globs, option checks, the FLOPs-targeted ratio search, and the random
+method's seed. Selections are then slimmed and verified (the invariant must hold for any)."""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+from helpers import analyze, conv_bn_stack, group_with, prune
+from torch import nn
+
+import pcompiler
+from pcompiler.passes.select import SelectOptions, select
+from pcompiler.passmanager import CompileError, make_pass
+from pcompiler.targets.bench import count_flops
+
+X = torch.randn(1, 3, 4, 4)
+# Group A (10 channels) on a scale of hundreds, in a shuffled order; group B (4) on a scale of ones.
+A_SCORES = (np.array([3, 7, 0, 9, 1, 5, 2, 8, 6, 4]) + 1) * 100.0
+B_SCORES = np.array([1.0, 1.0, 10.0, 1.0])
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.h = nn.Conv2d(3, 10, 1), nn.Conv2d(10, 4, 1), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.h(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+@pytest.fixture
+def net():
+    """(program after analyze, id of group A, id of group B, their scores)."""
+    prog = analyze(Net(), X)
+    ga, gb = group_with(prog, "a.weight", 0).id, group_with(prog, "b.weight", 0).id
+    assert [g.id for g in prog.analysis.prunable] == [ga, gb]
+    return prog, ga, gb, {ga: A_SCORES, gb: B_SCORES}
+
+
+def slim_with(prog, selection):
+    """Slim `prog` with a hand-made selection; check the invariant and the new widths."""
+    out = pcompiler.run(prog.replace(selection=selection), [make_pass("slim"), make_pass("verify")])
+    assert out.info["verify"]["ok"] and out.info["verify"]["max_relative_error"] < 1e-5
+    ga, gb = group_with(prog, "a.weight", 0).id, group_with(prog, "b.weight", 0).id
+    removed_a, removed_b = len(selection.get(ga, ())), len(selection.get(gb, ()))
+    assert (out.gm.a.out_channels, out.gm.b.in_channels) == (10 - removed_a, 10 - removed_a)
+    assert (out.gm.b.out_channels, out.gm.h.in_channels) == (4 - removed_b, 4 - removed_b)
+    assert out.info["slim"]["channels_removed"] == removed_a + removed_b
+    return out
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.1, 0.25, 0.3, 0.5, 0.7, 0.9, 0.99])
+@pytest.mark.parametrize("min_keep", [1, 2, 3])
+def test_count_is_ceil_ratio_capped_by_min_keep(net, ratio, min_keep):
+    prog, ga, gb, scores = net
+    sel = select(prog.analysis, scores, SelectOptions(ratio=ratio, min_keep=min_keep))
+    for gid, n in ((ga, 10), (gb, 4)):
+        want = min(math.ceil(Fraction(str(ratio)) * n), n - min_keep)  # exact: 0.7 * 10 is 7, not 8
+        removed = sel.get(gid, ())
+        assert len(removed) == want
+        lowest = np.argsort(scores[gid], kind="stable")[:want]
+        assert removed == tuple(sorted(lowest.tolist()))
+    slim_with(prog, sel)
+
+
+@pytest.mark.parametrize("ratio, round_to, removed_a, removed_b", [
+    (0.5, 4, 2, 0),  # A keeps 5 -> 8; B keeps 2 -> 4 (nothing removed)
+    (0.8, 3, 7, 1),  # A keeps 2 -> 3; B keeps min_keep = 1 -> 3
+    (0.3, 2, 2, 2),  # A keeps 7 -> 8; B keeps 2 -> 2
+    (0.5, 1, 5, 2),
+])
+def test_round_to_rounds_kept_count_up(net, ratio, round_to, removed_a, removed_b):
+    prog, ga, gb, scores = net
+    sel = select(prog.analysis, scores, SelectOptions(ratio=ratio, round_to=round_to))
+    assert len(sel.get(ga, ())) == removed_a and len(sel.get(gb, ())) == removed_b
+    for gid, n in ((ga, 10), (gb, 4)):
+        kept = n - len(sel.get(gid, ()))
+        assert kept % round_to == 0 or kept == n
+    slim_with(prog, sel)
+
+
+def test_global_ranking_normalizes_by_group_mean(net):
+    prog, ga, gb, scores = net
+    # Normalized: A = (1..10) / 5.5, B = (1, 1, 10, 1) / 3.25. The 7th lowest of the 14 is A's
+    # 4th (4 / 5.5); B's three 1s (0.31) fall below it but B keeps min_keep = 1 channel anyway.
+    glob = select(prog.analysis, scores, SelectOptions(ratio=0.5, global_ranking=True))
+    assert glob == {ga: (0, 2, 4, 6), gb: (0, 1, 3)}
+    layer = select(prog.analysis, scores, SelectOptions(ratio=0.5))
+    assert layer == {ga: (0, 2, 4, 6, 9), gb: (0, 1)}
+    # Rescaling one group's scores changes nothing under global ranking (it would unnormalized).
+    scaled = {ga: scores[ga] / 1000, gb: scores[gb]}
+    assert select(prog.analysis, scaled, SelectOptions(ratio=0.5, global_ranking=True)) == glob
+    assert select(prog.analysis, scores, SelectOptions(ratio=0.0, global_ranking=True)) == {}
+    slim_with(prog, glob)
+
+
+@pytest.mark.parametrize("skip, kept_groups", [
+    (("a",), "B"), (("h",), "A"), (("b",), ""), (("x*",), "AB"), (("[ab]",), ""), (("*",), ""),
+])
+def test_skip_globs_exclude_groups_with_a_matching_module(net, skip, kept_groups):
+    prog, ga, gb, scores = net
+    sel = select(prog.analysis, scores, SelectOptions(ratio=0.5, skip=skip))
+    assert set(sel) == {gid for gid, label in ((ga, "A"), (gb, "B")) if label in kept_groups}
+    slim_with(prog, sel)
+
+
+@pytest.mark.parametrize("ratio", [1.0, 1.5, -0.1])
+def test_ratio_outside_unit_interval_is_refused(ratio):
+    with pytest.raises(CompileError, match=r"outside \[0, 1\)"):
+        SelectOptions(ratio=ratio).check()
+    prog = analyze(Net(), X)
+    with pytest.raises(CompileError, match=rf"pass 'l1' failed: ratio {ratio} is outside"):
+        pcompiler.run(prog, [make_pass("l1", ratio=ratio)])
+    assert prog.selection is None
+
+
+def test_speedup_search_halves_flops():
+    x = torch.randn(1, 3, 16, 16)
+    model = conv_bn_stack()
+    before = count_flops(model, (x,))
+    prog = prune(model, x, speedup=2.0)
+    after = count_flops(prog.gm, (x,))
+    assert before / 2.6 < after <= before / 2
+    assert 0 < prog.info["method"]["ratio_used"] < 0.5
+    assert prog.gm.get_submodule("0").out_channels < 16
+
+
+def test_speedup_out_of_reach_says_so():
+    prog = analyze(Net(), X)
+    with pytest.raises(CompileError, match="100.0x FLOPs reduction is out of reach"):
+        pcompiler.run(prog, [make_pass("l1", speedup=100.0)])
+
+
+def test_random_seed_repeats_and_varies():
+    x = torch.randn(1, 3, 8, 8)
+    model = conv_bn_stack()
+    first, again, other = (prune(model, x, method="random", ratio=0.5, seed=s) for s in (0, 0, 1))
+    assert first.selection == again.selection != other.selection
+    assert [len(v) for v in first.selection.values()] == [8, 16, 16]
+    assert [len(v) for v in other.selection.values()] == [8, 16, 16]
+    torch.testing.assert_close(first.gm(x), again.gm(x))
