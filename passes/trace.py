@@ -209,6 +209,12 @@ def trace(
     # Unpickling a GraphModule re-creates its tracer class; ours is pcompiler's, which a file
     # meant to load without our code must not name.
     gm._tracer_cls = graph._tracer_cls = None
+    # Under `from __future__ import annotations` fx records annotations as strings, which the
+    # GraphModule's pickling cannot resolve; the types carry nothing the passes use.
+    for node in graph.nodes:
+        if isinstance(node.type, str):
+            node.type = None
+    gm.recompile()
     gm.eval()
     if decompose_attention:
         decompose_multihead_attention(gm)

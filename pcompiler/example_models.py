@@ -33,6 +33,8 @@ class ResidualBlock(nn.Module):
 class DigitsResNet(nn.Module):
     """stem 32 -> blocks (32, 32) at 8x8 -> (64, 64) at 4x4 -> global pool -> linear."""
 
+    example_input_shape = (1, 1, 8, 8)  # the CLI's default --input-shape for this model
+
     def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 32):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())

@@ -321,3 +321,21 @@ def test_torchvision_resnet18():
     )
     assert node_value(nodes(prog, "output")["output"]) == TensorInfo((1, 1000), torch.float32)
     assert_reproduces(prog, model, x)
+
+
+def test_traced_model_with_string_annotations_pickles(tmp_path):
+    # Under `from __future__ import annotations` (this file, and the bundled example model) fx
+    # records `x: torch.Tensor` as a string; the GraphModule must still save and reload.
+    class Annotated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x)
+
+    x = torch.randn(1, 3, 4, 4)
+    prog = trace(Annotated(), (x,))
+    torch.save(prog.gm, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    torch.testing.assert_close(loaded(x), prog.gm(x))

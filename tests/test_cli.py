@@ -1,0 +1,267 @@
+"""The pcompile command, in-process with click's CliRunner (one run as a real subprocess)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from pcompiler.cli import default_input_shape, main
+from pcompiler.passmanager import CompileError, registered_passes
+
+torch.set_num_threads(1)
+
+REPORT_KEYS = {"model", "method", "settings", "params_before", "params_after", "param_ratio", "flops_before",
+               "flops_after", "flops_ratio", "groups", "verify", "exports", "passes", "inputs"}
+
+
+class UserNet(nn.Module):
+    """Not on the loader's allowlist: needs --trust."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.head(self.conv(x).relu())
+
+
+def _cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+    )
+
+
+@pytest.fixture
+def cnn_file(tmp_path):
+    torch.save(_cnn(), tmp_path / "cnn.pt")
+    return tmp_path / "cnn.pt"
+
+
+def invoke(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit), result.exception
+    return result
+
+
+def assert_one_line_error(result, code=2, *fragments):
+    assert result.exit_code == code, (result.exit_code, result.output)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output
+    for f in fragments:
+        assert f in lines[0], lines[0]
+    return lines[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# --analyze and the pipeline
+
+
+def test_analyze_prints_the_groups(cnn_file):
+    result = invoke(cnn_file, "--analyze")
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "3 channel groups (2 prunable)" in out
+    rows = [ln for ln in out.splitlines() if ln.strip().startswith("│")]
+    assert len(rows) == 3
+    sizes = [ln.split("│")[2].strip() for ln in rows]
+    assert sizes == ["16", "32", "10"]
+    assert sum("prunable" in ln.split("│")[4] for ln in rows) == 2
+    assert "output" in rows[2]  # the classifier's channels are pinned: they are the interface
+
+
+def test_l1_pipeline_writes_the_exports_and_the_report(cnn_file, tmp_path):
+    out = tmp_path / "out"
+    result = invoke(cnn_file, "--method", "l1", "--ratio", "0.5", "-o", out)
+    assert result.exit_code == 0, result.output
+    for name in ("model.pt", "model.pt2", "model.onnx", "report.json"):
+        assert (out / name).is_file(), name
+    report = json.loads((out / "report.json").read_text())
+    assert REPORT_KEYS <= set(report)
+    assert report["method"] == "l1" and report["settings"]["ratio"] == 0.5
+    assert report["params_after"] < report["params_before"]
+    assert report["flops_after"] < report["flops_before"]
+    assert report["verify"]["ok"] is True
+    assert {e["format"]: e["ok"] for e in report["exports"]}.items() >= {"pt": True, "pt2": True, "onnx": True}.items()
+    assert report["groups"]["channels_removed"] == 8 + 16
+    # The summary names the numbers and every file.
+    assert "verify" in result.stderr and "model.onnx" in result.stderr
+    # The slim model needs no user code and keeps the interface.
+    slim = torch.export.load(out / "model.pt2").module()
+    assert slim(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_options_reach_the_method(cnn_file, tmp_path):
+    out = tmp_path / "out"
+    result = invoke(cnn_file, "--method", "random", "--ratio", "0.3", "--seed", "3", "--global",
+                    "--round-to", "4", "--min-keep", "2", "--skip", "7", "--formats", "pt2",
+                    "--input-shape", "2,3,16,16", "-o", out)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    s = report["settings"]
+    assert (s["global_ranking"], s["round_to"], s["min_keep"], s["skip"], s["seed"]) == (True, 4, 2, ["7"], 3)
+    assert s["input_shapes"] == [[2, 3, 16, 16]] and report["inputs"][0]["shape"] == [2, 3, 16, 16]
+    assert [e["format"] for e in report["exports"]] == ["pt2"]
+    assert not (out / "model.onnx").exists()
+    # --skip 7 leaves the group feeding the Linear (conv 3 -> linear 7) whole.
+    removed = {g["size"]: g["removed"] for g in report["groups"]["items"]}
+    assert removed[32] == 0 and removed[16] % 4 == 0 and removed[16] > 0
+
+
+def test_dump_ir_writes_the_graph_after_each_pass(cnn_file, tmp_path):
+    result = invoke(cnn_file, "--method", "l1", "--ratio", "0.5", "--formats", "pt2",
+                    "--dump-ir", tmp_path / "ir", "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    names = sorted(p.name for p in (tmp_path / "ir").iterdir())
+    assert [n.split("-", 1)[1] for n in names] == ["analyze.txt", "l1.txt", "slim.txt", "verify.txt"]
+    assert "call_module" in (tmp_path / "ir" / names[-1]).read_text()
+
+
+@pytest.mark.parametrize(
+    "model, shape",
+    [
+        (nn.Sequential(nn.Linear(20, 8), nn.ReLU(), nn.Linear(8, 2)), (1, 20)),
+        (nn.Sequential(nn.Conv1d(4, 8, 3), nn.ReLU(), nn.Conv1d(8, 2, 1)), (1, 4, 64)),
+        (nn.Sequential(nn.Conv3d(2, 8, 3), nn.ReLU(), nn.Conv3d(8, 2, 1)), (1, 2, 8, 32, 32)),
+        (_cnn(), (1, 3, 32, 32)),
+    ],
+)
+def test_default_input_shape_fits_the_first_layer(tmp_path, model, shape):
+    assert default_input_shape(model) == shape
+    torch.save(model, tmp_path / "m.pt")
+    result = invoke(tmp_path / "m.pt", "--analyze")
+    assert result.exit_code == 0, result.output
+    assert "channel groups (" in result.stdout and "(0 prunable)" not in result.stdout
+
+
+def test_torchvision_pickle_runs_without_trust(tmp_path):
+    import torchvision
+
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18(num_classes=10), tmp_path / "r18.pt")
+    result = invoke(tmp_path / "r18.pt", "--method", "l1", "--ratio", "0.25", "--formats", "pt2", "-o", tmp_path / "o")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["verify"]["ok"] is True and report["params_after"] < report["params_before"]
+
+
+def test_trust_and_arch(tmp_path, monkeypatch):
+    torch.save(UserNet(), tmp_path / "user.pt")
+    assert invoke(tmp_path / "user.pt", "--analyze", "--trust").exit_code == 0
+    (tmp_path / "pc_cli_arch.py").write_text(
+        "from torch import nn\n"
+        "def build():\n"
+        "    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 2, 1))\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    torch.save(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 2, 1)).state_dict(), tmp_path / "sd.pt")
+    try:
+        result = invoke("sd.pt", "--arch", "pc_cli_arch:build", "--analyze")
+    finally:
+        sys.modules.pop("pc_cli_arch", None)
+    assert result.exit_code == 0, result.output
+    assert "2 channel groups (1 prunable)" in result.stdout
+
+
+def test_help():
+    result = invoke("--help")
+    assert result.exit_code == 0
+    for option in ("--method", "--ratio", "--input-shape", "--trust", "--arch", "--analyze", "--formats"):
+        assert option in result.output
+
+
+# ---------------------------------------------------------------------------------------------
+# Exit codes and one-line errors
+
+
+def test_missing_file(tmp_path):
+    assert_one_line_error(invoke(tmp_path / "nope.pt", "--method", "l1", "--ratio", "0.5", "-o", tmp_path),
+                          2, "nope.pt", "does not exist")
+
+
+@pytest.mark.parametrize("ratio", ["1.0", "-0.1", "1.5"])
+def test_ratio_outside_0_1(cnn_file, tmp_path, ratio):
+    assert_one_line_error(invoke(cnn_file, "--method", "l1", "--ratio", ratio, "-o", tmp_path / "o"),
+                          2, "--ratio", ratio)
+    assert not (tmp_path / "o").exists()
+
+
+def test_wrong_input_shape_names_the_shape(cnn_file, tmp_path):
+    line = assert_one_line_error(
+        invoke(cnn_file, "--method", "l1", "--ratio", "0.5", "--input-shape", "1,4,32,32", "-o", tmp_path / "o"),
+        2, "1,4,32,32", "--input-shape")
+    assert "3 channels" in line
+
+
+class Scale(nn.Module):
+    """A first layer that says nothing about the input shape."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(7))
+
+    def forward(self, x):
+        return x * self.scale
+
+
+def test_wrong_default_input_shape_suggests_the_option(tmp_path):
+    torch.save(Scale(), tmp_path / "flat.pt")
+    assert_one_line_error(invoke(tmp_path / "flat.pt", "--analyze", "--trust"), 2, "default input shape 1,3,32,32",
+                          "--input-shape")
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["--method", "l1", "--ratio", "0.5", "--input-shape", "1,3,x"], ["'1,3,x' is not a comma-separated list"]),
+        (["--method", "tpp-nope", "--ratio", "0.5"], ["--method", "tpp-nope"]),
+        (["--ratio", "0.5"], ["--method is required"]),
+        (["--method", "l1"], ["--ratio is required"]),
+        (["--method", "l1", "--ratio", "abc"], ["--ratio", "abc"]),
+        (["--method", "l1", "--ratio", "0.5", "--formats", "pt,tflite"], ["tflite"]),
+        (["--method", "l1", "--ratio", "0.5", "--no-such-option"], ["--no-such-option"]),
+    ],
+)
+def test_bad_options(cnn_file, tmp_path, args, fragments):
+    assert_one_line_error(invoke(cnn_file, *args, "-o", tmp_path / "o"), 2, *fragments)
+
+
+def test_untrusted_pickle_is_refused(tmp_path):
+    torch.save(UserNet(), tmp_path / "user.pt")
+    assert_one_line_error(invoke(tmp_path / "user.pt", "--method", "l1", "--ratio", "0.5", "-o", tmp_path / "o"),
+                          2, "UserNet", "--trust")
+
+
+def test_verify_failure_exits_3(cnn_file, tmp_path, monkeypatch):
+    class VerifyFailed(CompileError):
+        exit_code = 3
+
+    def fail(self, prog):
+        raise VerifyFailed("slim model differs from the zeroed reference by 0.5 at output")
+
+    monkeypatch.setattr(registered_passes()["verify"], "run", fail)
+    line = assert_one_line_error(invoke(cnn_file, "--method", "l1", "--ratio", "0.5", "-o", tmp_path / "o"), 3)
+    assert "verify" in line and "differs" in line
+    assert not (tmp_path / "o" / "report.json").exists()
+
+
+def test_verbose_shows_the_traceback(cnn_file, tmp_path):
+    result = invoke(cnn_file, "-v", "--method", "l1", "--ratio", "0.5", "--input-shape", "1,4,32,32", "-o", tmp_path)
+    assert result.exit_code == 2
+    assert "Traceback" in result.stderr and result.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_console_script_entry_point(tmp_path):
+    """The installed entry point (python -m pcompiler.cli runs the same `main`)."""
+    proc = subprocess.run([sys.executable, "-m", "pcompiler.cli", str(tmp_path / "missing.pt"), "--analyze"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: model file '{tmp_path / 'missing.pt'}' does not exist"]
