@@ -27,8 +27,9 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 
-from pcompiler.ir import Program, describe, set_node_value
+from pcompiler.ir import INT_KEY, Program, describe, set_node_value
 from pcompiler.passes.decompose import decompose_multihead_attention
 from pcompiler.passmanager import CompileError
 
@@ -129,6 +130,8 @@ class _ShapeProp(fx.Interpreter):
                 hint=hint,
             ) from e
         set_node_value(n, describe(result))
+        if isinstance(result, int) and not isinstance(result, bool):
+            n.meta[INT_KEY] = result  # sizes computed in the graph (x.shape[-1] // 2 ...)
         return result
 
 
@@ -169,7 +172,28 @@ def propagate_shapes(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...], opaqu
     """Run `gm` on `inputs`, record every node's value, and return the output."""
     on_meta = any(isinstance(t, torch.Tensor) and t.is_meta for t in inputs)
     with torch.no_grad():
+        if not on_meta:
+            # Shapes need no arithmetic: fake tensors give them without running a kernel. Code
+            # that needs real values (data-dependent branches in opaque modules) falls back.
+            try:
+                with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+                    fake = tuple(mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in inputs)
+                    return _ShapeProp(gm, opaque or {}, on_meta).run(*fake)
+            except Exception as e:  # noqa: BLE001 - the real run below reports real errors
+                log.debug("fake shape propagation failed (%s); running the model", _first_line(e))
         return _ShapeProp(gm, opaque or {}, on_meta).run(*inputs)
+
+
+def check_reproduces(source: nn.Module, gm: fx.GraphModule, inputs: tuple) -> None:
+    """Raise CompileError unless `gm` gives `source`'s outputs on `inputs`."""
+    with torch.no_grad():
+        where = _first_difference(gm(*inputs), source(*inputs), "output")
+    if where is not None:
+        raise CompileError(
+            f"the trace of {type(source).__name__} does not reproduce the model: {where} differs",
+            hint="the model may be non-deterministic in eval mode or depend on Python state "
+            "fixed at trace time; pass the module involved as a leaf module",
+        )
 
 
 def _on_meta(model: nn.Module) -> bool:
@@ -182,12 +206,15 @@ def trace(
     *,
     leaf_modules: tuple[type, ...] = (),
     decompose_attention: bool = True,
+    check: bool = False,
 ) -> Program:
     """Trace `model` into a Program: an fx graph with standard modules as leaves, untraceable
     submodules as opaque leaves (`Program.opaque`), and every node's value recorded.
 
     If the model's parameters are on the meta device, the example inputs are moved there too
-    and shapes are propagated without real memory; the output check is then skipped.
+    and shapes are propagated without real memory. Shapes come from fake tensors, so tracing
+    runs no kernel; `check=True` also runs the model and the graph and compares outputs (the
+    `verify` pass always does, so the pipeline checks the trace without paying for it twice).
     `decompose_attention` lowers nn.MultiheadAttention into prunable pieces (decompose.py)."""
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     model.eval()
@@ -220,14 +247,6 @@ def trace(
         decompose_multihead_attention(gm)
 
     propagate_shapes(gm, inputs, tracer.opaque)
-    with torch.no_grad():
-        if not on_meta:
-            # Run the generated code itself, which is what every later pass and target runs.
-            where = _first_difference(gm(*inputs), model(*inputs), "output")
-            if where is not None:
-                raise CompileError(
-                    f"the trace of {name} does not reproduce the model: {where} differs",
-                    hint="the model may be non-deterministic in eval mode or depend on Python state "
-                    "fixed at trace time; pass the module involved as a leaf module",
-                )
-    return Program(gm=gm, example_inputs=inputs, opaque=dict(tracer.opaque))
+    if check and not on_meta:
+        check_reproduces(model, gm, inputs)
+    return Program(gm=gm, example_inputs=inputs, opaque=dict(tracer.opaque), source=model)

@@ -1,6 +1,7 @@
 """verify: the rewrite invariant (DESIGN.md, "The rewrite and its proof").
 
-Take the model as it was before `slim`, set the producer slices of the removed channels to zero
+First, the traced graph must reproduce the user's model (tracing itself runs nothing). Then:
+take the model as it was before `slim`, set the producer slices of the removed channels to zero
 (weights, biases, norm scale and shift, and parameters tied to them such as added position
 embeddings); its outputs must equal the slim model's outputs within float tolerance. Checked on
 the example inputs and on a second random draw of the same shapes.
@@ -26,6 +27,7 @@ import torch.fx as fx
 
 from pcompiler.ir import DimRef, Program, Role, iter_tensors, node_value
 from pcompiler.passes.l1 import tensor_of
+from pcompiler.passes.trace import check_reproduces
 from pcompiler.passmanager import CompileError, PassResult, register_pass
 
 log = logging.getLogger("pcompiler")
@@ -122,6 +124,8 @@ def verify_program(prog: Program, rtol: float = 1e-4, atol: float = 1e-5) -> dic
         raise CompileError("verify needs a slimmed program: run 'slim' before it")
     if prog.on_meta:
         return {"ok": None, "skipped": "the model is on the meta device; nothing to run"}
+    if prog.source is not None:
+        check_reproduces(prog.source, prog.reference, prog.example_inputs)
     zeroed = zeroed_reference(prog)
     worst, worst_rel = 0.0, 0.0
     for inputs in _inputs(prog):

@@ -22,6 +22,7 @@ import torch
 import torch.fx as fx
 
 META_KEY = "pcompiler.value"
+INT_KEY = "pcompiler.int"  # the value of nodes that compute a Python int (sizes)
 
 ValuePath = tuple[int, ...]
 
@@ -49,6 +50,13 @@ def node_value(node: fx.Node) -> NodeValue:
 
 def set_node_value(node: fx.Node, value: NodeValue) -> None:
     node.meta[META_KEY] = value
+
+
+def int_value(value: Any) -> int | None:
+    """A constant int, or the recorded value of a node that computes one (None otherwise)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    return value.meta.get(INT_KEY) if isinstance(value, fx.Node) else None
 
 
 def tensor_at(node: fx.Node, path: ValuePath = ()) -> TensorInfo | None:
@@ -223,12 +231,14 @@ class Program:
     """What flows through the pipeline.
 
     gm: the traced model. example_inputs: inputs shapes were propagated with (meta tensors if
-    the model lives on the meta device). opaque: submodules kept as leaves because they could
+    the model lives on the meta device). source: the user's model (verify checks that the trace
+    reproduces it). opaque: submodules kept as leaves because they could
     not be traced, with the reason. reference: a copy of `gm` taken by `slim` before it changed
     anything; removal: what slim removed from it. info: per-pass results for the report (verify, exports, flops, ...)."""
 
     gm: fx.GraphModule
     example_inputs: tuple[torch.Tensor, ...]
+    source: torch.nn.Module | None = None
     opaque: dict[str, str] = field(default_factory=dict)
     analysis: Analysis | None = None
     scores: dict[int, np.ndarray] | None = None  # group id -> per-channel importance (higher = keep)

@@ -11,6 +11,7 @@ from torch import nn
 
 from pcompiler.ir import TensorInfo, node_value
 from pcompiler.passes.trace import trace
+from pcompiler.passes.verify import verify_program
 from pcompiler.passmanager import CompileError
 
 
@@ -306,7 +307,12 @@ def test_trace_that_does_not_reproduce_is_a_compile_error():
             return x * self.calls
 
     with pytest.raises(CompileError, match=r"does not reproduce.*output differs"):
-        trace(Stateful(), torch.randn(3))
+        trace(Stateful(), torch.randn(3), check=True)
+    # Tracing alone runs nothing; the pipeline's verify pass makes the same check.
+    prog = trace(Stateful(), torch.randn(3))
+    prog = prog.replace(reference=prog.gm)
+    with pytest.raises(CompileError, match=r"does not reproduce.*output differs"):
+        verify_program(prog)
 
 
 def test_torchvision_resnet18():

@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from pcompiler.ir import iter_tensors, node_value, tensor_at
+from pcompiler.ir import int_value, iter_tensors, node_value, tensor_at
 from pcompiler.passes.rules.base import RewriteContext, RuleContext, RuleError, arg, rewriter, rule, set_arg
 
 _RESHAPES = ("view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as",
@@ -216,23 +216,27 @@ def getitem(node: fx.Node, ctx: RuleContext) -> None:
     for in_d, out_d, item in _index_items(idx, tx.ndim):
         if item is None:
             continue
-        if isinstance(item, fx.Node):
-            raise RuleError("indexed by a tensor or a computed index")
         if isinstance(item, int):
             ctx.pin(ctx.ref(x, in_d), "indexed by a constant position")
         elif isinstance(item, slice):
-            if any(isinstance(v, fx.Node) for v in (item.start, item.stop, item.step)):
-                ctx.pin(ctx.ref(x, in_d), "sliced with bounds computed at run time")
-                ctx.pin(ctx.ref(node, out_d), "sliced with bounds computed at run time")
-                continue
-            rng = range(*item.indices(tx.shape[in_d]))
-            if rng.step != 1:
-                ctx.pin(ctx.ref(x, in_d), "strided slice")
-                ctx.pin(ctx.ref(node, out_d), "strided slice")
+            rng = _slice_range(item, tx.shape[in_d])
+            if rng is None or rng.step != 1:
+                why = "strided slice" if rng is not None else "sliced with bounds that are not sizes"
+                ctx.pin(ctx.ref(x, in_d), why)
+                ctx.pin(ctx.ref(node, out_d), why)
                 continue
             ctx.link(ctx.ref(x, in_d), np.asarray(rng), ctx.ref(node, out_d), np.arange(len(rng)))
         else:
-            raise RuleError(f"index item {item!r}")
+            raise RuleError(f"index item {item!r} (a tensor or a computed index)")
+
+
+def _slice_range(item: slice, size: int) -> range | None:
+    """The positions a slice takes; bounds computed in the graph (x.shape[-1] // 2, as in
+    rotary embeddings) count with their traced value. None if a bound is not an int."""
+    bounds = [None if v is None else int_value(v) for v in (item.start, item.stop, item.step)]
+    if any(b is None and v is not None for b, v in zip(bounds, (item.start, item.stop, item.step))):
+        return None
+    return range(*slice(*bounds).indices(size))
 
 
 def _index_items(idx: Any, ndim: int) -> list[tuple[int, int, Any]]:
@@ -263,12 +267,13 @@ def getitem_rewrite(node: fx.Node, ctx: RewriteContext) -> None:
     ndim = len(node_value(x).shape)
     new_items, changed = [], False
     for in_d, _, item in _index_items(idx, ndim):
-        if isinstance(item, slice) and not any(isinstance(v, fx.Node) for v in (item.start, item.stop, item.step)):
-            removed = ctx.removed(x, in_d)
-            start, stop, _ = item.indices(ctx.old_size(x, in_d))
-            if len(removed) and item != slice(None):
-                item = slice(start - int((removed < start).sum()), stop - int((removed < stop).sum()), item.step)
-                changed = True
+        removed = ctx.removed(x, in_d) if isinstance(item, slice) else ()
+        if len(removed) and item != slice(None):
+            # Channel counts are static: the new bounds are literals, computed bounds included.
+            rng = _slice_range(item, ctx.old_size(x, in_d))
+            start, stop = rng.start, rng.stop
+            item = slice(start - int((removed < start).sum()), stop - int((removed < stop).sum()))
+            changed = True
         new_items.append(item)
     if changed:
         node.args = (x, tuple(new_items))
