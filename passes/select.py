@@ -96,20 +96,11 @@ def select(analysis: Analysis, scores: dict[int, np.ndarray], opts: SelectOption
 
 
 @dataclass(frozen=True)
-class MethodPass:
-    """Base of the methods. Subclasses define `name` and `scores(prog) -> {group id: array}`."""
+class MethodPass(SelectOptions):
+    """Base of the methods: the selection options plus whatever a method adds. Subclasses
+    define `name` and `scores(prog) -> {group id: array}`."""
 
     name: ClassVar[str] = "method"
-    ratio: float = 0.5
-    global_ranking: bool = False
-    round_to: int = 1
-    min_keep: int = 1
-    skip: tuple[str, ...] = ()
-    speedup: float | None = None
-
-    @property
-    def options(self) -> SelectOptions:
-        return SelectOptions(**{f.name: getattr(self, f.name) for f in fields(SelectOptions)})
 
     def scores(self, prog: Program) -> dict[int, np.ndarray]:
         raise NotImplementedError
@@ -118,7 +109,7 @@ class MethodPass:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def run(self, prog: Program) -> PassResult:
-        opts = self.options
+        opts: SelectOptions = self
         opts.check()
         analysis = prog.require_analysis(self.name)
         scores = self.scores(prog)
