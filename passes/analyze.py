@@ -45,6 +45,10 @@ class _State:
     def __init__(self, gm: fx.GraphModule):
         self.gm = gm
         self.nodes = {n.name: n for n in gm.graph.nodes}
+        self.tensors: dict[str, torch.Tensor] = {
+            **dict(gm.named_parameters(remove_duplicate=False)),
+            **dict(gm.named_buffers(remove_duplicate=False)),
+        }
         self.space_id: dict[DimRef, int] = {}
         self.refs: list[DimRef] = []
         self.sizes: list[int] = []
@@ -56,14 +60,17 @@ class _State:
         self.roles: dict[DimRef, str] = {}
         self.choices: list[Choice] = []
 
-    def _tensor(self, ref: DimRef) -> torch.Tensor:
-        return self.gm.get_parameter(ref.param) if _is_param(self.gm, ref.param) else _get_attr(self.gm, ref.param)
+    def tensor(self, qualname: str) -> torch.Tensor:
+        t = self.tensors.get(qualname)
+        if t is None:  # a plain tensor attribute (fx keeps constants so)
+            t = self.tensors[qualname] = _get_attr(self.gm, qualname)
+        return t
 
     def size_of(self, ref: DimRef) -> int:
         if ref in self.space_id:
             return self.sizes[self.space_id[ref]]
         if ref.param is not None:
-            return int(self._tensor(ref).shape[ref.dim])
+            return int(self.tensor(ref.param).shape[ref.dim])
         t = tensor_at(self.nodes[ref.node], ref.path)
         if t is None:
             raise RuleError(f"'{ref.node}' has no tensor value")
@@ -140,10 +147,6 @@ def _get_attr(gm: fx.GraphModule, qualname: str) -> torch.Tensor:
     for part in qualname.split("."):
         obj = getattr(obj, part)
     return obj
-
-
-def _is_param(gm: fx.GraphModule, qualname: str) -> bool:
-    return isinstance(_get_attr(gm, qualname), torch.nn.Parameter)
 
 
 def _visit(node: fx.Node, prog: Program, ctx: RuleContext, state: _State, notes: list) -> None:
@@ -224,7 +227,7 @@ def _build_groups(state: _State, labels: np.ndarray) -> tuple[ChannelGroup, ...]
     reasons: list[str] = []
     reason_id: dict[str, int] = {}
     pin_labels, pin_reasons = [], []
-    for sid, reason in state.pins:
+    for sid, reason in dict.fromkeys(state.pins):  # the same pin often comes from several rules
         lab = np.unique(labels[state.bases[sid] : state.bases[sid] + state.sizes[sid]])
         lab = lab[interesting[lab]]
         if len(lab):
@@ -286,7 +289,7 @@ def _build_groups(state: _State, labels: np.ndarray) -> tuple[ChannelGroup, ...]
         if ref.param is not None:
             role = state.roles.get(ref, Role.TIED)
             params[g].append(
-                ParamSlice(ref.param, ref.dim, role, index, not _is_param(state.gm, ref.param), state.sizes[sid])
+                ParamSlice(ref.param, ref.dim, role, index, not isinstance(state.tensor(ref.param), torch.nn.Parameter), state.sizes[sid])
             )
         else:
             spaces[g].append(SpaceSlice(ref, index))

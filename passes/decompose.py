@@ -28,11 +28,11 @@ log = logging.getLogger("pcompiler")
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        lin.weight.copy_(weight)
-        if bias is not None:
-            lin.bias.copy_(bias)
+    # Built on meta (no random init to throw away), then given copies of the weights.
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta", dtype=weight.dtype)
+    lin.weight = nn.Parameter(weight.detach().clone())
+    if bias is not None:
+        lin.bias = nn.Parameter(bias.detach().clone())
     return lin
 
 

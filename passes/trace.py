@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.nn.utils.stateless import _reparametrize_module
 
 from pcompiler.ir import INT_KEY, Program, describe, set_node_value
 from pcompiler.passes.decompose import decompose_multihead_attention
@@ -173,14 +173,16 @@ def propagate_shapes(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...], opaqu
     on_meta = any(isinstance(t, torch.Tensor) and t.is_meta for t in inputs)
     with torch.no_grad():
         if not on_meta:
-            # Shapes need no arithmetic: fake tensors give them without running a kernel. Code
-            # that needs real values (data-dependent branches in opaque modules) falls back.
+            # Shapes need no arithmetic: meta copies of the weights (no data is copied) give
+            # them without running a kernel. Code that needs real values (data-dependent
+            # branches in opaque modules) falls back to a real run.
+            meta = {k: v.to("meta") for k, v in [*gm.named_parameters(), *gm.named_buffers()]}
+            meta_inputs = tuple(t.to("meta") if isinstance(t, torch.Tensor) else t for t in inputs)
             try:
-                with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-                    fake = tuple(mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in inputs)
-                    return _ShapeProp(gm, opaque or {}, on_meta).run(*fake)
+                with _reparametrize_module(gm, meta):
+                    return _ShapeProp(gm, opaque or {}, True).run(*meta_inputs)
             except Exception as e:  # noqa: BLE001 - the real run below reports real errors
-                log.debug("fake shape propagation failed (%s); running the model", _first_line(e))
+                log.debug("shape propagation on meta failed (%s); running the model", _first_line(e))
         return _ShapeProp(gm, opaque or {}, on_meta).run(*inputs)
 
 
@@ -212,7 +214,7 @@ def trace(
     submodules as opaque leaves (`Program.opaque`), and every node's value recorded.
 
     If the model's parameters are on the meta device, the example inputs are moved there too
-    and shapes are propagated without real memory. Shapes come from fake tensors, so tracing
+    and shapes are propagated without real memory. Shapes come from meta tensors, so tracing
     runs no kernel; `check=True` also runs the model and the graph and compares outputs (the
     `verify` pass always does, so the pipeline checks the trace without paying for it twice).
     `decompose_attention` lowers nn.MultiheadAttention into prunable pieces (decompose.py)."""
