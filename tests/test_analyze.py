@@ -274,3 +274,26 @@ def test_embedding_weight_produces():
     assert g.prunable and g.size == 8 and members(g) == {("a.weight", 1, P), ("h.weight", 1, C)}
     slim = prune(model, ids, ratio=0.5).gm
     assert slim.a.embedding_dim == 4 and slim.a.weight.shape == (10, 4)
+
+
+def test_stochastic_depth_passes_channels_through():
+    # torchvision's stochastic_depth is an fx-wrapped function (a leaf call); it scales whole
+    # samples, so the residual stream it sits on stays prunable.
+    torchvision = pytest.importorskip("torchvision")
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, padding=1)
+            self.sd = torchvision.ops.StochasticDepth(0.2, "row")
+            self.h = nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            y = self.a(x)
+            return self.h(y + self.sd(self.b(y)))
+
+    prog = analyze(Block(), torch.randn(1, 3, 6, 6))
+    g = group_with(prog, "a.weight", 0)
+    assert g.prunable and g.size == 8
+    assert {("b.weight", 0), ("h.weight", 1)} <= {(p.param, p.dim) for p in g.params}
+    assert not any("stochastic_depth" in r for _, r in prog.analysis.notes)

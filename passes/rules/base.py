@@ -69,14 +69,17 @@ def rewriter(*targets: Any) -> Callable:
 
 
 def lookup(node: fx.Node, gm: fx.GraphModule) -> tuple[Any, OpRule | None]:
-    """The registry key of `node` and its rule (None when there is none)."""
+    """The registry key of `node` and its rule (None when there is none). Functions of
+    libraries the rules must not import (torchvision's fx-wrapped ops) are registered by their
+    qualified name."""
     if node.op == "call_module":
         key: Any = type(gm.get_submodule(node.target))
-    elif node.op == "call_method":
-        key = node.target
     else:
         key = node.target
-    return key, _RULES.get(key)
+    found = _RULES.get(key)
+    if found is None and node.op == "call_function":
+        found = _RULES.get(target_name(key))
+    return key, found
 
 
 def target_name(key: Any) -> str:

@@ -41,7 +41,11 @@ _ACT_METHODS = (
 )
 
 
-@rule(*_ACT_MODULES, *_ACT_FUNCTIONS, *_ACT_METHODS)
+# torchvision.ops.stochastic_depth: identity in eval, a per-sample 0/1 scale in training.
+_BY_NAME = ("torchvision.ops.stochastic_depth.stochastic_depth",)
+
+
+@rule(*_ACT_MODULES, *_ACT_FUNCTIONS, *_ACT_METHODS, *_BY_NAME)
 def unary(node: fx.Node, ctx: RuleContext) -> None:
     """Output channel c is a function of input channel c (and of scalars)."""
     x = node.args[0] if node.args else next(iter(node.kwargs.values()))
