@@ -28,7 +28,17 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 import pcompiler.passes.rules  # noqa: F401  (registers the op rules)
-from pcompiler.ir import Analysis, ChannelGroup, DimRef, ParamSlice, Program, Role, SpaceSlice, tensor_at
+from pcompiler.ir import (
+    Analysis,
+    ChannelGroup,
+    DimRef,
+    ParamSlice,
+    Program,
+    Role,
+    SpaceSlice,
+    tensor_at,
+    tensor_of,
+)
 from pcompiler.passes.rules.base import Choice, RuleContext, RuleError, lookup, target_name
 from pcompiler.passmanager import PassResult, register_pass
 
@@ -63,7 +73,7 @@ class _State:
     def tensor(self, qualname: str) -> torch.Tensor:
         t = self.tensors.get(qualname)
         if t is None:  # a plain tensor attribute (fx keeps constants so)
-            t = self.tensors[qualname] = _get_attr(self.gm, qualname)
+            t = self.tensors[qualname] = tensor_of(self.gm, qualname)
         return t
 
     def size_of(self, ref: DimRef) -> int:
@@ -140,13 +150,6 @@ class _State:
             a = b = np.zeros(0, dtype=np.int64)
         m = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(self.n, self.n))
         return connected_components(m, directed=False)[1]
-
-
-def _get_attr(gm: fx.GraphModule, qualname: str) -> torch.Tensor:
-    obj = gm
-    for part in qualname.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _visit(node: fx.Node, prog: Program, ctx: RuleContext, state: _State, notes: list) -> None:

@@ -15,16 +15,9 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from pcompiler.ir import ChannelGroup, ParamSlice, Program
+from pcompiler.ir import ChannelGroup, ParamSlice, Program, tensor_of
 from pcompiler.passes.select import MethodPass
 from pcompiler.passmanager import register_pass
-
-
-def tensor_of(gm: fx.GraphModule, qualname: str) -> torch.Tensor:
-    obj = gm
-    for part in qualname.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def slice_magnitude(w: torch.Tensor, p: ParamSlice) -> np.ndarray:

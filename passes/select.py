@@ -109,15 +109,11 @@ class MethodPass(SelectOptions):
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def run(self, prog: Program) -> PassResult:
-        opts: SelectOptions = self
-        opts.check()
+        self.check()  # before scoring, which may be slow
         analysis = prog.require_analysis(self.name)
         scores = self.scores(prog)
-        if opts.speedup is not None:
-            ratio = _search_ratio(prog, analysis, scores, opts)
-        else:
-            ratio = opts.ratio
-        selection = select(analysis, scores, opts, ratio)
+        ratio = self.ratio if self.speedup is None else _search_ratio(prog, analysis, scores, self)
+        selection = select(analysis, scores, self, ratio)
         removed = sum(len(v) for v in selection.values())
         log.info("%s: ratio %.3f removes %d channels in %d groups", self.name, ratio, removed, len(selection))
         info = {**prog.info, "method": {"name": self.name, "ratio_used": ratio, **self.settings()}}

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from pcompiler.ir import DimRef, Program, Removal, Role, Selection, tensor_at
+from pcompiler.ir import DimRef, Program, Removal, Role, Selection, tensor_at, tensor_of
 from pcompiler.passes.rules.base import RewriteContext, lookup
 from pcompiler.passes.trace import propagate_shapes
 from pcompiler.passmanager import CompileError, PassResult, register_pass
@@ -73,8 +73,6 @@ def _slice_tensors(gm: fx.GraphModule, removal: Removal) -> None:
 
 def layer_widths(prog: Program, before: fx.GraphModule, after: fx.GraphModule) -> dict[str, dict[str, list[int]]]:
     """Per module: {"out": [before, after], "in": [before, after]} from its produce/consume dims."""
-    from pcompiler.passes.l1 import tensor_of
-
     layers: dict[str, dict[str, list[int]]] = {}
     for g in prog.require_analysis("slim").groups:
         for p in g.params:

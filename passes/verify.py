@@ -25,8 +25,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from pcompiler.ir import DimRef, Program, Role, iter_tensors, node_value
-from pcompiler.passes.l1 import tensor_of
+from pcompiler.ir import DimRef, Program, Role, iter_tensors, node_value, tensor_of
 from pcompiler.passes.trace import check_reproduces
 from pcompiler.passmanager import CompileError, PassResult, register_pass
 

@@ -52,6 +52,14 @@ def set_node_value(node: fx.Node, value: NodeValue) -> None:
     node.meta[META_KEY] = value
 
 
+def tensor_of(gm: torch.nn.Module, qualname: str) -> torch.Tensor:
+    """The parameter, buffer or plain tensor attribute at a qualified name ('layer1.0.conv1.weight')."""
+    obj: Any = gm
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 def int_value(value: Any) -> int | None:
     """A constant int, or the recorded value of a node that computes one (None otherwise)."""
     if isinstance(value, int) and not isinstance(value, bool):
