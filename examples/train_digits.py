@@ -14,18 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
+from pcompiler.data import load_data
 from pcompiler.example_models import DigitsResNet
-
-
-def digits(seed: int = 0):
-    x, y = load_digits(return_X_y=True)
-    x = (x / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
-    xtr, xva, ytr, yva = train_test_split(x, y, test_size=0.2, random_state=seed, stratify=y)
-    t = torch.from_numpy
-    return (t(xtr), t(ytr).long()), (t(xva), t(yva).long())
 
 
 def main() -> None:
@@ -36,7 +27,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
-    (xtr, ytr), (xva, yva) = digits()
+    data = load_data("digits")
+    (xtr, ytr), (xva, yva) = data.train.tensors, data.val.tensors
     model = DigitsResNet()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     steps = args.epochs * ((len(xtr) + 63) // 64)

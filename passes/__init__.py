@@ -1,7 +1,22 @@
 """The passes. Importing this package registers every pass by name (see pcompiler.passmanager).
 
-One file per pass: trace (builds the Program; `pcompiler.trace` is its entry point), analyze, the methods (l1, random), slim, verify.
+One file per pass: trace (builds the Program; `pcompiler.trace` is its entry point), analyze, the methods (l1, random, slimming, greg1, greg2, tpp, receding), slim, verify, finetune.
+`regularize` holds what the training methods share;
 `select` holds the selection rules the methods share; `rules/` the op rules of analyze/slim.
 """
 
-from pcompiler.passes import analyze, l1, random, slim, trace, verify  # noqa: F401
+from pcompiler.passes import (  # noqa: F401
+    analyze,
+    evaluate,
+    finetune,
+    greg1,
+    greg2,
+    l1,
+    random,
+    receding,
+    slim,
+    slimming,
+    tpp,
+    trace,
+    verify,
+)

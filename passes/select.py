@@ -5,6 +5,8 @@
 - Global (`global_ranking`): scores are divided by their group's mean score (so a group's
   channels are ranked against that group's typical channel, whatever the layer's scale), then
   the r-quantile over all candidate channels is the threshold; per-group limits still apply.
+  A method whose scores are already on one scale (receding's sigmoid importances) sets
+  `comparable` and is ranked as is. Groups a method gives no score are left alone.
 - `skip` globs exclude groups any of whose modules match.
 - `speedup`: the ratio is searched (bisection) so that FLOPs fall by that factor; the method
   pass does the search because it needs the slim model's FLOPs (see `MethodPass`).
@@ -73,10 +75,12 @@ def select(analysis: Analysis, scores: dict[int, np.ndarray], opts: SelectOption
     """Channels to remove per group (indices within the group, sorted)."""
     opts.check()
     r = opts.ratio if ratio is None else ratio
-    groups = candidates(analysis, opts.skip)
+    groups = [g for g in candidates(analysis, opts.skip) if g.id in scores]  # unscored groups stay
+    comparable = getattr(opts, "comparable", False)
     counts: dict[int, int] = {}
     if opts.global_ranking and groups:
-        norm = {g.id: scores[g.id] / max(float(np.mean(scores[g.id])), 1e-12) for g in groups}
+        norm = {g.id: scores[g.id] if comparable else scores[g.id] / max(float(np.mean(scores[g.id])), 1e-12)
+                for g in groups}
         allv = np.concatenate(list(norm.values()))
         k = int(math.ceil(r * len(allv)))
         threshold = np.sort(allv)[k - 1] if k > 0 else -np.inf
@@ -101,6 +105,7 @@ class MethodPass(SelectOptions):
     define `name` and `scores(prog) -> {group id: array}`."""
 
     name: ClassVar[str] = "method"
+    comparable: ClassVar[bool] = False  # scores comparable across groups: no per-group normalization
 
     def scores(self, prog: Program) -> dict[int, np.ndarray]:
         raise NotImplementedError

@@ -1,8 +1,13 @@
 """The `pcompile` command: the pass pipeline assembled from options.
 
-    pcompile MODEL --method l1 --ratio 0.5 -o out/      load, trace, analyze, l1, slim, verify,
-                                                         export (pt, pt2, onnx), report.json
+    pcompile MODEL --method tpp --ratio 0.5 --data digits -o out/
+        load, trace, analyze, evaluate, tpp (regularization training, then selection), slim,
+        verify, evaluate, fine-tune, evaluate, export (pt, pt2, onnx), report.json
+    pcompile MODEL --method l1 --ratio 0.5 -o out/      no data: one-shot, no accuracy
     pcompile MODEL --analyze                             print the channel groups and stop
+
+Under torchrun every process runs the pipeline and trains its share of each batch (DDP);
+only rank 0 writes OUT.
 
 Exit codes: 0 done; 2 a user error (bad file, bad option, any CompileError), reported as one
 `error: ...` line on stderr; 3 the slim model failed `verify`; 1 a bug in pcompiler. A traceback
@@ -31,7 +36,9 @@ from pcompiler.passmanager import CompileError
 
 log = logging.getLogger("pcompiler")
 
-METHODS = ("l1", "random")
+ONE_SHOT = ("l1", "random")
+TRAINED = ("slimming", "greg1", "greg2", "tpp", "receding")
+METHODS = ONE_SHOT + TRAINED
 FORMATS = ("pt", "pt2", "onnx")
 EXIT_OK, EXIT_BUG, EXIT_USER, EXIT_VERIFY = 0, 1, 2, 3
 
@@ -156,6 +163,12 @@ def _summary(console: Console, report: dict[str, Any], report_path: Path) -> Non
 
     rows.append(("params", f"{_count(report.get('params_before'))} -> {_count(report.get('params_after'))}{ratio('param_ratio')}"))
     rows.append(("FLOPs", f"{_count(report.get('flops_before'))} -> {_count(report.get('flops_after'))}{ratio('flops_ratio')}"))
+    accs = [(k, report.get(f"acc_{k}")) for k in ("before", "pruned", "final")]
+    if any(v is not None for _, v in accs):
+        rows.append(("accuracy", ", ".join(f"{k} {v:.4f}" for k, v in accs if v is not None)))
+    reg = report.get("regularization") or {}
+    if reg:
+        rows.append(("training", f"{reg.get('steps')} regularization steps in {reg.get('seconds', 0):.1f}s"))
     groups = report.get("groups") or {}
     if groups:
         rows.append(("channels", f"{groups.get('channels_removed')} removed in {groups.get('pruned')} of {groups.get('total')} groups"))
@@ -189,12 +202,36 @@ def _summary(console: Console, report: dict[str, Any], report_path: Path) -> Non
 @click.option("--trust", is_flag=True, help="Load MODEL with full pickle (runs code from the file).")
 @click.option("--arch", metavar="M:F", help="MODEL is a state dict; build the model by calling F from module M.")
 @click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), help="Folder for the exports and report.json.")
-@click.option("--global", "global_ranking", is_flag=True, help="Rank channels across groups, not per group.")
+@click.option("--global/--layerwise", "global_ranking", default=None,
+              help="Rank channels across groups, or remove --ratio from each group (default: the method's; "
+                   "receding is global, the others layer-wise).")
 @click.option("--round-to", type=int, default=1, show_default=True, help="Keep a multiple of K channels per group.")
-@click.option("--min-keep", type=int, default=1, show_default=True, help="Keep at least N channels per group.")
+@click.option("--min-keep", type=int, help="Keep at least N channels per group (default: 3 for receding, else 1).")
 @click.option("--skip", multiple=True, metavar="GLOB", help="Leave groups touching modules that match GLOB alone.")
 @click.option("--speedup", type=float, help="Search the ratio that divides FLOPs by X (instead of --ratio).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for example inputs and --method random.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed for example inputs, --method random, and the data order of training.")
+@click.option("--data", "data_spec", metavar="SPEC",
+              help="digits | imagefolder:DIR | cifar10:DIR | cifar100:DIR | npz:FILE | py:module:function.")
+@click.option("--image-size", type=int, default=224, show_default=True, help="Side of imagefolder images.")
+@click.option("--reg-steps", type=int, help="Step budget of the regularization phase; the method's schedule is "
+              "scaled to it (default: the paper's schedule, or 100 epochs if shorter).")
+@click.option("-p", "--method-option", "method_options", multiple=True, metavar="KEY=VALUE",
+              help="A hyperparameter of the method, e.g. -p delta=1e-4 -p lw=1000 (see README).")
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="Learning rate of the regularization phase.")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--momentum", type=float, default=0.9, show_default=True)
+@click.option("--weight-decay", type=float, default=5e-4, show_default=True)
+@click.option("--finetune-epochs", type=float, default=10, show_default=True,
+              help="Epochs of fine-tuning after slim (0: none). Needs --data.")
+@click.option("--finetune-lr", type=float, help="Fine-tuning lr, cosine to 0 (default: --lr).")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N] for training and evaluation.")
+@click.option("--amp", is_flag=True, help="Mixed precision (bfloat16, or float16 with loss scaling) on CUDA.")
+@click.option("--workers", type=int, default=0, show_default=True, help="Data loader worker processes.")
+@click.option("--checkpoint-every", type=int, default=0, show_default=True,
+              help="Write OUT/checkpoints/<phase>.pt every N steps (0: never).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from OUT/checkpoints.")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
 @click.option("--analyze", is_flag=True, help="Print the channel groups and stop.")
 @click.option("--formats", default=",".join(FORMATS), show_default=True, help="Exports to write, comma-separated.")
 @click.option("--dump-ir", type=click.Path(path_type=Path), metavar="DIR", help="Write the graph after each pass to DIR.")
@@ -203,8 +240,12 @@ def main(model_path: Path, verbose: bool, **options: Any) -> int:
     """Prune the channels of MODEL (a file written by torch.save), verify and export it."""
     console = Console(stderr=True)
     _setup_logging(console, verbose)
+    from pcompiler.train import finish_distributed
+
     try:
-        return _compile(console, model_path, **options)
+        code = _compile(console, model_path, **options)
+        finish_distributed()
+        return code
     except CompileError as e:
         if verbose:
             console.print(traceback.format_exc(), markup=False, highlight=False)
@@ -231,34 +272,77 @@ def _setup_logging(console: Console, verbose: bool) -> None:
     log.setLevel(level)
 
 
-def _compile(console: Console, model_path: Path, *, method: str | None, ratio: float | None,
-             input_shapes: tuple[str, ...], trust: bool, arch: str | None, out_dir: Path | None,
-             global_ranking: bool, round_to: int, min_keep: int, skip: tuple[str, ...],
-             speedup: float | None, seed: int, analyze: bool, formats: str, dump_ir: Path | None) -> int:
-    from pcompiler.passmanager import dump_instrument, make_pass, run
+def _parse_method_options(items: tuple[str, ...]) -> dict[str, Any]:
+    """-p KEY=VALUE pairs; values are Python literals (1e-4, 10, true, none) or else strings."""
+    import ast
 
-    # Check every option before the (slow) load.
-    shapes = parse_input_shapes(input_shapes)
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise CompileError(f"-p {item}: expected KEY=VALUE", hint="e.g. -p delta=1e-4")
+        word = {"true": "True", "false": "False", "none": "None"}.get(text.strip().lower(), text.strip())
+        try:
+            out[key.strip()] = ast.literal_eval(word)
+        except (ValueError, SyntaxError):
+            out[key.strip()] = text.strip()
+    return out
+
+
+def _check_options(method: str | None, ratio: float | None, speedup: float | None, out_dir: Path | None,
+                   analyze: bool, data_spec: str | None, round_to: int, min_keep: int | None,
+                   reg_steps: int | None, finetune_epochs: float, checkpoint_every: int) -> None:
     if not analyze:
         if method is None:
-            raise CompileError("--method is required (l1 or random), unless --analyze")
+            raise CompileError(f"--method is required ({', '.join(METHODS)}), unless --analyze")
         if ratio is None and speedup is None:
             raise CompileError("--ratio is required (the fraction of channels to remove, e.g. 0.5)")
         if ratio is not None and not 0.0 <= ratio < 1.0:
             raise CompileError(f"--ratio must be in [0, 1), got {ratio}", hint="0.5 removes half of each group's channels")
         if out_dir is None:
             raise CompileError("-o/--out is required: the folder for the exports and report.json")
+        if method in TRAINED and data_spec is None:
+            raise CompileError(f"--method {method} trains the model and needs --data",
+                               hint="e.g. --data digits, --data cifar10:DIR, --data imagefolder:DIR")
     if speedup is not None and speedup < 1.0:
         raise CompileError(f"--speedup must be at least 1, got {speedup}", hint="2 halves the FLOPs")
-    if round_to < 1 or min_keep < 1:
+    if round_to < 1 or (min_keep is not None and min_keep < 1):
         raise CompileError("--round-to and --min-keep must be at least 1")
+    if (reg_steps is not None and reg_steps < 0) or finetune_epochs < 0 or checkpoint_every < 0:
+        raise CompileError("--reg-steps, --finetune-epochs and --checkpoint-every must be >= 0")
+
+
+def _compile(console: Console, model_path: Path, *, method: str | None, ratio: float | None,
+             input_shapes: tuple[str, ...], trust: bool, arch: str | None, out_dir: Path | None,
+             global_ranking: bool | None, round_to: int, min_keep: int | None, skip: tuple[str, ...],
+             speedup: float | None, seed: int, analyze: bool, formats: str, dump_ir: Path | None,
+             data_spec: str | None, image_size: int, reg_steps: int | None, method_options: tuple[str, ...],
+             lr: float, batch_size: int, momentum: float, weight_decay: float, finetune_epochs: float,
+             finetune_lr: float | None, device: str, amp: bool, workers: int, checkpoint_every: int,
+             resume: bool, no_progress: bool) -> int:
+    from pcompiler.passmanager import dump_instrument, make_pass, run
+    from pcompiler.train import TrainConfig, is_main_process
+
+    # Check every option before the (slow) loads.
+    shapes = parse_input_shapes(input_shapes)
+    _check_options(method, ratio, speedup, out_dir, analyze, data_spec, round_to, min_keep, reg_steps,
+                   finetune_epochs, checkpoint_every)
     export_formats = _parse_formats(formats)
+    extra = _parse_method_options(method_options)
 
     torch.manual_seed(seed)
+    data = None
+    if data_spec is not None:
+        from pcompiler.data import check_model, load_data
+
+        data = load_data(data_spec, image_size=image_size)
     model = load_model(model_path, trust=trust, arch=arch)
+    if data is not None:
+        check_model(data, model)
     if not shapes:
-        shapes = [default_input_shape(model)]
-        log.info("example input shape %s (default; --input-shape changes it)", _shape_text(shapes))
+        shapes = [(1, *data.input_shape)] if data is not None else [default_input_shape(model)]
+        log.info("example input shape %s (from %s; --input-shape changes it)", _shape_text(shapes),
+                 "the data" if data is not None else "the model")
     prog = _trace(model, shapes, given=bool(input_shapes))
     instruments = [dump_instrument(dump_ir)] if dump_ir is not None else []
 
@@ -269,25 +353,52 @@ def _compile(console: Console, model_path: Path, *, method: str | None, ratio: f
             console.print(f"note: {node}: {why}", markup=False, highlight=False)
         return EXIT_OK
 
-    settings: dict[str, Any] = {
-        "ratio": ratio if ratio is not None else 0.5,
-        "global_ranking": global_ranking,
-        "round_to": round_to,
-        "min_keep": min_keep,
-        "skip": tuple(skip),
-        "speedup": speedup,
-    }
+    settings: dict[str, Any] = {"ratio": ratio if ratio is not None else 0.5, "round_to": round_to,
+                                "skip": tuple(skip), "speedup": speedup}
+    if global_ranking is not None:
+        settings["global_ranking"] = global_ranking
+    if min_keep is not None:
+        settings["min_keep"] = min_keep
     if method == "random":
         settings["seed"] = seed
-    passes = [make_pass("analyze"), make_pass(method, **settings), make_pass("slim"), make_pass("verify")]
+    ckpt = Path(out_dir) / "checkpoints"
+    common = dict(momentum=momentum, weight_decay=weight_decay, batch_size=batch_size, device=device, amp=amp,
+                  seed=seed, workers=workers, checkpoint_every=checkpoint_every, resume=resume,
+                  progress=not no_progress)
+    if method in TRAINED:
+        settings.update(data=data, steps=reg_steps,
+                        train=TrainConfig(lr=lr, checkpoint=str(ckpt / "regularization.pt"), **common))
+    unknown = set(extra) & set(settings)
+    if unknown:
+        raise CompileError(f"-p {', '.join(sorted(unknown))}: set that with its own option", hint="see pcompile --help")
+    method_pass = make_pass(method, **settings, **extra)
+
+    passes = [make_pass("analyze")]
+    if data is not None:
+        passes.append(make_pass("evaluate", data=data, key="acc_before", device=device))
+    passes += [method_pass, make_pass("slim"), make_pass("verify")]
+    if data is not None:
+        passes.append(make_pass("evaluate", data=data, key="acc_pruned", device=device))
+        if finetune_epochs > 0:
+            ft = TrainConfig(lr=finetune_lr if finetune_lr is not None else lr, schedule="cosine",
+                             checkpoint=str(ckpt / "finetune.pt"), **common)
+            passes += [make_pass("finetune", data=data, epochs=finetune_epochs, train=ft),
+                       make_pass("evaluate", data=data, key="acc_final", device=device)]
     prog = run(prog, passes, instruments=instruments)
+    if data is not None:
+        prog.info["data"] = data.info()
+    if not is_main_process():
+        return EXIT_OK  # under torchrun, rank 0 writes the results
 
     from pcompiler.report import build_report, write_report
     from pcompiler.targets.pytorch import export_all
 
     export_all(prog, out_dir, formats=export_formats)
-    report_settings = {**settings, "skip": list(skip), "input_shapes": [list(s) for s in shapes],
-                       "formats": list(export_formats), "seed": seed}
+    report_settings = {k: v for k, v in settings.items() if k not in ("data", "train")}
+    report_settings.update(skip=list(skip), input_shapes=[list(s) for s in shapes], formats=list(export_formats),
+                           data=data_spec, reg_steps=reg_steps, method_options=extra, lr=lr,
+                           finetune_epochs=finetune_epochs if data is not None else 0,
+                           finetune_lr=finetune_lr if finetune_lr is not None else lr, **common)
     report = build_report(prog, model_path=model_path, method=method, settings=report_settings)
     report_path = write_report(report, Path(out_dir) / "report.json")
     _summary(console, report, report_path)

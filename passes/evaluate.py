@@ -1,0 +1,31 @@
+"""evaluate: top-1 accuracy of the current model on the validation data, stored as info[key].
+
+The CLI runs it three times: `acc_before` (the user's model), `acc_pruned` (right after slim,
+before fine-tuning) and `acc_final`. It changes nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from pcompiler.data import DataSource
+from pcompiler.ir import Program
+from pcompiler.passmanager import CompileError, PassResult, register_pass
+from pcompiler.train import evaluate
+
+
+@register_pass
+@dataclass(frozen=True)
+class Evaluate:
+    name: ClassVar[str] = "evaluate"
+    data: DataSource | None = None
+    key: str = "accuracy"
+    device: str = "cpu"
+
+    def run(self, prog: Program) -> PassResult:
+        if self.data is None:
+            raise CompileError("evaluate needs data", hint="pass --data, or data=... in the pass API")
+        acc = evaluate(prog.gm, self.data.val, device=self.device)
+        prog.gm.to(prog.example_inputs[0].device if prog.example_inputs else "cpu")
+        return PassResult(prog.replace(info={**prog.info, self.key: acc}), changed=False)

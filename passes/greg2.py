@@ -1,0 +1,123 @@
+"""greg2: growing regularization that picks by curvature first (GReg-2; Wang et al., ICLR 2021).
+
+METHODS.md, "GReg-2":
+1. Picking: lambda_c += pick_delta for every channel of every prunable group each K_u steps
+   until lambda >= pick_ceiling (L2 on all producer conv/linear rows). The growing penalty
+   shrinks weights in flat directions of the loss more than in sharp ones; S_g is then chosen
+   by L1 score at that moment.
+2. Then lambda_c += delta every K_u for c in S_g (continuing from pick_ceiling); kept channels
+   get lambda = kept_lambda (-1e-4, letting their magnitude recover), until lambda > tau or the
+   magnitude ratio reaches the limit (as GReg-1).
+3. K_s steps of stabilization.
+
+A step budget scales both phases' increments and K_s by the same factor (`regularize.Growth`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from pcompiler.ir import Program
+from pcompiler.passes.greg1 import GrowingHooks
+from pcompiler.passes.regularize import ChannelPenalty, Growth, RegMethod, fixed_selection, is_filter
+from pcompiler.passes.select import candidates
+from pcompiler.passmanager import register_pass
+
+
+class PickingHooks(GrowingHooks):
+    """Phase 1 grows one lambda shared by all channels; at pick_ceiling it selects by L1 and
+    becomes GReg-1's growth with kept channels at kept_lambda."""
+
+    def __init__(self, prog: Program, method: GReg2, growth: Growth, pick_delta: float, ratio: float):
+        super().__init__(prog, {}, growth, method.ratio_limit)
+        self.prog, self.method, self.ratio = prog, method, ratio
+        self.pick_delta = pick_delta
+        self.stabilize_from = None
+        self.picking = True
+        self.picked_at: int | None = None
+        self.all_groups = candidates(prog.require_analysis("greg2"), method.skip)
+        self.all_penalty = ChannelPenalty(prog.gm, self.all_groups, lambda p: is_filter(prog.gm, p))
+        self.pick_lambda = 0.0
+
+    def after_backward(self, model, step: int) -> None:
+        if self.picking:
+            lam = {g.id: torch.full((g.size,), self.pick_lambda) for g in self.all_groups}
+            self.size = self.all_penalty.apply(lam)
+        else:
+            super().after_backward(model, step)
+
+    def _pick(self, step: int) -> None:
+        self._install(fixed_selection(self.prog, self.method, self.ratio), step)
+
+    def _install(self, selection, step: int) -> None:
+        m = self.method
+        self.picking, self.picked_at = False, step
+        analysis = self.prog.require_analysis("greg2")
+        self.groups = {gid: analysis.groups[gid] for gid in selection}
+        self.selection = selection
+        self.penalty = ChannelPenalty(self.gm, self.groups.values(), lambda p: is_filter(self.gm, p))
+        self.lam = {}
+        for gid, chans in selection.items():
+            lam = torch.full((self.groups[gid].size,), m.kept_lambda)
+            lam[list(chans)] = self.pick_lambda
+            self.lam[gid] = lam
+        if not selection:
+            self.stabilize_from = step
+
+    def after_step(self, model, step: int) -> dict[str, float]:
+        if self.picking:
+            if step % self.growth.interval == 0:
+                self.pick_lambda += self.pick_delta
+                if self.pick_lambda >= self.method.pick_ceiling - 1e-12:
+                    self._pick(step)
+            return {"penalty": self.size, "lambda": self.pick_lambda, "mag_ratio": 0.0}
+        return super().after_step(model, step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "picking": self.picking, "picked_at": self.picked_at,
+                "pick_lambda": self.pick_lambda}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.picking, self.picked_at, self.pick_lambda = state["picking"], state["picked_at"], state["pick_lambda"]
+        if not self.picking:
+            self._install(dict(state["selection"]), self.picked_at)  # the saved lambdas follow
+        super().load_state_dict(state)
+
+    def summary(self) -> dict[str, Any]:
+        return {**super().summary(), "picked_at": self.picked_at, "pick_delta": self.pick_delta}
+
+
+@register_pass
+@dataclass(frozen=True)
+class GReg2(RegMethod):
+    """Let a uniformly growing penalty reveal the flat directions, pick by L1, then grow as GReg-1."""
+
+    name: ClassVar[str] = "greg2"
+    pick_delta: float = 1e-5
+    pick_ceiling: float = 1e-2
+    delta: float = 1e-4
+    interval: int = 10
+    ceiling: float = 1.0
+    stabilize: int = 10_000
+    ratio_limit: float = 1000.0
+    kept_lambda: float = -1e-4
+
+    def growth(self) -> Growth:
+        return Growth(self.delta, self.interval, self.ceiling - self.pick_ceiling, self.stabilize)
+
+    def paper_steps(self, prog: Program) -> int:
+        return self.growth().length + int(round(self.interval * self.pick_ceiling / self.pick_delta))
+
+    def make_hooks(self, prog: Program, budget: int, ratio: float | None) -> PickingHooks:
+        factor = budget / self.paper_steps(prog)
+        growth = dataclasses.replace(self.growth().scaled(factor), ceiling=self.ceiling)
+        if self.speedup is not None:  # the ratio for the FLOPs target: from the start's L1 scores
+            from pcompiler.passes.l1 import l1_scores
+            from pcompiler.passes.select import _search_ratio
+
+            ratio = _search_ratio(prog, prog.require_analysis(self.name), l1_scores(prog), self)
+        return PickingHooks(prog, self, growth, self.pick_delta / factor, self.ratio if ratio is None else ratio)

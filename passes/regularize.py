@@ -1,0 +1,214 @@
+"""What the regularizing methods (slimming, greg1, greg2, tpp, receding) share; not a pass itself.
+
+- `RegMethod`: the base pass. It copies the graph, trains the copy with the method's hooks in
+  the one training loop (`pcompiler.train`), then selects. Methods that fix S_g before training
+  (GReg-1, TPP) or during it (GReg-2) hand their selection over through `hooks.selection`; the
+  others select after training from `scores`.
+- `Growth`: the growing-lambda schedule of GReg/TPP and how a step budget scales it. The papers'
+  constants (delta lambda every K_u steps up to tau, then K_s steps of stabilization) describe a
+  run of L0 = K_u * tau / delta + K_s steps; a budget of N steps keeps K_u and tau and scales the
+  increments by L0 / N and K_s by N / L0, so N = L0 gives the papers' numbers exactly.
+- `ChannelPenalty`: "apply L2 with lambda" (METHODS.md): grad(w) += lambda_c * w on the chosen
+  producer slices of each channel, after backward, before the optimizer step.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from pcompiler.data import DataSource
+from pcompiler.ir import ChannelGroup, ParamSlice, Program, Selection, tensor_of
+from pcompiler.passes.l1 import l1_scores
+from pcompiler.passes.select import MethodPass, _search_ratio, select
+from pcompiler.passmanager import CompileError, PassResult
+from pcompiler.train import Hooks, TrainConfig, train
+
+log = logging.getLogger("pcompiler")
+
+NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+DEFAULT_EPOCH_CAP = 100  # with no step budget: the paper's schedule, or this many epochs if shorter
+
+
+def owner(gm: nn.Module, param: str) -> nn.Module:
+    prefix = param.rpartition(".")[0]
+    return gm.get_submodule(prefix) if prefix else gm
+
+
+def is_norm_param(gm: nn.Module, p: ParamSlice) -> bool:
+    return isinstance(owner(gm, p.param), NORMS)
+
+
+def is_filter(gm: nn.Module, p: ParamSlice) -> bool:
+    """A conv/linear weight row (or column of a transposed conv): what GReg and TPP penalize."""
+    return p.role == "produce" and not p.is_buffer and not is_norm_param(gm, p) and tensor_of(gm, p.param).ndim >= 2
+
+
+def has_residual_add(prog: Program) -> bool:
+    """Whether two computed tensors are added somewhere (a ResNet-style net, for per-family defaults)."""
+    import operator
+
+    for n in prog.gm.graph.nodes:
+        if n.op == "call_function" and n.target in (operator.add, operator.iadd, torch.add):
+            if sum(isinstance(a, torch.fx.Node) for a in n.args[:2]) == 2:
+                return True
+    return False
+
+
+@dataclass(frozen=True)
+class Growth:
+    """delta every `interval` steps up to `ceiling`, then `stabilize` steps (all in optimizer steps)."""
+
+    delta: float = 1e-4
+    interval: int = 10
+    ceiling: float = 1.0
+    stabilize: int = 10_000
+
+    @property
+    def length(self) -> int:
+        return int(round(self.interval * self.ceiling / self.delta)) + self.stabilize
+
+    def scaled(self, factor: float) -> Growth:
+        """The schedule for a budget `factor` times the paper's length."""
+        return dataclasses.replace(self, delta=self.delta / factor, stabilize=max(1, int(round(self.stabilize * factor))))
+
+
+class ChannelPenalty:
+    """grad(w) += lambda_c * w for the slices of channel c of each group that `which` accepts."""
+
+    def __init__(self, gm: nn.Module, groups: Iterable[ChannelGroup], which: Callable[[ParamSlice], bool]):
+        self.slices: dict[int, list[tuple[torch.Tensor, int, torch.Tensor, int]]] = {}
+        for g in groups:
+            items = []
+            for p in g.params:
+                if which(p):
+                    t = tensor_of(gm, p.param)
+                    items.append((t, p.dim, torch.as_tensor(p.index.reshape(-1), device=t.device), p.index.shape[1]))
+            if items:
+                self.slices[g.id] = items
+
+    def apply(self, lam: dict[int, torch.Tensor]) -> float:
+        """Add the penalty's gradient; return its size sum(lambda_c * |w_c|^2) / 2."""
+        size = 0.0
+        for gid, items in self.slices.items():
+            lg = lam.get(gid)
+            if lg is None:
+                continue
+            for w, dim, flat, mult in items:
+                if w.grad is None:
+                    continue
+                pos = torch.zeros(w.shape[dim], device=w.device, dtype=w.dtype)
+                pos[flat] = lg.to(w.device, w.dtype).repeat_interleave(mult)
+                shape = [1] * w.ndim
+                shape[dim] = -1
+                lw = pos.view(shape) * w.detach()
+                w.grad.add_(lw)
+                size += 0.5 * float((lw * w.detach()).sum())
+        return size
+
+
+def magnitude_ratio(gm: nn.Module, group: ChannelGroup, pruned: tuple[int, ...]) -> float:
+    """mean L1 of the kept filters / mean L1 of the pruned ones (GReg's stopping signal)."""
+    from pcompiler.passes.l1 import group_l1
+
+    l1 = group_l1(gm, group)
+    mask = np.zeros(group.size, dtype=bool)
+    mask[list(pruned)] = True
+    if not mask.any() or mask.all():
+        return math.inf
+    return float(l1[~mask].mean() / max(l1[mask].mean(), 1e-30))
+
+
+class MethodHooks(Hooks):
+    """Hooks that may fix the selection themselves (GReg, TPP) and report their settings."""
+
+    selection: Selection | None = None
+
+    def summary(self) -> dict[str, Any]:
+        return {}
+
+
+@dataclass(frozen=True)
+class RegMethod(MethodPass):
+    """Base of the training methods: selection options, the data, the step budget and the
+    training settings of the regularization phase (lr, batch, device, checkpoints ...)."""
+
+    data: DataSource | None = None
+    steps: int | None = None  # the step budget; None: the paper's schedule (capped at 100 epochs)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    selects_first: ClassVar[bool] = False  # S_g is chosen by L1 before training
+
+    def paper_steps(self, prog: Program) -> int:
+        raise NotImplementedError
+
+    def make_hooks(self, prog: Program, budget: int, ratio: float | None) -> MethodHooks:
+        raise NotImplementedError
+
+    def after_training(self, prog: Program, hooks: MethodHooks) -> Program:
+        return prog
+
+    def scores(self, prog: Program) -> dict[int, np.ndarray]:
+        return l1_scores(prog)
+
+    def budget(self, prog: Program) -> int:
+        if self.steps is not None:
+            return self.steps
+        per_epoch = max(1, len(self.data.train) // self.train.batch_size)
+        return min(self.paper_steps(prog), DEFAULT_EPOCH_CAP * per_epoch)
+
+    def settings(self) -> dict:
+        out = super().settings()
+        out["data"] = None if self.data is None else self.data.spec
+        out["train"] = dataclasses.asdict(self.train)
+        return out
+
+    def run(self, prog: Program) -> PassResult:
+        self.check()
+        analysis = prog.require_analysis(self.name)
+        if self.data is None:
+            raise CompileError(f"method '{self.name}' trains the model and needs data",
+                               hint="pass --data (e.g. --data digits), or data=... in the pass API")
+        if prog.source is not None:  # checked now: after training, the user's model is not the reference
+            from pcompiler.passes.trace import check_reproduces
+
+            check_reproduces(prog.source, prog.gm, prog.example_inputs)
+        # Train a copy: the input Program stays as it was. The trained graph is its own source.
+        prog = prog.replace(gm=copy.deepcopy(prog.gm), source=None)
+        ratio = None
+        if self.selects_first:
+            ratio = self.ratio if self.speedup is None else _search_ratio(prog, analysis, l1_scores(prog), self)
+        budget = self.budget(prog)
+        hooks = self.make_hooks(prog, budget, ratio)
+        cfg = dataclasses.replace(self.train, steps=budget, label=f"{self.name} regularization")
+        result = train(prog.gm, self.data, cfg, hooks)
+        prog.gm.eval()
+        prog = self.after_training(prog, hooks)
+        scores = self.scores(prog)
+        if hooks.selection is not None:
+            selection = hooks.selection
+        else:
+            ratio = self.ratio if self.speedup is None else _search_ratio(prog, analysis, scores, self)
+            selection = select(analysis, scores, self, ratio)
+        removed = sum(len(v) for v in selection.values())
+        log.info("%s: %d steps, removes %d channels in %d groups", self.name, result.steps, removed, len(selection))
+        method = {"name": self.name, "ratio_used": ratio, **self.settings(), "budget": budget,
+                  "steps_done": result.steps, **hooks.summary()}
+        regularization = {"curve": result.curve, "steps": result.steps, "seconds": result.seconds,
+                          "resumed_from": result.resumed_from, "world_size": result.world_size}
+        info = {**prog.info, "method": method, "regularization": regularization}
+        return PassResult(prog.replace(scores=scores, selection=selection, info=info), changed=True)
+
+
+def fixed_selection(prog: Program, opts: MethodPass, ratio: float) -> Selection:
+    """S_g by L1 score at this moment (GReg-1 and TPP before training, GReg-2 after picking)."""
+    return select(prog.require_analysis(opts.name), l1_scores(prog), opts, ratio)

@@ -1,0 +1,160 @@
+"""tpp: trainability-preserving pruning (Wang & Fu, ICLR 2023).
+
+METHODS.md, "TPP":
+1. S_g by L1 score once, before training.
+2. lambda(t): delta every K_u steps up to tau, one value shared by all groups.
+3. Gram decorrelation: for every conv/linear producer weight W (N x K after moving the
+   producing dim first and flattening), G = W W^T and T = G.detach() with the rows and columns of
+   the pruned filters set to zero; loss += lw * lambda(t) * sum over layers of mean((G - T)^2).
+   A weight whose rows belong to several groups (a concat, a split) has its pruned rows united.
+4. L2 with lambda(t) on the pruned producer weights and biases (`l2_weights`), and on the pruned
+   norm scales and shifts (`l2_norm`); both on by default.
+5. Stabilization: K_s steps with lambda at tau; the pruned producer slices of the i-th layer (in
+   graph order) are set to exactly zero once (i+1) * zero_interval stabilization steps passed.
+   A "layer" here is a channel group: coupled producers (a conv and its norm, the convs feeding
+   one residual stream) lose their slices at the same step.
+   The paper's zero_interval is 100 steps of a 10k-step K_s; a budget scales both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from pcompiler.ir import Program, tensor_of
+from pcompiler.passes.regularize import (
+    ChannelPenalty,
+    Growth,
+    MethodHooks,
+    RegMethod,
+    fixed_selection,
+    is_filter,
+    is_norm_param,
+)
+from pcompiler.passmanager import register_pass
+
+
+def gram_term(w: torch.Tensor, dim: int, pruned: torch.Tensor) -> torch.Tensor:
+    """mean((G - T)^2) for weight `w` whose rows along `dim` are filters; `pruned` row indices."""
+    rows = w.movedim(dim, 0).reshape(w.shape[dim], -1)
+    gram = rows @ rows.t()
+    target = gram.detach().clone()
+    target[pruned, :] = 0
+    target[:, pruned] = 0
+    return ((gram - target) ** 2).mean()
+
+
+class TPPHooks(MethodHooks):
+    def __init__(self, prog: Program, method: TPP, selection, growth: Growth, zero_interval: int):
+        analysis = prog.require_analysis("tpp")
+        gm = prog.gm
+        self.method, self.growth, self.zero_interval = method, growth, zero_interval
+        self.selection = dict(selection)
+        groups = [analysis.groups[g] for g in selection]
+
+        def l2_on(p) -> bool:
+            if p.role != "produce" or p.is_buffer:
+                return False
+            return method.l2_norm if is_norm_param(gm, p) else method.l2_weights
+
+        self.penalty = ChannelPenalty(gm, groups, l2_on)
+        self.pruned_lam = {g.id: self._mask(g.size, self.selection[g.id]) for g in groups}
+        # Per producer weight: its pruned rows, united over the groups that own rows of it.
+        order = {name: i for i, (name, _) in enumerate(gm.named_parameters())}
+        rows: dict[tuple[str, int], list[np.ndarray]] = defaultdict(list)
+        self.layers = []  # per group, in graph order: its pruned producer slices, zeroed together
+        for g in sorted(groups, key=lambda g: min(order.get(p.param, 0) for p in g.producers)):
+            ch = list(self.selection[g.id])
+            slices = []
+            for p in g.producers:
+                if not p.is_buffer:
+                    slices.append((tensor_of(gm, p.param), p.dim, torch.as_tensor(p.index[ch].ravel())))
+                    if is_filter(gm, p):
+                        rows[(p.param, p.dim)].append(p.index[ch].ravel())
+            self.layers.append(slices)
+        self.grams = [(tensor_of(gm, k[0]), k[1], torch.as_tensor(np.unique(np.concatenate(v))))
+                      for k, v in sorted(rows.items(), key=lambda kv: order.get(kv[0][0], 0))]
+        self.lam = 0.0
+        self.stabilize_from: int | None = None if self.selection else 0
+        self.size = self.gram_size = 0.0
+
+    @staticmethod
+    def _mask(n: int, chans) -> torch.Tensor:
+        m = torch.zeros(n)
+        m[list(chans)] = 1.0
+        return m
+
+    def loss_term(self, model, step: int) -> torch.Tensor | None:
+        if self.lam == 0.0 or not self.grams:
+            return None
+        total = sum(gram_term(w, dim, idx.to(w.device)) for w, dim, idx in self.grams)
+        self.gram_size = float(total.detach())
+        return self.method.lw * self.lam * total
+
+    def after_backward(self, model, step: int) -> None:
+        lam = {g: m * self.lam for g, m in self.pruned_lam.items()}
+        self.size = self.penalty.apply(lam)
+
+    def after_step(self, model, step: int) -> dict[str, float]:
+        if self.stabilize_from is None and step % self.growth.interval == 0:
+            if self.lam >= self.growth.ceiling:
+                self.stabilize_from = step
+            else:
+                self.lam = min(self.growth.ceiling, self.lam + self.growth.delta)
+        if self.stabilize_from is not None:
+            self._zero_out(step - self.stabilize_from)
+        return {"penalty": self.size, "gram": self.gram_size, "lambda": self.lam}
+
+    @torch.no_grad()
+    def _zero_out(self, since: int) -> None:
+        for i, slices in enumerate(self.layers):
+            if since >= (i + 1) * self.zero_interval:
+                for w, dim, idx in slices:
+                    w.index_fill_(dim, idx.to(w.device), 0.0)
+
+    def finished(self, step: int) -> bool:
+        return self.stabilize_from is not None and step >= self.stabilize_from + self.growth.stabilize
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"lam": self.lam, "stabilize_from": self.stabilize_from}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.lam, self.stabilize_from = state["lam"], state["stabilize_from"]
+
+    def summary(self) -> dict[str, Any]:
+        return {"schedule": dataclasses.asdict(self.growth), "zero_interval": self.zero_interval,
+                "stabilization_started_at": self.stabilize_from, "layers_zeroed": len(self.layers)}
+
+
+@register_pass
+@dataclass(frozen=True)
+class TPP(RegMethod):
+    """Decorrelate the pruned filters from the kept ones (Gram term) while an L2 penalty grows."""
+
+    name: ClassVar[str] = "tpp"
+    selects_first: ClassVar[bool] = True
+    delta: float = 1e-4
+    interval: int = 10
+    ceiling: float = 1.0
+    stabilize: int = 10_000
+    zero_interval: int = 100  # stabilization steps between zeroing one layer and the next (paper scale)
+    lw: float = 1000.0  # weight of the Gram term
+    l2_weights: bool = True  # L2 on pruned producer weights and biases
+    l2_norm: bool = True  # L2 on pruned norm scales and shifts
+
+    def growth(self) -> Growth:
+        return Growth(self.delta, self.interval, self.ceiling, self.stabilize)
+
+    def paper_steps(self, prog: Program) -> int:
+        return self.growth().length
+
+    def make_hooks(self, prog: Program, budget: int, ratio: float | None) -> TPPHooks:
+        factor = budget / self.growth().length
+        growth = self.growth().scaled(factor)
+        zero = max(1, int(round(self.zero_interval * factor)))
+        return TPPHooks(prog, self, fixed_selection(prog, self, ratio), growth, zero)

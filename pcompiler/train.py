@@ -1,0 +1,382 @@
+"""The one training loop: every regularizing method and fine-tuning run through `train`.
+
+Methods do not write loops; they pass `Hooks`:
+- `param_groups(model)`: optimizer groups of their own (e.g. 10x lr, no weight decay);
+- `loss_term(model, step)`: added to the cross-entropy loss before backward;
+- `after_backward(model, step)`: a gradient penalty (grad += lambda * w), after DDP's all-reduce
+  and AMP's unscale, before the optimizer step;
+- `after_step(model, step)`: the schedule update; returns numbers to log (the penalty's size);
+- `finished(step)`: stop early (GReg stops when every group has grown and stabilized);
+- `state_dict` / `load_state_dict`: what `--resume` must restore besides model and optimizer.
+
+What the loop guarantees:
+- Data order: the global batch of step t is a slice of a permutation seeded by (seed, epoch);
+  under DDP (started by torchrun: WORLD_SIZE > 1) rank r takes every W-th sample of it, so the
+  global batch is the same at any world size. Augmentation draws from a generator seeded by
+  (seed, step, rank), never from the global RNG.
+- Same seed, same device, same world size: the same weights. A checkpoint (model, optimizer,
+  scheduler, hooks, RNG states, curve) is written every `checkpoint_every` steps; `resume`
+  continues from it and ends with the weights an uninterrupted run ends with.
+- AMP (CUDA only): bfloat16 autocast where supported, else float16 with a GradScaler whose
+  gradients are unscaled before `after_backward`.
+
+The loss is cross-entropy: the data are (x, class) pairs (see `pcompiler.data`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from pcompiler.data import DataSource
+from pcompiler.passmanager import CompileError
+
+log = logging.getLogger("pcompiler")
+
+SCHEDULES = ("constant", "cosine", "step")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training phase. `steps` counts optimizer steps (global batches)."""
+
+    steps: int = 1000
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 64
+    schedule: str = "constant"  # constant | cosine (to 0) | step (x0.1 at 50% and 75%)
+    device: str = "cpu"
+    amp: bool = False  # CUDA only; ignored on CPU
+    seed: int = 0
+    workers: int = 0  # DataLoader worker processes
+    checkpoint_every: int = 0  # 0: no checkpoints
+    checkpoint: str | None = None  # file the checkpoints go to
+    resume: bool = False  # continue from `checkpoint` if it exists
+    log_every: int = 10
+    progress: bool = True
+    label: str = "train"
+
+    def check(self) -> None:
+        if self.steps < 0 or self.batch_size < 1 or self.lr < 0:
+            raise CompileError(f"{self.label}: steps must be >= 0, batch size >= 1 and lr >= 0")
+        if self.schedule not in SCHEDULES:
+            raise CompileError(f"{self.label}: unknown lr schedule '{self.schedule}'", hint=f"one of {', '.join(SCHEDULES)}")
+        if self.checkpoint_every and not self.checkpoint:
+            raise CompileError(f"{self.label}: checkpoint_every needs a checkpoint path")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise CompileError("--device cuda: no CUDA device is available here", hint="use --device cpu")
+
+
+class Hooks:
+    """What a method plugs into the loop; every hook defaults to doing nothing."""
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]] | None:
+        return None
+
+    def loss_term(self, model: nn.Module, step: int) -> torch.Tensor | None:
+        return None
+
+    def after_backward(self, model: nn.Module, step: int) -> None:
+        pass
+
+    def after_step(self, model: nn.Module, step: int) -> dict[str, float]:
+        return {}
+
+    def finished(self, step: int) -> bool:
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+@dataclass
+class TrainResult:
+    steps: int  # steps done (may stop before the budget when the hooks say so)
+    curve: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+    resumed_from: int | None = None
+    world_size: int = 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed
+
+
+def world() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) otherwise."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    return int(os.environ.get("RANK", "0")), size, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def init_distributed(device: str) -> torch.device:
+    """Join torchrun's process group when there is one (gloo on CPU, NCCL on CUDA) and return this
+    process's device."""
+    rank, size, local = world()
+    dev = torch.device(device)
+    if dev.type == "cuda" and size > 1:
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+    if size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return dev
+
+
+def finish_distributed() -> None:
+    """Leave the process group (if this process joined one) once every rank is done."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def is_main_process() -> bool:
+    return world()[0] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces
+
+
+def _lr_factor(schedule: str, steps: int):
+    def factor(t: int) -> float:
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(t, steps) / max(steps, 1)))
+        if schedule == "step":
+            return 0.1 ** ((t >= steps // 2) + (t >= (3 * steps) // 4))
+        return 1.0
+
+    return factor
+
+
+def _batches(n: int, cfg: TrainConfig, start: int, rank: int, size: int) -> Iterator[list[int]]:
+    """This rank's sample indices for steps start, start+1, ... (see the module docstring)."""
+    if cfg.batch_size % size:
+        raise CompileError(f"batch size {cfg.batch_size} is not divisible by the {size} processes",
+                           hint="choose a batch size that is a multiple of the process count")
+    per_epoch = max(1, n // cfg.batch_size)  # incomplete last batches are dropped
+    step = start
+    while True:
+        epoch, first = divmod(step, per_epoch)
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+        perm = torch.randperm(n, generator=g)
+        for k in range(first, per_epoch):
+            glob = perm[k * cfg.batch_size:(k + 1) * cfg.batch_size]
+            yield glob[rank::size].tolist()
+            step += 1
+
+
+class _Sampler(torch.utils.data.Sampler):
+    def __init__(self, n: int, cfg: TrainConfig, start: int, rank: int, size: int):
+        self.args = (n, cfg, start, rank, size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return _batches(*self.args)
+
+
+def _optimizer(model: nn.Module, cfg: TrainConfig, hooks: Hooks) -> torch.optim.Optimizer:
+    special = hooks.param_groups(model) or []
+    taken = {id(p) for g in special for p in g["params"]}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in taken]
+    groups = [{"params": rest}] + [{**g, "lr": g.get("lr_scale", 1.0) * cfg.lr} for g in special]
+    for g in groups:
+        g.pop("lr_scale", None)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def _amp(cfg: TrainConfig, dev: torch.device) -> tuple[Any, torch.amp.GradScaler | None]:
+    if not cfg.amp or dev.type != "cuda":
+        return contextlib.nullcontext, None
+    if torch.cuda.is_bf16_supported():
+        return (lambda: torch.autocast("cuda", dtype=torch.bfloat16)), None
+    return (lambda: torch.autocast("cuda", dtype=torch.float16)), torch.amp.GradScaler("cuda")
+
+
+def _progress(cfg: TrainConfig, total: int, start: int):
+    if not cfg.progress or not is_main_process():
+        return None
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[stats]}"), TimeRemainingColumn(), console=Console(stderr=True),
+                   transient=False)
+    bar.add_task(cfg.label, total=total, completed=start, stats="")
+    return bar
+
+
+def _save(path: str, state: dict[str, Any]) -> None:
+    """Write atomically: a kill while writing leaves the previous checkpoint intact."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, p)
+
+
+_RESUME_KEYS = ("steps", "lr", "batch_size", "seed", "schedule", "momentum", "weight_decay")
+
+
+def _load_checkpoint(cfg: TrainConfig, size: int) -> dict[str, Any] | None:
+    if not (cfg.resume and cfg.checkpoint and Path(cfg.checkpoint).exists()):
+        return None
+    state = torch.load(cfg.checkpoint, map_location="cpu", weights_only=False)
+    saved = state.get("config", {})
+    differ = [k for k in _RESUME_KEYS if saved.get(k) != getattr(cfg, k)]
+    if differ or state.get("world_size") != size:
+        what = ", ".join(f"{k} {saved.get(k)} -> {getattr(cfg, k)}" for k in differ) or "world size"
+        raise CompileError(f"cannot resume from {cfg.checkpoint}: it was written with other settings ({what})",
+                           hint="resume with the options of the interrupted run, or delete the checkpoint")
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def train(model: nn.Module, data: DataSource, cfg: TrainConfig, hooks: Hooks | None = None) -> TrainResult:
+    """Train `model` in place on `data.train` for `cfg.steps` steps (fewer if the hooks finish)."""
+    cfg.check()
+    hooks = hooks or Hooks()
+    rank, size, _ = world()
+    dev = init_distributed(cfg.device)
+    was_training = model.training
+    home = next(iter(model.parameters()), torch.empty(0)).device
+    model.to(dev).train()
+    opt = _optimizer(model, cfg, hooks)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(cfg.schedule, cfg.steps))
+    autocast, scaler = _amp(cfg, dev)
+    torch.manual_seed(cfg.seed + rank)
+
+    result = TrainResult(steps=0, world_size=size)
+    state = _load_checkpoint(cfg, size)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        hooks.load_state_dict(state["hooks"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        _set_rng(state["rng"][rank], dev)
+        result.steps, result.curve, result.resumed_from = state["step"], state["curve"], state["step"]
+        log.info("%s: resumed from %s at step %d", cfg.label, cfg.checkpoint, state["step"])
+
+    net = model
+    if size > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+    # Its own generator: creating the iterator must not draw from the global RNG (resume restores that).
+    loader = torch.utils.data.DataLoader(
+        data.train, batch_sampler=_Sampler(len(data.train), cfg, result.steps, rank, size), num_workers=cfg.workers,
+        generator=torch.Generator().manual_seed(cfg.seed))
+    def checkpoint(step: int) -> None:
+        rng = _gather_rng(size, dev)  # every rank takes part in the gather
+        if rank == 0:
+            _save(cfg.checkpoint, {
+                "step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "hooks": hooks.state_dict(), "curve": result.curve,
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "rng": rng, "config": asdict(cfg), "world_size": size})
+
+    window: dict[str, list[float]] = {}
+    bar = _progress(cfg, cfg.steps, result.steps)
+    t0 = time.perf_counter()
+    step = result.steps
+    try:
+        if bar is not None:
+            bar.start()
+        for x, y in loader:
+            if step >= cfg.steps or hooks.finished(step):
+                break
+            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+            if data.augment is not None:
+                g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 64 + rank)
+                x = data.augment(x, g)
+            with autocast():
+                out = net(x)
+                loss = F.cross_entropy(out.float(), y)
+                extra = hooks.loss_term(model, step)
+                total = loss if extra is None else loss + extra
+            opt.zero_grad(set_to_none=True)
+            (scaler.scale(total) if scaler is not None else total).backward()
+            if scaler is not None:
+                scaler.unscale_(opt)
+            hooks.after_backward(model, step)
+            if scaler is not None:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+            sched.step()
+            step += 1
+            logged = hooks.after_step(model, step)
+            acc = (out.detach().argmax(1) == y).float().mean().item()
+            for k, v in {"loss": loss.item(), "acc": acc, **logged}.items():
+                window.setdefault(k, []).append(float(v))
+            if step % cfg.log_every == 0 or step == cfg.steps or hooks.finished(step):
+                point = {"step": step, "lr": sched.get_last_lr()[0], **{k: sum(v) / len(v) for k, v in window.items()}}
+                result.curve.append(point)
+                window.clear()
+                if bar is not None:
+                    bar.update(0, completed=step, stats=f"loss {point['loss']:.3f} acc {point['acc']:.3f}")
+            elif bar is not None:
+                bar.update(0, completed=step)
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                checkpoint(step)
+        if cfg.checkpoint_every and step % cfg.checkpoint_every:
+            checkpoint(step)  # the phase's end, so a resume after it skips straight past it
+    finally:
+        if bar is not None:
+            bar.stop()
+    result.steps = step
+    result.seconds = time.perf_counter() - t0
+    model.to(home).train(was_training)
+    return result
+
+
+def _gather_rng(size: int, dev: torch.device) -> list[dict[str, torch.Tensor]]:
+    """Every rank's RNG states (dropout draws from them), indexed by rank."""
+    mine = {"cpu": torch.get_rng_state()}
+    if dev.type == "cuda":
+        mine["cuda"] = torch.cuda.get_rng_state(dev)
+    if size == 1:
+        return [mine]
+    states: list = [None] * size
+    dist.all_gather_object(states, mine)
+    return states
+
+
+def _set_rng(state: dict[str, torch.Tensor], dev: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if dev.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], dev)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: torch.utils.data.Dataset, *, device: str | torch.device = "cpu",
+             batch_size: int = 256) -> float:
+    """Top-1 accuracy of `model` on `dataset` (eval mode; the mode is restored after)."""
+    was_training = model.training
+    model.eval()
+    model.to(device)
+    correct = total = 0
+    for x, y in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
+        pred = model(x.to(device)).argmax(1).cpu()
+        correct += int((pred == y).sum())
+        total += len(y)
+    model.train(was_training)
+    return correct / max(total, 1)

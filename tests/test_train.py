@@ -1,0 +1,245 @@
+"""The one training loop: determinism, the lr schedule, hooks, checkpoint/resume after a kill, and
+DDP under torchrun against a single process."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pcompiler.data import DataSource, random_crop_flip
+from pcompiler.passmanager import CompileError
+from pcompiler.train import Hooks, TrainConfig, _lr_factor, evaluate, train
+
+torch.set_num_threads(1)
+
+
+def net(bn: bool = True, dropout: bool = True) -> nn.Sequential:
+    torch.manual_seed(0)
+    norm = [nn.BatchNorm2d(8)] if bn else []
+    drop = [nn.Dropout(0.2)] if dropout else []  # draws from the global RNG: resume must restore it
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), *norm, nn.ReLU(), *drop,
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+
+
+def data(n: int = 40, augment: bool = True) -> DataSource:
+    g = torch.Generator().manual_seed(1)
+    y = torch.arange(n) % 3
+    x = torch.randn(n, 1, 6, 6, generator=g) + y.view(-1, 1, 1, 1).float()
+    ds = torch.utils.data.TensorDataset(x, y)
+    aug = (lambda x, g: random_crop_flip(x, g, 1, True)) if augment else None
+    return DataSource("tiny", ds, ds, 3, (1, 6, 6), aug)
+
+
+CFG = TrainConfig(steps=30, lr=0.05, batch_size=8, progress=False, log_every=5, schedule="cosine")
+
+
+def same(a: nn.Module, b: nn.Module) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
+def test_same_seed_same_weights_and_another_seed_differs():
+    a, b, c = net(), net(), net()
+    train(a, data(), CFG)
+    train(b, data(), CFG)
+    train(c, data(), TrainConfig(**{**CFG.__dict__, "seed": 1}))
+    assert same(a, b) and not same(a, c) and not same(a, net())
+
+
+def test_curve_schedule_and_accuracy():
+    model = net()
+    result = train(model, data(), CFG)
+    assert result.steps == 30 and [p["step"] for p in result.curve] == [5, 10, 15, 20, 25, 30]
+    assert result.curve[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # cosine to 0
+    assert result.curve[0]["lr"] == pytest.approx(0.05 * _lr_factor("cosine", 30)(5))
+    assert _lr_factor("step", 100)(49) == 1 and _lr_factor("step", 100)(50) == pytest.approx(0.1)
+    assert _lr_factor("step", 100)(75) == pytest.approx(0.01)
+    assert all(0 <= p["acc"] <= 1 and p["loss"] > 0 for p in result.curve)
+    assert evaluate(model, data().val) > 0.5  # it learned the (easy) classes
+
+
+class Recorder(Hooks):
+    """Counts hook calls, adds a loss term and a gradient penalty, stops at a step."""
+
+    def __init__(self, stop_at: int | None = None):
+        self.calls = {"loss_term": 0, "after_backward": 0, "after_step": 0}
+        self.stop_at = stop_at
+
+    def loss_term(self, model, step):
+        self.calls["loss_term"] += 1
+        return 0.0 * model[0].weight.sum()
+
+    def after_backward(self, model, step):
+        self.calls["after_backward"] += 1
+        model[0].weight.grad.add_(model[0].weight.detach())  # an L2 penalty of 1
+
+    def after_step(self, model, step):
+        self.calls["after_step"] += 1
+        return {"penalty": float(step)}
+
+    def finished(self, step):
+        return self.stop_at is not None and step >= self.stop_at
+
+    def param_groups(self, model):
+        return [{"params": [model[-1].weight], "lr_scale": 10.0, "weight_decay": 0.0}]
+
+
+def test_hooks_are_called_each_step_and_can_stop_training():
+    hooks = Recorder(stop_at=12)
+    result = train(net(), data(), CFG, hooks)
+    assert result.steps == 12 and hooks.calls == {"loss_term": 12, "after_backward": 12, "after_step": 12}
+    assert result.curve[-1]["step"] == 12 and result.curve[-1]["penalty"] == pytest.approx(11.5)
+
+
+def test_gradient_penalty_and_param_groups_take_effect():
+    a, b = net(bn=False), net(bn=False)
+    train(a, data(augment=False), CFG)
+    train(b, data(augment=False), CFG, Recorder())
+    assert b[0].weight.norm() < a[0].weight.norm()  # the extra L2 shrank it
+
+
+class Killed(Exception):
+    pass
+
+
+class KillAt(Hooks):
+    """Raises at `step`, as if the process died there (after the checkpoint before it)."""
+
+    def __init__(self, inner: Hooks, step: int):
+        self.inner, self.step = inner, step
+
+    def __getattribute__(self, name):
+        if name in ("inner", "step", "after_step"):
+            return object.__getattribute__(self, name)
+        return getattr(object.__getattribute__(self, "inner"), name)
+
+    def after_step(self, model, step):
+        if step == self.step:
+            raise Killed
+        return self.inner.after_step(model, step)
+
+
+def _greg_hooks(model):
+    """GReg-1's hooks on `model` (a state that must survive the resume: lambda, ratios)."""
+    import pcompiler
+    from pcompiler.passes.greg1 import GReg1
+    from pcompiler.passmanager import make_pass
+
+    prog = pcompiler.run(pcompiler.trace(model, (torch.randn(2, 1, 6, 6),)), [make_pass("analyze")])
+    prog.gm.train()
+    return prog.gm, GReg1(ratio=0.5, data=data()).make_hooks(prog, budget=30, ratio=0.5)
+
+
+def test_resume_after_a_kill_ends_with_the_uninterrupted_weights(tmp_path):
+    ckpt = str(tmp_path / "ckpt.pt")
+    cfg = TrainConfig(**{**CFG.__dict__, "checkpoint": ckpt, "checkpoint_every": 7})
+    full, hooks = _greg_hooks(net())
+    train(full, data(), cfg, hooks)
+    lam_full = {g: v.clone() for g, v in hooks.lam.items()}
+
+    os.remove(ckpt)
+    part, hooks = _greg_hooks(net())
+    with pytest.raises(Killed):
+        train(part, data(), cfg, KillAt(hooks, 17))
+    assert torch.load(ckpt, weights_only=False)["step"] == 14
+
+    resumed, hooks = _greg_hooks(net())
+    result = train(resumed, data(), TrainConfig(**{**cfg.__dict__, "resume": True}), hooks)
+    assert result.resumed_from == 14 and result.steps == 30
+    assert same(resumed, full)
+    assert all(torch.equal(lam_full[g], hooks.lam[g]) for g in lam_full)
+    assert [p["step"] for p in result.curve] == [5, 10, 15, 20, 25, 30]
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
+    ckpt = str(tmp_path / "ckpt.pt")
+    cfg = TrainConfig(**{**CFG.__dict__, "checkpoint": ckpt, "checkpoint_every": 10})
+    train(net(), data(), cfg)
+    with pytest.raises(CompileError, match="lr 0.05 -> 0.1"):
+        train(net(), data(), TrainConfig(**{**cfg.__dict__, "resume": True, "lr": 0.1}))
+
+
+def test_batch_must_split_evenly_and_bad_options_are_errors():
+    with pytest.raises(CompileError, match="schedule"):
+        train(net(), data(), TrainConfig(schedule="linear"))
+    with pytest.raises(CompileError, match="checkpoint path"):
+        train(net(), data(), TrainConfig(checkpoint_every=5))
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line, as users run it: a real kill, and torchrun
+
+
+def _files(tmp_path: Path, bn: bool):
+    model = net(bn, dropout=False)  # under torchrun each rank draws its own dropout masks
+    torch.save(model, tmp_path / "model.pt")
+    d = data(96, augment=False)
+    x, y = d.train.tensors
+    np.savez(tmp_path / "d.npz", x_train=x.numpy(), y_train=y.numpy(), x_val=x.numpy(), y_val=y.numpy())
+    return tmp_path / "model.pt", f"npz:{tmp_path / 'd.npz'}"
+
+
+def _cli(model, spec, out, *extra):
+    return ["-m", "pcompiler.cli", str(model), "--method", "greg1", "--ratio", "0.5", "--data", spec,
+            "--finetune-epochs", "2", "--batch-size", "16", "--lr", "0.01", "--formats", "pt", "--no-progress",
+            "-o", str(out), *extra]
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.slow
+def test_cli_resume_after_sigkill(tmp_path):
+    model, spec = _files(tmp_path, bn=True)
+    steps = ["--reg-steps", "6000", "--checkpoint-every", "100"]
+    subprocess.run([sys.executable, *_cli(model, spec, tmp_path / "a", *steps)], check=True, env=ENV,
+                   capture_output=True)
+    ckpt = tmp_path / "b" / "checkpoints" / "regularization.pt"
+    proc = subprocess.Popen([sys.executable, *_cli(model, spec, tmp_path / "b", *steps)], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    killed_at = torch.load(ckpt, weights_only=False)["step"]
+    assert 0 < killed_at < 6000 and not (tmp_path / "b" / "state_dict.pt").exists()
+    out = subprocess.run([sys.executable, *_cli(model, spec, tmp_path / "b", *steps, "--resume")], env=ENV,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    a = torch.load(tmp_path / "a" / "state_dict.pt")
+    b = torch.load(tmp_path / "b" / "state_dict.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    import json
+
+    report = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert report["regularization"]["resumed_from"] == killed_at
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one(tmp_path):
+    model, spec = _files(tmp_path, bn=False)  # BatchNorm statistics are per process under DDP
+    steps = ["--reg-steps", "40"]
+    one = subprocess.run([sys.executable, *_cli(model, spec, tmp_path / "one", *steps)], env=ENV,
+                         capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          *_cli(model, spec, tmp_path / "two", *steps)], env=ENV, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = torch.load(tmp_path / "one" / "state_dict.pt")
+    b = torch.load(tmp_path / "two" / "state_dict.pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].shape == b[k].shape, k
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), (k, (a[k] - b[k]).abs().max())
+    import json
+
+    report = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert report["regularization"]["world_size"] == 2
+    assert not (tmp_path / "two" / "report.json.tmp").exists()
