@@ -126,7 +126,7 @@ class RecedingHooks(MethodHooks):
         if not self.bounded:
             return None
         term = self.lam * sum(rni_penalty(m.weight, self.b) for m in self.bounded)
-        self.size = float(term)
+        self.size = float(term.detach())
         return term
 
     def after_step(self, model, step: int) -> dict[str, float]:

@@ -205,7 +205,7 @@ class RegMethod(MethodPass):
                   "steps_done": result.steps, **hooks.summary()}
         regularization = {"curve": result.curve, "steps": result.steps, "seconds": result.seconds,
                           "resumed_from": result.resumed_from, "world_size": result.world_size}
-        info = {**prog.info, "method": method, "regularization": regularization}
+        info = {**prog.info, "method_settings": method, "regularization": regularization}
         return PassResult(prog.replace(scores=scores, selection=selection, info=info), changed=True)
 
 

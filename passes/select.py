@@ -121,7 +121,7 @@ class MethodPass(SelectOptions):
         selection = select(analysis, scores, self, ratio)
         removed = sum(len(v) for v in selection.values())
         log.info("%s: ratio %.3f removes %d channels in %d groups", self.name, ratio, removed, len(selection))
-        info = {**prog.info, "method": {"name": self.name, "ratio_used": ratio, **self.settings()}}
+        info = {**prog.info, "method_settings": {"name": self.name, "ratio_used": ratio, **self.settings()}}
         return PassResult(prog.replace(scores=scores, selection=selection, info=info), changed=False)
 
 

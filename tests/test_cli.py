@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -265,3 +266,52 @@ def test_console_script_entry_point(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: model file '{tmp_path / 'missing.pt'}' does not exist"]
+
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "digits_resnet.pt"
+
+
+def test_tpp_on_digits_trains_finetunes_and_reports(tmp_path):
+    out = tmp_path / "out"
+    result = invoke(EXAMPLE, "--method", "tpp", "--ratio", "0.5", "--data", "digits", "--reg-steps", "30",
+                    "--finetune-epochs", "0.5", "--no-progress", "--formats", "pt", "-p", "lw=500", "-o", out)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["acc_before"] == pytest.approx(358 / 360)  # the example checkpoint's accuracy
+    assert 0 <= report["acc_pruned"] <= 1 and 0 <= report["acc_final"] <= 1
+    assert report["inputs"][0]["shape"] == [1, 1, 8, 8]  # from the data
+    method = report["method_settings"]
+    assert report["method"] == method["name"] == "tpp" and method["lw"] == 500 and method["budget"] == 30
+    assert method["schedule"]["delta"] == pytest.approx(1e-4 * 110_000 / 30)
+    assert method["train"]["lr"] == 1e-3 and method["data"] == "digits"
+    curve = report["regularization"]["curve"]
+    assert curve[-1]["step"] == 30 and {"loss", "acc", "penalty", "gram", "lambda"} <= set(curve[-1])
+    assert report["finetune"]["steps"] == 11 and report["data"]["train_size"] == 1437
+    assert report["settings"]["method_options"] == {"lw": 500}
+    assert "accuracy" in result.stderr and "before 0.9944" in result.stderr
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (("--method", "greg1", "--ratio", "0.5"), ("needs --data",)),
+    (("--method", "l1", "--ratio", "0.5", "--data", "npz:/nonexistent/d.npz"), ("/nonexistent/d.npz",)),
+    (("--method", "l1", "--ratio", "0.5", "--data", "mnist"), ("mnist",)),
+    (("--method", "tpp", "--ratio", "0.5", "--data", "digits", "-p", "nonsense=1"), ("no option nonsense",)),
+    (("--method", "tpp", "--ratio", "0.5", "--data", "digits", "-p", "novalue"), ("KEY=VALUE",)),
+    (("--method", "tpp", "--ratio", "0.5", "--data", "digits", "-p", "ratio=0.1"), ("its own option",)),
+])
+def test_training_option_errors(tmp_path, args, fragments):
+    assert_one_line_error(invoke(EXAMPLE, *args, "-o", tmp_path / "o"), 2, *fragments)
+
+
+def test_data_that_does_not_fit_the_model(tmp_path):
+    result = invoke(EXAMPLE, "--method", "l1", "--ratio", "0.5", "--data", "npz:" + _npz(tmp_path, 3), "-o", tmp_path / "o")
+    assert_one_line_error(result, 2, "do not fit the model")
+
+
+def _npz(tmp_path, channels):
+    import numpy as np
+
+    x = np.zeros((4, channels, 8, 8), np.float32)
+    y = np.arange(4) % 2
+    np.savez(tmp_path / "d.npz", x_train=x, y_train=y, x_val=x, y_val=y)
+    return str(tmp_path / "d.npz")

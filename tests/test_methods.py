@@ -304,8 +304,8 @@ def test_method_trains_selects_and_slims(method):
     prog = pcompiler.run(prog, [make_pass("analyze"), make_pass(method, ratio=0.5, **opts),
                                 make_pass("slim"), make_pass("verify")])
     info = prog.info
-    assert info["method"]["steps_done"] <= 60 and info["regularization"]["steps"] == info["method"]["steps_done"]
-    assert len(info["regularization"]["curve"]) == info["method"]["steps_done"]
+    assert info["method_settings"]["steps_done"] <= 60 and info["regularization"]["steps"] == info["method_settings"]["steps_done"]
+    assert len(info["regularization"]["curve"]) == info["method_settings"]["steps_done"]
     assert {"step", "loss", "acc", "lr", "penalty"} <= set(info["regularization"]["curve"][-1])
     assert sorted(len(v) for v in prog.selection.values()) == [3, 4]  # half of 6 and of 8
     assert prog.gm.get_parameter("0.weight").shape[0] == 3
@@ -314,7 +314,7 @@ def test_method_trains_selects_and_slims(method):
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), original.state_dict().values()))
     if method == "receding":
         assert all(type(m) is not BoundedBatchNorm for m in prog.gm.modules())
-        assert info["method"]["lam_used"] > 1e-4  # the budget scaled lam up from 1e-4
+        assert info["method_settings"]["lam_used"] > 1e-4  # the budget scaled lam up from 1e-4
 
 
 def test_methods_need_data():

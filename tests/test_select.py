@@ -126,7 +126,7 @@ def test_speedup_search_halves_flops():
     prog = prune(model, x, speedup=2.0)
     after = count_flops(prog.gm, (x,))
     assert before / 2.6 < after <= before / 2
-    assert 0 < prog.info["method"]["ratio_used"] < 0.5
+    assert 0 < prog.info["method_settings"]["ratio_used"] < 0.5
     assert prog.gm.get_submodule("0").out_channels < 16
 
 
