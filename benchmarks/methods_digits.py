@@ -158,7 +158,15 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--methods", nargs="+", default=[*OURS, *TP])
     ap.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS))
+    ap.add_argument("--quick", action="store_true", help="smoke test: 30 steps, seed 0, ratio 0.9, to a temp folder")
+    ap.add_argument("--out", help="folder for the results (default docs/, or a temp folder with --quick)")
     args = ap.parse_args()
+    if args.quick:
+        args.steps, args.finetune_epochs, args.seeds, args.ratios = 30, 0.5, [0], [0.9]
+    import tempfile
+    from pathlib import Path
+
+    out = Path(args.out) if args.out else (Path(tempfile.mkdtemp()) if args.quick else _common.DOCS)
     data = load_data("digits")
     rows = []
     for seed in args.seeds:
@@ -171,11 +179,11 @@ def main() -> None:
                 print(f"seed {seed} ratio {ratio} {m:14s} pruned {r['acc_pruned']:.3f} final {r['acc_final']:.3f} "
                       f"({rows[-1]['seconds']:.0f}s)", flush=True)
                 table = summarize(rows)
-                _common.write_json(_common.DOCS / "bench_methods.json",
+                _common.write_json(out / "bench_methods.json",
                                    {"settings": vars(args), "rows": rows, "table": table,
                                     "environment": _common.environment()})
-    (_common.DOCS / "bench_methods.md").write_text(markdown(table, args))
-    plot(table, _common.DOCS / "bench_methods.png")
+    (out / "bench_methods.md").write_text(markdown(table, args))
+    plot(table, out / "bench_methods.png")
     print(markdown(table, args))
 
 

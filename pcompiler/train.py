@@ -14,7 +14,7 @@ What the loop guarantees:
   under DDP (started by torchrun: WORLD_SIZE > 1) rank r takes every W-th sample of it, so the
   global batch is the same at any world size. Augmentation draws from a generator seeded by
   (seed, step, rank), never from the global RNG.
-- Same seed, same device, same world size: the same weights. A checkpoint (model, optimizer,
+- Same seed, same device, same world size: the same weights (on CUDA with deterministic cuDNN). A checkpoint (model, optimizer,
   scheduler, hooks, RNG states, curve) is written every `checkpoint_every` steps; `resume`
   continues from it and ends with the weights an uninterrupted run ends with.
 - AMP (CUDA only): bfloat16 autocast where supported, else float16 with a GradScaler whose
@@ -261,6 +261,8 @@ def train(model: nn.Module, data: DataSource, cfg: TrainConfig, hooks: Hooks | N
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(cfg.schedule, cfg.steps))
     autocast, scaler = _amp(cfg, dev)
     torch.manual_seed(cfg.seed + rank)
+    if dev.type == "cuda":  # same seed, same result: cuDNN must not pick kernels by timing
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
 
     result = TrainResult(steps=0, world_size=size)
     state = _load_checkpoint(cfg, size)

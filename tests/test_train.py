@@ -243,3 +243,15 @@ def test_torchrun_two_processes_match_one(tmp_path):
     report = json.loads((tmp_path / "two" / "report.json").read_text())
     assert report["regularization"]["world_size"] == 2
     assert not (tmp_path / "two" / "report.json.tmp").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_amp_training_with_hooks_is_deterministic_and_returns_the_model_home():
+    cfg = TrainConfig(**{**CFG.__dict__, "device": "cuda", "amp": True})
+    a, b = net(), net()
+    ra = train(a, data(), cfg, Recorder())
+    train(b, data(), cfg, Recorder())
+    assert next(a.parameters()).device.type == "cpu" and ra.steps == 30
+    assert same(a, b)
+    assert all(np.isfinite(p["loss"]) for p in ra.curve)
