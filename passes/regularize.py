@@ -201,6 +201,7 @@ class RegMethod(MethodPass):
             selection = select(analysis, scores, self, ratio)
         removed = sum(len(v) for v in selection.values())
         log.info("%s: %d steps, removes %d channels in %d groups", self.name, result.steps, removed, len(selection))
+        ratio = ratio if ratio is not None else getattr(hooks, "ratio", None)  # GReg-2 picks mid-training
         method = {"name": self.name, "ratio_used": ratio, **self.settings(), "budget": budget,
                   "steps_done": result.steps, **hooks.summary()}
         regularization = {"curve": result.curve, "steps": result.steps, "seconds": result.seconds,

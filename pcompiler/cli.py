@@ -219,6 +219,8 @@ def _summary(console: Console, report: dict[str, Any], report_path: Path) -> Non
 @click.option("-p", "--method-option", "method_options", multiple=True, metavar="KEY=VALUE",
               help="A hyperparameter of the method, e.g. -p delta=1e-4 -p lw=1000 (see README).")
 @click.option("--lr", type=float, default=1e-3, show_default=True, help="Learning rate of the regularization phase.")
+@click.option("--lr-schedule", type=click.Choice(("constant", "cosine", "step")), default="constant", show_default=True,
+              help="lr schedule of the regularization phase (step: x0.1 at 50% and 75%).")
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--momentum", type=float, default=0.9, show_default=True)
 @click.option("--weight-decay", type=float, default=5e-4, show_default=True)
@@ -317,7 +319,7 @@ def _compile(console: Console, model_path: Path, *, method: str | None, ratio: f
              global_ranking: bool | None, round_to: int, min_keep: int | None, skip: tuple[str, ...],
              speedup: float | None, seed: int, analyze: bool, formats: str, dump_ir: Path | None,
              data_spec: str | None, image_size: int, reg_steps: int | None, method_options: tuple[str, ...],
-             lr: float, batch_size: int, momentum: float, weight_decay: float, finetune_epochs: float,
+             lr: float, lr_schedule: str, batch_size: int, momentum: float, weight_decay: float, finetune_epochs: float,
              finetune_lr: float | None, device: str, amp: bool, workers: int, checkpoint_every: int,
              resume: bool, no_progress: bool) -> int:
     from pcompiler.passmanager import dump_instrument, make_pass, run
@@ -367,7 +369,8 @@ def _compile(console: Console, model_path: Path, *, method: str | None, ratio: f
                   progress=not no_progress)
     if method in TRAINED:
         settings.update(data=data, steps=reg_steps,
-                        train=TrainConfig(lr=lr, checkpoint=str(ckpt / "regularization.pt"), **common))
+                        train=TrainConfig(lr=lr, schedule=lr_schedule, checkpoint=str(ckpt / "regularization.pt"),
+                                          **common))
     unknown = set(extra) & set(settings)
     if unknown:
         raise CompileError(f"-p {', '.join(sorted(unknown))}: set that with its own option", hint="see pcompile --help")
@@ -396,7 +399,7 @@ def _compile(console: Console, model_path: Path, *, method: str | None, ratio: f
     export_all(prog, out_dir, formats=export_formats)
     report_settings = {k: v for k, v in settings.items() if k not in ("data", "train")}
     report_settings.update(skip=list(skip), input_shapes=[list(s) for s in shapes], formats=list(export_formats),
-                           data=data_spec, reg_steps=reg_steps, method_options=extra, lr=lr,
+                           data=data_spec, reg_steps=reg_steps, method_options=extra, lr=lr, lr_schedule=lr_schedule,
                            finetune_epochs=finetune_epochs if data is not None else 0,
                            finetune_lr=finetune_lr if finetune_lr is not None else lr, **common)
     report = build_report(prog, model_path=model_path, method=method, settings=report_settings)

@@ -274,7 +274,8 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "digits_resnet.p
 def test_tpp_on_digits_trains_finetunes_and_reports(tmp_path):
     out = tmp_path / "out"
     result = invoke(EXAMPLE, "--method", "tpp", "--ratio", "0.5", "--data", "digits", "--reg-steps", "30",
-                    "--finetune-epochs", "0.5", "--no-progress", "--formats", "pt", "-p", "lw=500", "-o", out)
+                    "--finetune-epochs", "0.5", "--no-progress", "--formats", "pt", "-p", "lw=500",
+                    "--lr-schedule", "cosine", "-o", out)
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     assert report["acc_before"] == pytest.approx(358 / 360)  # the example checkpoint's accuracy
@@ -283,9 +284,10 @@ def test_tpp_on_digits_trains_finetunes_and_reports(tmp_path):
     method = report["method_settings"]
     assert report["method"] == method["name"] == "tpp" and method["lw"] == 500 and method["budget"] == 30
     assert method["schedule"]["delta"] == pytest.approx(1e-4 * 110_000 / 30)
-    assert method["train"]["lr"] == 1e-3 and method["data"] == "digits"
+    assert method["train"]["lr"] == 1e-3 and method["data"] == "digits" and method["train"]["schedule"] == "cosine"
     curve = report["regularization"]["curve"]
     assert curve[-1]["step"] == 30 and {"loss", "acc", "penalty", "gram", "lambda"} <= set(curve[-1])
+    assert curve[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # cosine to 0
     assert report["finetune"]["steps"] == 11 and report["data"]["train_size"] == 1437
     assert report["settings"]["method_options"] == {"lw": 500}
     assert "accuracy" in result.stderr and "before 0.9944" in result.stderr
