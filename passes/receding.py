@@ -35,7 +35,7 @@ from torch import nn
 
 from pcompiler.ir import Program
 from pcompiler.passes.regularize import MethodHooks, RegMethod, has_residual_add
-from pcompiler.passmanager import register_pass
+from pcompiler.passmanager import CompileError, register_pass
 
 PAPER_EPOCHS = 160
 PAPER_LR = 0.1
@@ -165,6 +165,9 @@ class Receding(RegMethod):
 
     def make_hooks(self, prog: Program, budget: int, ratio: float | None) -> RecedingHooks:
         converted = to_bounded(prog.gm)
+        if not converted:
+            raise CompileError("receding works on BatchNorm scales, and this model has no affine BatchNorm",
+                               hint="use tpp, greg1 or greg2, which regularize the filters themselves")
         lam, b = self.lam_used(prog, budget)
         return RecedingHooks(prog.gm, lam, b, self.lr_scale, converted)
 

@@ -335,3 +335,37 @@ def test_receding_selects_globally_by_importance():
     assert out.selection[group_with(prog, "3.weight", 0).id] == (0, 1, 2, 3)
     scores = out.scores[group_with(prog, "0.weight", 0).id]
     assert np.allclose(scores, 0.5 * np.array([6, 5, 4, 3, 2, 1]) / 6, atol=1e-6)
+
+
+def test_receding_refuses_a_model_without_batchnorm():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    with pytest.raises(pcompiler.CompileError, match="no affine BatchNorm"):
+        pcompiler.run(program(model), [Receding(ratio=0.5, data=tiny_data(), steps=5, train=QUIET)])
+
+
+class TinyTransformer(nn.Module):
+    """Tokens -> embedding -> self-attention (lowered to Linear layers) -> MLP -> mean -> head."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Linear(6, 16)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.norm = nn.LayerNorm(16)
+        self.mlp = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.embed(x.flatten(1).unflatten(1, (6, 6)))
+        h = h + self.attn(h, h, h, need_weights=False)[0]
+        h = h + self.mlp(self.norm(h))
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("method", ["greg1", "tpp"])
+def test_filter_methods_on_attention_and_mlp_widths(method):
+    prog = pcompiler.trace(TinyTransformer(), (torch.randn(2, 1, 6, 6),))
+    prog = pcompiler.run(prog, [make_pass("analyze"), make_pass(method, ratio=0.5, data=tiny_data(), steps=40, train=QUIET),
+                                make_pass("slim"), make_pass("verify")])
+    assert prog.info["verify"]["ok"] and prog.selection
+    assert prog.gm.get_submodule("mlp.0").out_features == 16  # the MLP's hidden width halved
