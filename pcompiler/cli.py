@@ -33,6 +33,7 @@ from torch import nn
 
 from pcompiler.loading import load_model, parse_input_shapes
 from pcompiler.passmanager import CompileError
+from pcompiler.report_md import count_text as _count
 
 log = logging.getLogger("pcompiler")
 
@@ -141,15 +142,6 @@ def _groups_table(prog) -> Table:
     return table
 
 
-def _count(n: int | None) -> str:
-    if n is None:
-        return "?"
-    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.2f}{unit}"
-    return str(n)
-
-
 def _num(x: Any) -> str:
     return f"{x:.3g}" if isinstance(x, float) else str(x)
 
@@ -183,7 +175,7 @@ def _summary(console: Console, report: dict[str, Any], report_path: Path) -> Non
         state = "[green]ok[/]" if e.get("ok") else f"[red]FAILED[/] {escape(str(e.get('error')))}"
         err = f", max error {_num(e.get('max_error'))}" if e.get("ok") and e.get("max_error") is not None else ""
         rows.append((f"{e.get('format')}", f"{escape(str(e.get('path')))} {state}{err}"))
-    rows.append(("report", escape(str(report_path))))
+    rows.append(("report", f"{escape(str(report_path))}, {escape(str(report_path.with_suffix('.md')))}"))
     # Plain soft-wrapped lines, not a table: paths stay whole for scripts that read them.
     for label, text in rows:
         console.print(f"[bold]{label:<10}[/]  {text}", soft_wrap=True, highlight=False)
@@ -404,6 +396,9 @@ def _compile(console: Console, model_path: Path, *, method: str | None, ratio: f
                            finetune_lr=finetune_lr if finetune_lr is not None else lr, **common)
     report = build_report(prog, model_path=model_path, method=method, settings=report_settings)
     report_path = write_report(report, Path(out_dir) / "report.json")
+    from pcompiler.report_md import write_markdown
+
+    write_markdown(report, out_dir)
     _summary(console, report, report_path)
     return EXIT_OK
 

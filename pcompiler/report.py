@@ -7,7 +7,8 @@ read the same dict, so every number is here and nothing is formatted for display
 Reads, and assumes nothing else about, these parts of the Program:
 - `prog.gm` (the model after), `prog.reference` (the model before `slim`; when absent the model
   never changed and before = after), `prog.example_inputs` (for FLOPs).
-- `prog.analysis.groups` and `prog.selection` (channel groups; absent before `analyze`).
+- `prog.analysis.groups` and `prog.selection` (channel groups; absent before `analyze`), and
+  `prog.scores` (each channel's importance when the method selected: `importance`).
 - `prog.info`: "slim" -> {"layers": {module: {"before": n, "after": m}}, ...}, "verify",
   "exports"; every other key is passed through under its own name.
 - `prog.history` (the passes that ran).
@@ -39,7 +40,7 @@ log = logging.getLogger("pcompiler")
 CORE_KEYS = (
     "model", "method", "settings", "params_before", "params_after", "param_ratio", "flops_before",
     "flops_after", "flops_ratio", "groups", "layers", "verify", "exports", "passes", "inputs",
-    "versions", "warnings",
+    "versions", "warnings", "importance",
 )
 
 
@@ -129,6 +130,10 @@ def build_report(
         "versions": {"pcompiler": _version(), "torch": torch.__version__},
         "warnings": warnings,
     }
+    if prog.scores and prog.analysis is not None:  # per channel, the method's score at selection
+        sel = prog.selection or {}
+        report["importance"] = {str(gid): {"label": prog.analysis.groups[gid].label(), "scores": scores,
+                                           "removed": list(sel.get(gid, ()))} for gid, scores in prog.scores.items()}
     if slim:  # what slim recorded besides the per-layer counts
         report["slim"] = slim
     for key, value in prog.info.items():

@@ -290,6 +290,12 @@ def test_tpp_on_digits_trains_finetunes_and_reports(tmp_path):
     assert curve[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # cosine to 0
     assert report["finetune"]["steps"] == 11 and report["data"]["train_size"] == 1437
     assert report["settings"]["method_options"] == {"lw": 500}
+    assert len(report["importance"]) == 6 and sum(len(v["removed"]) for v in report["importance"].values()) == 144
+    text = (out / "report.md").read_text()
+    assert text.startswith("# Pruning report: digits_resnet.pt") and "removed 144 channels in 6 of 7" in text
+    for png in ("widths", "importance", "curve"):
+        assert (out / "plots" / f"{png}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"plots/{png}.png" in text
     assert "accuracy" in result.stderr and "before 0.9944" in result.stderr
 
 

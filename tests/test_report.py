@@ -116,3 +116,37 @@ def test_to_jsonable_converts_what_passes_store():
         "nan": "nan", "inf": "inf", "arr": [0, 1, 2], "t": [1.5], "dt": "torch.float16",
         "pt": {"x": 1, "y": [2.0]}, "3": [1, 2], "b": True,
     }
+
+
+SLIM_LAYERS = {"0": {"out": [8, 4]}, "2": {"in": [8, 4]}}  # what slim records (see layer_widths)
+
+
+def test_markdown_report_says_what_was_removed_and_draws_the_plots(tmp_path):
+    from pcompiler.report_md import write_markdown
+
+    prog = slim_program()
+    prog.info["slim"]["layers"] = SLIM_LAYERS
+    prog.scores = {0: np.array([0.1, 0.9, 0.2, 0.8, 0.3, 0.7, 0.05, 0.6])}
+    prog.info.update(acc_before=0.99, acc_pruned=0.95, acc_final=0.98,
+                     regularization={"steps": 20, "seconds": 1.5, "curve": [
+                         {"step": s, "loss": 1.0 / s, "acc": 0.9, "penalty": 0.1 * s} for s in (10, 20)]})
+    report = build_report(prog, method="l1", settings={"ratio": 0.5})
+    assert report["importance"]["0"]["removed"] == [0, 2, 4, 6] and len(report["importance"]["0"]["scores"]) == 8
+    text = write_markdown(report, tmp_path).read_text()
+    first = text.splitlines()[2]
+    assert first.startswith("`l1` at ratio 0.5 removed 4 channels in 1 of 3 channel groups")
+    assert "accuracy 99.00% before, 95.00% right after slim, 98.00% after fine-tuning" in first
+    assert "| accuracy | 99.00% | 98.00% | -1.00 points |" in text
+    assert "| `0` | 8 -> 4 | = |" in text and "| `2` | = | 8 -> 4 |" in text and "reaches a graph output" in text
+    for png in ("widths", "importance", "curve"):
+        assert (tmp_path / "plots" / f"{png}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_markdown_report_without_data_leaves_those_sections_out(tmp_path):
+    from pcompiler.report_md import write_markdown
+
+    prog = slim_program()
+    prog.info["slim"]["layers"] = SLIM_LAYERS
+    text = write_markdown(build_report(prog, method="l1"), tmp_path).read_text()
+    assert "accuracy" not in text and "## Regularization" not in text and "## Importance" not in text
+    assert not (tmp_path / "plots" / "curve.png").exists() and (tmp_path / "plots" / "widths.png").exists()

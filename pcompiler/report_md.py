@@ -1,0 +1,171 @@
+"""report.md and its plots: the view of report.json a person reads.
+
+`write_markdown(report, out_dir)` writes OUT/report.md and PNGs under OUT/plots/ from the dict
+`build_report` made (it reads nothing else): first one paragraph saying what was removed and
+what it bought, then the numbers before and after, the widths per layer, the importance
+distribution at selection time, the regularization curve, what stayed pinned and why, the
+exports and the settings. A section whose data the run did not produce (no --data: no
+accuracy, no curve) is left out. Plots use matplotlib's Agg backend (no display needed).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("pcompiler")
+
+
+def count_text(n: Any) -> str:
+    """1234567 -> '1.23M' (also for the CLI's summary); '?' when unknown."""
+    if not isinstance(n, (int, float)):
+        return "?"
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def _pct(x: Any) -> str:
+    return f"{100 * x:.2f}%" if isinstance(x, (int, float)) else "-"
+
+
+def _fewer(ratio: Any) -> str:
+    return f"{1 / ratio:.2f}x fewer" if isinstance(ratio, (int, float)) and ratio > 0 else "?"
+
+
+def summary_sentence(r: dict[str, Any]) -> str:
+    groups = r.get("groups") or {}
+    parts = [f"`{r.get('method')}`" + (f" at ratio {r['settings']['ratio']}" if "ratio" in (r.get("settings") or {}) else "")
+             + f" removed {groups.get('channels_removed', '?')} channels in {groups.get('pruned', '?')} of "
+             f"{groups.get('total', '?')} channel groups",
+             f"parameters {count_text(r.get('params_before'))} -> {count_text(r.get('params_after'))} ({_fewer(r.get('param_ratio'))})",
+             f"FLOPs {count_text(r.get('flops_before'))} -> {count_text(r.get('flops_after'))} ({_fewer(r.get('flops_ratio'))})"]
+    if r.get("acc_before") is not None:
+        acc = f"accuracy {_pct(r.get('acc_before'))} before, {_pct(r.get('acc_pruned'))} right after slim"
+        if r.get("acc_final") is not None:
+            acc += f", {_pct(r.get('acc_final'))} after fine-tuning"
+        parts.append(acc)
+    verify = r.get("verify") or {}
+    if verify.get("ok") is not None:
+        parts.append(("the rewrite is verified" if verify["ok"] else "**verification FAILED**")
+                     + f" (max error {verify.get('max_error', 0):.2g})")
+    return "; ".join(parts) + "."
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
+    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def _plots(r: dict[str, Any], folder: Path) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    made: dict[str, str] = {}
+    layers = {k: v["out"] for k, v in (r.get("layers") or {}).items() if "out" in v}
+    if layers:
+        names = list(layers)
+        fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names)), 4))
+        ax.bar(range(len(names)), [v[0] for v in layers.values()], color="#c8c8c8", label="before")
+        ax.bar(range(len(names)), [v[1] for v in layers.values()], color="#3b75af", label="after")
+        ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+        ax.set_ylabel("output channels")
+        ax.set_title("widths per layer")
+        ax.legend()
+        made["widths"] = _save(fig, folder / "widths.png")
+    importance = r.get("importance") or {}
+    if importance:
+        kept, removed = [], []
+        for item in importance.values():
+            gone = set(item["removed"])
+            for i, s in enumerate(item["scores"]):
+                (removed if i in gone else kept).append(s)
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.hist([kept, removed], bins=40, stacked=True, color=["#3b75af", "#e07b39"], label=["kept", "removed"])
+        ax.set_xlabel(f"importance ({r.get('method')}'s score after it ran)")
+        ax.set_ylabel("channels")
+        ax.set_title("importance distribution")
+        ax.legend()
+        made["importance"] = _save(fig, folder / "importance.png")
+    curve = (r.get("regularization") or {}).get("curve") or []
+    if curve:
+        steps = [p["step"] for p in curve]
+        keys = [k for k in ("loss", "acc", "penalty", "lambda", "gram", "mag_ratio", "receded") if k in curve[0]]
+        fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3))
+        for ax, k in zip(axes if len(keys) > 1 else [axes], keys):
+            ax.plot(steps, [p.get(k, float("nan")) for p in curve])
+            ax.set_title(k)
+            ax.set_xlabel("step")
+            if k in ("penalty", "gram", "mag_ratio") and all(p.get(k, 0) > 0 for p in curve):
+                ax.set_yscale("log")
+        fig.suptitle("regularization phase")
+        made["curve"] = _save(fig, folder / "curve.png")
+    return made
+
+
+def _save(fig, path: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return f"{path.parent.name}/{path.name}"
+
+
+def render(r: dict[str, Any], plots: dict[str, str]) -> str:
+    lines = [f"# Pruning report: {Path(str(r.get('model') or 'model')).name}", "", summary_sentence(r), ""]
+    rows = [["parameters", count_text(r.get("params_before")), count_text(r.get("params_after")), _fewer(r.get("param_ratio"))],
+            ["FLOPs", count_text(r.get("flops_before")), count_text(r.get("flops_after")), _fewer(r.get("flops_ratio"))]]
+    if r.get("acc_before") is not None:
+        final = r.get("acc_final", r.get("acc_pruned"))
+        rows.append(["accuracy", _pct(r.get("acc_before")), _pct(final),
+                     f"{100 * (final - r['acc_before']):+.2f} points" if final is not None else ""])
+    lines += ["## Before and after", "", _table(["", "before", "after", "change"], rows), ""]
+    layers = r.get("layers") or {}
+    if layers:
+        lines += ["## Widths per layer", ""]
+        if "widths" in plots:
+            lines += [f"![widths per layer]({plots['widths']})", ""]
+        lines += [_table(["layer", "out channels", "in channels"],
+                         [[f"`{k}`", " -> ".join(map(str, v.get("out", []))) or "=",
+                           " -> ".join(map(str, v.get("in", []))) or "="] for k, v in layers.items()]), ""]
+    if "importance" in plots:
+        lines += ["## Importance", "",
+                  "Each channel's score as the method left it (higher is kept); removed channels in orange.", "",
+                  f"![importance distribution]({plots['importance']})", ""]
+    if "curve" in plots:
+        reg = r.get("regularization") or {}
+        lines += ["## Regularization", "", f"{reg.get('steps')} steps in {reg.get('seconds', 0):.1f} s"
+                  + (f", resumed at step {reg['resumed_from']}" if reg.get("resumed_from") else "") + ".", "",
+                  f"![regularization curve]({plots['curve']})", ""]
+    groups = r.get("groups") or {}
+    if groups.get("pinned_reasons"):
+        lines += ["## What stayed and why", "", _table(["reason", "groups"],
+                  [[k, v] for k, v in groups["pinned_reasons"].items()]), ""]
+    if r.get("exports"):
+        lines += ["## Exports", "", _table(["format", "file", "result"],
+                  [[e.get("format"), f"`{e.get('path')}`", "ok" if e.get("ok") else f"failed: {e.get('error')}"]
+                   for e in r["exports"]]), ""]
+    settings = {k: v for k, v in (r.get("method_settings") or {}).items() if not isinstance(v, dict)}
+    if settings:
+        lines += ["## Method settings", "", _table(["setting", "value"], [[k, f"`{v}`"] for k, v in settings.items()]), ""]
+    return "\n".join(lines)
+
+
+def write_markdown(report: dict[str, Any], out_dir: str | Path) -> Path:
+    """Write OUT/report.md and OUT/plots/*.png; return the markdown's path."""
+    out = Path(out_dir)
+    try:
+        plots = _plots(report, out / "plots")
+    except Exception as e:  # noqa: BLE001 - a report without plots beats none
+        log.warning("report plots not drawn: %s: %s", type(e).__name__, e)
+        plots = {}
+    path = out / "report.md"
+    path.write_text(render(report, plots))
+    return path
