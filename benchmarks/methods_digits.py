@@ -43,15 +43,16 @@ def ours(method: str, ratio: float, seed: int, data, steps: int, ft_epochs: floa
         opts["global_ranking"] = False  # layer-wise like every other row of the table
     prog = pcompiler.run(prog, [make_pass("analyze"), make_pass(method, ratio=ratio, **opts), make_pass("slim"),
                                 make_pass("verify")])
-    pruned = evaluate(prog.gm, data.val)
-    train(prog.gm, data, _ft(cfg, data, ft_epochs))
-    return {"acc_pruned": pruned, "acc_final": evaluate(prog.gm, data.val),
-            "params": sum(p.numel() for p in prog.gm.parameters())}
+    return finetune_and_score(prog.gm, data, seed, ft_epochs)
 
 
-def _ft(cfg: TrainConfig, data, epochs: float) -> TrainConfig:
-    steps = int(round(epochs * (len(data.train) // cfg.batch_size)))
-    return TrainConfig(steps=steps, lr=1e-3, schedule="cosine", seed=cfg.seed, progress=False)
+def finetune_and_score(model: torch.nn.Module, data, seed: int, epochs: float) -> dict:
+    """Accuracy right after pruning, then after the same fine-tune for every method."""
+    pruned = evaluate(model, data.val)
+    steps = int(round(epochs * (len(data.train) // TrainConfig.batch_size)))
+    train(model, data, TrainConfig(steps=steps, lr=1e-3, schedule="cosine", seed=seed, progress=False))
+    return {"acc_pruned": pruned, "acc_final": evaluate(model, data.val),
+            "params": sum(p.numel() for p in model.parameters())}
 
 
 class TPHooks(Hooks):
@@ -83,10 +84,7 @@ def torch_pruning(method: str, ratio: float, seed: int, data, steps: int, ft_epo
     train(model, data, cfg, TPHooks(pruner, grow))
     model.eval()
     pruner.step()
-    pruned = evaluate(model, data.val)
-    train(model, data, _ft(cfg, data, ft_epochs))
-    return {"acc_pruned": pruned, "acc_final": evaluate(model, data.val),
-            "params": sum(p.numel() for p in model.parameters())}
+    return finetune_and_score(model, data, seed, ft_epochs)
 
 
 def summarize(rows: list[dict]) -> dict:

@@ -27,5 +27,4 @@ class Evaluate:
         if self.data is None:
             raise CompileError("evaluate needs data", hint="pass --data, or data=... in the pass API")
         acc = evaluate(prog.gm, self.data.val, device=self.device)
-        prog.gm.to(prog.example_inputs[0].device if prog.example_inputs else "cpu")
         return PassResult(prog.replace(info={**prog.info, self.key: acc}), changed=False)

@@ -34,15 +34,21 @@ from pcompiler.passmanager import register_pass
 
 
 class GrowingHooks(MethodHooks):
-    """Per-group lambda on the selected channels, grown by `growth` until each group is done.
+    """Per-group lambda on the selected channels, grown by `growth` until each group is done."""
 
-    `kept_lambda` is what kept channels get (0 for GReg-1; GReg-2 sets -1e-4)."""
-
-    def __init__(self, prog: Program, selection, growth: Growth, ratio_limit: float, kept_lambda: float = 0.0,
-                 start_lambda: float = 0.0):
-        analysis = prog.require_analysis("greg")
+    def __init__(self, prog: Program, selection, growth: Growth, ratio_limit: float):
+        self.analysis = prog.require_analysis("greg")
         self.gm, self.growth, self.limit = prog.gm, growth, ratio_limit
-        self.groups = {gid: analysis.groups[gid] for gid in selection}
+        self.mag: dict[int, float] = {}
+        self.done: dict[int, int] = {}  # group -> step it stopped growing
+        self.size = 0.0
+        self.install(selection, kept_lambda=0.0, start_lambda=0.0)
+        self.stabilize_from: int | None = None if self.selection else 0
+
+    def install(self, selection, kept_lambda: float, start_lambda: float) -> None:
+        """Penalize `selection`: its channels start at start_lambda, the groups' other channels
+        stay at kept_lambda (0 for GReg-1; GReg-2 gives them -1e-4)."""
+        self.groups = {gid: self.analysis.groups[gid] for gid in selection}
         self.selection = dict(selection)
         self.penalty = ChannelPenalty(self.gm, self.groups.values(), lambda p: is_filter(self.gm, p))
         self.lam: dict[int, torch.Tensor] = {}
@@ -50,10 +56,6 @@ class GrowingHooks(MethodHooks):
             lam = torch.full((self.groups[gid].size,), kept_lambda)
             lam[list(chans)] = start_lambda
             self.lam[gid] = lam
-        self.mag: dict[int, float] = {}
-        self.done: dict[int, int] = {}  # group -> step it stopped growing
-        self.stabilize_from: int | None = None if self.selection else 0
-        self.size = 0.0
 
     def after_backward(self, model, step: int) -> None:
         self.size = self.penalty.apply(self.lam)
@@ -105,7 +107,7 @@ class GReg1(RegMethod):
     """Grow an L2 penalty on the L1-selected channels until they vanish, then remove them."""
 
     name: ClassVar[str] = "greg1"
-    selects_first: ClassVar[bool] = True
+    selects_by_l1: ClassVar[bool] = True
     delta: float = 1e-4  # lambda increment per update (paper scale)
     interval: int = 10  # K_u: steps between updates
     ceiling: float = 1.0  # tau

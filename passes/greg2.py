@@ -54,17 +54,8 @@ class PickingHooks(GrowingHooks):
         self._install(fixed_selection(self.prog, self.method, self.ratio), step)
 
     def _install(self, selection, step: int) -> None:
-        m = self.method
         self.picking, self.picked_at = False, step
-        analysis = self.prog.require_analysis("greg2")
-        self.groups = {gid: analysis.groups[gid] for gid in selection}
-        self.selection = selection
-        self.penalty = ChannelPenalty(self.gm, self.groups.values(), lambda p: is_filter(self.gm, p))
-        self.lam = {}
-        for gid, chans in selection.items():
-            lam = torch.full((self.groups[gid].size,), m.kept_lambda)
-            lam[list(chans)] = self.pick_lambda
-            self.lam[gid] = lam
+        self.install(selection, self.method.kept_lambda, self.pick_lambda)
         if not selection:
             self.stabilize_from = step
 
@@ -97,6 +88,7 @@ class GReg2(RegMethod):
     """Let a uniformly growing penalty reveal the flat directions, pick by L1, then grow as GReg-1."""
 
     name: ClassVar[str] = "greg2"
+    selects_by_l1: ClassVar[bool] = True
     pick_delta: float = 1e-5
     pick_ceiling: float = 1e-2
     delta: float = 1e-4
@@ -115,9 +107,4 @@ class GReg2(RegMethod):
     def make_hooks(self, prog: Program, budget: int, ratio: float | None) -> PickingHooks:
         factor = budget / self.paper_steps(prog)
         growth = dataclasses.replace(self.growth().scaled(factor), ceiling=self.ceiling)
-        if self.speedup is not None:  # the ratio for the FLOPs target: from the start's L1 scores
-            from pcompiler.passes.l1 import l1_scores
-            from pcompiler.passes.select import _search_ratio
-
-            ratio = _search_ratio(prog, prog.require_analysis(self.name), l1_scores(prog), self)
-        return PickingHooks(prog, self, growth, self.pick_delta / factor, self.ratio if ratio is None else ratio)
+        return PickingHooks(prog, self, growth, self.pick_delta / factor, ratio)

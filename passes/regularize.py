@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from pcompiler.data import DataSource
-from pcompiler.ir import ChannelGroup, ParamSlice, Program, Selection, tensor_of
-from pcompiler.passes.l1 import l1_scores
+from pcompiler.ir import ChannelGroup, ParamSlice, Program, Selection, owner_of, tensor_of
+from pcompiler.passes.l1 import group_l1, l1_scores
 from pcompiler.passes.select import MethodPass, _search_ratio, select
 from pcompiler.passmanager import CompileError, PassResult
 from pcompiler.train import Hooks, TrainConfig, train
@@ -39,13 +39,8 @@ NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 DEFAULT_EPOCH_CAP = 100  # with no step budget: the paper's schedule, or this many epochs if shorter
 
 
-def owner(gm: nn.Module, param: str) -> nn.Module:
-    prefix = param.rpartition(".")[0]
-    return gm.get_submodule(prefix) if prefix else gm
-
-
 def is_norm_param(gm: nn.Module, p: ParamSlice) -> bool:
-    return isinstance(owner(gm, p.param), NORMS)
+    return isinstance(owner_of(gm, p.param)[0], NORMS)
 
 
 def is_filter(gm: nn.Module, p: ParamSlice) -> bool:
@@ -118,8 +113,6 @@ class ChannelPenalty:
 
 def magnitude_ratio(gm: nn.Module, group: ChannelGroup, pruned: tuple[int, ...]) -> float:
     """mean L1 of the kept filters / mean L1 of the pruned ones (GReg's stopping signal)."""
-    from pcompiler.passes.l1 import group_l1
-
     l1 = group_l1(gm, group)
     mask = np.zeros(group.size, dtype=bool)
     mask[list(pruned)] = True
@@ -146,7 +139,9 @@ class RegMethod(MethodPass):
     steps: int | None = None  # the step budget; None: the paper's schedule (capped at 100 epochs)
     train: TrainConfig = field(default_factory=TrainConfig)
 
-    selects_first: ClassVar[bool] = False  # S_g is chosen by L1 before training
+    # S_g is chosen by L1 (before training, or after GReg-2's picking): the ratio, searched for a
+    # --speedup on the starting L1 scores, is fixed before training.
+    selects_by_l1: ClassVar[bool] = False
 
     def paper_steps(self, prog: Program) -> int:
         raise NotImplementedError
@@ -185,7 +180,7 @@ class RegMethod(MethodPass):
         # Train a copy: the input Program stays as it was. The trained graph is its own source.
         prog = prog.replace(gm=copy.deepcopy(prog.gm), source=None)
         ratio = None
-        if self.selects_first:
+        if self.selects_by_l1:
             ratio = self.ratio if self.speedup is None else _search_ratio(prog, analysis, l1_scores(prog), self)
         budget = self.budget(prog)
         hooks = self.make_hooks(prog, budget, ratio)
@@ -201,7 +196,6 @@ class RegMethod(MethodPass):
             selection = select(analysis, scores, self, ratio)
         removed = sum(len(v) for v in selection.values())
         log.info("%s: %d steps, removes %d channels in %d groups", self.name, result.steps, removed, len(selection))
-        ratio = ratio if ratio is not None else getattr(hooks, "ratio", None)  # GReg-2 picks mid-training
         method = {"name": self.name, "ratio_used": ratio, **self.settings(), "budget": budget,
                   "steps_done": result.steps, **hooks.summary()}
         regularization = {"curve": result.curve, "steps": result.steps, "seconds": result.seconds,

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from pcompiler.ir import DimRef, Program, Removal, Role, Selection, tensor_at, tensor_of
+from pcompiler.ir import DimRef, Program, Removal, Role, Selection, owner_of, tensor_at, tensor_of
 from pcompiler.passes.rules.base import RewriteContext, lookup
 from pcompiler.passes.trace import propagate_shapes
 from pcompiler.passmanager import CompileError, PassResult, register_pass
@@ -46,17 +46,12 @@ def removal_of(prog: Program, selection: Selection) -> Removal:
     )
 
 
-def _owner(gm: fx.GraphModule, qualname: str) -> tuple[torch.nn.Module, str]:
-    prefix, _, name = qualname.rpartition(".")
-    return (gm.get_submodule(prefix) if prefix else gm), name
-
-
 def _slice_tensors(gm: fx.GraphModule, removal: Removal) -> None:
     by_param: dict[str, list[tuple[int, np.ndarray]]] = defaultdict(list)
     for (name, dim), removed in removal.params.items():
         by_param[name].append((dim, removed))
     for name, cuts in by_param.items():
-        owner, attr = _owner(gm, name)
+        owner, attr = owner_of(gm, name)
         old = getattr(owner, attr)
         t = old.detach()
         for dim, removed in cuts:

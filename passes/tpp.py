@@ -137,7 +137,7 @@ class TPP(RegMethod):
     """Decorrelate the pruned filters from the kept ones (Gram term) while an L2 penalty grows."""
 
     name: ClassVar[str] = "tpp"
-    selects_first: ClassVar[bool] = True
+    selects_by_l1: ClassVar[bool] = True
     delta: float = 1e-4
     interval: int = 10
     ceiling: float = 1.0

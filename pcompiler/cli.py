@@ -101,11 +101,6 @@ def _shape_text(shapes: list[tuple[int, ...]]) -> str:
     return ", ".join(",".join(str(d) for d in s) for s in shapes)
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    t = next(iter((*model.parameters(), *model.buffers())), None)
-    return t.device if t is not None else torch.device("cpu")
-
-
 def _parse_formats(text: str) -> tuple[str, ...]:
     formats = tuple(dict.fromkeys(f.strip() for f in text.split(",") if f.strip()))
     unknown = [f for f in formats if f not in FORMATS]
@@ -116,8 +111,9 @@ def _parse_formats(text: str) -> tuple[str, ...]:
 
 def _trace(model: nn.Module, shapes: list[tuple[int, ...]], given: bool):
     import pcompiler
+    from pcompiler.train import device_of
 
-    device = _device_of(model)
+    device = device_of(model)
     inputs = tuple(torch.randn(s, device=device) for s in shapes)
     try:
         return pcompiler.trace(model, inputs)

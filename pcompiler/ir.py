@@ -60,6 +60,12 @@ def tensor_of(gm: torch.nn.Module, qualname: str) -> torch.Tensor:
     return obj
 
 
+def owner_of(gm: torch.nn.Module, qualname: str) -> tuple[torch.nn.Module, str]:
+    """The module holding a qualified name, and the attribute: 'layer1.0.conv1.weight' -> (conv1, 'weight')."""
+    prefix, _, name = qualname.rpartition(".")
+    return (gm.get_submodule(prefix) if prefix else gm), name
+
+
 def int_value(value: Any) -> int | None:
     """A constant int, or the recorded value of a node that computes one (None otherwise)."""
     if isinstance(value, int) and not isinstance(value, bool):

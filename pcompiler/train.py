@@ -152,6 +152,12 @@ def is_main_process() -> bool:
 # Pieces
 
 
+def device_of(model: nn.Module) -> torch.device:
+    """Where the model's first parameter or buffer lives (CPU for a model with neither)."""
+    t = next(iter((*model.parameters(), *model.buffers())), None)
+    return t.device if t is not None else torch.device("cpu")
+
+
 def _lr_factor(schedule: str, steps: int):
     def factor(t: int) -> float:
         if schedule == "cosine":
@@ -255,7 +261,7 @@ def train(model: nn.Module, data: DataSource, cfg: TrainConfig, hooks: Hooks | N
     rank, size, _ = world()
     dev = init_distributed(cfg.device)
     was_training = model.training
-    home = next(iter(model.parameters()), torch.empty(0)).device
+    home = device_of(model)
     model.to(dev).train()
     opt = _optimizer(model, cfg, hooks)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(cfg.schedule, cfg.steps))
@@ -371,8 +377,9 @@ def _set_rng(state: dict[str, torch.Tensor], dev: torch.device) -> None:
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: torch.utils.data.Dataset, *, device: str | torch.device = "cpu",
              batch_size: int = 256) -> float:
-    """Top-1 accuracy of `model` on `dataset` (eval mode; the mode is restored after)."""
+    """Top-1 accuracy of `model` on `dataset` (eval mode on `device`; mode and device are restored after)."""
     was_training = model.training
+    home = device_of(model)
     model.eval()
     model.to(device)
     correct = total = 0
@@ -380,5 +387,5 @@ def evaluate(model: nn.Module, dataset: torch.utils.data.Dataset, *, device: str
         pred = model(x.to(device)).argmax(1).cpu()
         correct += int((pred == y).sum())
         total += len(y)
-    model.train(was_training)
+    model.to(home).train(was_training)
     return correct / max(total, 1)
