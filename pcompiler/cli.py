@@ -5,6 +5,8 @@
         verify, evaluate, fine-tune, evaluate, export (pt, pt2, onnx), report.json
     pcompile MODEL --method l1 --ratio 0.5 -o out/      no data: one-shot, no accuracy
     pcompile MODEL --analyze                             print the channel groups and stop
+    pcompile MODEL ... --bench                           also measure latency, original vs slim
+    pcompile bench MODEL [SLIM]                          measure costs and latency only
 
 Under torchrun every process runs the pipeline and trains its share of each batch (DDP);
 only rank 0 writes OUT.
@@ -25,6 +27,7 @@ from typing import Any
 
 import click
 import torch
+from rich import box
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
@@ -34,6 +37,7 @@ from torch import nn
 from pcompiler.loading import load_model, parse_input_shapes
 from pcompiler.passmanager import CompileError
 from pcompiler.report_md import count_text as _count
+from pcompiler.targets.bench import BACKENDS
 
 log = logging.getLogger("pcompiler")
 
@@ -62,8 +66,11 @@ class _OneLineErrors(click.Command):
 
     def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
              standalone_mode: bool = True, **extra: Any) -> Any:
+        argv = list(sys.argv[1:] if args is None else args)
+        if self is main and argv[:1] == ["bench"]:  # `pcompile bench ...` (a model named bench: ./bench)
+            return bench_main.main(argv[1:], "pcompile bench", complete_var, standalone_mode, **extra)
         try:
-            rv = super().main(args, prog_name or "pcompile", complete_var, standalone_mode=False, **extra)
+            rv = super().main(argv, prog_name or "pcompile", complete_var, standalone_mode=False, **extra)
         except click.exceptions.Abort:
             _error_line(Console(stderr=True), "aborted")
             sys.exit(EXIT_BUG)
@@ -101,14 +108,6 @@ def _shape_text(shapes: list[tuple[int, ...]]) -> str:
     return ", ".join(",".join(str(d) for d in s) for s in shapes)
 
 
-def _parse_formats(text: str) -> tuple[str, ...]:
-    formats = tuple(dict.fromkeys(f.strip() for f in text.split(",") if f.strip()))
-    unknown = [f for f in formats if f not in FORMATS]
-    if unknown:
-        raise CompileError(f"--formats: unknown format(s) {', '.join(unknown)}", hint=f"choose from {','.join(FORMATS)}")
-    return formats
-
-
 def _trace(model: nn.Module, shapes: list[tuple[int, ...]], given: bool):
     import pcompiler
     from pcompiler.train import device_of
@@ -143,17 +142,17 @@ def _num(x: Any) -> str:
 
 
 def _summary(console: Console, report: dict[str, Any], report_path: Path) -> None:
+    """The numbers before and after as a table, then one line per check and file."""
+    from pcompiler.report_md import before_after_rows
+
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    for name, justify in (("", "left"), ("before", "right"), ("after", "right"), ("change", "right")):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for row in before_after_rows(report):
+        table.add_row(*(escape(c) for c in row))
+    console.print(table)
+
     rows: list[tuple[str, str]] = []
-
-    def ratio(key: str) -> str:
-        r = report.get(key)
-        return f" ({r:.2f}x)" if isinstance(r, float) else ""
-
-    rows.append(("params", f"{_count(report.get('params_before'))} -> {_count(report.get('params_after'))}{ratio('param_ratio')}"))
-    rows.append(("FLOPs", f"{_count(report.get('flops_before'))} -> {_count(report.get('flops_after'))}{ratio('flops_ratio')}"))
-    accs = [(k, report.get(f"acc_{k}")) for k in ("before", "pruned", "final")]
-    if any(v is not None for _, v in accs):
-        rows.append(("accuracy", ", ".join(f"{k} {v:.4f}" for k, v in accs if v is not None)))
     reg = report.get("regularization") or {}
     if reg:
         rows.append(("training", f"{reg.get('steps')} regularization steps in {reg.get('seconds', 0):.1f}s"))
@@ -177,6 +176,57 @@ def _summary(console: Console, report: dict[str, Any], report_path: Path) -> Non
         console.print(f"[bold]{label:<10}[/]  {text}", soft_wrap=True, highlight=False)
 
 
+def _latency_table(result: dict[str, Any]) -> Table:
+    from pcompiler.report_md import latency_rows
+
+    header, *rows = latency_rows(result)
+    m = result.get("machine") or {}
+    where = f"{m.get('cpu')}, {result['settings']['threads']} threads" + (f"; {m['gpu']}" if m.get("gpu") else "")
+    table = Table(title=f"latency, p50 / p90 ({escape(where)})", box=box.SIMPLE_HEAD)
+    for i, name in enumerate(header):
+        table.add_column(name, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*(escape(c) for c in row))
+    return table
+
+
+def _parse_list(option: str, text: str, choices: tuple[str, ...] | None = None) -> tuple[str, ...]:
+    items = tuple(dict.fromkeys(f.strip() for f in text.split(",") if f.strip()))
+    if not items:
+        raise CompileError(f"{option}: empty list")
+    unknown = [f for f in items if choices is not None and f not in choices]
+    if unknown:
+        raise CompileError(f"{option}: unknown {', '.join(unknown)}", hint=f"choose from {','.join(choices or ())}")
+    return items
+
+
+def _parse_batches(option: str, text: str) -> tuple[int, ...]:
+    items = _parse_list(option, text)
+    if not all(i.isdigit() and int(i) > 0 for i in items):
+        raise CompileError(f"{option} '{text}' is not a comma-separated list of positive integers (e.g. 1,8,64)")
+    return tuple(int(i) for i in items)
+
+
+def _guarded(console: Console, verbose: bool, body: Any) -> int:
+    """Run body(); a CompileError or a bug becomes one `error:` line and its exit code."""
+    from pcompiler.train import finish_distributed
+
+    try:
+        code = body()
+        finish_distributed()
+        return code
+    except CompileError as e:
+        if verbose:
+            console.print(traceback.format_exc(), markup=False, highlight=False)
+        _error_line(console, str(e))
+        return e.exit_code
+    except Exception as e:  # noqa: BLE001 - a bug: say so in one line, traceback with -v
+        if verbose:
+            console.print(traceback.format_exc(), markup=False, highlight=False)
+        _error_line(console, f"internal error: {type(e).__name__}: {_first_line(str(e))} (run with -v for the traceback)")
+        return EXIT_BUG
+
+
 # ---------------------------------------------------------------------------------------------
 # The command
 
@@ -193,7 +243,8 @@ def _summary(console: Console, report: dict[str, Any], report_path: Path) -> Non
 @click.option("--global/--layerwise", "global_ranking", default=None,
               help="Rank channels across groups, or remove --ratio from each group (default: the method's; "
                    "receding is global, the others layer-wise).")
-@click.option("--round-to", type=int, default=1, show_default=True, help="Keep a multiple of K channels per group.")
+@click.option("--round-to", type=int, help="Keep a multiple of K channels per group (default: what suits --device's "
+              "kernels, 8 on cpu and cuda; 1: no rounding).")
 @click.option("--min-keep", type=int, help="Keep at least N channels per group (default: 3 for receding, else 1).")
 @click.option("--skip", multiple=True, metavar="GLOB", help="Leave groups touching modules that match GLOB alone.")
 @click.option("--speedup", type=float, help="Search the ratio that divides FLOPs by X (instead of --ratio).")
@@ -222,30 +273,20 @@ def _summary(console: Console, report: dict[str, Any], report_path: Path) -> Non
               help="Write OUT/checkpoints/<phase>.pt every N steps (0: never).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from OUT/checkpoints.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
+@click.option("--bench", "run_bench", is_flag=True, help="Measure latency of the original and slim models, alternately.")
+@click.option("--bench-batches", default="1,8,64", show_default=True, help="Batch sizes --bench measures.")
+@click.option("--bench-backends", help=f"Backends --bench uses, from {','.join(BACKENDS)} (default: all this machine has).")
 @click.option("--analyze", is_flag=True, help="Print the channel groups and stop.")
 @click.option("--formats", default=",".join(FORMATS), show_default=True, help="Exports to write, comma-separated.")
 @click.option("--dump-ir", type=click.Path(path_type=Path), metavar="DIR", help="Write the graph after each pass to DIR.")
 @click.option("-v", "--verbose", is_flag=True, help="Log each pass; print tracebacks on errors.")
 def main(model_path: Path, verbose: bool, **options: Any) -> int:
-    """Prune the channels of MODEL (a file written by torch.save), verify and export it."""
+    """Prune the channels of MODEL (a file written by torch.save), verify and export it.
+
+    `pcompile bench --help`: measuring latency on its own."""
     console = Console(stderr=True)
     _setup_logging(console, verbose)
-    from pcompiler.train import finish_distributed
-
-    try:
-        code = _compile(console, model_path, **options)
-        finish_distributed()
-        return code
-    except CompileError as e:
-        if verbose:
-            console.print(traceback.format_exc(), markup=False, highlight=False)
-        _error_line(console, str(e))
-        return e.exit_code
-    except Exception as e:  # noqa: BLE001 - a bug: say so in one line, traceback with -v
-        if verbose:
-            console.print(traceback.format_exc(), markup=False, highlight=False)
-        _error_line(console, f"internal error: {type(e).__name__}: {_first_line(str(e))} (run with -v for the traceback)")
-        return EXIT_BUG
+    return _guarded(console, verbose, lambda: _compile(console, model_path, **options))
 
 
 _handler: logging.Handler | None = None
@@ -280,7 +321,7 @@ def _parse_method_options(items: tuple[str, ...]) -> dict[str, Any]:
 
 
 def _check_options(method: str | None, ratio: float | None, speedup: float | None, out_dir: Path | None,
-                   analyze: bool, data_spec: str | None, round_to: int, min_keep: int | None,
+                   analyze: bool, data_spec: str | None, round_to: int | None, min_keep: int | None,
                    reg_steps: int | None, finetune_epochs: float, checkpoint_every: int) -> None:
     if not analyze:
         if method is None:
@@ -296,29 +337,45 @@ def _check_options(method: str | None, ratio: float | None, speedup: float | Non
                                hint="e.g. --data digits, --data cifar10:DIR, --data imagefolder:DIR")
     if speedup is not None and speedup < 1.0:
         raise CompileError(f"--speedup must be at least 1, got {speedup}", hint="2 halves the FLOPs")
-    if round_to < 1 or (min_keep is not None and min_keep < 1):
+    if (round_to is not None and round_to < 1) or (min_keep is not None and min_keep < 1):
         raise CompileError("--round-to and --min-keep must be at least 1")
     if (reg_steps is not None and reg_steps < 0) or finetune_epochs < 0 or checkpoint_every < 0:
         raise CompileError("--reg-steps, --finetune-epochs and --checkpoint-every must be >= 0")
 
 
+def _bench_settings(batches: str, backends: str | None, **more: Any):
+    from pcompiler.targets.bench import LatencySettings, available_backends
+
+    chosen = None if backends is None else _parse_list("--backends", backends, BACKENDS)
+    missing = [b for b in chosen or () if b not in available_backends()]
+    if missing:
+        raise CompileError(f"backend {', '.join(missing)} is not available on this machine",
+                           hint=f"this machine has {','.join(available_backends())}")
+    return LatencySettings(batch_sizes=_parse_batches("--batches", batches), backends=chosen, **more)
+
+
 def _compile(console: Console, model_path: Path, *, method: str | None, ratio: float | None,
              input_shapes: tuple[str, ...], trust: bool, arch: str | None, out_dir: Path | None,
-             global_ranking: bool | None, round_to: int, min_keep: int | None, skip: tuple[str, ...],
+             global_ranking: bool | None, round_to: int | None, min_keep: int | None, skip: tuple[str, ...],
              speedup: float | None, seed: int, analyze: bool, formats: str, dump_ir: Path | None,
              data_spec: str | None, image_size: int, reg_steps: int | None, method_options: tuple[str, ...],
              lr: float, lr_schedule: str, batch_size: int, momentum: float, weight_decay: float, finetune_epochs: float,
              finetune_lr: float | None, device: str, amp: bool, workers: int, checkpoint_every: int,
-             resume: bool, no_progress: bool) -> int:
+             resume: bool, no_progress: bool, run_bench: bool, bench_batches: str,
+             bench_backends: str | None) -> int:
     from pcompiler.passmanager import dump_instrument, make_pass, run
+    from pcompiler.targets.bench import default_round_to
     from pcompiler.train import TrainConfig, is_main_process
 
     # Check every option before the (slow) loads.
     shapes = parse_input_shapes(input_shapes)
     _check_options(method, ratio, speedup, out_dir, analyze, data_spec, round_to, min_keep, reg_steps,
                    finetune_epochs, checkpoint_every)
-    export_formats = _parse_formats(formats)
+    export_formats = _parse_list("--formats", formats, FORMATS)
     extra = _parse_method_options(method_options)
+    bench_settings = _bench_settings(bench_batches, bench_backends) if run_bench else None
+    if round_to is None:
+        round_to = default_round_to(device)
 
     torch.manual_seed(seed)
     data = None
@@ -334,6 +391,9 @@ def _compile(console: Console, model_path: Path, *, method: str | None, ratio: f
         log.info("example input shape %s (from %s; --input-shape changes it)", _shape_text(shapes),
                  "the data" if data is not None else "the model")
     prog = _trace(model, shapes, given=bool(input_shapes))
+    if bench_settings is not None and prog.on_meta:
+        raise CompileError("--bench needs real weights, and the model is on the meta device",
+                           hint="load a checkpoint with weights, or leave out --bench")
     instruments = [dump_instrument(dump_ir)] if dump_ir is not None else []
 
     if analyze:
@@ -385,6 +445,11 @@ def _compile(console: Console, model_path: Path, *, method: str | None, ratio: f
     from pcompiler.targets.pytorch import export_all
 
     export_all(prog, out_dir, formats=export_formats)
+    if bench_settings is not None:
+        from pcompiler.targets.bench import bench
+
+        before = prog.reference if prog.reference is not None else prog.gm
+        prog.info["bench"] = bench({"original": before, "slim": prog.gm}, prog.example_inputs, bench_settings)
     report_settings = {k: v for k, v in settings.items() if k not in ("data", "train")}
     report_settings.update(skip=list(skip), input_shapes=[list(s) for s in shapes], formats=list(export_formats),
                            data=data_spec, reg_steps=reg_steps, method_options=extra, lr=lr, lr_schedule=lr_schedule,
@@ -397,6 +462,80 @@ def _compile(console: Console, model_path: Path, *, method: str | None, ratio: f
     write_markdown(report, out_dir)
     _summary(console, report, report_path)
     return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------
+# pcompile bench
+
+
+@click.command(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path))
+@click.argument("slim_path", metavar="[SLIM]", required=False, type=click.Path(path_type=Path))
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="S",
+              help="Shape of one example input, e.g. 1,3,224,224 (repeat for several inputs); the batch "
+                   "dimension is replaced by each of --batches.")
+@click.option("--trust", is_flag=True, help="Load the files with full pickle (runs code from them).")
+@click.option("--arch", metavar="M:F", help="MODEL is a state dict; build the model by calling F from module M.")
+@click.option("--batches", default="1,8,64", show_default=True, help="Batch sizes, comma-separated.")
+@click.option("--backends", help=f"Comma-separated, from {','.join(BACKENDS)} (default: all this machine has).")
+@click.option("--threads", type=int, help="CPU threads for torch and onnxruntime (default: torch's setting).")
+@click.option("--warmup", type=int, default=3, show_default=True, help="Untimed calls per model before timing.")
+@click.option("--min-reps", type=int, default=10, show_default=True, help="Timed calls per model, at least.")
+@click.option("--min-time", type=float, default=1.0, show_default=True,
+              help="Seconds each model is timed at least, per backend and batch size.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the results as JSON here.")
+@click.option("-v", "--verbose", is_flag=True, help="Log each measurement; print tracebacks on errors.")
+def bench_main(model_path: Path, verbose: bool, **options: Any) -> int:
+    """Measure parameters, FLOPs and latency of MODEL, or of MODEL against SLIM, timed alternately.
+
+    SLIM is a model file (torch.save, or a torch.export .pt2) or the folder `pcompile -o` wrote,
+    whose model.pt2 is then used. The speedup is the median of the per-round ratios
+    MODEL / SLIM; efficiency is the speedup divided by the FLOPs reduction."""
+    console = Console(stderr=True)
+    _setup_logging(console, verbose)
+    return _guarded(console, verbose, lambda: _bench(console, model_path, **options))
+
+
+def _bench(console: Console, model_path: Path, *, slim_path: Path | None, input_shapes: tuple[str, ...], trust: bool,
+           arch: str | None, batches: str, backends: str | None, threads: int | None, warmup: int, min_reps: int,
+           min_time: float, json_path: Path | None) -> int:
+    from pcompiler.report import write_report
+    from pcompiler.targets import eval_mode
+    from pcompiler.targets.bench import bench
+
+    if (threads is not None and threads < 1) or warmup < 0 or min_reps < 1 or min_time < 0:
+        raise CompileError("--threads and --min-reps must be at least 1, --warmup and --min-time at least 0")
+    shapes = parse_input_shapes(input_shapes)
+    settings = _bench_settings(batches, backends, threads=threads, warmup=warmup, min_reps=min_reps,
+                               min_seconds=min_time)
+    models = {"original": load_model(model_path, trust=trust, arch=arch)}
+    if slim_path is not None:
+        if slim_path.is_dir():
+            slim_path = slim_path / "model.pt2"
+        models["slim"] = load_model(slim_path, trust=trust)
+    if not shapes:
+        shapes = [default_input_shape(models["original"])]
+        log.warning("example input shape %s (from the model's first layer; --input-shape sets it)", _shape_text(shapes))
+    if any(p.is_meta for m in models.values() for p in m.parameters()):
+        raise CompileError("a model is on the meta device and has no weights to time", hint="load one with weights")
+    inputs = [torch.randn(s) for s in shapes]
+    for name, m in models.items():
+        try:
+            with torch.no_grad(), eval_mode(m):
+                m(*inputs)
+        except Exception as e:
+            raise CompileError(f"the {'slim ' if name == 'slim' else ''}model does not run on input shape "
+                               f"{_shape_text(shapes)}: {_first_line(str(e))}", hint="pass --input-shape") from e
+    result = bench(models, inputs, settings)
+    costs = result["costs"]
+    for name, c in costs.items():
+        console.print(f"[bold]{name:<10}[/]  {_count(c['params'])} params, {_count(c['flops'])} FLOPs "
+                      f"at input {_shape_text(shapes)}", highlight=False)
+    Console(width=None if sys.stdout.isatty() else 160).print(_latency_table(result))
+    if json_path is not None:
+        write_report(result, json_path)
+        console.print(f"[bold]{'json':<10}[/]  {escape(str(json_path))}", soft_wrap=True, highlight=False)
+    return EXIT_OK  # a backend that failed is a row of the table, and a warning
 
 
 if __name__ == "__main__":  # python -m pcompiler.cli

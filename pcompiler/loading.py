@@ -23,6 +23,9 @@ torchvision and timm are imported lazily, only when a file names one of their cl
 one is missing or fails to import, its classes are simply not allowlisted, and the refusal says
 why.
 
+A `torch.export` archive (`.pt2`, what pcompiler's own export writes) holds a graph and weights
+and no pickled code: it is read with `torch.export.load` and its `.module()` is the model.
+
 With `arch="module:callable"` the file is a state dict: the callable builds the model and the
 file fills it (strictly: missing and unexpected keys are named).
 
@@ -385,6 +388,21 @@ def _fill(model: nn.Module, state: Mapping[str, Any], path: Path, spec: str) -> 
         )
 
 
+def _is_export_archive(path: Path) -> bool:
+    if not path.is_file() or not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.endswith("/archive_format") for n in z.namelist())
+
+
+def _read_export_archive(path: Path) -> nn.Module:
+    try:
+        return torch.export.load(path).module()
+    except Exception as e:
+        raise CompileError(f"cannot read the torch.export archive '{path}': {_first_sentence(e)}",
+                           hint="it was probably written by another torch version; export it again") from e
+
+
 # ---------------------------------------------------------------------------------------------
 # Public API
 
@@ -392,10 +410,13 @@ def _fill(model: nn.Module, state: Mapping[str, Any], path: Path, spec: str) -> 
 def load_model(path: str | os.PathLike[str], *, trust: bool = False, arch: str | None = None) -> nn.Module:
     """Read a model file into an `nn.Module` on the CPU (or the meta device, if it was saved there).
 
-    Without `arch` the file is a `torch.save(model)` pickle; with `arch="module:callable"` it is a
+    A torch.export archive (.pt2) gives its `.module()`. Otherwise, without `arch` the file is a
+    `torch.save(model)` pickle; with `arch="module:callable"` it is a
     state dict for the model that `callable()` builds. Only allowlisted classes are rebuilt unless
     `trust` is set. Raises `CompileError` with a one-line reason on any problem."""
     path = Path(path)
+    if arch is None and _is_export_archive(path):
+        return _read_export_archive(path)
     if arch is not None:
         model = _build_from_arch(arch)
         _fill(model, _state_dict_of(_read(path, trust), path), path, arch)

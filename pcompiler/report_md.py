@@ -3,8 +3,8 @@
 `write_markdown(report, out_dir)` writes OUT/report.md and PNGs under OUT/plots/ from the dict
 `build_report` made (it reads nothing else): first one paragraph saying what was removed and
 what it bought, then the numbers before and after, the widths per layer, the importance
-distribution at selection time, the regularization curve, what stayed pinned and why, the
-exports and the settings. A section whose data the run did not produce (no --data: no
+distribution at selection time, the regularization curve, the measured latency (with --bench),
+what stayed pinned and why, the exports and the settings. A section whose data the run did not produce (no --data: no
 accuracy, no curve) is left out. Plots use matplotlib's Agg backend (no display needed).
 """
 
@@ -27,12 +27,31 @@ def count_text(n: Any) -> str:
     return str(n)
 
 
+def seconds_text(t: Any) -> str:
+    """0.01234 -> '12.3 ms'; '-' when unknown."""
+    if not isinstance(t, (int, float)):
+        return "-"
+    for unit, size in (("s", 1.0), ("ms", 1e-3)):
+        if t >= size:
+            return f"{t / size:.3g} {unit}"
+    return f"{t / 1e-6:.3g} µs"
+
+
 def _pct(x: Any) -> str:
     return f"{100 * x:.2f}%" if isinstance(x, (int, float)) else "-"
 
 
 def _fewer(ratio: Any) -> str:
     return f"{1 / ratio:.2f}x fewer" if isinstance(ratio, (int, float)) and ratio > 0 else "?"
+
+
+def headline(bench: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Per backend, the measured row (original vs slim) at the largest batch size."""
+    best: dict[str, dict[str, Any]] = {}
+    for row in (bench or {}).get("latency") or []:
+        if "speedup" in row and row["batch"] >= best.get(row["backend"], {}).get("batch", 0):
+            best[row["backend"]] = row
+    return list(best.values())
 
 
 def summary_sentence(r: dict[str, Any]) -> str:
@@ -42,6 +61,12 @@ def summary_sentence(r: dict[str, Any]) -> str:
              f"{groups.get('total', '?')} channel groups",
              f"parameters {count_text(r.get('params_before'))} -> {count_text(r.get('params_after'))} ({_fewer(r.get('param_ratio'))})",
              f"FLOPs {count_text(r.get('flops_before'))} -> {count_text(r.get('flops_after'))} ({_fewer(r.get('flops_ratio'))})"]
+    rows = headline(r.get("bench"))
+    if rows:
+        parts.append("measured " + ", ".join(
+            f"{row['speedup']:.2f}x faster on {row['backend']} at batch {row['batch']} "
+            f"({seconds_text(row['original']['p50'])} -> {seconds_text(row['slim']['p50'])}"
+            + (f", efficiency {row['efficiency']:.2f}" if "efficiency" in row else "") + ")" for row in rows))
     if r.get("acc_before") is not None:
         acc = f"accuracy {_pct(r.get('acc_before'))} before, {_pct(r.get('acc_pruned'))} right after slim"
         if r.get("acc_final") is not None:
@@ -52,6 +77,42 @@ def summary_sentence(r: dict[str, Any]) -> str:
         parts.append(("the rewrite is verified" if verify["ok"] else "**verification FAILED**")
                      + f" (max error {verify.get('max_error', 0):.2g})")
     return "; ".join(parts) + "."
+
+
+def before_after_rows(r: dict[str, Any]) -> list[list[str]]:
+    """[what, before, after, change] rows: parameters, FLOPs, accuracy, latency at the largest
+    batch per backend (for report.md and the CLI's closing table)."""
+    rows = [["parameters", count_text(r.get("params_before")), count_text(r.get("params_after")), _fewer(r.get("param_ratio"))],
+            ["FLOPs", count_text(r.get("flops_before")), count_text(r.get("flops_after")), _fewer(r.get("flops_ratio"))]]
+    before = r.get("acc_before")
+    for key, label in (("acc_pruned", "accuracy, right after slim"), ("acc_final", "accuracy, fine-tuned")):
+        if before is not None and r.get(key) is not None:
+            rows.append([label, _pct(before), _pct(r[key]), f"{100 * (r[key] - before):+.2f} points"])
+    for row in headline(r.get("bench")):
+        rows.append([f"latency p50, {row['backend']}, batch {row['batch']}", seconds_text(row["original"]["p50"]),
+                     seconds_text(row["slim"]["p50"]), f"{row['speedup']:.2f}x faster"])
+    return rows
+
+
+def latency_rows(bench: dict[str, Any]) -> list[list[str]]:
+    """The latency table of a bench result, header first: p50 and p90 of each model, and the
+    speedup and efficiency when an original and a slim model were compared."""
+    rows = bench.get("latency") or []
+    names = [k for k in ("original", "slim") if any(k in row for row in rows)]
+    header = ["backend", "batch", *(f"{n} p50 / p90" for n in names)]
+    if names == ["original", "slim"]:
+        header += ["speedup", "efficiency"]
+    out = [header]
+    for row in rows:
+        cells = [row["backend"], str(row["batch"])]
+        if "error" in row:
+            out.append(cells + [f"failed: {row['error']}"] + [""] * (len(header) - 3))
+            continue
+        cells += [f"{seconds_text(row[n]['p50'])} / {seconds_text(row[n]['p90'])}" for n in names]
+        if len(header) > len(cells):
+            cells += [f"{row['speedup']:.2f}x", f"{row['efficiency']:.2f}" if "efficiency" in row else "-"]
+        out.append(cells)
+    return out
 
 
 def _table(headers: list[str], rows: list[list[Any]]) -> str:
@@ -65,6 +126,7 @@ def _plots(r: dict[str, Any], folder: Path) -> dict[str, str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     folder.mkdir(parents=True, exist_ok=True)
     made: dict[str, str] = {}
@@ -106,6 +168,33 @@ def _plots(r: dict[str, Any], folder: Path) -> dict[str, str]:
                 ax.set_yscale("log")
         fig.suptitle("regularization phase")
         made["curve"] = _save(fig, folder / "curve.png")
+    timed = [row for row in ((r.get("bench") or {}).get("latency") or []) if "speedup" in row]
+    if timed:
+        backends = list(dict.fromkeys(row["backend"] for row in timed))
+        fig, axes = plt.subplots(1, len(backends), figsize=(3.6 * len(backends), 3.4), squeeze=False)
+        for ax, backend in zip(axes[0], backends):
+            rows = [row for row in timed if row["backend"] == backend]
+            x = range(len(rows))
+            for shift, name, color in ((-0.2, "original", "#c8c8c8"), (0.2, "slim", "#3b75af")):
+                p50 = [1e3 * row[name]["p50"] for row in rows]
+                p90 = [1e3 * row[name]["p90"] for row in rows]
+                ax.bar([i + shift for i in x], p50, width=0.4, color=color, label=name,
+                       yerr=[[0] * len(rows), [b - a for a, b in zip(p50, p90)]], capsize=2)
+            for i, row in zip(x, rows):
+                top = 1e3 * max(row["original"]["p90"], row["slim"]["p90"])
+                ax.annotate(f"{row['speedup']:.2f}x", (i, top), xytext=(0, 3), textcoords="offset points",
+                            ha="center", va="bottom", fontsize=8)
+            ax.set_xticks(list(x), [f"batch {row['batch']}" for row in rows])
+            ax.set_yscale("log")
+            ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(NullFormatter())
+            ax.margins(y=0.15)
+            ax.set_ylabel("ms (p50, whisker to p90)")
+            ax.set_title(backend, fontsize=9)
+        axes[0][0].legend(fontsize=8)
+        fig.suptitle("latency, original vs slim (speedup above)")
+        made["latency"] = _save(fig, folder / "latency.png")
     return made
 
 
@@ -120,13 +209,20 @@ def _save(fig, path: Path) -> str:
 
 def render(r: dict[str, Any], plots: dict[str, str]) -> str:
     lines = [f"# Pruning report: {Path(str(r.get('model') or 'model')).name}", "", summary_sentence(r), ""]
-    rows = [["parameters", count_text(r.get("params_before")), count_text(r.get("params_after")), _fewer(r.get("param_ratio"))],
-            ["FLOPs", count_text(r.get("flops_before")), count_text(r.get("flops_after")), _fewer(r.get("flops_ratio"))]]
-    if r.get("acc_before") is not None:
-        final = r.get("acc_final", r.get("acc_pruned"))
-        rows.append(["accuracy", _pct(r.get("acc_before")), _pct(final),
-                     f"{100 * (final - r['acc_before']):+.2f} points" if final is not None else ""])
-    lines += ["## Before and after", "", _table(["", "before", "after", "change"], rows), ""]
+    lines += ["## Before and after", "", _table(["", "before", "after", "change"], before_after_rows(r)), ""]
+    bench = r.get("bench")
+    if bench and bench.get("latency"):
+        m, st = bench.get("machine") or {}, bench.get("settings") or {}
+        lines += ["## Latency", "",
+                  f"Measured on {m.get('cpu')} ({m.get('cpu_count')} cores, {st.get('threads')} threads)"
+                  + (f" and {m['gpu']}" if m.get("gpu") else "") + f", torch {m.get('torch')}, onnxruntime "
+                  f"{m.get('onnxruntime')}. Original and slim ran alternately: {st.get('warmup')} warm-up calls each, "
+                  f"then at least {st.get('min_reps')} timed calls and {st.get('min_seconds')} s each. Speedup is the "
+                  "median of the per-round ratios; efficiency is speedup / FLOPs reduction.", ""]
+        if "latency" in plots:
+            lines += [f"![latency]({plots['latency']})", ""]
+        header, *rows = latency_rows(bench)
+        lines += [_table(header, rows), ""]
     layers = r.get("layers") or {}
     if layers:
         lines += ["## Widths per layer", ""]

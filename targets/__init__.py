@@ -98,9 +98,12 @@ def require_weights(prog: Program, what: str) -> None:
 
 @contextlib.contextmanager
 def eval_mode(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """Put `module` in eval mode for the block, then restore each submodule's training flag."""
+    """Put `module` in eval mode for the block, then restore each submodule's training flag.
+
+    Sets the flags directly rather than calling `.eval()`, which a torch.export module refuses."""
     flags = [(m, m.training) for m in module.modules()]
-    module.eval()
+    for m, _ in flags:
+        m.training = False
     try:
         yield module
     finally:

@@ -69,9 +69,10 @@ def _quiet_loggers(*names: str) -> Iterator[None]:
             lg.setLevel(level)
 
 
-def _torch_onnx_export(prog: Program, path: Path, opset: int | None, dynamo: bool) -> None:
-    size = sum(p.numel() * p.element_size() for p in prog.gm.parameters())
-    kwargs = {"dynamo": dynamo, "opset_version": opset, "input_names": input_names(prog), "verbose": False}
+def _torch_onnx_export(module: torch.nn.Module, inputs: Sequence[torch.Tensor], path: Path, opset: int | None,
+                       dynamo: bool, names: Sequence[str] | None) -> None:
+    size = sum(p.numel() * p.element_size() for p in module.parameters())
+    kwargs = {"dynamo": dynamo, "opset_version": opset, "input_names": list(names) if names else None, "verbose": False}
     if dynamo:
         kwargs["external_data"] = size > _EXTERNAL_DATA_BYTES
     # Not under no_grad: with grad off, nn.TransformerEncoder(Layer) in eval mode takes its fused
@@ -82,14 +83,42 @@ def _torch_onnx_export(prog: Program, path: Path, opset: int | None, dynamo: boo
         warnings.catch_warnings(record=True) as caught,
         contextlib.redirect_stdout(chatter),
         _quiet_loggers("onnxscript", "onnx_ir"),
-        eval_mode(prog.gm),
+        eval_mode(module),
     ):
         warnings.simplefilter("always")
-        torch.onnx.export(prog.gm, tuple(prog.example_inputs), str(path), **kwargs)
+        torch.onnx.export(module, tuple(inputs), str(path), **kwargs)
     for w in caught:
         log.debug("torch.onnx.export warning: %s", w.message)
     if chatter.getvalue().strip():
         log.debug("torch.onnx.export output:\n%s", chatter.getvalue().rstrip())
+
+
+def write_onnx(module: torch.nn.Module, inputs: Sequence[torch.Tensor], path: str | Path, *,
+               names: Sequence[str] | None = None, opset: int | None = None, exporter: str = "auto") -> str:
+    """Write `module` (any nn.Module, in eval mode) traced on `inputs` to `path`; return a note
+    saying which exporter wrote it. exporter: "auto" (dynamo, then legacy if dynamo fails),
+    "dynamo" or "legacy". Raises when the export fails."""
+    if exporter not in EXPORTERS:
+        raise ValueError(f"exporter must be one of {EXPORTERS}, not {exporter!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if exporter == "legacy":
+        _torch_onnx_export(module, inputs, path, opset, False, names)
+        return "exporter: legacy (TorchScript)"
+    try:
+        _torch_onnx_export(module, inputs, path, opset, True, names)
+        return "exporter: dynamo (torch.export)"
+    except Exception as e:
+        if exporter == "dynamo":
+            raise
+        log.info("dynamo ONNX exporter failed (%s); trying the legacy exporter", one_line(e))
+        try:
+            _torch_onnx_export(module, inputs, path, opset, False, names)
+        except Exception as legacy_error:
+            raise RuntimeError(
+                f"both ONNX exporters failed: dynamo: {one_line(e, 140)}; legacy: {one_line(legacy_error, 140)}"
+            ) from legacy_error
+        return f"exporter: legacy (TorchScript), because dynamo failed: {one_line(e, 160)}"
 
 
 def session(path: str | Path, threads: int | None = None):
@@ -130,27 +159,7 @@ def export_onnx(
 
     def body() -> tuple[float | None, str | None]:
         require_weights(prog, f"ONNX to {path}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        note = None
-        if exporter == "legacy":
-            _torch_onnx_export(prog, path, opset, dynamo=False)
-            note = "exporter: legacy (TorchScript)"
-        else:
-            try:
-                _torch_onnx_export(prog, path, opset, dynamo=True)
-                note = "exporter: dynamo (torch.export)"
-            except Exception as e:  # noqa: BLE001 - fall back, or report in `guarded`
-                if exporter == "dynamo":
-                    raise
-                log.info("dynamo ONNX exporter failed (%s); trying the legacy exporter", one_line(e))
-                try:
-                    _torch_onnx_export(prog, path, opset, dynamo=False)
-                except Exception as legacy_error:
-                    raise RuntimeError(
-                        f"both ONNX exporters failed: dynamo: {one_line(e, 140)}; "
-                        f"legacy: {one_line(legacy_error, 140)}"
-                    ) from legacy_error
-                note = f"exporter: legacy (TorchScript), because dynamo failed: {one_line(e, 160)}"
+        note = write_onnx(prog.gm, prog.example_inputs, path, names=input_names(prog), opset=opset, exporter=exporter)
         want = reference_outputs(prog)
         got = run_onnx(session(path), input_names(prog), prog.example_inputs)
         return compare_outputs([torch.from_numpy(np.asarray(g)) for g in got], want, f"onnxruntime on {path.name}"), note

@@ -31,6 +31,7 @@ from pcompiler.targets import (
     eval_mode,
     flatten_tensors,
     guarded,
+    one_line,
     reference_outputs,
     require_weights,
 )
@@ -104,21 +105,50 @@ def save_state_dict(prog: Program, path: str | Path) -> ExportResult:
     return guarded("state_dict", path, body)
 
 
+def _batch_is_dynamic(exported: torch.export.ExportedProgram) -> bool:
+    user_inputs = set(exported.graph_signature.user_inputs)
+    vals = [n.meta.get("val") for n in exported.graph.nodes if n.op == "placeholder" and n.name in user_inputs]
+    return bool(vals) and all(isinstance(v, torch.Tensor) and v.dim() and isinstance(v.shape[0], torch.SymInt)
+                              for v in vals)
+
+
+def _export(gm: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.export.ExportedProgram, str]:
+    """torch.export with the batch (first) dimension dynamic where the model allows it, else
+    static. Exported on a batch of 2 (torch.export specializes size-1 dimensions)."""
+    batches = {t.shape[0] for t in inputs if isinstance(t, torch.Tensor) and t.dim()}
+    if len(batches) == 1 and all(isinstance(t, torch.Tensor) and t.dim() for t in inputs):
+        b = batches.pop()
+        wide = inputs if b > 1 else tuple(t.expand(2, *t.shape[1:]).clone() for t in inputs)
+        try:
+            with torch.no_grad():
+                exported = torch.export.export(gm, wide, dynamic_shapes=tuple({0: torch.export.Dim.AUTO} for _ in inputs))
+            if _batch_is_dynamic(exported):
+                return exported, "dynamic batch dimension"
+            why = "the model fixes it"
+        except Exception as e:  # noqa: BLE001 - fall back to the static export, which says its own error
+            why = f"dynamic export failed: {one_line(e, 160)}"
+    else:
+        why = "the inputs do not share a batch dimension"
+    with torch.no_grad():
+        return torch.export.export(gm, inputs), f"static batch ({why})"
+
+
 def export_program(prog: Program, path: str | Path) -> ExportResult:
-    """`torch.export` the GraphModule (eval mode) and `torch.export.save` it to `path` (.pt2);
-    reload with `torch.export.load(path).module()` and compare outputs."""
+    """`torch.export` the GraphModule (eval mode) and `torch.export.save` it to `path` (.pt2),
+    with a dynamic batch dimension where the model allows it (`note` says which); reload with
+    `torch.export.load(path).module()` and compare outputs."""
     path = Path(path)
 
     def body() -> tuple[float | None, str | None]:
         require_weights(prog, f"a torch.export program to {path}")
         path.parent.mkdir(parents=True, exist_ok=True)
-        with torch.no_grad(), eval_mode(prog.gm):
-            exported = torch.export.export(prog.gm, tuple(prog.example_inputs))
+        with eval_mode(prog.gm):
+            exported, note = _export(prog.gm, tuple(prog.example_inputs))
         torch.export.save(exported, path)
         want = reference_outputs(prog)
         with torch.no_grad():
             got = flatten_tensors(torch.export.load(path).module()(*prog.example_inputs))
-        return compare_outputs(got, want, f"the reloaded {path.name}"), None
+        return compare_outputs(got, want, f"the reloaded {path.name}"), note
 
     return guarded("pt2", path, body)
 

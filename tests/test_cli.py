@@ -296,7 +296,8 @@ def test_tpp_on_digits_trains_finetunes_and_reports(tmp_path):
     for png in ("widths", "importance", "curve"):
         assert (out / "plots" / f"{png}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"plots/{png}.png" in text
-    assert "accuracy" in result.stderr and "before 0.9944" in result.stderr
+    # The closing table: accuracy before and after, one row per stage.
+    assert "accuracy, fine-tuned" in result.stderr and "99.44%" in result.stderr
 
 
 @pytest.mark.parametrize("args, fragments", [

@@ -136,7 +136,8 @@ def test_markdown_report_says_what_was_removed_and_draws_the_plots(tmp_path):
     first = text.splitlines()[2]
     assert first.startswith("`l1` at ratio 0.5 removed 4 channels in 1 of 3 channel groups")
     assert "accuracy 99.00% before, 95.00% right after slim, 98.00% after fine-tuning" in first
-    assert "| accuracy | 99.00% | 98.00% | -1.00 points |" in text
+    assert "| accuracy, fine-tuned | 99.00% | 98.00% | -1.00 points |" in text
+    assert "| accuracy, right after slim | 99.00% | 95.00% | -4.00 points |" in text
     assert "| `0` | 8 -> 4 | = |" in text and "| `2` | = | 8 -> 4 |" in text and "reaches a graph output" in text
     for png in ("widths", "importance", "curve"):
         assert (tmp_path / "plots" / f"{png}.png").read_bytes()[:4] == b"\x89PNG"
