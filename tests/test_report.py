@@ -151,3 +151,19 @@ def test_markdown_report_without_data_leaves_those_sections_out(tmp_path):
     text = write_markdown(build_report(prog, method="l1"), tmp_path).read_text()
     assert "accuracy" not in text and "## Regularization" not in text and "## Importance" not in text
     assert not (tmp_path / "plots" / "curve.png").exists() and (tmp_path / "plots" / "widths.png").exists()
+
+
+def test_latency_text_and_rows():
+    from pcompiler.report_md import latency_rows, seconds_text
+
+    assert [seconds_text(t) for t in (1.5, 0.0123, 4.2e-5, None)] == ["1.5 s", "12.3 ms", "42 µs", "-"]
+    timing = {"p50": 0.002, "p90": 0.003}
+    bench = {"latency": [
+        {"backend": "torch-cpu", "batch": 8, "original": timing, "slim": {"p50": 0.001, "p90": 0.0015},
+         "speedup": 2.0, "efficiency": 0.5},
+        {"backend": "onnxruntime-cpu", "batch": 8, "error": "RuntimeError: no"},
+    ]}
+    header, ok, failed = latency_rows(bench)
+    assert header == ["backend", "batch", "original p50 / p90", "slim p50 / p90", "speedup", "efficiency"]
+    assert ok == ["torch-cpu", "8", "2 ms / 3 ms", "1 ms / 1.5 ms", "2.00x", "0.50"]
+    assert failed[:3] == ["onnxruntime-cpu", "8", "failed: RuntimeError: no"] and len(failed) == len(header)

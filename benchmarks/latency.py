@@ -1,0 +1,189 @@
+"""Latency of pruned models against the originals: speedup, FLOPs reduction and their quotient.
+
+    python benchmarks/latency.py [--quick] [--backends torch-cpu,onnxruntime-cpu] [--threads N]
+
+Cases (torchvision models with random weights: latency depends on the widths, not the values):
+- resnet50 at 224x224, pruned by pcompiler's l1 (`--speedup` 2 and 3, so the ratio is searched
+  for that FLOPs reduction), once with widths rounded to multiples of 8 (the default) and once
+  not rounded (`round_to=1`), to show what rounding buys;
+- the same resnet50 pruned by Torch-Pruning (BasePruner, L1 magnitude, its default: no rounding)
+  at the per-group ratio pcompiler's 2x search found, as the baseline;
+- vit_b_16 at 224x224, pcompiler's l1 at 2x and 3x fewer FLOPs (widths rounded to 8).
+
+Every case is timed with `pcompiler.targets.bench.bench`: original and slim alternately, at each
+batch size, on every backend this machine has (`--backends` narrows it): p50/p90, the median
+per-round speedup, and efficiency = speedup / FLOPs reduction. Writes docs/bench_latency.{json,md,png}.
+Run it alone: the timings share the cores with nothing else. `--quick`: a small input and few
+repetitions, to check the script (writes to /tmp).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+from pathlib import Path
+
+import _common
+import torch
+import torchvision
+
+import pcompiler
+from pcompiler.passmanager import make_pass
+from pcompiler.report_md import seconds_text
+from pcompiler.targets.bench import LatencySettings, bench
+
+
+def case_list(quick: bool) -> list[dict]:
+    r50 = [{"model": "resnet50", "pruner": "pcompiler", "speedup": s, "round_to": r} for s in (2, 3) for r in (8, 1)]
+    tp = [{"model": "resnet50", "pruner": "torch-pruning", "speedup": 2, "round_to": None}]
+    vit = [{"model": "vit_b_16", "pruner": "pcompiler", "speedup": s, "round_to": 8} for s in (2, 3)]
+    return (r50[:2] + tp) if quick else (r50 + tp + vit)
+
+
+def build(name: str, size: int) -> tuple[torch.nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    if name == "vit_b_16":
+        return torchvision.models.vit_b_16(image_size=size).eval(), torch.randn(1, 3, size, size)
+    return getattr(torchvision.models, name)().eval(), torch.randn(1, 3, size, size)
+
+
+def prune_ours(model, x, speedup: float, round_to: int):
+    prog = pcompiler.trace(model, (x,))
+    prog = pcompiler.run(prog, [make_pass("analyze"), make_pass("l1", speedup=speedup, round_to=round_to),
+                                make_pass("slim")])
+    return prog.reference, prog.gm, prog.info["method_settings"]["ratio_used"]
+
+
+def prune_tp(model, x, ratio: float):
+    import copy
+
+    import torch_pruning as tp
+
+    original = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner = tp.pruner.BasePruner(model, example_inputs=x, importance=tp.importance.MagnitudeImportance(p=1),
+                                      pruning_ratio=ratio, ignored_layers=[_common.torchvision_classifier(model)])
+        pruner.step()
+    return original, model.eval()
+
+
+def run_case(case: dict, size: int, settings: LatencySettings, ratios: dict) -> dict:
+    model, x = build(case["model"], size)
+    t0 = time.perf_counter()
+    if case["pruner"] == "pcompiler":
+        original, slim, ratio = prune_ours(model, x, case["speedup"], case["round_to"])
+        ratios[(case["model"], case["speedup"])] = ratio
+    else:  # Torch-Pruning at the ratio our search found for the same target
+        ratio = ratios[(case["model"], case["speedup"])]
+        original, slim = prune_tp(model, x, ratio)
+    prune_s = time.perf_counter() - t0
+    label = f"{case['model']} {case['pruner']} {case['speedup']}x round_to={case['round_to']}"
+    print(f"{label}: ratio {ratio:.3f}, pruned in {prune_s:.1f} s; timing", flush=True)
+    result = bench({"original": original, "slim": slim}, (x,), settings)
+    for row in result["latency"]:
+        if "error" in row:
+            print(f"  {row['backend']} b{row['batch']}: {row['error']}", flush=True)
+            continue
+        print(f"  {row['backend']} b{row['batch']}: {seconds_text(row['original']['p50'])} -> "
+              f"{seconds_text(row['slim']['p50'])}, speedup {row['speedup']:.2f}, efficiency {row['efficiency']:.2f} "
+              f"({row['reps']} reps)", flush=True)
+    return {**case, "ratio": ratio, "prune_seconds": prune_s, "image_size": size, **result}
+
+
+def markdown(results: list[dict], env: dict, settings: LatencySettings) -> str:
+    m = results[0]["machine"] if results else {}
+    lines = [
+        "# Latency of pruned models",
+        "",
+        f"Measured by `benchmarks/latency.py` on {m.get('cpu')} ({m.get('cpu_count')} cores, "
+        f"{results[0]['settings']['threads'] if results else '?'} threads)"
+        + (f" and {m['gpu']}" if m.get("gpu") else ", no GPU")
+        + f"; torch {m.get('torch')}, onnxruntime {m.get('onnxruntime')}, Torch-Pruning {env['torch_pruning']}. "
+        f"Original and slim timed alternately: {settings.warmup} warm-up calls each, then at least "
+        f"{settings.min_reps} rounds and {settings.min_seconds} s per model. Speedup: median of the per-round "
+        "ratios original / slim. Efficiency: speedup / FLOPs reduction. Random weights (latency depends on the "
+        "widths only).",
+        "",
+    ]
+    rows = []
+    for r in results:
+        for row in r["latency"]:
+            if "error" in row:
+                rows.append([r["model"], r["pruner"], r["round_to"], f"{r['ratio']:.3f}", "-", row["backend"],
+                             row["batch"], "-", "-", "-", f"failed: {row['error']}"])
+                continue
+            rows.append([r["model"], r["pruner"], r["round_to"] or "-", f"{r['ratio']:.3f}",
+                         f"{row['flops_reduction']:.2f}x", row["backend"], row["batch"],
+                         f"{seconds_text(row['original']['p50'])} / {seconds_text(row['original']['p90'])}",
+                         f"{seconds_text(row['slim']['p50'])} / {seconds_text(row['slim']['p90'])}",
+                         f"{row['speedup']:.2f}x", f"{row['efficiency']:.2f}"])
+    lines.append(_common.markdown_table(
+        ["model", "pruned by", "round_to", "ratio", "FLOPs reduction", "backend", "batch", "original p50 / p90",
+         "slim p50 / p90", "speedup", "efficiency"], rows))
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    backends = list(dict.fromkeys(row["backend"] for r in results for row in r["latency"] if "speedup" in row))
+    fig, axes = plt.subplots(1, len(backends), figsize=(6 * len(backends), 4.5), squeeze=False)
+    for ax, backend in zip(axes[0], backends):
+        labels, effs = [], {}
+        for r in results:
+            rows = [row for row in r["latency"] if row["backend"] == backend and "efficiency" in row]
+            if not rows:
+                continue
+            red = rows[0]["flops_reduction"]
+            name = f"{r['model']}\n{red:.1f}x, {'TP' if r['pruner'] == 'torch-pruning' else 'ours'}" + (
+                f" r{r['round_to']}" if r["round_to"] else "")
+            labels.append(name)
+            for row in rows:
+                effs.setdefault(row["batch"], []).append(row["efficiency"])
+        width = 0.8 / max(1, len(effs))
+        for k, (batch, values) in enumerate(sorted(effs.items())):
+            ax.bar([i + k * width for i in range(len(values))], values, width=width, label=f"batch {batch}")
+        ax.axhline(1.0, color="black", lw=0.8, ls="--")
+        ax.set_xticks([i + width * (len(effs) - 1) / 2 for i in range(len(labels))], labels, fontsize=7)
+        ax.set_ylabel("efficiency (speedup / FLOPs reduction)")
+        ax.set_title(backend)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--backends", help="comma-separated (default: every backend this machine has)")
+    ap.add_argument("--threads", type=int)
+    ap.add_argument("--vit-batches", default="1,8", help="batch sizes for vit_b_16 (64 takes minutes per call on 2 cores)")
+    ap.add_argument("--out", type=Path, help="folder for bench_latency.{json,md,png} (default: docs/)")
+    args = ap.parse_args()
+    _common.set_threads(args.threads)
+    backends = tuple(args.backends.split(",")) if args.backends else None
+    size = 64 if args.quick else 224
+    out = args.out or (Path("/tmp/bench_latency_quick") if args.quick else _common.DOCS)
+    base = dict(backends=backends, threads=args.threads, warmup=1 if args.quick else 2,
+                min_reps=2 if args.quick else 5, min_seconds=0.0 if args.quick else 2.0)
+    results, ratios = [], {}
+    env = _common.environment()
+    for case in case_list(args.quick):
+        batches = (1, 8) if args.quick else (
+            tuple(int(b) for b in args.vit_batches.split(",")) if case["model"] == "vit_b_16" else (1, 8, 64))
+        results.append(run_case(case, size, LatencySettings(batch_sizes=batches, **base), ratios))
+        _common.write_json(out / "bench_latency.json", {"environment": env, "results": results})
+    settings = LatencySettings(**base)
+    _common.write_text(out / "bench_latency.md", markdown(results, env, settings))
+    plot(results, out / "bench_latency.png")
+    print(f"wrote {out}/bench_latency.{{json,md,png}}")
+
+
+if __name__ == "__main__":
+    main()
