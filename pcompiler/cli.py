@@ -347,10 +347,11 @@ def _bench_settings(batches: str, backends: str | None, **more: Any):
     from pcompiler.targets.bench import LatencySettings, available_backends
 
     chosen = None if backends is None else _parse_list("--backends", backends, BACKENDS)
-    missing = [b for b in chosen or () if b not in available_backends()]
+    have = available_backends()
+    missing = [b for b in chosen or () if b not in have]
     if missing:
         raise CompileError(f"backend {', '.join(missing)} is not available on this machine",
-                           hint=f"this machine has {','.join(available_backends())}")
+                           hint=f"this machine has {','.join(have)}")
     return LatencySettings(batch_sizes=_parse_batches("--batches", batches), backends=chosen, **more)
 
 

@@ -49,6 +49,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from pcompiler.targets import eval_mode, one_line
+from pcompiler.train import device_of
 
 log = logging.getLogger("pcompiler")
 
@@ -58,20 +59,13 @@ def count_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _device_of(module: torch.nn.Module) -> torch.device | None:
-    for t in (*module.parameters(), *module.buffers()):
-        return t.device
-    return None
-
-
 def count_flops(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor]) -> int:
     """FLOPs of one forward pass of `module` on `example_inputs` (multiply-add = 2).
 
     Runs in eval mode under no_grad (so batch-norm statistics are not updated) and restores the
     training flags after. If the module is on the meta device, real inputs are moved to meta."""
     inputs = tuple(example_inputs)
-    device = _device_of(module)
-    if device is not None and device.type == "meta":
+    if device_of(module).type == "meta":
         inputs = tuple(t.to("meta") if isinstance(t, torch.Tensor) else t for t in inputs)
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), eval_mode(module), counter:
@@ -94,8 +88,8 @@ BATCH_SIZES = (1, 8, 64)
 # Channel multiple whose widths the device's kernels run at full speed (`--round-to`'s default).
 # CPU: oneDNN and onnxruntime's MLAS block channels by 8 (AVX2) or 16 (AVX-512). Measured on a
 # 2-core AVX-512 EPYC, resnet50 pruned to 2x fewer FLOPs, onnxruntime at batch 64 (see
-# docs/benchmarks.md): speedup 1.40 with widths rounded to 1, 1.96 to 8 and 1.96 to 16, so 8
-# (the finer choice). CUDA: tensor cores take fp16/bf16 channels in multiples of 8 (NVIDIA's
+# docs/benchmarks.md): speedup 1.46 with widths not rounded, 1.97 rounded to 8; 16 measured the
+# same as 8 (1.96x both, one run), so 8 (the finer choice). CUDA: tensor cores take fp16/bf16 channels in multiples of 8 (NVIDIA's
 # performance guide); not measured here (no GPU was lent).
 ROUND_TO = {"cpu": 8, "cuda": 8}
 
@@ -225,7 +219,8 @@ def _channels_last(t: torch.Tensor) -> torch.Tensor:
 
 def _torch_cuda(dtype: torch.dtype, compile: bool) -> Runner:
     def runner(model, inputs, threads, workdir):
-        model = copy.deepcopy(model).eval().to("cuda", dtype=dtype, memory_format=torch.channels_last)
+        # The copy keeps the eval flags measure_latency set (no .eval(): torch.export modules refuse it).
+        model = copy.deepcopy(model).to("cuda", dtype=dtype, memory_format=torch.channels_last)
         xs = tuple(_channels_last(t.to("cuda", dtype=dtype if t.is_floating_point() else t.dtype)) for t in inputs)
         fn = torch.compile(model, dynamic=False) if compile else model
 
@@ -242,21 +237,14 @@ def _torch_cuda(dtype: torch.dtype, compile: bool) -> Runner:
 
 def _onnxruntime_runner(cuda: bool) -> Runner:
     def runner(model, inputs, threads, workdir):
-        import onnxruntime as ort
-
-        from pcompiler.targets.onnx import write_onnx
+        from pcompiler.targets.onnx import session, write_onnx
 
         path = workdir / f"b{inputs[0].shape[0] if inputs and inputs[0].dim() else 0}.onnx"
         names = [f"input_{i}" for i in range(len(inputs))]
         write_onnx(model, inputs, path, names=names)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.log_severity_level = 3
-        # Idle pool threads would spin after each call and take the cores from the other
-        # model's call that follows (measured: p90 of a small model 8x its p50).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        providers = ["CUDAExecutionProvider"] if cuda else ["CPUExecutionProvider"]
-        sess = ort.InferenceSession(str(path), options, providers=providers)
+        # Not spinning: idle pool threads of one model would take the cores from the other
+        # model's call that follows (measured: a small model's p90 8x its p50).
+        sess = session(path, threads, "CUDAExecutionProvider" if cuda else "CPUExecutionProvider", spinning=False)
         wanted = [i.name for i in sess.get_inputs()]
         feed = {n: t.numpy() for n, t in zip(names, inputs) if n in wanted}
         if not cuda:

@@ -121,15 +121,20 @@ def write_onnx(module: torch.nn.Module, inputs: Sequence[torch.Tensor], path: st
         return f"exporter: legacy (TorchScript), because dynamo failed: {one_line(e, 160)}"
 
 
-def session(path: str | Path, threads: int | None = None):
-    """An onnxruntime InferenceSession on the CPU provider (`threads`: intra-op threads,
-    default torch's current setting, so tests that set one thread get one)."""
+def session(path: str | Path, threads: int | None = None, provider: str = "CPUExecutionProvider",
+            spinning: bool = True):
+    """An onnxruntime InferenceSession on `provider` (`threads`: intra-op threads, default
+    torch's current setting, so tests that set one thread get one). spinning=False: idle pool
+    threads sleep instead of spinning after a call (the bench times two sessions in turn, and a
+    spinning one takes the cores from the other's call)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads if threads is not None else torch.get_num_threads()
     options.log_severity_level = 3  # errors only
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), options, providers=[provider])
 
 
 def run_onnx(sess, names: Sequence[str], inputs: Sequence[torch.Tensor]) -> list[np.ndarray]:
