@@ -8,8 +8,9 @@ METHODS.md, "GReg-1":
    (m <- 0.9 m + 0.1 new; the first value is taken as is) reaches the limit.
 4. When every group has stopped, K_s more steps with lambda fixed, then training ends.
 
-With a step budget the schedule is scaled (see `regularize.Growth`): delta and K_s follow the
-budget so that lambda can reach tau and stabilize within it.
+With a step budget N the schedule is fitted to it (`regularize.Budget`): its phases scale by
+N / L0 and every lambda by the factor that keeps the paper's total push sum(lr * lambda), within
+the stability cap. The push each group received and its magnitude ratio go to the report.
 """
 
 from __future__ import annotations
@@ -20,14 +21,17 @@ from typing import Any, ClassVar
 
 import torch
 
-from pcompiler.ir import Program
+from pcompiler.ir import ParamSlice, Program
 from pcompiler.passes.regularize import (
+    PAPER_LR,
+    Budget,
     ChannelPenalty,
     Growth,
     MethodHooks,
     RegMethod,
     fixed_selection,
     is_filter,
+    is_norm_param,
     magnitude_ratio,
 )
 from pcompiler.passmanager import register_pass
@@ -36,12 +40,14 @@ from pcompiler.passmanager import register_pass
 class GrowingHooks(MethodHooks):
     """Per-group lambda on the selected channels, grown by `growth` until each group is done."""
 
-    def __init__(self, prog: Program, selection, growth: Growth, ratio_limit: float):
+    def __init__(self, prog: Program, selection, growth: Growth, ratio_limit: float, l2_norm: bool = False):
         self.analysis = prog.require_analysis("greg")
-        self.gm, self.growth, self.limit = prog.gm, growth, ratio_limit
+        self.gm, self.growth, self.limit, self.l2_norm = prog.gm, growth, ratio_limit, l2_norm
         self.mag: dict[int, float] = {}
         self.done: dict[int, int] = {}  # group -> step it stopped growing
         self.size = 0.0
+        self.push: dict[int, float] = {}  # group -> sum of lr * lambda on its pruned channels so far
+        self.budget: dict[str, Any] = {}  # Budget.record(), for the report
         self.install(selection, kept_lambda=0.0, start_lambda=0.0)
         self.stabilize_from: int | None = None if self.selection else 0
 
@@ -50,12 +56,18 @@ class GrowingHooks(MethodHooks):
         stay at kept_lambda (0 for GReg-1; GReg-2 gives them -1e-4)."""
         self.groups = {gid: self.analysis.groups[gid] for gid in selection}
         self.selection = dict(selection)
-        self.penalty = ChannelPenalty(self.gm, self.groups.values(), lambda p: is_filter(self.gm, p))
+        self.penalty = ChannelPenalty(self.gm, self.groups.values(), self.penalized)
         self.lam: dict[int, torch.Tensor] = {}
         for gid, chans in self.selection.items():
             lam = torch.full((self.groups[gid].size,), kept_lambda)
             lam[list(chans)] = start_lambda
             self.lam[gid] = lam
+
+    def penalized(self, p: ParamSlice) -> bool:
+        """Filter rows; with `l2_norm` also the scale and shift of the norms the channel passes."""
+        if is_filter(self.gm, p):
+            return True
+        return self.l2_norm and p.role == "produce" and not p.is_buffer and is_norm_param(self.gm, p)
 
     def after_backward(self, model, step: int) -> None:
         self.size = self.penalty.apply(self.lam)
@@ -75,9 +87,13 @@ class GrowingHooks(MethodHooks):
             self.stabilize_from = step
 
     def after_step(self, model, step: int) -> dict[str, float]:
+        lr = self.lr_at(step - 1)  # the lr of the step just taken, with the lambdas it used
+        pruned = [float(self.lam[g][list(c)].mean()) for g, c in self.selection.items()]
+        for g, lam in zip(self.selection, pruned):
+            self.push[g] = self.push.get(g, 0.0) + lr * lam
         if self.stabilize_from is None and step % self.growth.interval == 0:
             self.grow(step)
-        pruned = [float(self.lam[g][list(c)].mean()) for g, c in self.selection.items()]
+            pruned = [float(self.lam[g][list(c)].mean()) for g, c in self.selection.items()]
         mags = [min(v, 1e6) for v in self.mag.values()]
         return {"penalty": self.size, "lambda": max(pruned, default=0.0),
                 "mag_ratio": min(mags) if mags else 0.0}
@@ -87,15 +103,19 @@ class GrowingHooks(MethodHooks):
 
     def state_dict(self) -> dict[str, Any]:
         return {"lam": self.lam, "mag": self.mag, "done": self.done, "stabilize_from": self.stabilize_from,
-                "selection": self.selection}
+                "selection": self.selection, "push": self.push}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.lam = state["lam"]
         self.mag, self.done = dict(state["mag"]), dict(state["done"])
         self.stabilize_from, self.selection = state["stabilize_from"], dict(state["selection"])
+        self.push = dict(state["push"])
 
     def summary(self) -> dict[str, Any]:
-        return {"schedule": dataclasses.asdict(self.growth),
+        pushes = list(self.push.values())
+        return {"schedule": dataclasses.asdict(self.growth), "budget": self.budget,
+                "push_delivered": {"min": min(pushes, default=0.0), "max": max(pushes, default=0.0),
+                                   "per_group": {str(g): v for g, v in self.push.items()}},
                 "groups_stopped_at": {str(g): s for g, s in self.done.items()},
                 "stabilization_started_at": self.stabilize_from,
                 "magnitude_ratio": {str(g): v for g, v in self.mag.items()}}
@@ -113,6 +133,7 @@ class GReg1(RegMethod):
     ceiling: float = 1.0  # tau
     stabilize: int = 10_000  # K_s (paper scale)
     ratio_limit: float = 1000.0  # magnitude ratio that stops a group's growth
+    l2_norm: bool = True  # also penalize the pruned channels' norm scale and shift (not in the paper)
 
     def growth(self) -> Growth:
         return Growth(self.delta, self.interval, self.ceiling, self.stabilize)
@@ -121,5 +142,9 @@ class GReg1(RegMethod):
         return self.growth().length
 
     def make_hooks(self, prog: Program, budget: int, ratio: float | None) -> GrowingHooks:
-        growth = self.growth().scaled(budget / self.growth().length)
-        return GrowingHooks(prog, fixed_selection(prog, self, ratio), growth, self.ratio_limit)
+        paper = self.growth()
+        fit = Budget.fit(budget, paper.length, self.train, paper.ceiling)
+        growth = paper.scaled(fit.step_factor, fit.lam)
+        hooks = GrowingHooks(prog, fixed_selection(prog, self, ratio), growth, self.ratio_limit, self.l2_norm)
+        hooks.budget = fit.record(paper.push(PAPER_LR), growth.push(self.train.lr))
+        return hooks

@@ -10,7 +10,9 @@ METHODS.md, "GReg-2":
    magnitude ratio reaches the limit (as GReg-1).
 3. K_s steps of stabilization.
 
-A step budget scales both phases' increments and K_s by the same factor (`regularize.Growth`).
+A step budget N fits both phases as GReg-1 does (`regularize.Budget`): every length scales by
+N / L0 and every lambda (pick_delta, pick_ceiling, delta, tau, kept_lambda) by the factor that
+keeps the paper's total push on the pruned channels, within the stability cap.
 """
 
 from __future__ import annotations
@@ -23,7 +25,15 @@ import torch
 
 from pcompiler.ir import Program
 from pcompiler.passes.greg1 import GrowingHooks
-from pcompiler.passes.regularize import ChannelPenalty, Growth, RegMethod, fixed_selection, is_filter
+from pcompiler.passes.regularize import (
+    PAPER_LR,
+    Budget,
+    ChannelPenalty,
+    Growth,
+    RegMethod,
+    fixed_selection,
+    is_filter,
+)
 from pcompiler.passes.select import candidates
 from pcompiler.passmanager import register_pass
 
@@ -32,10 +42,11 @@ class PickingHooks(GrowingHooks):
     """Phase 1 grows one lambda shared by all channels; at pick_ceiling it selects by L1 and
     becomes GReg-1's growth with kept channels at kept_lambda."""
 
-    def __init__(self, prog: Program, method: GReg2, growth: Growth, pick_delta: float, ratio: float):
-        super().__init__(prog, {}, growth, method.ratio_limit)
+    def __init__(self, prog: Program, method: GReg2, growth: Growth, pick: Growth, kept_lambda: float, ratio: float):
+        super().__init__(prog, {}, growth, method.ratio_limit, method.l2_norm)
         self.prog, self.method, self.ratio = prog, method, ratio
-        self.pick_delta = pick_delta
+        self.pick_delta, self.pick_ceiling, self.kept_lambda = pick.delta, pick.ceiling, kept_lambda
+        self.pick_push = 0.0
         self.stabilize_from = None
         self.picking = True
         self.picked_at: int | None = None
@@ -55,31 +66,35 @@ class PickingHooks(GrowingHooks):
 
     def _install(self, selection, step: int) -> None:
         self.picking, self.picked_at = False, step
-        self.install(selection, self.method.kept_lambda, self.pick_lambda)
+        self.install(selection, self.kept_lambda, self.pick_lambda)
+        self.push = {g: self.pick_push for g in selection}
         if not selection:
             self.stabilize_from = step
 
     def after_step(self, model, step: int) -> dict[str, float]:
         if self.picking:
+            self.pick_push += self.lr_at(step - 1) * self.pick_lambda
             if step % self.growth.interval == 0:
                 self.pick_lambda += self.pick_delta
-                if self.pick_lambda >= self.method.pick_ceiling - 1e-12:
+                if self.pick_lambda >= self.pick_ceiling * (1 - 1e-9):
                     self._pick(step)
             return {"penalty": self.size, "lambda": self.pick_lambda, "mag_ratio": 0.0}
         return super().after_step(model, step)
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "picking": self.picking, "picked_at": self.picked_at,
-                "pick_lambda": self.pick_lambda}
+                "pick_lambda": self.pick_lambda, "pick_push": self.pick_push}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.picking, self.picked_at, self.pick_lambda = state["picking"], state["picked_at"], state["pick_lambda"]
+        self.pick_push = state["pick_push"]
         if not self.picking:
             self._install(dict(state["selection"]), self.picked_at)  # the saved lambdas follow
         super().load_state_dict(state)
 
     def summary(self) -> dict[str, Any]:
-        return {**super().summary(), "picked_at": self.picked_at, "pick_delta": self.pick_delta}
+        return {**super().summary(), "picked_at": self.picked_at, "pick_delta": self.pick_delta,
+                "pick_ceiling": self.pick_ceiling, "kept_lambda": self.kept_lambda}
 
 
 @register_pass
@@ -97,14 +112,28 @@ class GReg2(RegMethod):
     stabilize: int = 10_000
     ratio_limit: float = 1000.0
     kept_lambda: float = -1e-4
+    l2_norm: bool = True  # in the second phase, also the pruned channels' norm scale and shift (not in the paper)
 
     def growth(self) -> Growth:
+        """The second phase, from pick_ceiling up to tau, then stabilization."""
         return Growth(self.delta, self.interval, self.ceiling - self.pick_ceiling, self.stabilize)
 
+    def picking(self) -> Growth:
+        return Growth(self.pick_delta, self.interval, self.pick_ceiling, 0)
+
     def paper_steps(self, prog: Program) -> int:
-        return self.growth().length + int(round(self.interval * self.pick_ceiling / self.pick_delta))
+        return self.growth().length + self.picking().growth_steps
+
+    def push(self, pick: Growth, growth: Growth, lr: float) -> float:
+        """sum lr * lambda on a pruned channel: picking, then growth starting from pick's ceiling."""
+        return pick.push(lr) + growth.push(lr) + lr * pick.ceiling * growth.length
 
     def make_hooks(self, prog: Program, budget: int, ratio: float | None) -> PickingHooks:
-        factor = budget / self.paper_steps(prog)
-        growth = dataclasses.replace(self.growth().scaled(factor), ceiling=self.ceiling)
-        return PickingHooks(prog, self, growth, self.pick_delta / factor, ratio)
+        fit = Budget.fit(budget, self.paper_steps(prog), self.train, self.ceiling)
+        pick = self.picking().scaled(fit.step_factor, fit.lam)
+        growth = self.growth().scaled(fit.step_factor, fit.lam)
+        hooks = PickingHooks(prog, self, dataclasses.replace(growth, ceiling=self.ceiling * fit.lam), pick,
+                             self.kept_lambda * fit.lam, ratio)
+        hooks.budget = fit.record(self.push(self.picking(), self.growth(), PAPER_LR),
+                                  self.push(pick, growth, self.train.lr))
+        return hooks

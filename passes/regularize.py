@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import logging
 import math
 from collections.abc import Callable, Iterable
@@ -31,12 +32,13 @@ from pcompiler.ir import ChannelGroup, ParamSlice, Program, Selection, owner_of,
 from pcompiler.passes.l1 import group_l1, l1_scores
 from pcompiler.passes.select import MethodPass, _search_ratio, select
 from pcompiler.passmanager import CompileError, PassResult
-from pcompiler.train import Hooks, TrainConfig, train
+from pcompiler.train import Hooks, TrainConfig, lr_at, train
 
 log = logging.getLogger("pcompiler")
 
 NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 DEFAULT_EPOCH_CAP = 100  # with no step budget: the paper's schedule, or this many epochs if shorter
+PAPER_LR = 1e-3  # the SGD lr of the GReg and TPP schedules (METHODS.md)
 
 
 def is_norm_param(gm: nn.Module, p: ParamSlice) -> bool:
@@ -69,12 +71,64 @@ class Growth:
     stabilize: int = 10_000
 
     @property
-    def length(self) -> int:
-        return int(round(self.interval * self.ceiling / self.delta)) + self.stabilize
+    def growth_steps(self) -> int:
+        return int(round(self.interval * self.ceiling / self.delta))
 
-    def scaled(self, factor: float) -> Growth:
-        """The schedule for a budget `factor` times the paper's length."""
-        return dataclasses.replace(self, delta=self.delta / factor, stabilize=max(1, int(round(self.stabilize * factor))))
+    @property
+    def length(self) -> int:
+        return self.growth_steps + self.stabilize
+
+    def push(self, lr: float) -> float:
+        """The schedule's total push sum_t lr * lambda_t at a constant lr: lambda climbs in steps of
+        delta held `interval` steps each (its mean over the growth phase is (ceiling - delta) / 2),
+        then stays at `ceiling` for `stabilize` steps."""
+        return lr * (self.growth_steps * (self.ceiling - self.delta) / 2 + self.stabilize * self.ceiling)
+
+    def scaled(self, steps: float, lam: float = 1.0) -> Growth:
+        """This schedule with its phases `steps` times as long and every lambda `lam` times as large
+        (K_u stays: delta scales by lam / steps)."""
+        return dataclasses.replace(self, delta=self.delta * lam / steps, ceiling=self.ceiling * lam,
+                                   stabilize=max(1, int(round(self.stabilize * steps))))
+
+
+def lambda_cap(train: TrainConfig) -> float:
+    """The largest lambda a growing penalty may reach: lr * lambda <= 1 + momentum.
+
+    SGD with momentum mu (heavy ball) on the penalty's quadratic lambda / 2 * w^2 converges only
+    while lr * lambda < 2 * (1 + mu); half of that leaves room for the loss's own curvature and
+    weight decay. (Momentum amplifies a steady push about 1 / (1 - mu) times: that is what lets a
+    short budget deliver the paper's total push at a moderate lambda.)"""
+    return (1.0 + train.momentum) / max(train.lr, 1e-12)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How a paper schedule of `paper_steps` steps at lr PAPER_LR is fitted to `steps` steps at `lr`.
+
+    Phases scale by `steps / paper_steps`; every lambda by `lam`, chosen so the total push
+    sum_t lr * lambda_t equals the paper's (lam = (PAPER_LR / lr) * paper_steps / steps), unless that
+    would pass `lambda_cap`: then lam is lowered to the cap (`capped`) and the push falls short."""
+
+    steps: int
+    paper_steps: int
+    lr: float
+    lam: float
+    capped: bool
+
+    @property
+    def step_factor(self) -> float:
+        return self.steps / self.paper_steps
+
+    @staticmethod
+    def fit(steps: int, paper_steps: int, train: TrainConfig, ceiling: float) -> Budget:
+        lam = (PAPER_LR / max(train.lr, 1e-12)) * paper_steps / max(steps, 1)
+        cap = lambda_cap(train) / ceiling
+        return Budget(steps, paper_steps, train.lr, min(lam, cap), lam > cap)
+
+    def record(self, paper: float, planned: float) -> dict[str, Any]:
+        """What goes to report.json: the pushes (sum of lr * lambda) of the paper and of this run."""
+        return {"steps": self.steps, "paper_steps": self.paper_steps, "lambda_scale": self.lam,
+                "capped": self.capped, "push_paper": paper, "push_planned": planned}
 
 
 class ChannelPenalty:
@@ -122,9 +176,13 @@ def magnitude_ratio(gm: nn.Module, group: ChannelGroup, pruned: tuple[int, ...])
 
 
 class MethodHooks(Hooks):
-    """Hooks that may fix the selection themselves (GReg, TPP) and report their settings."""
+    """Hooks that may fix the selection themselves (GReg, TPP) and report their settings.
+
+    `lr_at(step)` is the regularization lr at a step (set by `RegMethod.run`), for the hooks that
+    measure the push they deliver."""
 
     selection: Selection | None = None
+    lr_at: Callable[[int], float] = staticmethod(lambda step: PAPER_LR)
 
     def summary(self) -> dict[str, Any]:
         return {}
@@ -183,8 +241,9 @@ class RegMethod(MethodPass):
         if self.selects_by_l1:
             ratio = self.ratio if self.speedup is None else _search_ratio(prog, analysis, l1_scores(prog), self)
         budget = self.budget(prog)
-        hooks = self.make_hooks(prog, budget, ratio)
         cfg = dataclasses.replace(self.train, steps=budget, label=f"{self.name} regularization")
+        hooks = self.make_hooks(prog, budget, ratio)
+        hooks.lr_at = functools.partial(lr_at, cfg)
         result = train(prog.gm, self.data, cfg, hooks)
         prog.gm.eval()
         prog = self.after_training(prog, hooks)

@@ -14,6 +14,9 @@ METHODS.md, "TPP":
    A "layer" here is a channel group: coupled producers (a conv and its norm, the convs feeding
    one residual stream) lose their slices at the same step.
    The paper's zero_interval is 100 steps of a 10k-step K_s; a budget scales both.
+
+A step budget N fits the schedule as GReg-1's (`regularize.Budget`): lengths scale by N / L0,
+lambda (and with it the Gram term's weight) by the factor that keeps the paper's total push.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ import torch
 
 from pcompiler.ir import Program, tensor_of
 from pcompiler.passes.regularize import (
+    PAPER_LR,
+    Budget,
     ChannelPenalty,
     Growth,
     MethodHooks,
@@ -82,6 +87,8 @@ class TPPHooks(MethodHooks):
         self.lam = 0.0
         self.stabilize_from: int | None = None if self.selection else 0
         self.size = self.gram_size = 0.0
+        self.push = 0.0  # sum of lr * lambda so far
+        self.budget: dict[str, Any] = {}
 
     @staticmethod
     def _mask(n: int, chans) -> torch.Tensor:
@@ -101,6 +108,7 @@ class TPPHooks(MethodHooks):
         self.size = self.penalty.apply(lam)
 
     def after_step(self, model, step: int) -> dict[str, float]:
+        self.push += self.lr_at(step - 1) * self.lam
         if self.stabilize_from is None and step % self.growth.interval == 0:
             if self.lam >= self.growth.ceiling:
                 self.stabilize_from = step
@@ -121,13 +129,14 @@ class TPPHooks(MethodHooks):
         return self.stabilize_from is not None and step >= self.stabilize_from + self.growth.stabilize
 
     def state_dict(self) -> dict[str, Any]:
-        return {"lam": self.lam, "stabilize_from": self.stabilize_from}
+        return {"lam": self.lam, "stabilize_from": self.stabilize_from, "push": self.push}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.lam, self.stabilize_from = state["lam"], state["stabilize_from"]
+        self.lam, self.stabilize_from, self.push = state["lam"], state["stabilize_from"], state["push"]
 
     def summary(self) -> dict[str, Any]:
-        return {"schedule": dataclasses.asdict(self.growth), "zero_interval": self.zero_interval,
+        return {"schedule": dataclasses.asdict(self.growth), "budget": self.budget, "push_delivered": self.push,
+                "zero_interval": self.zero_interval,
                 "stabilization_started_at": self.stabilize_from, "layers_zeroed": len(self.layers)}
 
 
@@ -154,7 +163,10 @@ class TPP(RegMethod):
         return self.growth().length
 
     def make_hooks(self, prog: Program, budget: int, ratio: float | None) -> TPPHooks:
-        factor = budget / self.growth().length
-        growth = self.growth().scaled(factor)
-        zero = max(1, int(round(self.zero_interval * factor)))
-        return TPPHooks(prog, self, fixed_selection(prog, self, ratio), growth, zero)
+        paper = self.growth()
+        fit = Budget.fit(budget, paper.length, self.train, paper.ceiling)
+        growth = paper.scaled(fit.step_factor, fit.lam)
+        zero = max(1, int(round(self.zero_interval * fit.step_factor)))
+        hooks = TPPHooks(prog, self, fixed_selection(prog, self, ratio), growth, zero)
+        hooks.budget = fit.record(paper.push(PAPER_LR), growth.push(self.train.lr))
+        return hooks

@@ -169,6 +169,11 @@ def _lr_factor(schedule: str, steps: int):
     return factor
 
 
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """The lr the loop uses for the optimizer step taken at `step` (0-based)."""
+    return cfg.lr * _lr_factor(cfg.schedule, cfg.steps)(step)
+
+
 def _batches(n: int, cfg: TrainConfig, start: int, rank: int, size: int) -> Iterator[list[int]]:
     """This rank's sample indices for steps start, start+1, ... (see the module docstring)."""
     if cfg.batch_size % size:
@@ -389,3 +394,47 @@ def evaluate(model: nn.Module, dataset: torch.utils.data.Dataset, *, device: str
         total += len(y)
     model.to(home).train(was_training)
     return correct / max(total, 1)
+
+
+RUNNING_STAT_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+def norms_with_running_stats(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, RUNNING_STAT_NORMS) and m.track_running_stats
+            and m.running_mean is not None]
+
+
+@torch.no_grad()
+def recalibrate_norms(model: nn.Module, dataset: torch.utils.data.Dataset, *, batches: int, batch_size: int = 64,
+                      seed: int = 0, device: str | torch.device = "cpu") -> int:
+    """Re-estimate the running statistics of every norm that keeps them, on `batches` batches of
+    `dataset` (no augmentation, no gradients); returns the number of norms.
+
+    The statistics are reset and then averaged over the batches with equal weight (momentum None),
+    so the result does not depend on what they were. The batches are a seeded draw, the same in
+    every process: under DDP every rank computes the same statistics without communicating.
+    Parameters are untouched; mode and device are restored after."""
+    norms = norms_with_running_stats(model)
+    if not norms or batches <= 0:
+        return len(norms)
+    was_training, home = model.training, device_of(model)
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    model.eval()
+    for m in norms:
+        m.train()
+    model.to(device)
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(dataset), generator=g)[:batches * batch_size].tolist()
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, order), batch_size=batch_size)
+    try:
+        for x, _ in loader:
+            if len(x) > 1:  # a batch of one has no variance to estimate
+                model(x.to(device))
+    finally:
+        for m, momentum in zip(norms, saved):
+            m.momentum = momentum
+        model.to(home).train(was_training)
+    return len(norms)
