@@ -1,6 +1,7 @@
 """Train the bundled example model on scikit-learn's handwritten digits; write the checkpoint.
 
-    python examples/train_digits.py            # writes examples/digits_resnet.pt
+    python examples/train_digits.py              # writes examples/digits_resnet.pt
+    python examples/train_digits.py --arch vgg   # writes examples/digits_vgg.pt (no residual adds)
 
 Digits: 1797 real 8x8 grey images (bundled with scikit-learn, no download), scaled to [0, 1],
 split 80/20 with seed 0 (the same split `--data digits` uses). About a minute on 2 CPU cores.
@@ -16,20 +17,24 @@ import torch
 import torch.nn.functional as F
 
 from pcompiler.data import load_data
-from pcompiler.example_models import DigitsResNet
+from pcompiler.example_models import DigitsResNet, DigitsVGG
+
+ARCHS = {"resnet": DigitsResNet, "vgg": DigitsVGG}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("-o", "--out", default=str(Path(__file__).with_name("digits_resnet.pt")))
+    ap.add_argument("--arch", choices=sorted(ARCHS), default="resnet")
+    ap.add_argument("-o", "--out", help="default: examples/digits_<arch>.pt")
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    args.out = args.out or str(Path(__file__).with_name(f"digits_{args.arch}.pt"))
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     data = load_data("digits")
     (xtr, ytr), (xva, yva) = data.train.tensors, data.val.tensors
-    model = DigitsResNet()
+    model = ARCHS[args.arch]()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     steps = args.epochs * ((len(xtr) + 63) // 64)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=steps)
