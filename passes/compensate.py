@@ -76,15 +76,15 @@ def consumers(prog: Program) -> tuple[dict[str, np.ndarray], tuple[tuple[str, st
 
 
 def _unsupported(gm: fx.GraphModule, module: str, attr: str, dim: int, called: set[str]) -> str | None:
-    m = gm.get_submodule(module) if module else gm
+    if module not in called:
+        return "the weight is used by a functional call, not by a module call (no hook sees its input)"
+    m = gm.get_submodule(module)
     if not isinstance(m, (nn.Linear, *_CONVS)):
         return f"a {type(m).__name__} consumes it: only Linear and Conv (groups 1) consumers are folded into"
     if attr != "weight" or dim != 1:
         return f"it is consumed through {attr}[dim {dim}], not the weight's input dim"
     if isinstance(m, _CONVS) and m.groups != 1:
         return f"grouped conv (groups={m.groups}): each output sees only its group's inputs"
-    if module not in called:
-        return "the weight is used by a functional call, not by the module itself (no hook sees its input)"
     return None
 
 
@@ -246,7 +246,7 @@ def _choose(module: str, m: nn.Module, positions: np.ndarray, stats: _Stats,
     only positions whose values were all equal; else those with relative std <= tol."""
     mean, rel_std, equal = stats.summary()
     constant = equal if tol is None else rel_std <= tol
-    chosen = constant & (mean != 0)
+    chosen = constant & (mean != 0) & np.isfinite(mean)
     f = Fold(module, positions[chosen], mean[chosen], is_exact(m), rel_std[chosen]) if chosen.any() else None
     summary = {"kind": type(m).__name__, "exact": is_exact(m), "folded": int(chosen.sum()),
                "zero": int((constant & (mean == 0)).sum()), "not_constant": int((~constant).sum()),
@@ -286,7 +286,7 @@ class Compensate:
         else:
             source, tol = f"{self.batches} batches of {self.batch_size} from the training data, tol {self.tol:g}", self.tol
             batches = _data_batches(self.data, self.batches, self.batch_size, self.seed, device_of(prog.reference))
-        stats = _measure(prog.reference, targets, batches)
+        stats = _measure(prog.reference, targets, batches) if targets else {}
         folds, per_consumer = [], {}
         for module, positions in targets.items():
             f, per_consumer[module] = _choose(module, prog.reference.get_submodule(module), positions, stats[module], tol)

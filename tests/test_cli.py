@@ -122,8 +122,19 @@ def test_dump_ir_writes_the_graph_after_each_pass(cnn_file, tmp_path):
                     "--dump-ir", tmp_path / "ir", "-o", tmp_path / "out")
     assert result.exit_code == 0, result.output
     names = sorted(p.name for p in (tmp_path / "ir").iterdir())
-    assert [n.split("-", 1)[1] for n in names] == ["analyze.txt", "l1.txt", "slim.txt", "verify.txt"]
+    assert [n.split("-", 1)[1] for n in names] == ["analyze.txt", "l1.txt", "slim.txt", "compensate.txt", "verify.txt"]
     assert "call_module" in (tmp_path / "ir" / names[-1]).read_text()
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["compensation"]["folded"] == 0 and "consumers" in report["compensation"]  # live filters vary
+
+
+def test_no_compensate_leaves_the_pass_out(cnn_file, tmp_path):
+    result = invoke(cnn_file, "--method", "l1", "--ratio", "0.5", "--formats", "pt2", "--no-compensate",
+                    "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [p["name"] for p in report["passes"]] == ["analyze", "l1", "slim", "verify"]
+    assert "compensation" not in report and report["verify"]["reference"] == "original with the removed channels zeroed"
 
 
 @pytest.mark.parametrize(
