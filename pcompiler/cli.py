@@ -2,7 +2,7 @@
 
     pcompile MODEL --method tpp --ratio 0.5 --data digits -o out/
         load, trace, analyze, evaluate, tpp (regularization training, then selection), slim,
-        verify, evaluate, fine-tune, evaluate, export (pt, pt2, onnx), report.json
+        compensate, verify, evaluate, fine-tune, evaluate, export (pt, pt2, onnx), report.json
     pcompile MODEL --method l1 --ratio 0.5 -o out/      no data: one-shot, no accuracy
     pcompile MODEL --analyze                             print the channel groups and stop
     pcompile MODEL ... --bench                           also measure latency, original vs slim
@@ -165,7 +165,13 @@ def _summary(console: Console, report: dict[str, Any], report_path: Path) -> Non
             rows.append(("verify", f"[yellow]skipped[/] {escape(str(verify.get('skipped', '')))}"))
         else:
             state = "[green]ok[/]" if verify.get("ok") else "[red]FAILED[/]"
-            rows.append(("verify", f"{state}, max error {_num(verify.get('max_error'))}"))
+            approx = verify.get("approximate")
+            near = f"; approximate folds at {escape(', '.join(approx['where']))} deviate by up to " \
+                   f"{_num(approx['max_error'])}" if approx else ""
+            rows.append(("verify", f"{state}, max error {_num(verify.get('max_error'))}{near}"))
+    folded = (report.get("compensation") or {}).get("folded")
+    if folded:
+        rows.append(("compensate", f"{folded} constant inputs of removed channels folded into biases"))
     for e in report.get("exports") or []:
         state = "[green]ok[/]" if e.get("ok") else f"[red]FAILED[/] {escape(str(e.get('error')))}"
         err = f", max error {_num(e.get('max_error'))}" if e.get("ok") and e.get("max_error") is not None else ""
