@@ -191,13 +191,12 @@ def verify_program(prog: Program, rtol: float = 1e-4, atol: float = 1e-5) -> dic
         check_reproduces(prog.source, prog.reference, prog.example_inputs)
     folds = prog.compensation.folds if prog.compensation is not None else ()
     exact, approx = tuple(f for f in folds if f.exact), tuple(f for f in folds if not f.exact)
-    what = _reference_text(exact)
+    what = _reference_text(exact) + (f" (the slim model without its {len(approx)} approximate folds)" if approx else "")
     checked = prog.replace(gm=_without_folds(prog, approx)) if approx else prog
     worst, worst_rel = _compare(checked, constant_reference(prog, exact), what, rtol, atol)
     result: dict[str, Any] = {"ok": True, "reference": what, "max_error": worst, "max_relative_error": worst_rel,
                               "rtol": rtol, "atol": atol}
     if approx:
-        result["reference"] += f" (the slim model without its {len(approx)} approximate folds)"
         full = constant_reference(prog, folds)
         errors = [e for inputs in _inputs(prog) for e in _output_errors(prog.gm, full, inputs)]
         result["approximate"] = {
