@@ -130,9 +130,9 @@ class _Stats:
 
     def summary(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(mean, relative std, whether every value was equal) per position."""
-        mean = (self.total / self.rows).cpu().numpy()
-        var = np.maximum((self.squares / self.rows).cpu().numpy() - mean**2, 0.0)
         equal = (self.low == self.high).cpu().numpy()
+        mean = np.where(equal, self.high.cpu().numpy(), (self.total / self.rows).cpu().numpy())
+        var = np.maximum((self.squares / self.rows).cpu().numpy() - mean**2, 0.0)
         std = np.where(equal, 0.0, np.sqrt(var))
         scale = np.sqrt(self.input_squares / max(self.input_count, 1))
         return mean, std / np.maximum(np.abs(mean) + scale, 1e-30), equal
@@ -244,6 +244,9 @@ def _choose(module: str, m: nn.Module, positions: np.ndarray, stats: _Stats,
             tol: float | None) -> tuple[Fold | None, dict[str, Any]]:
     """The fold at one consumer (None when nothing is folded) and its summary. tol None: fold
     only positions whose values were all equal; else those with relative std <= tol."""
+    if stats.rows == 0:
+        return None, {"kind": type(m).__name__, "folded": 0, "not_constant": len(positions),
+                      "why": "no input reached it on the measured batches"}
     mean, rel_std, equal = stats.summary()
     constant = equal if tol is None else rel_std <= tol
     chosen = constant & (mean != 0) & np.isfinite(mean)
@@ -280,6 +283,9 @@ class Compensate:
         if prog.on_meta:
             info = {**prog.info, "compensation": {"skipped": "the model is on the meta device; nothing to run"}}
             return PassResult(prog.replace(info=info), changed=False)
+        if self.data is not None and min(self.batches, self.batch_size) < 1:
+            raise CompileError(f"compensate: batches ({self.batches}) and batch_size ({self.batch_size}) must be at "
+                               "least 1", hint="or pass data=None to fold only exactly constant channels")
         targets, skipped = consumers(prog)
         if self.data is None:
             source, tol, batches = "exact constants on the example inputs and a random draw", None, _random_draws(prog)

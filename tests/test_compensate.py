@@ -249,3 +249,5 @@ def test_the_input_program_is_left_as_it_was():
     assert not any(m.training for m in prog.reference.modules())
     with pytest.raises(PassError, match="compensate already ran on this program"):
         pcompiler.run(out, [make_pass("compensate")])
+    with pytest.raises(PassError, match=r"batches \(0\) and batch_size \(64\) must be at least 1"):
+        pcompiler.run(prog, [make_pass("compensate", data=tiny_data(), batches=0)])
