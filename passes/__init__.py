@@ -1,12 +1,13 @@
 """The passes. Importing this package registers every pass by name (see pcompiler.passmanager).
 
-One file per pass: trace (builds the Program; `pcompiler.trace` is its entry point), analyze, the methods (l1, random, slimming, greg1, greg2, tpp, receding), slim, verify, recalibrate, evaluate, finetune.
+One file per pass: trace (builds the Program; `pcompiler.trace` is its entry point), analyze, the methods (l1, random, slimming, greg1, greg2, tpp, receding), slim, compensate, verify, recalibrate, evaluate, finetune.
 `regularize` holds what the training methods share;
 `select` holds the selection rules the methods share; `rules/` the op rules of analyze/slim.
 """
 
 from pcompiler.passes import (  # noqa: F401
     analyze,
+    compensate,
     evaluate,
     finetune,
     greg1,

@@ -2,7 +2,7 @@
 
     pcompile MODEL --method tpp --ratio 0.5 --data digits -o out/
         load, trace, analyze, evaluate, tpp (regularization training, then selection), slim,
-        verify, evaluate, fine-tune, evaluate, export (pt, pt2, onnx), report.json
+        compensate, verify, evaluate, fine-tune, evaluate, export (pt, pt2, onnx), report.json
     pcompile MODEL --method l1 --ratio 0.5 -o out/      no data: one-shot, no accuracy
     pcompile MODEL --analyze                             print the channel groups and stop
     pcompile MODEL ... --bench                           also measure latency, original vs slim
@@ -165,7 +165,13 @@ def _summary(console: Console, report: dict[str, Any], report_path: Path) -> Non
             rows.append(("verify", f"[yellow]skipped[/] {escape(str(verify.get('skipped', '')))}"))
         else:
             state = "[green]ok[/]" if verify.get("ok") else "[red]FAILED[/]"
-            rows.append(("verify", f"{state}, max error {_num(verify.get('max_error'))}"))
+            approx = verify.get("approximate")
+            near = f"; approximate folds at {escape(', '.join(approx['where']))} deviate by up to " \
+                   f"{_num(approx['max_error'])}" if approx else ""
+            rows.append(("verify", f"{state}, max error {_num(verify.get('max_error'))}{near}"))
+    folded = (report.get("compensation") or {}).get("folded")
+    if folded:
+        rows.append(("compensate", f"{folded} constant inputs of removed channels folded into biases"))
     for e in report.get("exports") or []:
         state = "[green]ok[/]" if e.get("ok") else f"[red]FAILED[/] {escape(str(e.get('error')))}"
         err = f", max error {_num(e.get('max_error'))}" if e.get("ok") and e.get("max_error") is not None else ""
@@ -276,6 +282,8 @@ def _guarded(console: Console, verbose: bool, body: Any) -> int:
 @click.option("--bench", "run_bench", is_flag=True, help="Measure latency of the original and slim models, alternately.")
 @click.option("--bench-batches", default="1,8,64", show_default=True, help="Batch sizes --bench measures.")
 @click.option("--bench-backends", help=f"Backends --bench uses, from {','.join(BACKENDS)} (default: all this machine has).")
+@click.option("--no-compensate", is_flag=True, help="Do not fold the constant values of removed channels into "
+              "the consumers' biases (default: fold them; with --data, near-constant ones too).")
 @click.option("--analyze", is_flag=True, help="Print the channel groups and stop.")
 @click.option("--formats", default=",".join(FORMATS), show_default=True, help="Exports to write, comma-separated.")
 @click.option("--dump-ir", type=click.Path(path_type=Path), metavar="DIR", help="Write the graph after each pass to DIR.")
@@ -363,7 +371,7 @@ def _compile(console: Console, model_path: Path, *, method: str | None, ratio: f
              lr: float, lr_schedule: str, batch_size: int, momentum: float, weight_decay: float, finetune_epochs: float,
              finetune_lr: float | None, device: str, amp: bool, workers: int, checkpoint_every: int,
              resume: bool, no_progress: bool, run_bench: bool, bench_batches: str,
-             bench_backends: str | None) -> int:
+             bench_backends: str | None, no_compensate: bool) -> int:
     from pcompiler.passmanager import dump_instrument, make_pass, run
     from pcompiler.targets.bench import default_round_to
     from pcompiler.train import TrainConfig, is_main_process
@@ -428,7 +436,10 @@ def _compile(console: Console, model_path: Path, *, method: str | None, ratio: f
     passes = [make_pass("analyze")]
     if data is not None:
         passes.append(make_pass("evaluate", data=data, key="acc_before", device=device))
-    passes += [method_pass, make_pass("slim"), make_pass("verify")]
+    passes += [method_pass, make_pass("slim")]
+    if not no_compensate:
+        passes.append(make_pass("compensate", data=data))
+    passes.append(make_pass("verify"))
     if data is not None:
         passes.append(make_pass("evaluate", data=data, key="acc_pruned", device=device))
         if finetune_epochs > 0:

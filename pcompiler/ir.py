@@ -3,8 +3,8 @@
 What rides on the graph: each node's value (shape and dtype of every tensor it makes) sits in
 `node.meta` under one key, read with `node_value`. Everything else a pass computes is a typed
 field of the Program: the channel groups (`analysis`), the channels chosen for removal
-(`selection`), the model as it was before `slim` (`reference`, what `verify` compares with), and
-a record of the passes that ran.
+(`selection`), the model as it was before `slim` (`reference`, what `verify` compares with), the
+constants `compensate` folded into biases (`compensation`), and a record of the passes that ran.
 
 A *value path* names one tensor inside a node's value: `()` for a plain tensor, `(i,)` for the
 i-th item of a tuple output (split, chunk, a module returning a tuple).
@@ -229,6 +229,34 @@ class Removal:
 _EMPTY = np.zeros(0, dtype=np.int64)
 
 
+@dataclass(frozen=True)
+class Fold:
+    """Constants of removed channels folded into one consumer's bias (by `compensate`).
+
+    `module`: the consumer (a Linear, or a Conv with groups 1). `positions`: its input positions
+    (weight dim 1: linear input features, conv input channels) in the numbering before `slim`;
+    `constants`: the value each held there. `exact`: the fold reproduces the consumer's output
+    everywhere (linear; conv without zero padding); otherwise only where the kernel does not
+    reach into the zero padding. `rel_std`: each position's spread on the data it was measured
+    on, std / (|mean| + RMS of the whole consumer input); zero for an exact constant."""
+
+    module: str
+    positions: np.ndarray  # (n,) int64
+    constants: np.ndarray  # (n,) float64
+    exact: bool
+    rel_std: np.ndarray  # (n,) float64
+
+
+@dataclass(frozen=True)
+class Compensation:
+    """What `compensate` folded (`folds`), what it could not fold and why (`skipped`: consumer
+    parameter -> reason), and how the constants were found (`source`)."""
+
+    folds: tuple[Fold, ...]
+    skipped: tuple[tuple[str, str], ...]
+    source: str
+
+
 # ---------------------------------------------------------------------------------------------
 # The program
 
@@ -248,7 +276,8 @@ class Program:
     the model lives on the meta device). source: the user's model (verify checks that the trace
     reproduces it). opaque: submodules kept as leaves because they could
     not be traced, with the reason. reference: a copy of `gm` taken by `slim` before it changed
-    anything; removal: what slim removed from it. info: per-pass results for the report (verify, exports, flops, ...)."""
+    anything; removal: what slim removed from it. compensation: the removed channels' constants
+    that `compensate` folded into consumer biases (verify injects them into the reference). info: per-pass results for the report (verify, exports, flops, ...)."""
 
     gm: fx.GraphModule
     example_inputs: tuple[torch.Tensor, ...]
@@ -259,6 +288,7 @@ class Program:
     selection: Selection | None = None
     reference: fx.GraphModule | None = None
     removal: Removal | None = None
+    compensation: Compensation | None = None
     info: dict[str, Any] = field(default_factory=dict)
     history: list[PassRecord] = field(default_factory=list)
 

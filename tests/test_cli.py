@@ -122,8 +122,35 @@ def test_dump_ir_writes_the_graph_after_each_pass(cnn_file, tmp_path):
                     "--dump-ir", tmp_path / "ir", "-o", tmp_path / "out")
     assert result.exit_code == 0, result.output
     names = sorted(p.name for p in (tmp_path / "ir").iterdir())
-    assert [n.split("-", 1)[1] for n in names] == ["analyze.txt", "l1.txt", "slim.txt", "verify.txt"]
+    assert [n.split("-", 1)[1] for n in names] == ["analyze.txt", "l1.txt", "slim.txt", "compensate.txt", "verify.txt"]
     assert "call_module" in (tmp_path / "ir" / names[-1]).read_text()
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["compensation"]["folded"] == 0 and "consumers" in report["compensation"]  # live filters vary
+
+
+def test_dead_filters_are_compensated_and_the_padded_fold_reported(tmp_path):
+    model = _cnn().eval()
+    with torch.no_grad():
+        model[0].weight[::2] = 0.0  # 8 dead filters whose BN shift leaves a constant after ReLU
+        model[0].bias[::2] = 0.0
+        model[1].bias.fill_(0.5)
+    torch.save(model, tmp_path / "dead.pt")
+    result = invoke(tmp_path / "dead.pt", "--method", "l1", "--ratio", "0.5", "--formats", "pt2", "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["compensation"]["consumers"]["3"]["folded"] == 8 and report["compensation"]["approximate"] == 8
+    assert report["verify"]["ok"] is True and report["verify"]["approximate"]["where"] == ["3"]
+    assert "8 constant inputs of removed channels folded" in result.stderr
+    assert "approximate folds at 3 deviate by up to" in result.stderr
+
+
+def test_no_compensate_leaves_the_pass_out(cnn_file, tmp_path):
+    result = invoke(cnn_file, "--method", "l1", "--ratio", "0.5", "--formats", "pt2", "--no-compensate",
+                    "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [p["name"] for p in report["passes"]] == ["analyze", "l1", "slim", "verify"]
+    assert "compensation" not in report and report["verify"]["reference"] == "original with the removed channels zeroed"
 
 
 @pytest.mark.parametrize(
