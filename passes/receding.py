@@ -7,11 +7,21 @@ pushes unimportant channels to 0 while leaving those near 1 alone, so importance
 Converting a *trained* BN (gamma, beta) without changing its outputs (`to_bounded`):
     y = sigmoid(w) * (alpha * x_hat + delta)
 with alpha = gamma / s0 a fixed buffer (it carries gamma's sign and scale) and delta = beta / s0 a
-trainable shift. The start importance s0 = clip(0.5 * |gamma| / max |gamma| of the layer, 1e-3, 0.5),
-so a trained model's weak channels start low, and every channel can grow to twice the layer's
-largest |gamma|. The shift is multiplied by s too: a channel whose s recedes to 0 outputs 0
-(not beta), so removing it changes the output by at most s * |alpha x_hat + delta|.
-`to_standard` turns it back: gamma = sigmoid(w) * alpha, beta = sigmoid(w) * delta, same outputs.
+trainable shift. The start importance s0 = clip(start * |gamma| / max |gamma| of the layer, 1e-3,
+start) with start = 0.99: each layer's strongest channels start near 1, where -ln s pushes
+nothing, and anchor the layer's scale, so the next norm cannot hide a uniform shrink and only the
+weak channels are pushed. (With the strongest at 0.5, -ln s pushes every channel alike and
+importances fall together instead of polarizing.) The shift is multiplied by s too: a channel
+whose s recedes to 0 outputs 0 (not beta), so removing it changes the output by at most
+s * |alpha x_hat + delta|. `to_standard` turns it back: gamma = sigmoid(w) * alpha,
+beta = sigmoid(w) * delta, same outputs.
+
+On a trained model, with a target ratio r (`adapt`, the default): every 10 steps the channels are
+ranked by importance (a group's channel by the max over its norms, so a residual stream's norms
+are pushed together), the lowest r of them (over all groups, or per group with --layerwise; never
+a group's `min_keep` strongest) carry the regularizer, and lam grows geometrically (by up to
+`adapt_range` over the first half of the budget) until 95% of those have receded below 0.05. The
+importances end in two modes: the pushed near 0, the rest where the loss wants them.
 
 Selection is global by default (RNI's own): the r-quantile of sigmoid(w) over every prunable
 group, a group's importance per channel the max over its norms, at least 3 channels kept per
@@ -19,12 +29,17 @@ group. Groups without a BatchNorm get no importance and are not pruned (said in 
 The bounded-BN parameters get 10x the learning rate and no weight decay.
 
 Budget: the paper trains 160 epochs from scratch at lr 0.1 (BN parameters 1.0). A budget of N
-steps at the regularization lr scales lam by (160 epochs * paper lr) / (N * lr), so the total
-push sum(lr * lam) is the paper's (`lam_used` in the report).
+steps at the regularization lr scales the starting lam by (160 epochs * paper lr) / (N * lr), so
+the total push sum(lr * lam) is at least the paper's (`lam_used` in the report).
+`from_scratch` is the paper's own setting: the network is re-initialized (each module's
+`reset_parameters`), the bounded BNs start at w ~ N(0, 1) with alpha = 1 and delta = 0, and it
+trains for the budget with the paper's fixed lam and b (1e-4 and 0 with residual adds, 1e-3 and
+3 otherwise), no ratio target.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -35,23 +50,25 @@ from torch import nn
 
 from pcompiler.ir import Program
 from pcompiler.passes.regularize import MethodHooks, RegMethod, has_residual_add
+from pcompiler.passes.select import candidates
 from pcompiler.passmanager import CompileError, register_pass
 
 PAPER_EPOCHS = 160
 PAPER_LR = 0.1
-START_MAX = 0.5  # the start importance of a layer's strongest channel
+START_MAX = 0.99  # the start importance of a layer's strongest channel (measured: docs/benchmarks.md)
 START_MIN = 1e-3
+RECEDED = 0.05  # an importance below this has receded
 
 
 class BoundedBatchNorm(nn.modules.batchnorm._BatchNorm):
     """y = sigmoid(weight) * (scale * x_hat + bias); `scale` a buffer. Any BatchNorm dimension."""
 
-    def __init__(self, bn: nn.modules.batchnorm._BatchNorm):
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm, start: float = START_MAX):
         super().__init__(bn.num_features, bn.eps, bn.momentum, True, bn.track_running_stats)
         self.standard = type(bn)
         gamma, beta = bn.weight.detach(), bn.bias.detach()
         top = gamma.abs().max().clamp_min(1e-12)
-        s0 = (START_MAX * gamma.abs() / top).clamp(START_MIN, START_MAX)
+        s0 = (start * gamma.abs() / top).clamp(START_MIN, start)
         with torch.no_grad():
             self.weight.copy_(torch.logit(s0))
             self.bias.copy_(beta / s0)
@@ -96,10 +113,10 @@ def _swap(gm: nn.Module, find: type, make) -> list[str]:
     return names
 
 
-def to_bounded(gm: nn.Module) -> list[str]:
+def to_bounded(gm: nn.Module, start: float = START_MAX) -> list[str]:
     """Replace every affine BatchNorm of `gm` (in place) by a BoundedBatchNorm with the same outputs."""
     return _swap(gm, nn.modules.batchnorm._BatchNorm,
-                 lambda m: BoundedBatchNorm(m) if m.affine and not isinstance(m, BoundedBatchNorm) else m)
+                 lambda m: BoundedBatchNorm(m, start) if m.affine and not isinstance(m, BoundedBatchNorm) else m)
 
 
 def to_standard(gm: nn.Module) -> list[str]:
@@ -107,16 +124,71 @@ def to_standard(gm: nn.Module) -> list[str]:
     return _swap(gm, BoundedBatchNorm, lambda m: m.to_standard())
 
 
-def rni_penalty(w: torch.Tensor, b: float) -> torch.Tensor:
-    """sum s (1 - ln s), s = sigmoid(w + b); d/ds = -ln s. (ln s computed stably as logsigmoid.)"""
-    return (torch.sigmoid(w + b) * (1 - F.logsigmoid(w + b))).sum()
+def reinitialize(gm: nn.Module) -> None:
+    """Every module's parameters drawn anew by its own `reset_parameters`, running statistics reset."""
+    for m in gm.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            m.reset_running_stats()
+
+
+def rni_penalty(w: torch.Tensor, b: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """sum s (1 - ln s), s = sigmoid(w + b); d/ds = -ln s. (ln s computed stably as logsigmoid.)
+    With `mask`, only the channels where it is 1."""
+    per = torch.sigmoid(w + b) * (1 - F.logsigmoid(w + b))
+    return (per if mask is None else per * mask.to(per)).sum()
 
 
 class RecedingHooks(MethodHooks):
-    def __init__(self, model: nn.Module, lam: float, b: float, lr_scale: float, converted: list[str]):
+    """The RNI loss term. With a `target` share, lam grows by `grow` every `interval` steps while
+    fewer than that share of the channels have receded (s < RECEDED), and holds otherwise."""
+
+    def __init__(self, model: nn.Module, lam: float, b: float, lr_scale: float, converted: list[str],
+                 target: float | None = None, grow: float = 1.0, interval: int = 10, layerwise: bool = False,
+                 min_keep: int = 3, lam_max: float = math.inf,
+                 groups: list[list[tuple[int, torch.Tensor]]] | None = None):
         self.lam, self.b, self.lr_scale, self.converted = lam, b, lr_scale, converted
+        self.lam_start, self.target, self.grow, self.interval = lam, target, grow, interval
+        self.layerwise, self.min_keep, self.lam_max = layerwise, min_keep, lam_max
+        self.groups = groups or []  # per prunable group: (index into self.bounded, channel -> norm position)
         self.bounded = [m for m in model.modules() if isinstance(m, BoundedBatchNorm)]
         self.size = 0.0
+        self.receded = 0.0
+        self.masks: list[torch.Tensor] | None = None  # with a target: the channels pushed (the lowest ranked)
+
+    def group_importance(self) -> list[torch.Tensor]:
+        """Per channel group, each channel's importance: the max of its norms' sigmoid(w)."""
+        imps = [m.importance() for m in self.bounded]
+        return [torch.stack([imps[k][idx] for k, idx in members]).amax(0) for members in self.groups]
+
+    def rank_masks(self) -> list[torch.Tensor]:
+        """Per norm, 1 for the channels whose group ranks them in the lowest `target` share (per
+        group, or over all groups), never a group's `min_keep` strongest. Coupled norms (a residual
+        stream's) are pushed together: a group's channel goes only when all its norms let it."""
+        imps = self.group_importance()
+        if self.layerwise:
+            cuts = [torch.quantile(s, self.target) for s in imps]
+        else:
+            cuts = [torch.quantile(torch.cat(imps), self.target)] * len(imps)
+        masks = [torch.zeros_like(m.weight, dtype=torch.float32) for m in self.bounded]
+        for members, s, cut in zip(self.groups, imps, cuts):
+            pushed = s <= cut
+            pushed[torch.topk(s, min(self.min_keep, len(s))).indices] = False
+            for k, idx in members:
+                masks[k][idx[pushed]] = 1.0
+        return masks
+
+    def receded_share(self) -> float:
+        """The share of the prunable groups' channels that receded (logged)."""
+        s = torch.cat(self.group_importance())
+        return float((s < RECEDED).float().mean())
+
+    def pushed_done(self) -> bool:
+        """Whether nearly every pushed channel receded (then lam stops growing)."""
+        s = torch.cat([m.importance() for m in self.bounded])
+        pushed = torch.cat(self.masks) > 0
+        return not bool(pushed.any()) or float((s[pushed] < RECEDED).float().mean()) >= 0.95
 
     def param_groups(self, model):
         params = [p for m in self.bounded for p in (m.weight, m.bias)]
@@ -125,16 +197,30 @@ class RecedingHooks(MethodHooks):
     def loss_term(self, model, step: int) -> torch.Tensor | None:
         if not self.bounded:
             return None
-        term = self.lam * sum(rni_penalty(m.weight, self.b) for m in self.bounded)
+        if self.target is not None and self.groups and self.masks is None:
+            self.masks = self.rank_masks()
+        masks = self.masks or [None] * len(self.bounded)
+        term = self.lam * sum(rni_penalty(m.weight, self.b, mask) for m, mask in zip(self.bounded, masks))
         self.size = float(term.detach())
         return term
 
     def after_step(self, model, step: int) -> dict[str, float]:
-        s = torch.cat([m.importance() for m in self.bounded]) if self.bounded else torch.zeros(1)
-        return {"penalty": self.size, "receded": float((s < 0.05).float().mean()), "importance_mean": float(s.mean())}
+        if self.target is not None and self.groups and step % self.interval == 0:
+            self.receded = self.receded_share()
+            if self.masks is not None and not self.pushed_done():
+                self.lam = min(self.lam * self.grow, self.lam_max)
+            self.masks = self.rank_masks()
+        return {"penalty": self.size, "receded": self.receded, "lambda": self.lam}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"lam": self.lam, "receded": self.receded}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.lam, self.receded = state["lam"], state["receded"]
 
     def summary(self) -> dict[str, Any]:
-        return {"lam_used": self.lam, "shift_used": self.b, "bounded_norms": self.converted}
+        return {"lam_used": self.lam_start, "lam_final": self.lam, "shift_used": self.b, "target_receded": self.target,
+                "bounded_norms": self.converted}
 
 
 @register_pass
@@ -146,9 +232,13 @@ class Receding(RegMethod):
     global_ranking: bool = True
     min_keep: int = 3
     lam: float | None = None  # None: 1e-4 for nets with residual adds (ResNets), 1e-3 otherwise (VGG)
-    shift: float | None = None  # b; None: 0 with residual adds, 3 otherwise
+    shift: float | None = None  # b; None: 0 (from_scratch: the paper's 0 with residual adds, 3 otherwise)
     lr_scale: float = 10.0  # learning-rate multiplier of the bounded-BN parameters
     scale_lam: bool = True  # scale lam by the budget (see the module docstring)
+    start: float = START_MAX  # start importance of each layer's strongest channel
+    adapt: bool = True  # push the lowest-ranked `ratio` of each group's channels, lam growing until they recede
+    adapt_range: float = 1000.0  # how far lam may grow over the first half of the budget
+    from_scratch: bool = False  # the paper's setting: re-initialize, train with its fixed lam and b
 
     comparable: ClassVar[bool] = True  # sigmoid importances are ranked globally as they are
 
@@ -158,18 +248,49 @@ class Receding(RegMethod):
     def lam_used(self, prog: Program, budget: int) -> tuple[float, float]:
         resnet = has_residual_add(prog)
         lam = self.lam if self.lam is not None else (1e-4 if resnet else 1e-3)
-        b = self.shift if self.shift is not None else (0.0 if resnet else 3.0)
-        if self.scale_lam and budget > 0 and self.train.lr > 0:
+        paper_b = 0.0 if resnet or not self.from_scratch else 3.0
+        b = self.shift if self.shift is not None else paper_b
+        if self.scale_lam and not self.from_scratch and budget > 0 and self.train.lr > 0:
             lam *= (self.paper_steps(prog) * PAPER_LR) / (budget * self.train.lr)
         return lam, b
 
     def make_hooks(self, prog: Program, budget: int, ratio: float | None) -> RecedingHooks:
-        converted = to_bounded(prog.gm)
+        if self.from_scratch:
+            reinitialize(prog.gm)
+        converted = to_bounded(prog.gm, self.start)
         if not converted:
             raise CompileError("receding works on BatchNorm scales, and this model has no affine BatchNorm",
                                hint="use tpp, greg1 or greg2, which regularize the filters themselves")
         lam, b = self.lam_used(prog, budget)
-        return RecedingHooks(prog.gm, lam, b, self.lr_scale, converted)
+        if self.from_scratch:
+            with torch.no_grad():
+                for m in prog.gm.modules():
+                    if isinstance(m, BoundedBatchNorm):  # the paper's y = sigmoid(w) x_hat, w ~ N(0, 1)
+                        m.weight.normal_()
+                        m.scale.fill_(1.0)
+                        m.bias.zero_()
+            return RecedingHooks(prog.gm, lam, b, self.lr_scale, converted)
+        if not self.adapt:
+            return RecedingHooks(prog.gm, lam, b, self.lr_scale, converted)
+        interval = 10
+        grow = math.exp(math.log(self.adapt_range) * interval / max(budget / 2, interval))
+        target = self.ratio if self.speedup is None else None
+        return RecedingHooks(prog.gm, lam, b, self.lr_scale, converted, target, grow, interval,
+                             layerwise=not self.global_ranking, min_keep=self.min_keep,
+                             lam_max=lam * self.adapt_range, groups=self.norm_groups(prog))
+
+    def norm_groups(self, prog: Program) -> list[list[tuple[int, torch.Tensor]]]:
+        """For each prunable group with a bounded BN among its producers: (position of the BN in
+        the model's bounded BNs, the BN position of each channel of the group)."""
+        position = {name + ".weight": k for k, (name, m) in enumerate(
+            (n, m) for n, m in prog.gm.named_modules() if isinstance(m, BoundedBatchNorm))}
+        out = []
+        for g in candidates(prog.require_analysis(self.name), self.skip):
+            members = [(position[p.param], torch.as_tensor(p.index[:, 0])) for p in g.producers
+                       if p.param in position]
+            if members:
+                out.append(members)
+        return out
 
     def after_training(self, prog: Program, hooks: RecedingHooks) -> Program:
         importance = {}
