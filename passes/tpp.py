@@ -40,13 +40,17 @@ from pcompiler.passmanager import register_pass
 
 
 def gram_term(w: torch.Tensor, dim: int, pruned: torch.Tensor) -> torch.Tensor:
-    """mean((G - T)^2) for weight `w` whose rows along `dim` are filters; `pruned` row indices."""
-    rows = w.movedim(dim, 0).reshape(w.shape[dim], -1)
-    gram = rows @ rows.t()
-    target = gram.detach().clone()
-    target[pruned, :] = 0
-    target[:, pruned] = 0
-    return ((gram - target) ** 2).mean()
+    """mean((G - T)^2) over the N x N Gram matrix G = W W^T of `w`, whose rows along `dim` are
+    its N filters; T = G.detach() with the rows and columns of `pruned` (row indices) set to zero.
+
+    G - T is G on the pruned rows and columns and identically 0 (value and gradient) elsewhere, so
+    with A = W_S W^T (|S| x N) the sum is 2 sum(A^2) - sum(A[:, S]^2) (the S x S block lies in both
+    the rows and the columns): |S| / N of the N x N product's cost, the same loss and gradient."""
+    n = w.shape[dim]
+    rows = w.movedim(dim, 0).reshape(n, -1)
+    pruned = pruned.unique()
+    a = rows[pruned] @ rows.t()
+    return (2 * a.square().sum() - a[:, pruned].square().sum()) / (n * n)
 
 
 class TPPHooks(MethodHooks):
