@@ -41,7 +41,6 @@ class GrowingHooks(MethodHooks):
         self.gm, self.growth, self.limit = prog.gm, growth, ratio_limit
         self.mag: dict[int, float] = {}
         self.done: dict[int, int] = {}  # group -> step it stopped growing
-        self.size = 0.0
         self.install(selection, kept_lambda=0.0, start_lambda=0.0)
         self.stabilize_from: int | None = None if self.selection else 0
 
@@ -58,7 +57,7 @@ class GrowingHooks(MethodHooks):
             self.lam[gid] = lam
 
     def after_backward(self, model, step: int) -> None:
-        self.size = self.penalty.apply(self.lam)
+        self.penalty.add_grad(self.lam)
 
     def grow(self, step: int) -> None:
         for gid, chans in self.selection.items():
@@ -74,13 +73,16 @@ class GrowingHooks(MethodHooks):
         if self.stabilize_from is None and len(self.done) == len(self.selection):
             self.stabilize_from = step
 
-    def after_step(self, model, step: int) -> dict[str, float]:
+    def after_step(self, model, step: int) -> dict[str, Any]:
         if self.stabilize_from is None and step % self.growth.interval == 0:
             self.grow(step)
-        pruned = [float(self.lam[g][list(c)].mean()) for g, c in self.selection.items()]
         mags = [min(v, 1e6) for v in self.mag.values()]
-        return {"penalty": self.size, "lambda": max(pruned, default=0.0),
+        return {"penalty": lambda: self.penalty.size(self.lam), "lambda": self.pruned_lambda,
                 "mag_ratio": min(mags) if mags else 0.0}
+
+    def pruned_lambda(self) -> float:
+        """The largest mean lambda of a group's selected channels (logged)."""
+        return max((float(self.lam[g][list(c)].mean()) for g, c in self.selection.items()), default=0.0)
 
     def finished(self, step: int) -> bool:
         return self.stabilize_from is not None and step >= self.stabilize_from + self.growth.stabilize

@@ -129,9 +129,12 @@ class RecedingHooks(MethodHooks):
         self.size = float(term.detach())
         return term
 
-    def after_step(self, model, step: int) -> dict[str, float]:
-        s = torch.cat([m.importance() for m in self.bounded]) if self.bounded else torch.zeros(1)
-        return {"penalty": self.size, "receded": float((s < 0.05).float().mean()), "importance_mean": float(s.mean())}
+    def importances(self) -> torch.Tensor:
+        return torch.cat([m.importance() for m in self.bounded]) if self.bounded else torch.zeros(1)
+
+    def after_step(self, model, step: int) -> dict[str, Any]:
+        return {"penalty": self.size, "receded": lambda: float((self.importances() < 0.05).float().mean()),
+                "importance_mean": lambda: float(self.importances().mean())}
 
     def summary(self) -> dict[str, Any]:
         return {"lam_used": self.lam, "shift_used": self.b, "bounded_norms": self.converted}

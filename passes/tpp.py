@@ -85,7 +85,7 @@ class TPPHooks(MethodHooks):
                       for k, v in sorted(rows.items(), key=lambda kv: order.get(kv[0][0], 0))]
         self.lam = 0.0
         self.stabilize_from: int | None = None if self.selection else 0
-        self.size = self.gram_size = 0.0
+        self.gram_size = 0.0
 
     @staticmethod
     def _mask(n: int, chans) -> torch.Tensor:
@@ -100,11 +100,14 @@ class TPPHooks(MethodHooks):
         self.gram_size = float(total.detach())
         return self.method.lw * self.lam * total
 
-    def after_backward(self, model, step: int) -> None:
-        lam = {g: m * self.lam for g, m in self.pruned_lam.items()}
-        self.size = self.penalty.apply(lam)
+    def channel_lam(self) -> dict[int, torch.Tensor]:
+        """lambda(t) on each group's pruned channels, 0 on its kept ones."""
+        return {g: m * self.lam for g, m in self.pruned_lam.items()}
 
-    def after_step(self, model, step: int) -> dict[str, float]:
+    def after_backward(self, model, step: int) -> None:
+        self.penalty.add_grad(self.channel_lam())
+
+    def after_step(self, model, step: int) -> dict[str, Any]:
         if self.stabilize_from is None and step % self.growth.interval == 0:
             if self.lam >= self.growth.ceiling:
                 self.stabilize_from = step
@@ -112,14 +115,15 @@ class TPPHooks(MethodHooks):
                 self.lam = min(self.growth.ceiling, self.lam + self.growth.delta)
         if self.stabilize_from is not None:
             self._zero_out(step - self.stabilize_from)
-        return {"penalty": self.size, "gram": self.gram_size, "lambda": self.lam}
+        return {"penalty": lambda: self.penalty.size(self.channel_lam()), "gram": self.gram_size, "lambda": self.lam}
 
     @torch.no_grad()
     def _zero_out(self, since: int) -> None:
-        for i, slices in enumerate(self.layers):
-            if since >= (i + 1) * self.zero_interval:
-                for w, dim, idx in slices:
-                    w.index_fill_(dim, idx.to(w.device), 0.0)
+        """Zero the pruned slices of the first since // zero_interval layers. A zeroed slice is
+        zeroed again every step: momentum and weight decay would move it off 0."""
+        for slices in self.layers[:max(0, since // self.zero_interval)]:
+            for w, dim, idx in slices:
+                w.index_fill_(dim, idx.to(w.device), 0.0)
 
     def finished(self, step: int) -> bool:
         return self.stabilize_from is not None and step >= self.stabilize_from + self.growth.stabilize
