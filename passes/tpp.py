@@ -14,6 +14,9 @@ METHODS.md, "TPP":
    A "layer" here is a channel group: coupled producers (a conv and its norm, the convs feeding
    one residual stream) lose their slices at the same step.
    The paper's zero_interval is 100 steps of a 10k-step K_s; a budget scales both.
+
+Cost: the Gram term is computed from A = W_S W^T (|S| x N, see `gram_term`), and a weight whose
+pruned rows are all zero (zeroed in stabilization) contributes nothing and is skipped.
 """
 
 from __future__ import annotations
@@ -94,11 +97,22 @@ class TPPHooks(MethodHooks):
         return m
 
     def loss_term(self, model, step: int) -> torch.Tensor | None:
-        if self.lam == 0.0 or not self.grams:
+        grams = self.live_grams()
+        self.gram_size = 0.0
+        if self.lam == 0.0 or not grams:
             return None
-        total = sum(gram_term(w, dim, idx.to(w.device)) for w, dim, idx in self.grams)
+        total = sum(gram_term(w, dim, idx) for w, dim, idx in grams)
         self.gram_size = float(total.detach())
         return self.method.lw * self.lam * total
+
+    def live_grams(self) -> list[tuple[torch.Tensor, int, torch.Tensor]]:
+        """The Gram terms to compute, indices on their weight's device. Once stabilization zeroes
+        layers, a weight whose pruned rows are all exactly 0 is left out: its G - T is 0, and so is
+        its gradient (proportional to (G - T) W): the loss and the gradient are the same without it."""
+        grams = [(w, dim, idx.to(w.device)) for w, dim, idx in self.grams]
+        if self.stabilize_from is None:
+            return grams
+        return [(w, dim, idx) for w, dim, idx in grams if w.detach().index_select(dim, idx).any()]
 
     def channel_lam(self) -> dict[int, torch.Tensor]:
         """lambda(t) on each group's pruned channels, 0 on its kept ones."""

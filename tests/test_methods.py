@@ -113,6 +113,24 @@ def test_tpp_loss_term_is_lw_lambda_sum_over_layers():
     assert hooks.loss_term(prog.gm, 0).item() == pytest.approx(1000 * 0.3 * want.item(), rel=1e-6)
 
 
+def test_tpp_leaves_out_only_gram_terms_that_are_exactly_zero():
+    prog = program()
+    hooks = TPP(ratio=0.5, data=tiny_data()).make_hooks(prog, budget=200, ratio=0.5)
+    hooks.load_state_dict({"lam": 1.0, "stabilize_from": 0})
+    w, d, idx = hooks.grams[0]
+    with torch.no_grad():
+        w.index_fill_(d, idx, 0.0)  # as stabilization zeroes a layer
+    assert len(hooks.live_grams()) == len(hooks.grams) - 1
+    weights = [w for w, _, _ in hooks.grams]
+    want = 1000 * sum(gram_term(w, d, i) for w, d, i in hooks.grams)
+    got = hooks.loss_term(prog.gm, 0)
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    left_out = torch.autograd.grad(got, weights, allow_unused=True, materialize_grads=True)
+    for a, b in zip(left_out, torch.autograd.grad(want, weights), strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=0)
+    assert left_out[0].abs().max() == 0
+
+
 def test_tpp_lambda_grows_to_tau_then_zeroes_layer_by_layer():
     prog = program()
     hooks = TPP(ratio=0.5, data=tiny_data()).make_hooks(prog, budget=110, ratio=0.5)
