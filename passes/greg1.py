@@ -45,7 +45,6 @@ class GrowingHooks(MethodHooks):
         self.gm, self.growth, self.limit, self.l2_norm = prog.gm, growth, ratio_limit, l2_norm
         self.mag: dict[int, float] = {}
         self.done: dict[int, int] = {}  # group -> step it stopped growing
-        self.size = 0.0
         self.push: dict[int, float] = {}  # group -> sum of lr * lambda on its pruned channels so far
         self.budget: dict[str, Any] = {}  # Budget.record(), for the report
         self.install(selection, kept_lambda=0.0, start_lambda=0.0)
@@ -58,6 +57,7 @@ class GrowingHooks(MethodHooks):
         self.selection = dict(selection)
         self.penalty = ChannelPenalty(self.gm, self.groups.values(), self.penalized)
         self.lam: dict[int, torch.Tensor] = {}
+        self.level = {gid: start_lambda for gid in self.selection}  # the selected channels' lambda, per group
         for gid, chans in self.selection.items():
             lam = torch.full((self.groups[gid].size,), kept_lambda)
             lam[list(chans)] = start_lambda
@@ -70,7 +70,7 @@ class GrowingHooks(MethodHooks):
         return self.l2_norm and p.role == "produce" and not p.is_buffer and is_norm_param(self.gm, p)
 
     def after_backward(self, model, step: int) -> None:
-        self.size = self.penalty.apply(self.lam)
+        self.penalty.add_grad(self.lam)
 
     def grow(self, step: int) -> None:
         for gid, chans in self.selection.items():
@@ -83,20 +83,23 @@ class GrowingHooks(MethodHooks):
                 self.done[gid] = step
                 continue
             lam[list(chans)] += self.growth.delta
+            self.level[gid] += self.growth.delta
         if self.stabilize_from is None and len(self.done) == len(self.selection):
             self.stabilize_from = step
 
-    def after_step(self, model, step: int) -> dict[str, float]:
+    def after_step(self, model, step: int) -> dict[str, Any]:
         lr = self.lr_at(step - 1)  # the lr of the step just taken, with the lambdas it used
-        pruned = [float(self.lam[g][list(c)].mean()) for g, c in self.selection.items()]
-        for g, lam in zip(self.selection, pruned):
-            self.push[g] = self.push.get(g, 0.0) + lr * lam
+        for g in self.selection:
+            self.push[g] = self.push.get(g, 0.0) + lr * self.level[g]
         if self.stabilize_from is None and step % self.growth.interval == 0:
             self.grow(step)
-            pruned = [float(self.lam[g][list(c)].mean()) for g, c in self.selection.items()]
         mags = [min(v, 1e6) for v in self.mag.values()]
-        return {"penalty": self.size, "lambda": max(pruned, default=0.0),
+        return {"penalty": lambda: self.penalty.size(self.lam), "lambda": self.pruned_lambda,
                 "mag_ratio": min(mags) if mags else 0.0}
+
+    def pruned_lambda(self) -> float:
+        """The largest lambda of a group's selected channels (logged)."""
+        return max(self.level.values(), default=0.0)
 
     def finished(self, step: int) -> bool:
         return self.stabilize_from is not None and step >= self.stabilize_from + self.growth.stabilize
@@ -109,6 +112,7 @@ class GrowingHooks(MethodHooks):
         self.lam = state["lam"]
         self.mag, self.done = dict(state["mag"]), dict(state["done"])
         self.stabilize_from, self.selection = state["stabilize_from"], dict(state["selection"])
+        self.level = {g: float(self.lam[g][c[0]]) for g, c in self.selection.items()}
         self.push = dict(state["push"])
 
     def summary(self) -> dict[str, Any]:

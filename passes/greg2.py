@@ -54,10 +54,13 @@ class PickingHooks(GrowingHooks):
         self.all_penalty = ChannelPenalty(prog.gm, self.all_groups, lambda p: is_filter(prog.gm, p))
         self.pick_lambda = 0.0
 
+    def pick_lam(self) -> dict[int, torch.Tensor]:
+        """The picking phase's lambda: pick_lambda on every channel of every prunable group."""
+        return {g.id: torch.full((g.size,), self.pick_lambda) for g in self.all_groups}
+
     def after_backward(self, model, step: int) -> None:
         if self.picking:
-            lam = {g.id: torch.full((g.size,), self.pick_lambda) for g in self.all_groups}
-            self.size = self.all_penalty.apply(lam)
+            self.all_penalty.add_grad(self.pick_lam())
         else:
             super().after_backward(model, step)
 
@@ -71,14 +74,15 @@ class PickingHooks(GrowingHooks):
         if not selection:
             self.stabilize_from = step
 
-    def after_step(self, model, step: int) -> dict[str, float]:
+    def after_step(self, model, step: int) -> dict[str, Any]:
         if self.picking:
             self.pick_push += self.lr_at(step - 1) * self.pick_lambda
             if step % self.growth.interval == 0:
                 self.pick_lambda += self.pick_delta
                 if self.pick_lambda >= self.pick_ceiling * (1 - 1e-9):
                     self._pick(step)
-            return {"penalty": self.size, "lambda": self.pick_lambda, "mag_ratio": 0.0}
+            return {"penalty": lambda: self.all_penalty.size(self.pick_lam()), "lambda": self.pick_lambda,
+                    "mag_ratio": 0.0}
         return super().after_step(model, step)
 
     def state_dict(self) -> dict[str, Any]:

@@ -9,7 +9,8 @@
   run of L0 = K_u * tau / delta + K_s steps; a budget of N steps keeps K_u and tau and scales the
   increments by L0 / N and K_s by N / L0, so N = L0 gives the papers' numbers exactly.
 - `ChannelPenalty`: "apply L2 with lambda" (METHODS.md): grad(w) += lambda_c * w on the chosen
-  producer slices of each channel, after backward, before the optimizer step.
+  producer slices of each channel, after backward, before the optimizer step; its size (a
+  logged number) on demand, so that hooks pay for it only on the steps the loop logs.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import dataclasses
 import functools
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -132,37 +133,55 @@ class Budget:
 
 
 class ChannelPenalty:
-    """grad(w) += lambda_c * w for the slices of channel c of each group that `which` accepts."""
+    """grad(w) += lambda_c * w for the slices of channel c of each group that `which` accepts.
+
+    Each slice's positions and broadcast shape are fixed at construction; a step spreads lambda
+    over the positions (a vector as long as the dimension) and adds the gradient in one fused
+    pass per parameter (`add_grad`). The penalty's size costs another pass and is computed only
+    when asked (`size`)."""
 
     def __init__(self, gm: nn.Module, groups: Iterable[ChannelGroup], which: Callable[[ParamSlice], bool]):
-        self.slices: dict[int, list[tuple[torch.Tensor, int, torch.Tensor, int]]] = {}
+        self.slices: dict[int, list[tuple[torch.Tensor, int, torch.Tensor, int, tuple[int, ...]]]] = {}
         for g in groups:
             items = []
             for p in g.params:
                 if which(p):
                     t = tensor_of(gm, p.param)
-                    items.append((t, p.dim, torch.as_tensor(p.index.reshape(-1), device=t.device), p.index.shape[1]))
+                    shape = tuple(-1 if d == p.dim else 1 for d in range(t.ndim))
+                    items.append((t, p.dim, torch.as_tensor(p.index.reshape(-1), device=t.device),
+                                  p.index.shape[1], shape))
             if items:
                 self.slices[g.id] = items
 
-    def apply(self, lam: dict[int, torch.Tensor]) -> float:
-        """Add the penalty's gradient; return its size sum(lambda_c * |w_c|^2) / 2."""
-        size = 0.0
+    def _scaled(self, lam: dict[int, torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(w, lambda per position of w's dim, shaped to broadcast against w) for every slice
+        of a group in `lam` whose parameter has a gradient."""
         for gid, items in self.slices.items():
             lg = lam.get(gid)
             if lg is None:
                 continue
-            for w, dim, flat, mult in items:
+            for w, dim, flat, mult, shape in items:
                 if w.grad is None:
                     continue
                 pos = torch.zeros(w.shape[dim], device=w.device, dtype=w.dtype)
                 pos[flat] = lg.to(w.device, w.dtype).repeat_interleave(mult)
-                shape = [1] * w.ndim
-                shape[dim] = -1
-                lw = pos.view(shape) * w.detach()
-                w.grad.add_(lw)
-                size += 0.5 * float((lw * w.detach()).sum())
-        return size
+                yield w, pos.view(shape)
+
+    @torch.no_grad()
+    def add_grad(self, lam: dict[int, torch.Tensor]) -> None:
+        """Add the penalty's gradient lambda_c * w_c (one pass over each parameter)."""
+        for w, pos in self._scaled(lam):
+            w.grad.addcmul_(pos, w)
+
+    @torch.no_grad()
+    def size(self, lam: dict[int, torch.Tensor]) -> float:
+        """sum(lambda_c * |w_c|^2) / 2 at the current weights."""
+        return sum(0.5 * float((pos * w.square()).sum()) for w, pos in self._scaled(lam))
+
+    def apply(self, lam: dict[int, torch.Tensor]) -> float:
+        """Add the penalty's gradient; return its size sum(lambda_c * |w_c|^2) / 2."""
+        self.add_grad(lam)
+        return self.size(lam)
 
 
 def magnitude_ratio(gm: nn.Module, group: ChannelGroup, pruned: tuple[int, ...]) -> float:

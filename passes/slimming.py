@@ -29,19 +29,20 @@ class SparsityHooks(MethodHooks):
         self.s = s
         self.scales = [m.weight for m in model.modules()
                        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None]
-        self.size = 0.0
 
     @torch.no_grad()
     def after_backward(self, model, step: int) -> None:
-        size = 0.0
-        for g in self.scales:
-            if g.grad is not None:
-                g.grad.add_(self.s * torch.sign(g))
-            size += float(g.abs().sum())
-        self.size = self.s * size
+        scales = [g for g in self.scales if g.grad is not None]
+        if scales:
+            torch._foreach_add_([g.grad for g in scales], torch._foreach_sign(scales), alpha=self.s)
 
-    def after_step(self, model, step: int) -> dict[str, float]:
-        return {"penalty": self.size}
+    @property
+    def size(self) -> float:
+        """s * sum |gamma| at the current scales (logged)."""
+        return self.s * sum(float(g.detach().abs().sum()) for g in self.scales)
+
+    def after_step(self, model, step: int) -> dict[str, Any]:
+        return {"penalty": lambda: self.size}
 
     def summary(self) -> dict[str, Any]:
         return {"sparsity_used": self.s, "norms": len(self.scales)}

@@ -17,6 +17,9 @@ METHODS.md, "TPP":
 
 A step budget N fits the schedule as GReg-1's (`regularize.Budget`): lengths scale by N / L0,
 lambda (and with it the Gram term's weight) by the factor that keeps the paper's total push.
+
+Cost: the Gram term is computed from A = W_S W^T (|S| x N, see `gram_term`), and a weight whose
+pruned rows are all zero (zeroed in stabilization) contributes nothing and is skipped.
 """
 
 from __future__ import annotations
@@ -45,13 +48,17 @@ from pcompiler.passmanager import register_pass
 
 
 def gram_term(w: torch.Tensor, dim: int, pruned: torch.Tensor) -> torch.Tensor:
-    """mean((G - T)^2) for weight `w` whose rows along `dim` are filters; `pruned` row indices."""
-    rows = w.movedim(dim, 0).reshape(w.shape[dim], -1)
-    gram = rows @ rows.t()
-    target = gram.detach().clone()
-    target[pruned, :] = 0
-    target[:, pruned] = 0
-    return ((gram - target) ** 2).mean()
+    """mean((G - T)^2) over the N x N Gram matrix G = W W^T of `w`, whose rows along `dim` are
+    its N filters; T = G.detach() with the rows and columns of `pruned` (row indices) set to zero.
+
+    G - T is G on the pruned rows and columns and identically 0 (value and gradient) elsewhere, so
+    with A = W_S W^T (|S| x N) the sum is 2 sum(A^2) - sum(A[:, S]^2) (the S x S block lies in both
+    the rows and the columns): |S| / N of the N x N product's cost, the same loss and gradient."""
+    n = w.shape[dim]
+    rows = w.movedim(dim, 0).reshape(n, -1)
+    pruned = pruned.unique()
+    a = rows[pruned] @ rows.t()
+    return (2 * a.square().sum() - a[:, pruned].square().sum()) / (n * n)
 
 
 class TPPHooks(MethodHooks):
@@ -86,7 +93,7 @@ class TPPHooks(MethodHooks):
                       for k, v in sorted(rows.items(), key=lambda kv: order.get(kv[0][0], 0))]
         self.lam = 0.0
         self.stabilize_from: int | None = None if self.selection else 0
-        self.size = self.gram_size = 0.0
+        self.gram_size = 0.0
         self.push = 0.0  # sum of lr * lambda so far
         self.budget: dict[str, Any] = {}
 
@@ -97,17 +104,31 @@ class TPPHooks(MethodHooks):
         return m
 
     def loss_term(self, model, step: int) -> torch.Tensor | None:
-        if self.lam == 0.0 or not self.grams:
+        grams = self.live_grams()
+        self.gram_size = 0.0
+        if self.lam == 0.0 or not grams:
             return None
-        total = sum(gram_term(w, dim, idx.to(w.device)) for w, dim, idx in self.grams)
+        total = sum(gram_term(w, dim, idx) for w, dim, idx in grams)
         self.gram_size = float(total.detach())
         return self.method.lw * self.lam * total
 
-    def after_backward(self, model, step: int) -> None:
-        lam = {g: m * self.lam for g, m in self.pruned_lam.items()}
-        self.size = self.penalty.apply(lam)
+    def live_grams(self) -> list[tuple[torch.Tensor, int, torch.Tensor]]:
+        """The Gram terms to compute, indices on their weight's device. Once stabilization zeroes
+        layers, a weight whose pruned rows are all exactly 0 is left out: its G - T is 0, and so is
+        its gradient (proportional to (G - T) W): the loss and the gradient are the same without it."""
+        grams = [(w, dim, idx.to(w.device)) for w, dim, idx in self.grams]
+        if self.stabilize_from is None:
+            return grams
+        return [(w, dim, idx) for w, dim, idx in grams if w.detach().index_select(dim, idx).any()]
 
-    def after_step(self, model, step: int) -> dict[str, float]:
+    def channel_lam(self) -> dict[int, torch.Tensor]:
+        """lambda(t) on each group's pruned channels, 0 on its kept ones."""
+        return {g: m * self.lam for g, m in self.pruned_lam.items()}
+
+    def after_backward(self, model, step: int) -> None:
+        self.penalty.add_grad(self.channel_lam())
+
+    def after_step(self, model, step: int) -> dict[str, Any]:
         self.push += self.lr_at(step - 1) * self.lam
         if self.stabilize_from is None and step % self.growth.interval == 0:
             if self.lam >= self.growth.ceiling:
@@ -116,14 +137,15 @@ class TPPHooks(MethodHooks):
                 self.lam = min(self.growth.ceiling, self.lam + self.growth.delta)
         if self.stabilize_from is not None:
             self._zero_out(step - self.stabilize_from)
-        return {"penalty": self.size, "gram": self.gram_size, "lambda": self.lam}
+        return {"penalty": lambda: self.penalty.size(self.channel_lam()), "gram": self.gram_size, "lambda": self.lam}
 
     @torch.no_grad()
     def _zero_out(self, since: int) -> None:
-        for i, slices in enumerate(self.layers):
-            if since >= (i + 1) * self.zero_interval:
-                for w, dim, idx in slices:
-                    w.index_fill_(dim, idx.to(w.device), 0.0)
+        """Zero the pruned slices of the first since // zero_interval layers. A zeroed slice is
+        zeroed again every step: momentum and weight decay would move it off 0."""
+        for slices in self.layers[:max(0, since // self.zero_interval)]:
+            for w, dim, idx in slices:
+                w.index_fill_(dim, idx.to(w.device), 0.0)
 
     def finished(self, step: int) -> bool:
         return self.stabilize_from is not None and step >= self.stabilize_from + self.growth.stabilize

@@ -35,6 +35,7 @@ from rich.table import Table
 from torch import nn
 
 from pcompiler.loading import load_model, parse_input_shapes
+from pcompiler.passes.recalibrate import DEFAULT_BATCHES as DEFAULT_RECALIBRATION_BATCHES
 from pcompiler.passmanager import CompileError
 from pcompiler.report_md import count_text as _count
 from pcompiler.targets.bench import BACKENDS
@@ -282,6 +283,10 @@ def _guarded(console: Console, verbose: bool, body: Any) -> int:
 @click.option("--bench", "run_bench", is_flag=True, help="Measure latency of the original and slim models, alternately.")
 @click.option("--bench-batches", default="1,8,64", show_default=True, help="Batch sizes --bench measures.")
 @click.option("--bench-backends", help=f"Backends --bench uses, from {','.join(BACKENDS)} (default: all this machine has).")
+@click.option("--recalibrate-batches", type=int, default=DEFAULT_RECALIBRATION_BATCHES, show_default=True,
+              help="Training batches on which the norms' running statistics are re-estimated after slim "
+                   "(with --data; 0: no recalibration).")
+@click.option("--no-recalibrate", is_flag=True, help="Do not recalibrate (same as --recalibrate-batches 0).")
 @click.option("--no-compensate", is_flag=True, help="Do not fold the constant values of removed channels into "
               "the consumers' biases (default: fold them; with --data, near-constant ones too).")
 @click.option("--analyze", is_flag=True, help="Print the channel groups and stop.")
@@ -371,7 +376,7 @@ def _compile(console: Console, model_path: Path, *, method: str | None, ratio: f
              lr: float, lr_schedule: str, batch_size: int, momentum: float, weight_decay: float, finetune_epochs: float,
              finetune_lr: float | None, device: str, amp: bool, workers: int, checkpoint_every: int,
              resume: bool, no_progress: bool, run_bench: bool, bench_batches: str,
-             bench_backends: str | None, no_compensate: bool) -> int:
+             bench_backends: str | None, no_compensate: bool, recalibrate_batches: int, no_recalibrate: bool) -> int:
     from pcompiler.passmanager import dump_instrument, make_pass, run
     from pcompiler.targets.bench import default_round_to
     from pcompiler.train import TrainConfig, is_main_process
@@ -380,6 +385,11 @@ def _compile(console: Console, model_path: Path, *, method: str | None, ratio: f
     shapes = parse_input_shapes(input_shapes)
     _check_options(method, ratio, speedup, out_dir, analyze, data_spec, round_to, min_keep, reg_steps,
                    finetune_epochs, checkpoint_every)
+    if recalibrate_batches < 0:
+        raise CompileError(f"--recalibrate-batches must be >= 0, got {recalibrate_batches}",
+                           hint="0 (or --no-recalibrate) turns recalibration off")
+    if no_recalibrate:
+        recalibrate_batches = 0
     export_formats = _parse_list("--formats", formats, FORMATS)
     extra = _parse_method_options(method_options)
     bench_settings = _bench_settings(bench_batches, bench_backends) if run_bench else None
@@ -441,6 +451,10 @@ def _compile(console: Console, model_path: Path, *, method: str | None, ratio: f
         passes.append(make_pass("compensate", data=data))
     passes.append(make_pass("verify"))
     if data is not None:
+        if recalibrate_batches > 0:
+            passes += [make_pass("evaluate", data=data, key="acc_before_recalibration", device=device),
+                       make_pass("recalibrate", data=data, batches=recalibrate_batches, batch_size=batch_size,
+                                 seed=seed, device=device)]
         passes.append(make_pass("evaluate", data=data, key="acc_pruned", device=device))
         if finetune_epochs > 0:
             ft = TrainConfig(lr=finetune_lr if finetune_lr is not None else lr, schedule="cosine",
@@ -466,7 +480,9 @@ def _compile(console: Console, model_path: Path, *, method: str | None, ratio: f
     report_settings.update(skip=list(skip), input_shapes=[list(s) for s in shapes], formats=list(export_formats),
                            data=data_spec, reg_steps=reg_steps, method_options=extra, lr=lr, lr_schedule=lr_schedule,
                            finetune_epochs=finetune_epochs if data is not None else 0,
-                           finetune_lr=finetune_lr if finetune_lr is not None else lr, **common)
+                           finetune_lr=finetune_lr if finetune_lr is not None else lr,
+                           recalibrate_batches=recalibrate_batches if data is not None else 0,
+                           compensate=not no_compensate, **common)
     report = build_report(prog, model_path=model_path, method=method, settings=report_settings)
     report_path = write_report(report, Path(out_dir) / "report.json")
     from pcompiler.report_md import write_markdown

@@ -5,7 +5,10 @@ Methods do not write loops; they pass `Hooks`:
 - `loss_term(model, step)`: added to the cross-entropy loss before backward;
 - `after_backward(model, step)`: a gradient penalty (grad += lambda * w), after DDP's all-reduce
   and AMP's unscale, before the optimizer step;
-- `after_step(model, step)`: the schedule update; returns numbers to log (the penalty's size);
+- `after_step(model, step)`: the schedule update; returns numbers to log (the penalty's size),
+  averaged over the steps between two log points. A value may instead be a zero-argument callable,
+  for a number that costs a pass over the weights: the loop calls it only on the steps it logs
+  (every `log_every` steps and the last) and logs what it returns then;
 - `finished(step)`: stop early (GReg stops when every group has grown and stabilized);
 - `state_dict` / `load_state_dict`: what `--resume` must restore besides model and optimizer.
 
@@ -30,7 +33,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,7 +95,7 @@ class Hooks:
     def after_backward(self, model: nn.Module, step: int) -> None:
         pass
 
-    def after_step(self, model: nn.Module, step: int) -> dict[str, float]:
+    def after_step(self, model: nn.Module, step: int) -> dict[str, float | Callable[[], float]]:
         return {}
 
     def finished(self, step: int) -> bool:
@@ -305,7 +308,7 @@ def train(model: nn.Module, data: DataSource, cfg: TrainConfig, hooks: Hooks | N
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "rng": rng, "config": asdict(cfg), "world_size": size})
 
-    window: dict[str, list[float]] = {}
+    window: dict[str, list[float] | Callable[[], float]] = {}
     bar = _progress(cfg, cfg.steps, result.steps)
     t0 = time.perf_counter()
     step = result.steps
@@ -339,9 +342,12 @@ def train(model: nn.Module, data: DataSource, cfg: TrainConfig, hooks: Hooks | N
             logged = hooks.after_step(model, step)
             acc = (out.detach().argmax(1) == y).float().mean().item()
             for k, v in {"loss": loss.item(), "acc": acc, **logged}.items():
-                window.setdefault(k, []).append(float(v))
+                if callable(v):
+                    window[k] = v
+                else:
+                    window.setdefault(k, []).append(float(v))
             if step % cfg.log_every == 0 or step == cfg.steps or hooks.finished(step):
-                point = {"step": step, "lr": sched.get_last_lr()[0], **{k: sum(v) / len(v) for k, v in window.items()}}
+                point = {"step": step, "lr": sched.get_last_lr()[0], **{k: _logged(v) for k, v in window.items()}}
                 result.curve.append(point)
                 window.clear()
                 if bar is not None:
@@ -359,6 +365,11 @@ def train(model: nn.Module, data: DataSource, cfg: TrainConfig, hooks: Hooks | N
     result.seconds = time.perf_counter() - t0
     model.to(home).train(was_training)
     return result
+
+
+def _logged(values: list[float] | Callable[[], float]) -> float:
+    """A log point's value: the mean of a number's values since the last point, or a lazy one's value now."""
+    return float(values()) if callable(values) else sum(values) / len(values)
 
 
 def _gather_rng(size: int, dev: torch.device) -> list[dict[str, torch.Tensor]]:

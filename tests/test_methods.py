@@ -76,6 +76,34 @@ def test_gram_term_vanishes_only_when_pruned_filters_are_uncorrelated_and_zero()
     assert term.item() == 0 and z.grad.abs().max() == 0
 
 
+def gram_term_reference(w: torch.Tensor, dim: int, pruned: torch.Tensor) -> torch.Tensor:
+    """METHODS.md's formula as written: the whole N x N Gram matrix and its target."""
+    rows = w.movedim(dim, 0).reshape(w.shape[dim], -1)
+    gram = rows @ rows.t()
+    target = gram.detach().clone()
+    target[pruned, :] = 0
+    target[:, pruned] = 0
+    return ((gram - target) ** 2).mean()
+
+
+@pytest.mark.parametrize("shape,dim", [((12, 5, 3, 3), 0), ((7, 9, 2, 2), 1), ((10, 30), 0), ((1, 4), 0)])
+@pytest.mark.parametrize("pruned_count", ["none", "one", "half", "all"])
+def test_gram_term_equals_the_full_gram_formula_in_value_and_gradient(shape, dim, pruned_count):
+    g = torch.Generator().manual_seed(sum(shape) + dim)
+    n = shape[dim]
+    k = {"none": 0, "one": 1, "half": n // 2, "all": n}[pruned_count]
+    pruned = torch.randperm(n, generator=g)[:k]
+    w = torch.randn(shape, generator=g, dtype=torch.float64)
+    got_w, want_w = w.clone().requires_grad_(), w.clone().requires_grad_()
+    got, want = gram_term(got_w, dim, pruned), gram_term_reference(want_w, dim, pruned)
+    got.backward()
+    want.backward()
+    assert torch.allclose(got.detach(), want.detach(), rtol=1e-12, atol=0)
+    assert torch.allclose(got_w.grad, want_w.grad, rtol=1e-10, atol=1e-14)
+    if k == 0:
+        assert got.item() == 0 and got_w.grad.abs().max() == 0
+
+
 def test_tpp_loss_term_is_lw_lambda_sum_over_layers():
     prog = program()
     hooks = TPP(ratio=0.5, data=tiny_data()).make_hooks(prog, budget=200, ratio=0.5)
@@ -83,6 +111,24 @@ def test_tpp_loss_term_is_lw_lambda_sum_over_layers():
     want = sum(gram_term(w, d, i) for w, d, i in hooks.grams)
     assert len(hooks.grams) == 2  # the two conv producers; the Linear reads the last group
     assert hooks.loss_term(prog.gm, 0).item() == pytest.approx(1000 * 0.3 * want.item(), rel=1e-6)
+
+
+def test_tpp_leaves_out_only_gram_terms_that_are_exactly_zero():
+    prog = program()
+    hooks = TPP(ratio=0.5, data=tiny_data()).make_hooks(prog, budget=200, ratio=0.5)
+    hooks.load_state_dict({"lam": 1.0, "stabilize_from": 0})
+    w, d, idx = hooks.grams[0]
+    with torch.no_grad():
+        w.index_fill_(d, idx, 0.0)  # as stabilization zeroes a layer
+    assert len(hooks.live_grams()) == len(hooks.grams) - 1
+    weights = [w for w, _, _ in hooks.grams]
+    want = 1000 * sum(gram_term(w, d, i) for w, d, i in hooks.grams)
+    got = hooks.loss_term(prog.gm, 0)
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    left_out = torch.autograd.grad(got, weights, allow_unused=True, materialize_grads=True)
+    for a, b in zip(left_out, torch.autograd.grad(want, weights), strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=0)
+    assert left_out[0].abs().max() == 0
 
 
 def test_tpp_lambda_grows_to_tau_then_zeroes_layer_by_layer():

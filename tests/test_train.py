@@ -97,6 +97,18 @@ def test_hooks_are_called_each_step_and_can_stop_training():
     assert result.curve[-1]["step"] == 12 and result.curve[-1]["penalty"] == pytest.approx(11.5)
 
 
+def test_a_lazy_logged_value_is_computed_only_on_the_steps_that_log():
+    computed = []
+
+    class Lazy(Hooks):
+        def after_step(self, model, step):
+            return {"size": lambda: computed.append(step) or float(step), "plain": float(step)}
+
+    result = train(net(), data(), TrainConfig(steps=12, batch_size=8, progress=False, log_every=5), Lazy())
+    assert computed == [5, 10, 12]
+    assert [(p["size"], p["plain"]) for p in result.curve] == [(5.0, 3.0), (10.0, 8.0), (12.0, 11.5)]
+
+
 def test_gradient_penalty_and_param_groups_take_effect():
     a, b = net(bn=False), net(bn=False)
     train(a, data(augment=False), CFG)
