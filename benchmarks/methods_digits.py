@@ -1,15 +1,23 @@
-"""Accuracy after slim and after a short fine-tune, per method and ratio, on the example model.
+"""Accuracy right after slim and after fine-tuning, per method, ratio, architecture and budget, at
+equal optimizer steps.
 
-    python benchmarks/methods_digits.py [--steps 800] [--finetune-epochs 3] [--seeds 0 1 2]
+    python benchmarks/methods_digits.py [--archs resnet vgg] [--budgets 600 3000] [--seeds 0 1 2]
 
-The bundled DigitsResNet (99.4% on scikit-learn's digits) is pruned at ratios 0.5, 0.7 and 0.9 by
-l1 and random (one-shot), slimming, greg1, greg2, tpp and receding (`--steps` regularization
-steps each), and by Torch-Pruning's GroupNormPruner, BNScalePruner and GrowingRegPruner trained
-with the same step budget in the same loop (their `regularize` after backward; GrowingReg's
-`update_reg` every 10 steps, as GReg's K_u), with their own default coefficients. Every model
-then gets the same fine-tune (`--finetune-epochs`, lr 1e-3, cosine). Mean and spread over seeds
-(the seed sets data order, augmentation and dropout). Writes docs/bench_methods.{json,md,png}.
-Run it alone: it uses both cores.
+Two networks trained on scikit-learn's digits: the bundled DigitsResNet (residual adds) and
+DigitsVGG (a plain conv-BN-ReLU stack), both 99.4%. Each is pruned at ratios 0.5, 0.7 and 0.9 by
+l1 and random (one-shot), slimming, greg1, greg2, tpp and receding (a regularization budget of
+B steps, with their defaults), and by Torch-Pruning's GroupNormPruner, BNScalePruner and
+GrowingRegPruner trained in the same loop for the same B steps (their `regularize` after
+backward; GrowingReg's `update_reg` every 10 steps, as GReg's K_u), with their own defaults.
+
+Fair by construction:
+- every model is recalibrated after slim (the norms' running statistics re-estimated on 50
+  training batches), Torch-Pruning's included, before "pruned" is measured;
+- every method spends the same number of optimizer steps: a training method B regularization
+  steps then F fine-tuning steps, a one-shot method B + F fine-tuning steps (`--finetune-steps`
+  F; lr 1e-3, cosine).
+Mean and spread over seeds (the seed sets data order, augmentation and dropout). Writes
+docs/bench_methods.{json,md,png}. Run it alone: it uses both cores.
 """
 
 from __future__ import annotations
@@ -24,35 +32,40 @@ import torch
 import pcompiler
 from pcompiler.data import load_data
 from pcompiler.loading import load_model
+from pcompiler.passes.recalibrate import DEFAULT_BATCHES
 from pcompiler.passmanager import make_pass
-from pcompiler.train import Hooks, TrainConfig, evaluate, train
+from pcompiler.train import Hooks, TrainConfig, evaluate, recalibrate_norms, train
 
 OURS = ("l1", "random", "slimming", "greg1", "greg2", "tpp", "receding")
+ONE_SHOT = ("l1", "random")
 TP = ("tp_groupnorm", "tp_bnscale", "tp_growingreg")
 RATIOS = (0.5, 0.7, 0.9)
+ARCHS = {"resnet": "digits_resnet.pt", "vgg": "digits_vgg.pt"}
 
 
-def ours(method: str, ratio: float, seed: int, data, steps: int, ft_epochs: float) -> dict:
-    model = load_model(_common.ROOT / "examples" / "digits_resnet.pt")
-    prog = pcompiler.trace(model, (torch.randn(1, 1, 8, 8),))
+def model_of(arch: str) -> torch.nn.Module:
+    return load_model(_common.ROOT / "examples" / ARCHS[arch])
+
+
+def ours(arch: str, method: str, ratio: float, seed: int, data, steps: int, ft_steps: int) -> dict:
+    prog = pcompiler.trace(model_of(arch), (torch.randn(1, 1, 8, 8),))
     cfg = TrainConfig(seed=seed, progress=False)
-    opts = {} if method in ("l1", "random") else {"data": data, "steps": steps, "train": cfg}
+    opts = {} if method in ONE_SHOT else {"data": data, "steps": steps, "train": cfg}
     if method == "random":
         opts["seed"] = seed
-    if method == "receding":
-        opts["global_ranking"] = False  # layer-wise like every other row of the table
     prog = pcompiler.run(prog, [make_pass("analyze"), make_pass(method, ratio=ratio, **opts), make_pass("slim"),
                                 make_pass("verify")])
-    return finetune_and_score(prog.gm, data, seed, ft_epochs)
+    return finetune_and_score(prog.gm, data, seed, ft_steps + (steps if method in ONE_SHOT else 0))
 
 
-def finetune_and_score(model: torch.nn.Module, data, seed: int, epochs: float) -> dict:
-    """Accuracy right after pruning, then after the same fine-tune for every method."""
+def finetune_and_score(model: torch.nn.Module, data, seed: int, steps: int) -> dict:
+    """Accuracy right after pruning (recalibrated), then after `steps` fine-tuning steps."""
+    raw = evaluate(model, data.val)
+    recalibrate_norms(model, data.train, batches=DEFAULT_BATCHES, seed=seed)
     pruned = evaluate(model, data.val)
-    steps = int(round(epochs * (len(data.train) // TrainConfig.batch_size)))
     train(model, data, TrainConfig(steps=steps, lr=1e-3, schedule="cosine", seed=seed, progress=False))
-    return {"acc_pruned": pruned, "acc_final": evaluate(model, data.val),
-            "params": sum(p.numel() for p in model.parameters())}
+    return {"acc_uncalibrated": raw, "acc_pruned": pruned, "acc_final": evaluate(model, data.val),
+            "params": sum(p.numel() for p in model.parameters()), "finetune_steps": steps}
 
 
 class TPHooks(Hooks):
@@ -68,10 +81,10 @@ class TPHooks(Hooks):
         return {}
 
 
-def torch_pruning(method: str, ratio: float, seed: int, data, steps: int, ft_epochs: float) -> dict:
+def torch_pruning(arch: str, method: str, ratio: float, seed: int, data, steps: int, ft_steps: int) -> dict:
     import torch_pruning as tp
 
-    model = load_model(_common.ROOT / "examples" / "digits_resnet.pt")
+    model = model_of(arch)
     example = torch.randn(1, 1, 8, 8)
     kinds = {
         "tp_groupnorm": (tp.pruner.GroupNormPruner, tp.importance.GroupMagnitudeImportance(p=2), None),
@@ -84,44 +97,46 @@ def torch_pruning(method: str, ratio: float, seed: int, data, steps: int, ft_epo
     train(model, data, cfg, TPHooks(pruner, grow))
     model.eval()
     pruner.step()
-    return finetune_and_score(model, data, seed, ft_epochs)
+    return finetune_and_score(model, data, seed, ft_steps)
 
 
 def summarize(rows: list[dict]) -> dict:
-    out: dict = {}
+    """{arch: {budget: {method: {ratio: {key: {mean, std, n}}}}}}."""
+    groups: dict = {}
     for r in rows:
-        out.setdefault(r["method"], {}).setdefault(str(r["ratio"]), []).append(r)
-    table = {}
-    for m, by_ratio in out.items():
-        for ratio, rs in by_ratio.items():
-            cell = {}
-            for key in ("acc_pruned", "acc_final"):
-                vals = [r[key] for r in rs]
-                cell[key] = {"mean": statistics.fmean(vals), "std": statistics.pstdev(vals), "n": len(vals)}
-            cell["params"] = rs[0]["params"]
-            table.setdefault(m, {})[ratio] = cell
+        groups.setdefault((r["arch"], str(r["budget"]), r["method"], str(r["ratio"])), []).append(r)
+    table: dict = {}
+    for (arch, budget, m, ratio), rs in groups.items():
+        cell = {}
+        for key in ("acc_uncalibrated", "acc_pruned", "acc_final"):
+            vals = [r[key] for r in rs]
+            cell[key] = {"mean": statistics.fmean(vals), "std": statistics.pstdev(vals), "n": len(vals)}
+        cell["params"] = rs[0]["params"]
+        table.setdefault(arch, {}).setdefault(budget, {}).setdefault(m, {})[ratio] = cell
     return table
 
 
 def markdown(table: dict, args) -> str:
-    lines = [f"Accuracy on the digits validation split (360 images) of the example model (99.4% before), "
-             f"mean ± std over seeds {args.seeds}; {args.steps} regularization steps, "
-             f"{args.finetune_epochs} fine-tune epochs.", ""]
-    head = "| method | " + " | ".join(f"{r} pruned | {r} fine-tuned" for r in RATIOS) + " |"
-    lines += [head, "|---" * (1 + 2 * len(RATIOS)) + "|"]
-    for m in (*OURS, *TP):
-        if m not in table:
-            continue
-        cells = []
-        for r in RATIOS:
-            c = table[m].get(str(r))
-            if c is None:
-                cells += ["", ""]
-                continue
-            for key in ("acc_pruned", "acc_final"):
-                cells.append(f"{100 * c[key]['mean']:.1f} ± {100 * c[key]['std']:.1f}")
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    lines = [f"Accuracy (%) on the digits validation split (360 images), both networks 99.4% before; mean ± std "
+             f"over seeds {args.seeds}. \"pruned\": right after slim and recalibration; \"tuned\": after fine-tuning, "
+             f"every method at the same total of optimizer steps (budget + {args.finetune_steps}).", ""]
+    for arch, by_budget in table.items():
+        for budget, by_method in by_budget.items():
+            ratios = [r for r in RATIOS if any(str(r) in c for c in by_method.values())]
+            lines += [f"### {arch}, budget {budget} steps", ""]
+            lines.append("| method | " + " | ".join(f"{r} pruned | {r} tuned" for r in ratios) + " |")
+            lines.append("|---" * (1 + 2 * len(ratios)) + "|")
+            for m in (*OURS, *TP):
+                if m not in by_method:
+                    continue
+                cells = []
+                for r in ratios:
+                    c = by_method[m].get(str(r))
+                    for key in ("acc_pruned", "acc_final"):
+                        cells.append("" if c is None else f"{100 * c[key]['mean']:.1f} ± {100 * c[key]['std']:.1f}")
+                lines.append(f"| {m} | " + " | ".join(cells) + " |")
+            lines.append("")
+    return "\n".join(lines)
 
 
 def plot(table: dict, path) -> None:
@@ -130,56 +145,73 @@ def plot(table: dict, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for ax, key, title in zip(axes, ("acc_pruned", "acc_final"), ("right after slim", "after fine-tuning")):
-        for m in (*OURS, *TP):
-            if m not in table:
-                continue
-            rs = [r for r in RATIOS if str(r) in table[m]]
-            mean = [100 * table[m][str(r)][key]["mean"] for r in rs]
-            std = [100 * table[m][str(r)][key]["std"] for r in rs]
-            ax.errorbar(rs, mean, yerr=std, marker="o", capsize=3, label=m, linestyle="--" if m in TP else "-")
-        ax.set_title(title)
-        ax.set_xlabel("pruning ratio")
-        ax.set_xticks(RATIOS)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("validation accuracy (%)")
-    axes[1].legend(fontsize=8, loc="lower left")
+    panels = [(arch, budget) for arch, bb in table.items() for budget in bb]
+    fig, axes = plt.subplots(2, len(panels), figsize=(4.5 * len(panels), 7), sharey=True, squeeze=False)
+    for col, (arch, budget) in enumerate(panels):
+        by_method = table[arch][budget]
+        for row, (key, what) in enumerate((("acc_pruned", "right after slim"), ("acc_final", "after fine-tuning"))):
+            ax = axes[row][col]
+            for m in (*OURS, *TP):
+                if m not in by_method:
+                    continue
+                rs = [r for r in RATIOS if str(r) in by_method[m]]
+                mean = [100 * by_method[m][str(r)][key]["mean"] for r in rs]
+                std = [100 * by_method[m][str(r)][key]["std"] for r in rs]
+                ax.errorbar(rs, mean, yerr=std, marker="o", capsize=3, label=m, linestyle="--" if m in TP else "-")
+            ax.set_title(f"{arch}, {budget} steps: {what}", fontsize=9)
+            ax.set_xticks(RATIOS)
+            ax.grid(alpha=0.3)
+            if row == 1:
+                ax.set_xlabel("pruning ratio")
+        axes[0][0].set_ylabel("validation accuracy (%)")
+        axes[1][0].set_ylabel("validation accuracy (%)")
+    axes[1][-1].legend(fontsize=7, loc="lower left")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=800)
-    ap.add_argument("--finetune-epochs", type=float, default=3)
+    ap.add_argument("--archs", nargs="+", default=list(ARCHS), choices=list(ARCHS))
+    ap.add_argument("--budgets", type=int, nargs="+", default=[600, 3000])
+    ap.add_argument("--finetune-steps", type=int, default=200)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--methods", nargs="+", default=[*OURS, *TP])
     ap.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS))
+    ap.add_argument("--resume", action="store_true", help="keep the rows of an earlier run in --out and add to them")
     ap.add_argument("--quick", action="store_true", help="smoke test: 30 steps, seed 0, ratio 0.9, to a temp folder")
     ap.add_argument("--out", help="folder for the results (default docs/, or a temp folder with --quick)")
     args = ap.parse_args()
     if args.quick:
-        args.steps, args.finetune_epochs, args.seeds, args.ratios = 30, 0.5, [0], [0.9]
+        args.budgets, args.finetune_steps, args.seeds, args.ratios = [30], 10, [0], [0.9]
+    import json
     import tempfile
     from pathlib import Path
 
     out = Path(args.out) if args.out else (Path(tempfile.mkdtemp()) if args.quick else _common.DOCS)
     data = load_data("digits")
-    rows = []
-    for seed in args.seeds:
-        for ratio in args.ratios:
-            for m in args.methods:
-                t0 = time.perf_counter()
-                run = torch_pruning if m in TP else ours
-                r = run(m, ratio, seed, data, args.steps, args.finetune_epochs)
-                rows.append({"method": m, "ratio": ratio, "seed": seed, **r, "seconds": time.perf_counter() - t0})
-                print(f"seed {seed} ratio {ratio} {m:14s} pruned {r['acc_pruned']:.3f} final {r['acc_final']:.3f} "
-                      f"({rows[-1]['seconds']:.0f}s)", flush=True)
-                table = summarize(rows)
-                _common.write_json(out / "bench_methods.json",
-                                   {"settings": vars(args), "rows": rows, "table": table,
-                                    "environment": _common.environment()})
+    rows = json.loads((out / "bench_methods.json").read_text())["rows"] if args.resume else []
+    done = {(r["arch"], r["budget"], r["method"], r["ratio"], r["seed"]) for r in rows}
+    for budget in args.budgets:
+        for seed in args.seeds:
+            for arch in args.archs:
+                for ratio in args.ratios:
+                    for m in args.methods:
+                        if (arch, budget, m, ratio, seed) in done:
+                            continue
+                        t0 = time.perf_counter()
+                        run = torch_pruning if m in TP else ours
+                        r = run(arch, m, ratio, seed, data, budget, args.finetune_steps)
+                        rows.append({"arch": arch, "budget": budget, "method": m, "ratio": ratio, "seed": seed, **r,
+                                     "seconds": time.perf_counter() - t0})
+                        print(f"{arch} budget {budget} seed {seed} ratio {ratio} {m:14s} raw {r['acc_uncalibrated']:.3f} "
+                              f"pruned {r['acc_pruned']:.3f} final {r['acc_final']:.3f} ({rows[-1]['seconds']:.0f}s)",
+                              flush=True)
+                        table = summarize(rows)
+                        _common.write_json(out / "bench_methods.json",
+                                           {"settings": vars(args), "rows": rows, "table": table,
+                                            "environment": _common.environment()})
+    table = summarize(rows)
     (out / "bench_methods.md").write_text(markdown(table, args))
     plot(table, out / "bench_methods.png")
     print(markdown(table, args))
