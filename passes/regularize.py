@@ -31,7 +31,7 @@ from pcompiler.ir import ChannelGroup, ParamSlice, Program, Selection, owner_of,
 from pcompiler.passes.l1 import group_l1, l1_scores
 from pcompiler.passes.select import MethodPass, _search_ratio, select
 from pcompiler.passmanager import CompileError, PassResult
-from pcompiler.train import Hooks, TrainConfig, train
+from pcompiler.train import Hooks, TrainConfig, train, with_teacher
 
 log = logging.getLogger("pcompiler")
 
@@ -138,6 +138,9 @@ class RegMethod(MethodPass):
     data: DataSource | None = None
     steps: int | None = None  # the step budget; None: the paper's schedule (capped at 100 epochs)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # Distill from it during regularization (train.distill's settings; the defaults when None). The
+    # user's input model: the Program trained here is a copy of the graph, not a teacher.
+    teacher: nn.Module | None = None
 
     # S_g is chosen by L1 (before training, or after GReg-2's picking): the ratio, searched for a
     # --speedup on the starting L1 scores, is fixed before training.
@@ -164,7 +167,8 @@ class RegMethod(MethodPass):
     def settings(self) -> dict:
         out = super().settings()
         out["data"] = None if self.data is None else self.data.spec
-        out["train"] = dataclasses.asdict(self.train)
+        out["train"] = dataclasses.asdict(with_teacher(self.train, self.teacher))
+        out["teacher"] = None if self.teacher is None else type(self.teacher).__name__
         return out
 
     def run(self, prog: Program) -> PassResult:
@@ -184,8 +188,8 @@ class RegMethod(MethodPass):
             ratio = self.ratio if self.speedup is None else _search_ratio(prog, analysis, l1_scores(prog), self)
         budget = self.budget(prog)
         hooks = self.make_hooks(prog, budget, ratio)
-        cfg = dataclasses.replace(self.train, steps=budget, label=f"{self.name} regularization")
-        result = train(prog.gm, self.data, cfg, hooks)
+        cfg = dataclasses.replace(with_teacher(self.train, self.teacher), steps=budget, label=f"{self.name} regularization")
+        result = train(prog.gm, self.data, cfg, hooks, teacher=self.teacher)
         prog.gm.eval()
         prog = self.after_training(prog, hooks)
         scores = self.scores(prog)
