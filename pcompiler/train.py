@@ -58,7 +58,8 @@ SCHEDULES = ("constant", "cosine", "step")
 @dataclass(frozen=True)
 class Distillation:
     """How a teacher's logits z_t join the loss: temperature T (> 0) softens both distributions,
-    alpha (in [0, 1]) weighs the T^2 * KL term against the cross-entropy (0: cross-entropy only)."""
+    alpha (in [0, 1]) weighs the T^2 * KL term against the cross-entropy (0: cross-entropy only).
+    The defaults are a common choice in the distillation literature; docs/bench_distill.md compares others."""
 
     temperature: float = 4.0
     alpha: float = 0.9
@@ -309,7 +310,7 @@ def _check_teacher(model: nn.Module, teacher: nn.Module | None, cfg: TrainConfig
 
     if storages(model) & storages(teacher):
         raise CompileError(f"{cfg.label}: the teacher shares weights with the model being trained",
-                           hint="the teacher must be the input model, not the Program being trained (or a copy of it)")
+                           hint="pass the input model (or a copy of it) as teacher, not the model being trained")
 
 
 def _lend_teacher(teacher: nn.Module | None, dev: torch.device) -> Callable[[], None]:
