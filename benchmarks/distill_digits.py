@@ -7,7 +7,9 @@ The bundled DigitsResNet is pruned by l1 (one-shot) and by tpp (`--steps` regula
 no distillation), then each slim model gets the same fine-tune (`--epochs`, cosine from each of
 `--lrs`, the `finetune` pass) once per variant: `none` (cross-entropy only) or `T:alpha` (the
 input model as teacher, temperature T, weight alpha). The seed sets data order, augmentation and
-dropout of both phases. Mean and spread over seeds; writes docs/bench_distill.{json,md}.
+dropout of both phases. Mean and spread over seeds; writes docs/NAME.{json,md} (`--name`,
+default bench_distill). docs/bench_distill_20ep.* is the longer fine-tune:
+`--epochs 20 --variants none 4:0.9 --name bench_distill_20ep`.
 """
 
 from __future__ import annotations
@@ -106,6 +108,7 @@ def main() -> None:
                     help="none, or T:alpha")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="smoke test: 20 steps, 0.5 epochs, seed 0, to a temp folder")
+    ap.add_argument("--name", default="bench_distill", help="file name of the results, without suffix")
     ap.add_argument("--out", help="folder for the results (default docs/, or a temp folder with --quick)")
     args = ap.parse_args()
     if args.quick:
@@ -128,9 +131,9 @@ def main() -> None:
                     print(f"seed {seed} {method:4s} lr {lr:g} {name:6s} pruned {pruned:.3f} final {acc:.3f} "
                           f"({rows[-1]['seconds']:.0f}s)", flush=True)
     table = summarize(rows)
-    _common.write_json(out / "bench_distill.json", {"settings": vars(args), "rows": rows, "table": table,
+    _common.write_json(out / f"{args.name}.json", {"settings": vars(args), "rows": rows, "table": table,
                                                     "environment": _common.environment()})
-    _common.write_text(out / "bench_distill.md", markdown(table, args))
+    _common.write_text(out / f"{args.name}.md", markdown(table, args))
     print(markdown(table, args))
 
 
