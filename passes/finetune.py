@@ -2,7 +2,10 @@
 
 Runs after `slim` (and `verify`): the weights change, the structure does not. Its own lr
 (METHODS.md: start at the regularization lr or lower; a 10x higher start undoes the work) with a
-cosine schedule by default. The curve goes to `info["finetune"]`.
+cosine schedule by default. With a `teacher` (the user's input model, never the Program being
+trained) it distills: `train.distill` sets temperature and alpha, the defaults of
+`pcompiler.train.Distillation` when it is None. The curve and the settings go to
+`info["finetune"]` (`"distill"`: None without a teacher).
 """
 
 from __future__ import annotations
@@ -11,10 +14,12 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from torch import nn
+
 from pcompiler.data import DataSource
 from pcompiler.ir import Program
 from pcompiler.passmanager import CompileError, PassResult, register_pass
-from pcompiler.train import TrainConfig, train
+from pcompiler.train import TrainConfig, train, with_teacher
 
 
 @register_pass
@@ -24,6 +29,7 @@ class Finetune:
     data: DataSource | None = None
     epochs: float = 10.0
     train: TrainConfig = field(default_factory=lambda: TrainConfig(schedule="cosine"))
+    teacher: nn.Module | None = None  # distill from it (the input model), with train.distill's settings
 
     def steps(self) -> int:
         per_epoch = max(1, len(self.data.train) // self.train.batch_size)
@@ -34,10 +40,11 @@ class Finetune:
             raise CompileError("finetune needs data", hint="pass --data, or data=... in the pass API")
         if self.epochs < 0:
             raise CompileError(f"finetune epochs must be >= 0, got {self.epochs}")
-        cfg = dataclasses.replace(self.train, steps=self.steps(), label="fine-tune")
-        result = train(prog.gm, self.data, cfg)
+        cfg = dataclasses.replace(with_teacher(self.train, self.teacher), steps=self.steps(), label="fine-tune")
+        result = train(prog.gm, self.data, cfg, teacher=self.teacher)
         prog.gm.eval()
+        distill = None if cfg.distill is None else dataclasses.asdict(cfg.distill)
         info = {**prog.info, "finetune": {
             "epochs": self.epochs, "steps": result.steps, "seconds": result.seconds, "curve": result.curve,
-            "resumed_from": result.resumed_from, "train": dataclasses.asdict(cfg)}}
+            "resumed_from": result.resumed_from, "train": dataclasses.asdict(cfg), "distill": distill}}
         return PassResult(prog.replace(info=info), changed=False)

@@ -33,7 +33,7 @@ from pcompiler.ir import ChannelGroup, ParamSlice, Program, Selection, owner_of,
 from pcompiler.passes.l1 import group_l1, l1_scores
 from pcompiler.passes.select import MethodPass, _search_ratio, select
 from pcompiler.passmanager import CompileError, PassResult
-from pcompiler.train import Hooks, TrainConfig, lr_at, train
+from pcompiler.train import Hooks, TrainConfig, lr_at, train, with_teacher
 
 log = logging.getLogger("pcompiler")
 
@@ -215,6 +215,9 @@ class RegMethod(MethodPass):
     data: DataSource | None = None
     steps: int | None = None  # the step budget; None: the paper's schedule (capped at 100 epochs)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # Distill from it during regularization (train.distill's settings; the defaults when None). The
+    # user's input model: the Program trained here is a copy of the graph, not a teacher.
+    teacher: nn.Module | None = None
 
     # S_g is chosen by L1 (before training, or after GReg-2's picking): the ratio, searched for a
     # --speedup on the starting L1 scores, is fixed before training.
@@ -241,7 +244,8 @@ class RegMethod(MethodPass):
     def settings(self) -> dict:
         out = super().settings()
         out["data"] = None if self.data is None else self.data.spec
-        out["train"] = dataclasses.asdict(self.train)
+        out["train"] = dataclasses.asdict(with_teacher(self.train, self.teacher))
+        out["teacher"] = None if self.teacher is None else type(self.teacher).__name__
         return out
 
     def run(self, prog: Program) -> PassResult:
@@ -260,10 +264,10 @@ class RegMethod(MethodPass):
         if self.selects_by_l1:
             ratio = self.ratio if self.speedup is None else _search_ratio(prog, analysis, l1_scores(prog), self)
         budget = self.budget(prog)
-        cfg = dataclasses.replace(self.train, steps=budget, label=f"{self.name} regularization")
+        cfg = dataclasses.replace(with_teacher(self.train, self.teacher), steps=budget, label=f"{self.name} regularization")
         hooks = self.make_hooks(prog, budget, ratio)
         hooks.lr_at = functools.partial(lr_at, cfg)
-        result = train(prog.gm, self.data, cfg, hooks)
+        result = train(prog.gm, self.data, cfg, hooks, teacher=self.teacher)
         prog.gm.eval()
         prog = self.after_training(prog, hooks)
         scores = self.scores(prog)

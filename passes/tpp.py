@@ -154,7 +154,8 @@ class TPPHooks(MethodHooks):
         return {"lam": self.lam, "stabilize_from": self.stabilize_from, "push": self.push}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.lam, self.stabilize_from, self.push = state["lam"], state["stabilize_from"], state["push"]
+        self.lam, self.stabilize_from = state["lam"], state["stabilize_from"]
+        self.push = state.get("push", 0.0)  # absent from checkpoints written before the push was tracked
 
     def summary(self) -> dict[str, Any]:
         return {"schedule": dataclasses.asdict(self.growth), "budget": self.budget, "push_delivered": self.push,

@@ -39,6 +39,7 @@ from pcompiler.passes.recalibrate import DEFAULT_BATCHES as DEFAULT_RECALIBRATIO
 from pcompiler.passmanager import CompileError
 from pcompiler.report_md import count_text as _count
 from pcompiler.targets.bench import BACKENDS
+from pcompiler.train import Distillation
 
 log = logging.getLogger("pcompiler")
 
@@ -273,6 +274,14 @@ def _guarded(console: Console, verbose: bool, body: Any) -> int:
 @click.option("--finetune-epochs", type=float, default=10, show_default=True,
               help="Epochs of fine-tuning after slim (0: none). Needs --data.")
 @click.option("--finetune-lr", type=float, help="Fine-tuning lr, cosine to 0 (default: --lr).")
+@click.option("--distill", is_flag=True, help="Fine-tune with the input model as teacher: (1 - alpha) * CE + "
+              "alpha * T^2 * KL(teacher || student). Needs --data.")
+@click.option("--distill-temperature", type=float, default=Distillation.temperature, show_default=True,
+              help="Temperature T of --distill (> 0; 1: the plain probabilities).")
+@click.option("--distill-alpha", type=float, default=Distillation.alpha, show_default=True,
+              help="Weight alpha of the teacher's term in --distill, in [0, 1] (0: cross-entropy only).")
+@click.option("--distill-regularization", is_flag=True, help="With --distill, also distill during the regularization "
+              "phase of a trained method.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N] for training and evaluation.")
 @click.option("--amp", is_flag=True, help="Mixed precision (bfloat16, or float16 with loss scaling) on CUDA.")
 @click.option("--workers", type=int, default=0, show_default=True, help="Data loader worker processes.")
@@ -356,6 +365,26 @@ def _check_options(method: str | None, ratio: float | None, speedup: float | Non
         raise CompileError("--reg-steps, --finetune-epochs and --checkpoint-every must be >= 0")
 
 
+def _distillation(distill: bool, temperature: float, alpha: float, regularization: bool, method: str | None,
+                  data_spec: str | None, finetune_epochs: float) -> Distillation | None:
+    """The --distill settings, checked (None without --distill)."""
+    if not distill:
+        if regularization:
+            raise CompileError("--distill-regularization needs --distill", hint="add --distill, or leave it out")
+        return None
+    if data_spec is None:
+        raise CompileError("--distill trains with the input model as teacher and needs --data", hint="e.g. --data digits")
+    if regularization and method not in TRAINED:
+        raise CompileError(f"--distill-regularization: --method {method} has no regularization phase",
+                           hint=f"use it with {', '.join(TRAINED)}, or leave it out")
+    if finetune_epochs == 0 and not regularization:
+        raise CompileError("--distill with --finetune-epochs 0: there is no training to distill into",
+                           hint="fine-tune (--finetune-epochs N), or add --distill-regularization")
+    settings = Distillation(temperature=temperature, alpha=alpha)
+    settings.check("--distill")
+    return settings
+
+
 def _bench_settings(batches: str, backends: str | None, **more: Any):
     from pcompiler.targets.bench import LatencySettings, available_backends
 
@@ -374,9 +403,12 @@ def _compile(console: Console, model_path: Path, *, method: str | None, ratio: f
              speedup: float | None, seed: int, analyze: bool, formats: str, dump_ir: Path | None,
              data_spec: str | None, image_size: int, reg_steps: int | None, method_options: tuple[str, ...],
              lr: float, lr_schedule: str, batch_size: int, momentum: float, weight_decay: float, finetune_epochs: float,
+             distill: bool, distill_temperature: float, distill_alpha: float, distill_regularization: bool,
              finetune_lr: float | None, device: str, amp: bool, workers: int, checkpoint_every: int,
              resume: bool, no_progress: bool, run_bench: bool, bench_batches: str,
              bench_backends: str | None, no_compensate: bool, recalibrate_batches: int, no_recalibrate: bool) -> int:
+    import dataclasses
+
     from pcompiler.passmanager import dump_instrument, make_pass, run
     from pcompiler.targets.bench import default_round_to
     from pcompiler.train import TrainConfig, is_main_process
@@ -390,6 +422,8 @@ def _compile(console: Console, model_path: Path, *, method: str | None, ratio: f
                            hint="0 (or --no-recalibrate) turns recalibration off")
     if no_recalibrate:
         recalibrate_batches = 0
+    distillation = _distillation(distill, distill_temperature, distill_alpha, distill_regularization, method,
+                                 data_spec, finetune_epochs)
     export_formats = _parse_list("--formats", formats, FORMATS)
     extra = _parse_method_options(method_options)
     bench_settings = _bench_settings(bench_batches, bench_backends) if run_bench else None
@@ -438,7 +472,9 @@ def _compile(console: Console, model_path: Path, *, method: str | None, ratio: f
         settings.update(data=data, steps=reg_steps,
                         train=TrainConfig(lr=lr, schedule=lr_schedule, checkpoint=str(ckpt / "regularization.pt"),
                                           **common))
-    unknown = set(extra) & set(settings)
+    if method in TRAINED and distill_regularization:  # the teacher: the input model, not the copy trained
+        settings.update(teacher=model.eval(), train=dataclasses.replace(settings["train"], distill=distillation))
+    unknown = set(extra) & (set(settings) | {"teacher"})
     if unknown:
         raise CompileError(f"-p {', '.join(sorted(unknown))}: set that with its own option", hint="see pcompile --help")
     method_pass = make_pass(method, **settings, **extra)
@@ -458,8 +494,9 @@ def _compile(console: Console, model_path: Path, *, method: str | None, ratio: f
         passes.append(make_pass("evaluate", data=data, key="acc_pruned", device=device))
         if finetune_epochs > 0:
             ft = TrainConfig(lr=finetune_lr if finetune_lr is not None else lr, schedule="cosine",
-                             checkpoint=str(ckpt / "finetune.pt"), **common)
-            passes += [make_pass("finetune", data=data, epochs=finetune_epochs, train=ft),
+                             checkpoint=str(ckpt / "finetune.pt"), distill=distillation, **common)
+            teacher = model.eval() if distillation is not None else None
+            passes += [make_pass("finetune", data=data, epochs=finetune_epochs, train=ft, teacher=teacher),
                        make_pass("evaluate", data=data, key="acc_final", device=device)]
     prog = run(prog, passes, instruments=instruments)
     if data is not None:
@@ -476,7 +513,9 @@ def _compile(console: Console, model_path: Path, *, method: str | None, ratio: f
 
         before = prog.reference if prog.reference is not None else prog.gm
         prog.info["bench"] = bench({"original": before, "slim": prog.gm}, prog.example_inputs, bench_settings)
-    report_settings = {k: v for k, v in settings.items() if k not in ("data", "train")}
+    report_settings = {k: v for k, v in settings.items() if k not in ("data", "train", "teacher")}
+    report_settings["distill"] = None if distillation is None else {
+        **dataclasses.asdict(distillation), "finetune": finetune_epochs > 0, "regularization": distill_regularization}
     report_settings.update(skip=list(skip), input_shapes=[list(s) for s in shapes], formats=list(export_formats),
                            data=data_spec, reg_steps=reg_steps, method_options=extra, lr=lr, lr_schedule=lr_schedule,
                            finetune_epochs=finetune_epochs if data is not None else 0,

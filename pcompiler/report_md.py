@@ -158,7 +158,7 @@ def _plots(r: dict[str, Any], folder: Path) -> dict[str, str]:
     curve = (r.get("regularization") or {}).get("curve") or []
     if curve:
         steps = [p["step"] for p in curve]
-        keys = [k for k in ("loss", "acc", "penalty", "lambda", "gram", "mag_ratio", "receded") if k in curve[0]]
+        keys = [k for k in ("loss", "distill", "acc", "penalty", "lambda", "gram", "mag_ratio", "receded") if k in curve[0]]
         fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3))
         for ax, k in zip(axes if len(keys) > 1 else [axes], keys):
             ax.plot(steps, [p.get(k, float("nan")) for p in curve])

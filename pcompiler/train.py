@@ -23,12 +23,19 @@ What the loop guarantees:
 - AMP (CUDA only): bfloat16 autocast where supported, else float16 with a GradScaler whose
   gradients are unscaled before `after_backward`.
 
-The loss is cross-entropy: the data are (x, class) pairs (see `pcompiler.data`).
+The loss is cross-entropy: the data are (x, class) pairs (see `pcompiler.data`). With a teacher
+(`train(..., teacher=...)`, settings in `TrainConfig.distill`) it is the distillation loss
+(1 - alpha) * CE(z_s, y) + alpha * T^2 * KL(softmax(z_t / T) || softmax(z_s / T)) of Hinton et al.
+(2015). The teacher sees the student's (augmented) batch, in eval mode under no_grad, on the
+training device and inside autocast; under DDP each rank runs it on its own share of the batch.
+It is never trained; its mode and device are restored after. The curve's "loss" stays the
+cross-entropy (comparable with a run without teacher); "distill" is the T^2 * KL term.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -52,6 +59,24 @@ SCHEDULES = ("constant", "cosine", "step")
 
 
 @dataclass(frozen=True)
+class Distillation:
+    """How a teacher's logits z_t join the loss: temperature T (> 0) softens both distributions,
+    alpha (in [0, 1]) weighs the T^2 * KL term against the cross-entropy (0: cross-entropy only).
+    The defaults are a common choice in the distillation literature; docs/bench_distill.md compares others."""
+
+    temperature: float = 4.0
+    alpha: float = 0.9
+
+    def check(self, label: str) -> None:
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise CompileError(f"{label}: distillation temperature must be > 0, got {self.temperature}",
+                               hint="e.g. --distill-temperature 4; 1 leaves the teacher's probabilities as they are")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise CompileError(f"{label}: distillation alpha must be in [0, 1], got {self.alpha}",
+                               hint="e.g. --distill-alpha 0.9; 0 is cross-entropy only, 1 the teacher only")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """One training phase. `steps` counts optimizer steps (global batches)."""
 
@@ -71,6 +96,7 @@ class TrainConfig:
     log_every: int = 10
     progress: bool = True
     label: str = "train"
+    distill: Distillation | None = None  # with a teacher (train(..., teacher=...)): its loss settings
 
     def check(self) -> None:
         if self.steps < 0 or self.batch_size < 1 or self.lr < 0:
@@ -81,6 +107,15 @@ class TrainConfig:
             raise CompileError(f"{self.label}: checkpoint_every needs a checkpoint path")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise CompileError("--device cuda: no CUDA device is available here", hint="use --device cpu")
+        if self.distill is not None:
+            self.distill.check(self.label)
+
+
+def with_teacher(cfg: TrainConfig, teacher: nn.Module | None) -> TrainConfig:
+    """`cfg` for a run with `teacher`: the default `Distillation` when it sets none; unchanged without one."""
+    if teacher is None or cfg.distill is not None:
+        return cfg
+    return dataclasses.replace(cfg, distill=Distillation())
 
 
 class Hooks:
@@ -242,29 +277,75 @@ def _save(path: str, state: dict[str, Any]) -> None:
     os.replace(tmp, p)
 
 
-_RESUME_KEYS = ("steps", "lr", "batch_size", "seed", "schedule", "momentum", "weight_decay")
+_RESUME_KEYS = ("steps", "lr", "batch_size", "seed", "schedule", "momentum", "weight_decay", "distill")
 
 
 def _load_checkpoint(cfg: TrainConfig, size: int) -> dict[str, Any] | None:
     if not (cfg.resume and cfg.checkpoint and Path(cfg.checkpoint).exists()):
         return None
     state = torch.load(cfg.checkpoint, map_location="cpu", weights_only=False)
-    saved = state.get("config", {})
-    differ = [k for k in _RESUME_KEYS if saved.get(k) != getattr(cfg, k)]
+    saved, now = state.get("config", {}), asdict(cfg)
+    differ = [k for k in _RESUME_KEYS if saved.get(k) != now[k]]
     if differ or state.get("world_size") != size:
-        what = ", ".join(f"{k} {saved.get(k)} -> {getattr(cfg, k)}" for k in differ) or "world size"
+        what = ", ".join(f"{k} {saved.get(k)} -> {now[k]}" for k in differ) or "world size"
         raise CompileError(f"cannot resume from {cfg.checkpoint}: it was written with other settings ({what})",
                            hint="resume with the options of the interrupted run, or delete the checkpoint")
     return state
 
 
 # ---------------------------------------------------------------------------------------------
+# Distillation
+
+
+def distill_term(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * KL(softmax(teacher / T) || softmax(student / T)), averaged over the batch."""
+    t = temperature
+    return t * t * F.kl_div(F.log_softmax(student / t, dim=1), F.log_softmax(teacher / t, dim=1),
+                            reduction="batchmean", log_target=True)
+
+
+def _check_teacher(model: nn.Module, teacher: nn.Module | None, cfg: TrainConfig) -> None:
+    if (teacher is None) != (cfg.distill is None):
+        given, missing = ("a teacher", "TrainConfig.distill") if cfg.distill is None else ("distill", "teacher")
+        raise CompileError(f"{cfg.label}: {given} is set but {missing} is not",
+                           hint="pass both (teacher=the input model, distill=Distillation(...)), or neither")
+    if teacher is None:
+        return
+
+    def storages(m: nn.Module) -> set[int]:
+        return {t.untyped_storage().data_ptr() for t in (*m.parameters(), *m.buffers())
+                if t.device.type != "meta" and t.numel()}
+
+    if storages(model) & storages(teacher):
+        raise CompileError(f"{cfg.label}: the teacher shares weights with the model being trained",
+                           hint="pass the input model (or a copy of it) as teacher, not the model being trained")
+
+
+def _lend_teacher(teacher: nn.Module | None, dev: torch.device) -> Callable[[], None]:
+    """Put the teacher in eval mode on `dev`; return what restores every module's mode and its device."""
+    if teacher is None:
+        return lambda: None
+    modes, home = [m.training for m in teacher.modules()], device_of(teacher)
+    teacher.to(dev).eval()
+
+    def give_back() -> None:
+        teacher.to(home)
+        for m, mode in zip(teacher.modules(), modes, strict=True):
+            m.training = mode
+
+    return give_back
+
+
+# ---------------------------------------------------------------------------------------------
 # The loop
 
 
-def train(model: nn.Module, data: DataSource, cfg: TrainConfig, hooks: Hooks | None = None) -> TrainResult:
-    """Train `model` in place on `data.train` for `cfg.steps` steps (fewer if the hooks finish)."""
+def train(model: nn.Module, data: DataSource, cfg: TrainConfig, hooks: Hooks | None = None,
+          teacher: nn.Module | None = None) -> TrainResult:
+    """Train `model` in place on `data.train` for `cfg.steps` steps (fewer if the hooks finish),
+    distilling from `teacher` (which `cfg.distill` then configures) when one is given."""
     cfg.check()
+    _check_teacher(model, teacher, cfg)
     hooks = hooks or Hooks()
     rank, size, _ = world()
     dev = init_distributed(cfg.device)
@@ -312,6 +393,7 @@ def train(model: nn.Module, data: DataSource, cfg: TrainConfig, hooks: Hooks | N
     bar = _progress(cfg, cfg.steps, result.steps)
     t0 = time.perf_counter()
     step = result.steps
+    give_back_teacher = _lend_teacher(teacher, dev)
     try:
         if bar is not None:
             bar.start()
@@ -325,8 +407,14 @@ def train(model: nn.Module, data: DataSource, cfg: TrainConfig, hooks: Hooks | N
             with autocast():
                 out = net(x)
                 loss = F.cross_entropy(out.float(), y)
+                total, kd = loss, None
+                if teacher is not None:
+                    with torch.no_grad():
+                        z_t = teacher(x)
+                    kd = distill_term(out.float(), z_t.float(), cfg.distill.temperature)
+                    total = (1 - cfg.distill.alpha) * loss + cfg.distill.alpha * kd
                 extra = hooks.loss_term(model, step)
-                total = loss if extra is None else loss + extra
+                total = total if extra is None else total + extra
             opt.zero_grad(set_to_none=True)
             (scaler.scale(total) if scaler is not None else total).backward()
             if scaler is not None:
@@ -341,7 +429,8 @@ def train(model: nn.Module, data: DataSource, cfg: TrainConfig, hooks: Hooks | N
             step += 1
             logged = hooks.after_step(model, step)
             acc = (out.detach().argmax(1) == y).float().mean().item()
-            for k, v in {"loss": loss.item(), "acc": acc, **logged}.items():
+            terms = {"loss": loss.item()} if kd is None else {"loss": loss.item(), "distill": kd.item()}
+            for k, v in {**terms, "acc": acc, **logged}.items():
                 if callable(v):
                     window[k] = v
                 else:
@@ -359,6 +448,7 @@ def train(model: nn.Module, data: DataSource, cfg: TrainConfig, hooks: Hooks | N
         if cfg.checkpoint_every and step % cfg.checkpoint_every:
             checkpoint(step)  # the phase's end, so a resume after it skips straight past it
     finally:
+        give_back_teacher()
         if bar is not None:
             bar.stop()
     result.steps = step

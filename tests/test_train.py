@@ -11,11 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pcompiler.data import DataSource, random_crop_flip
 from pcompiler.passmanager import CompileError
-from pcompiler.train import Hooks, TrainConfig, _lr_factor, evaluate, train
+from pcompiler.train import Distillation, Hooks, TrainConfig, _lr_factor, evaluate, train
 
 torch.set_num_threads(1)
 
@@ -182,6 +183,86 @@ def test_batch_must_split_evenly_and_bad_options_are_errors():
         train(net(), data(), TrainConfig(schedule="linear"))
     with pytest.raises(CompileError, match="checkpoint path"):
         train(net(), data(), TrainConfig(checkpoint_every=5))
+
+
+# ---------------------------------------------------------------------------------------------
+# Distillation from a teacher
+
+
+def test_distillation_loss_is_the_formula_and_its_gradient_is_the_step():
+    torch.manual_seed(0)
+    student, teacher = nn.Linear(5, 3).double(), nn.Linear(5, 3).double()
+    x, y = torch.randn(12, 5, dtype=torch.float64), torch.arange(12) % 3
+    ds = torch.utils.data.TensorDataset(x, y)
+    d = Distillation(temperature=3.0, alpha=0.7)
+    cfg = TrainConfig(steps=1, lr=0.1, momentum=0.0, weight_decay=0.0, batch_size=12, log_every=1,
+                      progress=False, distill=d)
+    # By hand: the whole data set is the one batch (a mean does not depend on the order).
+    w = student.weight.detach().clone().requires_grad_()
+    z_s, z_t = F.linear(x, w, student.bias.detach()), teacher(x).detach()
+    ce = -z_s.log_softmax(1)[torch.arange(12), y].mean()
+    p_t = (z_t / 3).softmax(1)
+    kl = (p_t * (p_t.log() - (z_s / 3).log_softmax(1))).sum(1).mean()
+    objective = 0.3 * ce + 0.7 * 9 * kl
+    objective.backward()
+
+    result = train(student, DataSource("tiny", ds, ds, 3, (5,), None), cfg, teacher=teacher)
+    point = result.curve[0]
+    assert point["loss"] == pytest.approx(ce.item(), rel=1e-6) and point["distill"] == pytest.approx(9 * kl.item(), rel=1e-6)
+    assert torch.allclose(student.weight, w.detach() - 0.1 * w.grad, atol=1e-6, rtol=0)
+
+
+def test_alpha_zero_is_bitwise_the_run_without_teacher():
+    teacher = net()
+    teacher[0].weight.data.mul_(3.0)  # a teacher unlike the student
+    a, b = net(), net()
+    train(a, data(), CFG)
+    train(b, data(), TrainConfig(**{**CFG.__dict__, "distill": Distillation(alpha=0.0)}), teacher=teacher)
+    assert same(a, b)
+
+
+def test_teacher_is_neither_trained_nor_moved_nor_left_in_eval_mode():
+    teacher, before = net(), net()
+    teacher.train()
+    teacher[1].eval()  # a module in its own mode keeps it
+    modes = [m.training for m in teacher.modules()]
+    student = net(bn=True)
+    student[0].weight.data.mul_(0.5)
+    result = train(student, data(), TrainConfig(**{**CFG.__dict__, "distill": Distillation()}), teacher=teacher)
+    assert same(teacher, before)  # weights and running statistics
+    assert [m.training for m in teacher.modules()] == modes and modes.count(False) == 1
+    assert all("distill" in p and p["distill"] >= 0 for p in result.curve)
+    plain = net(bn=True)
+    plain[0].weight.data.mul_(0.5)
+    train(plain, data(), CFG)
+    assert not same(student, plain)  # the teacher changed the training
+
+
+@pytest.mark.parametrize("distill, teacher, match", [
+    (Distillation(temperature=0.0), True, "temperature must be > 0"),
+    (Distillation(alpha=1.5), True, r"alpha must be in \[0, 1\]"),
+    (Distillation(), False, "distill is set but teacher is not"),
+    (None, True, "a teacher is set but TrainConfig.distill is not"),
+])
+def test_distillation_option_errors(distill, teacher, match):
+    cfg = TrainConfig(**{**CFG.__dict__, "distill": distill})
+    with pytest.raises(CompileError, match=match):
+        train(net(), data(), cfg, teacher=net() if teacher else None)
+
+
+def test_the_trained_model_cannot_be_its_own_teacher():
+    model = net()
+    with pytest.raises(CompileError, match="shares weights"):
+        train(model, data(), TrainConfig(**{**CFG.__dict__, "distill": Distillation()}), teacher=model)
+
+
+def test_resume_refuses_other_distillation_settings(tmp_path):
+    cfg = TrainConfig(**{**CFG.__dict__, "checkpoint": str(tmp_path / "c.pt"), "checkpoint_every": 10,
+                         "distill": Distillation(alpha=0.5)})
+    train(net(), data(), cfg, teacher=net())
+    with pytest.raises(CompileError, match="distill"):
+        train(net(), data(), TrainConfig(**{**cfg.__dict__, "resume": True, "distill": Distillation(alpha=0.9)}),
+              teacher=net())
 
 
 # ---------------------------------------------------------------------------------------------
