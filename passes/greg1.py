@@ -117,7 +117,7 @@ class GrowingHooks(MethodHooks):
 
     def summary(self) -> dict[str, Any]:
         pushes = list(self.push.values())
-        return {"schedule": dataclasses.asdict(self.growth), "budget": self.budget,
+        return {"schedule": dataclasses.asdict(self.growth), "schedule_fit": self.budget,
                 "push_delivered": {"min": min(pushes, default=0.0), "max": max(pushes, default=0.0),
                                    "per_group": {str(g): v for g, v in self.push.items()}},
                 "groups_stopped_at": {str(g): s for g, s in self.done.items()},

@@ -7,6 +7,7 @@ METHODS.md, "TPP":
    producing dim first and flattening), G = W W^T and T = G.detach() with the rows and columns of
    the pruned filters set to zero; loss += lw * lambda(t) * sum over layers of mean((G - T)^2).
    A weight whose rows belong to several groups (a concat, a split) has its pruned rows united.
+   Its weight per layer is lw * min(lambda(t), that layer's stability cap, `gram_lambda_cap`).
 4. L2 with lambda(t) on the pruned producer weights and biases (`l2_weights`), and on the pruned
    norm scales and shifts (`l2_norm`); both on by default.
 5. Stabilization: K_s steps with lambda at tau; the pruned producer slices of the i-th layer (in
@@ -45,6 +46,7 @@ from pcompiler.passes.regularize import (
     is_norm_param,
 )
 from pcompiler.passmanager import register_pass
+from pcompiler.train import TrainConfig
 
 
 def gram_term(w: torch.Tensor, dim: int, pruned: torch.Tensor) -> torch.Tensor:
@@ -59,6 +61,26 @@ def gram_term(w: torch.Tensor, dim: int, pruned: torch.Tensor) -> torch.Tensor:
     pruned = pruned.unique()
     a = rows[pruned] @ rows.t()
     return (2 * a.square().sum() - a[:, pruned].square().sum()) / (n * n)
+
+
+def gram_lambda_cap(w: torch.Tensor, dim: int, lw: float, train: TrainConfig) -> float:
+    """The largest lambda at which SGD steps the Gram term of `w` stably.
+
+    The term's curvature along a filter row is at most 12 * lw * lambda * ||W||_2^2 / N^2 (W the
+    N x K filter matrix; the pruned rows' Gram entries w_i . w_j, squared and averaged over N^2:
+    4 W^T W from the entries with the other rows, 12 |w_i|^2 from a pruned row's own |w_i|^4).
+    The pruned rows also carry the L2 penalty, whose lr * lambda may reach 1 + momentum
+    (`lambda_cap`); heavy-ball SGD is stable while lr times the summed curvature stays below
+    2 * (1 + momentum), so the Gram term gets half of what is left: lr * curvature <= (1 + momentum) / 2.
+    ||W||_2 by power iteration, with a 10% margin."""
+    rows = w.detach().movedim(dim, 0).reshape(w.shape[dim], -1).float()
+    v = torch.ones(rows.shape[1], device=rows.device)
+    for _ in range(30):
+        v = rows.t() @ (rows @ v)
+        v = v / v.norm().clamp_min(1e-30)
+    sigma_sq = 1.1 * float((rows @ v).square().sum())
+    n = rows.shape[0]
+    return 0.5 * (1.0 + train.momentum) * n * n / max(12.0 * lw * sigma_sq * train.lr, 1e-30)
 
 
 class TPPHooks(MethodHooks):
@@ -91,6 +113,8 @@ class TPPHooks(MethodHooks):
             self.layers.append(slices)
         self.grams = [(tensor_of(gm, k[0]), k[1], torch.as_tensor(np.unique(np.concatenate(v))))
                       for k, v in sorted(rows.items(), key=lambda kv: order.get(kv[0][0], 0))]
+        # Each weight's Gram term uses min(lambda(t), its stability cap); keyed by the tensor's id.
+        self.gram_caps = {id(w): gram_lambda_cap(w, dim, method.lw, method.train) for w, dim, _ in self.grams}
         self.lam = 0.0
         self.stabilize_from: int | None = None if self.selection else 0
         self.gram_size = 0.0
@@ -108,9 +132,9 @@ class TPPHooks(MethodHooks):
         self.gram_size = 0.0
         if self.lam == 0.0 or not grams:
             return None
-        total = sum(gram_term(w, dim, idx) for w, dim, idx in grams)
-        self.gram_size = float(total.detach())
-        return self.method.lw * self.lam * total
+        terms = [(min(self.lam, self.gram_caps[id(w)]), gram_term(w, dim, idx)) for w, dim, idx in grams]
+        self.gram_size = float(sum(t.detach() for _, t in terms))
+        return self.method.lw * sum(lam * t for lam, t in terms)
 
     def live_grams(self) -> list[tuple[torch.Tensor, int, torch.Tensor]]:
         """The Gram terms to compute, indices on their weight's device. Once stabilization zeroes
@@ -158,7 +182,9 @@ class TPPHooks(MethodHooks):
         self.push = state.get("push", 0.0)  # absent from checkpoints written before the push was tracked
 
     def summary(self) -> dict[str, Any]:
-        return {"schedule": dataclasses.asdict(self.growth), "budget": self.budget, "push_delivered": self.push,
+        return {"schedule": dataclasses.asdict(self.growth), "schedule_fit": self.budget, "push_delivered": self.push,
+                "gram_lambda_cap": min(self.gram_caps.values(), default=None),
+                "gram_layers_capped": sum(cap < self.growth.ceiling for cap in self.gram_caps.values()),
                 "zero_interval": self.zero_interval,
                 "stabilization_started_at": self.stabilize_from, "layers_zeroed": len(self.layers)}
 

@@ -310,7 +310,12 @@ def test_tpp_on_digits_trains_finetunes_and_reports(tmp_path):
     assert report["inputs"][0]["shape"] == [1, 1, 8, 8]  # from the data
     method = report["method_settings"]
     assert report["method"] == method["name"] == "tpp" and method["lw"] == 500 and method["budget"] == 30
-    assert method["schedule"]["delta"] == pytest.approx(1e-4 * 110_000 / 30)
+    # 30 steps would need lambda 110000/30 times the paper's for its push: capped at lr * lambda = 1.9
+    assert method["schedule_fit"]["capped"] and method["schedule"]["ceiling"] == pytest.approx(1.9 / 1e-3)
+    assert method["schedule"]["delta"] == pytest.approx(1e-4 * 1900 * 110_000 / 30)
+    assert method["schedule_fit"]["push_planned"] < method["schedule_fit"]["push_paper"]
+    assert report["recalibration"] == {"norms": 10, "batches": 50, "batch_size": 64}
+    assert 0 <= report["acc_before_recalibration"] <= 1 and report["settings"]["recalibrate_batches"] == 50
     assert method["train"]["lr"] == 1e-3 and method["data"] == "digits" and method["train"]["schedule"] == "cosine"
     curve = report["regularization"]["curve"]
     assert curve[-1]["step"] == 30 and {"loss", "acc", "penalty", "gram", "lambda"} <= set(curve[-1])
@@ -327,8 +332,19 @@ def test_tpp_on_digits_trains_finetunes_and_reports(tmp_path):
     assert "accuracy, fine-tuned" in result.stderr and "99.44%" in result.stderr
 
 
+def test_no_recalibrate(tmp_path):
+    out = tmp_path / "out"
+    result = invoke(EXAMPLE, "--method", "l1", "--ratio", "0.5", "--data", "digits", "--finetune-epochs", "0",
+                    "--no-progress", "--formats", "pt", "--no-recalibrate", "-o", out)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert "recalibration" not in report and "acc_before_recalibration" not in report
+    assert report["settings"]["recalibrate_batches"] == 0 and "recalibrate" not in [p["name"] for p in report["passes"]]
+
+
 @pytest.mark.parametrize("args, fragments", [
     (("--method", "greg1", "--ratio", "0.5"), ("needs --data",)),
+    (("--method", "l1", "--ratio", "0.5", "--data", "digits", "--recalibrate-batches", "-1"), ("--recalibrate-batches",)),
     (("--method", "l1", "--ratio", "0.5", "--data", "npz:/nonexistent/d.npz"), ("/nonexistent/d.npz",)),
     (("--method", "l1", "--ratio", "0.5", "--data", "mnist"), ("mnist",)),
     (("--method", "tpp", "--ratio", "0.5", "--data", "digits", "-p", "nonsense=1"), ("no option nonsense",)),

@@ -17,7 +17,7 @@ from pcompiler.data import DataSource
 from pcompiler.passes.greg1 import GReg1
 from pcompiler.passes.greg2 import GReg2
 from pcompiler.passes.receding import BoundedBatchNorm, Receding, rni_penalty, to_bounded, to_standard
-from pcompiler.passes.regularize import ChannelPenalty, Growth, is_filter
+from pcompiler.passes.regularize import Budget, ChannelPenalty, Growth, is_filter, lambda_cap
 from pcompiler.passes.slimming import SparsityHooks
 from pcompiler.passes.tpp import TPP, gram_term
 from pcompiler.passmanager import make_pass
@@ -135,14 +135,14 @@ def test_tpp_lambda_grows_to_tau_then_zeroes_layer_by_layer():
     prog = program()
     hooks = TPP(ratio=0.5, data=tiny_data()).make_hooks(prog, budget=110, ratio=0.5)
     g = hooks.growth
-    assert (g.interval, g.ceiling) == (10, 1.0) and g.delta == pytest.approx(1e-4 * 110_000 / 110)
+    assert (g.interval, g.ceiling) == (10, pytest.approx(1000.0)) and g.delta == pytest.approx(100.0)
     assert g.stabilize == 10 and hooks.zero_interval == 1
     step = 0
     while hooks.stabilize_from is None:
         step += 1
         hooks.after_step(prog.gm, step)
-        assert hooks.lam <= 1.0
-    assert hooks.lam == 1.0 and step % 10 == 0
+        assert hooks.lam <= g.ceiling
+    assert hooks.lam == g.ceiling and step % 10 == 0
     # (i+1) * zero_interval steps into stabilization, the i-th group's pruned slices are exactly 0.
     hooks.after_step(prog.gm, step + 1)
     first, second = hooks.layers
@@ -209,15 +209,53 @@ def test_growth_scaling_keeps_the_papers_numbers_at_the_papers_length():
     g = Growth()
     assert g.length == 110_000
     assert g.scaled(1.0) == g
-    small = g.scaled(2200 / 110_000)
-    assert small.delta == pytest.approx(5e-3) and small.stabilize == 200 and small.interval == 10
+    small = g.scaled(2200 / 110_000, 50.0)  # phases 50x shorter, lambdas 50x larger
+    assert small.delta == pytest.approx(0.25) and small.ceiling == 50 and small.stabilize == 200
+    assert small.interval == 10 and small.length == 2200
+
+
+@pytest.mark.parametrize("steps", [600, 3000, 110_000])
+def test_budget_keeps_the_papers_total_push(steps):
+    paper = Growth()
+    cfg = TrainConfig(lr=1e-3, momentum=0.9)
+    fit = Budget.fit(steps, paper.length, cfg, paper.ceiling)
+    assert not fit.capped and fit.lam == pytest.approx(110_000 / steps)
+    fitted = paper.scaled(fit.step_factor, fit.lam)
+    # sum(lr * lambda): about 60 for the paper's 110k steps at lr 1e-3, whatever the budget.
+    assert paper.push(1e-3) == pytest.approx(60.0, rel=1e-3)
+    assert fitted.push(1e-3) == pytest.approx(paper.push(1e-3), rel=0.02)
+    assert fitted.length == pytest.approx(steps, rel=0.01)
+    if steps == 110_000:
+        assert fitted == paper  # the paper's schedule exactly
+    # a 10x larger lr needs 10x smaller lambdas for the same push
+    assert Budget.fit(steps, paper.length, TrainConfig(lr=1e-2), 1.0).lam == pytest.approx(fit.lam / 10)
+
+
+def test_budget_caps_lambda_where_stepping_would_be_unstable():
+    cfg = TrainConfig(lr=1e-3, momentum=0.9)
+    fit = Budget.fit(10, 110_000, cfg, 1.0)  # would need lambda 11000: lr * lambda = 11
+    assert fit.capped and fit.lam * cfg.lr == pytest.approx(1.9)  # lr * lambda <= 1 + momentum
+    assert lambda_cap(TrainConfig(lr=0.1, momentum=0.0)) == pytest.approx(10.0)
+
+
+def test_greg_reports_the_push_it_delivered():
+    prog = program()
+    hooks = GReg1(ratio=0.5, data=tiny_data()).make_hooks(prog, budget=200, ratio=0.5)
+    hooks.limit = math.inf
+    for step in range(1, 201):
+        hooks.after_step(prog.gm, step)
+    summary = hooks.summary()
+    assert summary["schedule_fit"]["push_paper"] == pytest.approx(60.0, rel=1e-3)
+    # lr_at defaults to the paper's 1e-3; the delivered push follows lambda step by step
+    assert summary["push_delivered"]["min"] == pytest.approx(summary["schedule_fit"]["push_planned"], rel=0.05)
 
 
 def test_greg_lambda_grows_by_delta_every_ku_until_tau_then_stabilizes():
     prog = program()
     hooks = GReg1(ratio=0.5, data=tiny_data()).make_hooks(prog, budget=110, ratio=0.5)
-    delta = hooks.growth.delta
-    assert delta == pytest.approx(0.1)
+    delta, tau = hooks.growth.delta, hooks.growth.ceiling
+    # 110 steps = 1/1000 of the paper's length: lambda 1000x larger (the push kept), delta 1000^2 x.
+    assert tau == pytest.approx(1000.0) and delta == pytest.approx(100.0)
     hooks.limit = math.inf  # no magnitude stop: tau ends the growth
     seen = []
     for step in range(1, 200):
@@ -229,7 +267,7 @@ def test_greg_lambda_grows_by_delta_every_ku_until_tau_then_stabilizes():
     # +delta exactly at multiples of K_u = 10, constant in between.
     assert seen[8] == 0 and seen[9] == pytest.approx(delta) and seen[18] == pytest.approx(delta)
     assert seen[19] == pytest.approx(2 * delta)
-    assert max(seen) > 1.0 and max(seen) <= 1.0 + delta + 1e-9  # stops once it passed tau
+    assert max(seen) > tau and max(seen) <= tau + delta + 1e-9  # stops once it passed tau
     start = hooks.stabilize_from
     lam_then = {g: v.clone() for g, v in hooks.lam.items()}
     for step in range(start + 1, start + 200):
@@ -269,10 +307,12 @@ def test_greg2_picks_by_magnitude_after_the_picking_phase():
                 w[[0, 2, 5]] *= 0.01
         hooks.after_step(prog.gm, step)
     assert hooks.selection[gid] == (0, 2, 5)
-    assert hooks.pick_lambda >= 1e-2 - 1e-12
+    scale = 119_000 / 1200  # both phases' lambdas scale by the paper's length / the budget
+    assert hooks.pick_ceiling == pytest.approx(1e-2 * scale) and hooks.kept_lambda == pytest.approx(-1e-4 * scale)
+    assert hooks.pick_lambda >= hooks.pick_ceiling * (1 - 1e-9)
     lam = hooks.lam[gid]
     assert torch.allclose(lam[[0, 2, 5]], torch.full((3,), hooks.pick_lambda))
-    assert torch.allclose(lam[[1, 3, 4]], torch.full((3,), -1e-4))  # kept: small negative penalty
+    assert torch.allclose(lam[[1, 3, 4]], torch.full((3,), hooks.kept_lambda))  # kept: small negative penalty
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,12 +344,15 @@ def test_receding_conversion_leaves_outputs_unchanged(train_mode):
     assert to_bounded(bounded) == ["1", "4"]
     assert isinstance(bounded[1], BoundedBatchNorm)
     s = bounded[1].importance()
-    assert float(s.max()) == pytest.approx(0.5) and float(s.min()) >= 1e-3 - 1e-9
-    assert torch.allclose(bounded.train(train_mode)(x), ref, atol=1e-5)
+    assert float(s.max()) == pytest.approx(0.99) and float(s.min()) >= 1e-3 - 1e-9
+    # In train mode the second BN divides by its batch's std (as low as 0.01 for some of the 288
+    # features at batch 4), amplifying the first BN's float32 rounding (~5e-7) about 70x.
+    tol = 1e-4 if train_mode else 1e-5
+    assert torch.allclose(bounded.train(train_mode)(x), ref, atol=tol)
     back = copy.deepcopy(bounded)
     to_standard(back)
     assert type(back[1]) is nn.BatchNorm2d and type(back[4]) is nn.BatchNorm1d
-    assert torch.allclose(back.train(train_mode)(x), ref, atol=1e-5)
+    assert torch.allclose(back.train(train_mode)(x), ref, atol=tol)
 
 
 def test_receding_channel_that_recedes_is_removable():
@@ -371,16 +414,16 @@ def test_methods_need_data():
 
 def test_receding_selects_globally_by_importance():
     model = tiny_cnn()
-    with torch.no_grad():  # start importances 0.5 * |gamma| / max |gamma|, all distinct
+    with torch.no_grad():  # start importances 0.99 * |gamma| / max |gamma|, all distinct
         model[1].weight.copy_(torch.tensor([6.0, 5, 4, 3, 2, 1]))
         model[4].weight.copy_(torch.arange(1, 9).float() + 0.3)
     prog = program(model)
     out = pcompiler.run(prog, [Receding(ratio=0.5, data=tiny_data(), steps=0, train=QUIET)])
-    # The 7 (= ceil(0.5 * 14)) lowest of {k/12} and {(k + 0.3)/16.6}: 3 of the first BN, 4 of the second.
+    # The 7 (= ceil(0.5 * 14)) lowest of {k/6} and {(k + 0.3)/8.3} (x 0.99): 3 of the first BN, 4 of the second.
     assert out.selection[group_with(prog, "0.weight", 0).id] == (3, 4, 5)
     assert out.selection[group_with(prog, "3.weight", 0).id] == (0, 1, 2, 3)
     scores = out.scores[group_with(prog, "0.weight", 0).id]
-    assert np.allclose(scores, 0.5 * np.array([6, 5, 4, 3, 2, 1]) / 6, atol=1e-6)
+    assert np.allclose(scores, 0.99 * np.array([6, 5, 4, 3, 2, 1]) / 6, atol=1e-6)
 
 
 def test_receding_refuses_a_model_without_batchnorm():
