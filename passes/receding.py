@@ -8,10 +8,9 @@ Converting a *trained* BN (gamma, beta) without changing its outputs (`to_bounde
     y = sigmoid(w) * (alpha * x_hat + delta)
 with alpha = gamma / s0 a fixed buffer (it carries gamma's sign and scale) and delta = beta / s0 a
 trainable shift. The start importance s0 = clip(start * |gamma| / max |gamma| of the layer, 1e-3,
-start) with start = 0.99: each layer's strongest channels start near 1, where -ln s pushes
-nothing, and anchor the layer's scale, so the next norm cannot hide a uniform shrink and only the
-weak channels are pushed. (With the strongest at 0.5, -ln s pushes every channel alike and
-importances fall together instead of polarizing.) The shift is multiplied by s too: a channel
+start) with start = 0.9: each layer's strongest channels start near 1, where -ln s is small,
+and anchor the layer's scale, so the next norm cannot hide a uniform shrink. (With the strongest
+at 0.5 and every channel pushed, importances fall together instead of polarizing.) The shift is multiplied by s too: a channel
 whose s recedes to 0 outputs 0 (not beta), so removing it changes the output by at most
 s * |alpha x_hat + delta|. `to_standard` turns it back: gamma = sigmoid(w) * alpha,
 beta = sigmoid(w) * delta, same outputs.
@@ -55,7 +54,7 @@ from pcompiler.passmanager import CompileError, register_pass
 
 PAPER_EPOCHS = 160
 PAPER_LR = 0.1
-START_MAX = 0.99  # the start importance of a layer's strongest channel (measured: docs/benchmarks.md)
+START_MAX = 0.9  # the start importance of a layer's strongest channel (measured: docs/benchmarks.md)
 START_MIN = 1e-3
 RECEDED = 0.05  # an importance below this has receded
 
@@ -122,6 +121,15 @@ def to_bounded(gm: nn.Module, start: float = START_MAX) -> list[str]:
 def to_standard(gm: nn.Module) -> list[str]:
     """Turn every BoundedBatchNorm of `gm` back into the BatchNorm it came from (same outputs)."""
     return _swap(gm, BoundedBatchNorm, lambda m: m.to_standard())
+
+
+def bimodality(s: np.ndarray) -> dict[str, float]:
+    """How polarized importances are: the shares of channels that receded (s < 0.05), that stayed
+    (s > 0.5), and in between. Two modes: the first two add up to nearly 1."""
+    if not len(s):
+        return {"receded": 0.0, "stayed": 0.0, "between": 0.0}
+    receded, stayed = float((s < RECEDED).mean()), float((s > 0.5).mean())
+    return {"receded": receded, "stayed": stayed, "between": 1.0 - receded - stayed}
 
 
 def reinitialize(gm: nn.Module) -> None:
@@ -219,7 +227,9 @@ class RecedingHooks(MethodHooks):
         self.lam, self.receded = state["lam"], state["receded"]
 
     def summary(self) -> dict[str, Any]:
-        return {"lam_used": self.lam_start, "lam_final": self.lam, "shift_used": self.b, "target_receded": self.target,
+        imps = self.group_importance() if self.groups else [m.importance() for m in self.bounded]
+        s = torch.cat(imps).cpu().numpy() if imps else np.zeros(0)
+        return {"bimodality": bimodality(s), "lam_used": self.lam_start, "lam_final": self.lam, "shift_used": self.b, "target_receded": self.target,
                 "bounded_norms": self.converted}
 
 

@@ -152,7 +152,9 @@ def _plots(r: dict[str, Any], folder: Path) -> dict[str, str]:
         ax.hist([kept, removed], bins=40, stacked=True, color=["#3b75af", "#e07b39"], label=["kept", "removed"])
         ax.set_xlabel(f"importance ({r.get('method')}'s score after it ran)")
         ax.set_ylabel("channels")
-        ax.set_title("importance distribution")
+        modes = (r.get("method_settings") or {}).get("bimodality")
+        ax.set_title("importance distribution" + (f": {100 * modes['receded']:.0f}% below 0.05, "
+                                                   f"{100 * modes['stayed']:.0f}% above 0.5" if modes else ""))
         ax.legend()
         made["importance"] = _save(fig, folder / "importance.png")
     curve = (r.get("regularization") or {}).get("curve") or []
@@ -232,9 +234,13 @@ def render(r: dict[str, Any], plots: dict[str, str]) -> str:
                          [[f"`{k}`", " -> ".join(map(str, v.get("out", []))) or "=",
                            " -> ".join(map(str, v.get("in", []))) or "="] for k, v in layers.items()]), ""]
     if "importance" in plots:
+        modes = (r.get("method_settings") or {}).get("bimodality")
+        split = "" if not modes else (f" {100 * modes['receded']:.1f}% of the channels receded below 0.05 and "
+                                      f"{100 * modes['stayed']:.1f}% stayed above 0.5 ({100 * modes['between']:.1f}% "
+                                      "in between).")
         lines += ["## Importance", "",
-                  "Each channel's score as the method left it (higher is kept); removed channels in orange.", "",
-                  f"![importance distribution]({plots['importance']})", ""]
+                  "Each channel's score as the method left it (higher is kept); removed channels in orange." + split,
+                  "", f"![importance distribution]({plots['importance']})", ""]
     if "curve" in plots:
         reg = r.get("regularization") or {}
         lines += ["## Regularization", "", f"{reg.get('steps')} steps in {reg.get('seconds', 0):.1f} s"

@@ -344,7 +344,7 @@ def test_receding_conversion_leaves_outputs_unchanged(train_mode):
     assert to_bounded(bounded) == ["1", "4"]
     assert isinstance(bounded[1], BoundedBatchNorm)
     s = bounded[1].importance()
-    assert float(s.max()) == pytest.approx(0.99) and float(s.min()) >= 1e-3 - 1e-9
+    assert float(s.max()) == pytest.approx(0.9) and float(s.min()) >= 1e-3 - 1e-9
     # In train mode the second BN divides by its batch's std (as low as 0.01 for some of the 288
     # features at batch 4), amplifying the first BN's float32 rounding (~5e-7) about 70x.
     tol = 1e-4 if train_mode else 1e-5
@@ -414,16 +414,16 @@ def test_methods_need_data():
 
 def test_receding_selects_globally_by_importance():
     model = tiny_cnn()
-    with torch.no_grad():  # start importances 0.99 * |gamma| / max |gamma|, all distinct
+    with torch.no_grad():  # start importances 0.9 * |gamma| / max |gamma|, all distinct
         model[1].weight.copy_(torch.tensor([6.0, 5, 4, 3, 2, 1]))
         model[4].weight.copy_(torch.arange(1, 9).float() + 0.3)
     prog = program(model)
     out = pcompiler.run(prog, [Receding(ratio=0.5, data=tiny_data(), steps=0, train=QUIET)])
-    # The 7 (= ceil(0.5 * 14)) lowest of {k/6} and {(k + 0.3)/8.3} (x 0.99): 3 of the first BN, 4 of the second.
+    # The 7 (= ceil(0.5 * 14)) lowest of {k/6} and {(k + 0.3)/8.3} (x 0.9): 3 of the first BN, 4 of the second.
     assert out.selection[group_with(prog, "0.weight", 0).id] == (3, 4, 5)
     assert out.selection[group_with(prog, "3.weight", 0).id] == (0, 1, 2, 3)
     scores = out.scores[group_with(prog, "0.weight", 0).id]
-    assert np.allclose(scores, 0.99 * np.array([6, 5, 4, 3, 2, 1]) / 6, atol=1e-6)
+    assert np.allclose(scores, 0.9 * np.array([6, 5, 4, 3, 2, 1]) / 6, atol=1e-6)
 
 
 def test_receding_refuses_a_model_without_batchnorm():
@@ -458,3 +458,27 @@ def test_filter_methods_on_attention_and_mlp_widths(method):
                                 make_pass("slim"), make_pass("verify")])
     assert prog.info["verify"]["ok"] and prog.selection
     assert prog.gm.get_submodule("mlp.0").out_features == 16  # the MLP's hidden width halved
+
+
+def test_receding_on_a_trained_model_polarizes_the_importances():
+    """With the ratio as target, the lowest-ranked half of the channels recede below 0.05 while the
+    rest stay above 0.5: two modes, and what is removed has receded."""
+    torch.manual_seed(0)
+    prog = program()
+    out = pcompiler.run(prog, [Receding(ratio=0.5, data=tiny_data(), steps=300, train=QUIET, min_keep=1)])
+    modes = out.info["method_settings"]["bimodality"]
+    assert modes["receded"] >= 0.45 and modes["stayed"] >= 0.45 and modes["between"] <= 0.1
+    for gid, chans in out.selection.items():
+        assert (out.scores[gid][list(chans)] < 0.05).all()
+    assert out.info["method_settings"]["lam_final"] > out.info["method_settings"]["lam_used"]  # lambda grew
+
+
+def test_receding_from_scratch_reinitializes_and_uses_the_papers_fixed_lambda():
+    prog = program()
+    weight = prog.gm.get_parameter("0.weight").clone()
+    m = Receding(ratio=0.5, data=tiny_data(), steps=0, train=QUIET, from_scratch=True)
+    hooks = m.make_hooks(prog, budget=100, ratio=None)
+    assert not torch.equal(prog.gm.get_parameter("0.weight"), weight)  # drawn anew
+    assert hooks.target is None and hooks.lam == pytest.approx(1e-3) and hooks.b == 3.0  # VGG-style: no adds
+    bn = hooks.bounded[0]
+    assert torch.equal(bn.scale, torch.ones_like(bn.scale)) and torch.equal(bn.bias, torch.zeros_like(bn.bias))
