@@ -3,8 +3,8 @@
     python examples/prune_api.py [--steps 2200] [--out out_api/]
 
 Same pipeline as `pcompile examples/digits_resnet.pt --method tpp --ratio 0.5 --data digits -o out/`:
-trace, analyze, evaluate, TPP (regularization training, then selection), slim, verify, evaluate,
-fine-tune, evaluate, then the ONNX export and report.json.
+trace, analyze, evaluate, TPP (regularization training, then selection), slim, compensate,
+verify, evaluate, recalibrate, evaluate, fine-tune, evaluate, then the ONNX export and report.json.
 """
 
 from __future__ import annotations
@@ -37,7 +37,10 @@ def main() -> None:
         make_pass("evaluate", data=data, key="acc_before"),
         make_pass("tpp", ratio=0.5, data=data, steps=args.steps, train=TrainConfig(lr=1e-3)),
         make_pass("slim"),
+        make_pass("compensate", data=data),
         make_pass("verify"),
+        make_pass("evaluate", data=data, key="acc_before_recalibration"),
+        make_pass("recalibrate", data=data),
         make_pass("evaluate", data=data, key="acc_pruned"),
         make_pass("finetune", data=data, epochs=10, train=TrainConfig(lr=1e-3, schedule="cosine")),
         make_pass("evaluate", data=data, key="acc_final"),
