@@ -149,8 +149,9 @@ def rni_penalty(w: torch.Tensor, b: float, mask: torch.Tensor | None = None) -> 
 
 
 class RecedingHooks(MethodHooks):
-    """The RNI loss term. With a `target` share, lam grows by `grow` every `interval` steps while
-    fewer than that share of the channels have receded (s < RECEDED), and holds otherwise."""
+    """The RNI loss term. With a `target` share (the ratio), only the lowest-ranked `target` of each
+    group's (or all groups') channels carry it, re-ranked every `interval` steps, and lam grows by
+    `grow` per interval (up to `lam_max`) until 95% of those have receded (s < RECEDED)."""
 
     def __init__(self, model: nn.Module, lam: float, b: float, lr_scale: float, converted: list[str],
                  target: float | None = None, grow: float = 1.0, interval: int = 10, layerwise: bool = False,
@@ -181,8 +182,8 @@ class RecedingHooks(MethodHooks):
             cuts = [torch.quantile(torch.cat(imps), self.target)] * len(imps)
         masks = [torch.zeros_like(m.weight, dtype=torch.float32) for m in self.bounded]
         for members, s, cut in zip(self.groups, imps, cuts):
-            pushed = s <= cut
-            pushed[torch.topk(s, min(self.min_keep, len(s))).indices] = False
+            pushed = (s <= cut).cpu()  # the index tensors live on the CPU
+            pushed[torch.topk(s, min(self.min_keep, len(s))).indices.cpu()] = False
             for k, idx in members:
                 masks[k][idx[pushed]] = 1.0
         return masks
@@ -229,8 +230,8 @@ class RecedingHooks(MethodHooks):
     def summary(self) -> dict[str, Any]:
         imps = self.group_importance() if self.groups else [m.importance() for m in self.bounded]
         s = torch.cat(imps).cpu().numpy() if imps else np.zeros(0)
-        return {"bimodality": bimodality(s), "lam_used": self.lam_start, "lam_final": self.lam, "shift_used": self.b, "target_receded": self.target,
-                "bounded_norms": self.converted}
+        return {"bimodality": bimodality(s), "lam_used": self.lam_start, "lam_final": self.lam, "shift_used": self.b,
+                "target_receded": self.target, "bounded_norms": self.converted}
 
 
 @register_pass
