@@ -14,8 +14,9 @@ Fair by construction:
 - every model is recalibrated after slim (the norms' running statistics re-estimated on 50
   training batches), Torch-Pruning's included, before "pruned" is measured;
 - every method spends the same number of optimizer steps: a training method B regularization
-  steps then F fine-tuning steps, a one-shot method B + F fine-tuning steps (`--finetune-steps`
-  F; lr 1e-3, cosine).
+  steps then F fine-tuning steps, a one-shot method B + F fine-tuning steps, and a method that
+  stops early (GReg, once every group has stopped growing and stabilized) fine-tunes for the steps
+  it left (`--finetune-steps` F; lr 1e-3, cosine).
 Mean and spread over seeds (the seed sets data order, augmentation and dropout). Writes
 docs/bench_methods.{json,md,png}. Run it alone: it uses both cores.
 """
@@ -55,7 +56,9 @@ def ours(arch: str, method: str, ratio: float, seed: int, data, steps: int, ft_s
         opts["seed"] = seed
     prog = pcompiler.run(prog, [make_pass("analyze"), make_pass(method, ratio=ratio, **opts), make_pass("slim"),
                                 make_pass("verify")])
-    return finetune_and_score(prog.gm, data, seed, ft_steps + (steps if method in ONE_SHOT else 0))
+    # A method that stops early (GReg once every group is done) fine-tunes for the steps it left.
+    used = (prog.info.get("regularization") or {}).get("steps", 0)
+    return finetune_and_score(prog.gm, data, seed, ft_steps + steps - used)
 
 
 def finetune_and_score(model: torch.nn.Module, data, seed: int, steps: int) -> dict:
