@@ -15,12 +15,13 @@ whose s recedes to 0 outputs 0 (not beta), so removing it changes the output by 
 s * |alpha x_hat + delta|. `to_standard` turns it back: gamma = sigmoid(w) * alpha,
 beta = sigmoid(w) * delta, same outputs.
 
-On a trained model, with a target ratio r (`adapt`, the default): every 10 steps the channels are
-ranked by importance (a group's channel by the max over its norms, so a residual stream's norms
-are pushed together), the lowest r of them (over all groups, or per group with --layerwise; never
-a group's `min_keep` strongest) carry the regularizer, and lam grows geometrically (by up to
-`adapt_range` over the first half of the budget) until 95% of those have receded below 0.05. The
-importances end in two modes: the pushed near 0, the rest where the loss wants them.
+On a trained model, with a target ratio r (`adapt`, the default): every 10 steps the method's own
+selection runs on the current importances (a group's channel scored by the max over its norms,
+so a residual stream's norms are pushed together; the ratio, global or layer-wise ranking,
+min_keep and round_to as at the end), the channels it would remove carry the regularizer, and lam
+grows geometrically (by up to `adapt_range` over the first half of the budget) until 95% of those
+have receded below 0.05. The importances end in two modes: the pushed near 0, the rest where the
+loss wants them.
 
 Selection is global by default (RNI's own): the r-quantile of sigmoid(w) over every prunable
 group, a group's importance per channel the max over its norms, at least 3 channels kept per
@@ -39,6 +40,7 @@ trains for the budget with the paper's fixed lam and b (1e-4 and 0 with residual
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -47,9 +49,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pcompiler.ir import Program
+from pcompiler.ir import Program, Selection
 from pcompiler.passes.regularize import MethodHooks, RegMethod, has_residual_add
-from pcompiler.passes.select import candidates
+from pcompiler.passes.select import candidates, select
 from pcompiler.passmanager import CompileError, register_pass
 
 PAPER_EPOCHS = 160
@@ -149,48 +151,42 @@ def rni_penalty(w: torch.Tensor, b: float, mask: torch.Tensor | None = None) -> 
 
 
 class RecedingHooks(MethodHooks):
-    """The RNI loss term. With a `target` share (the ratio), only the lowest-ranked `target` of each
-    group's (or all groups') channels carry it, re-ranked every `interval` steps, and lam grows by
-    `grow` per interval (up to `lam_max`) until 95% of those have receded (s < RECEDED)."""
+    """The RNI loss term. With a `target` (the ratio), only the channels the final selection would
+    remove carry it (`choose`, re-run every `interval` steps on the current importances), and lam
+    grows by `grow` per interval (up to `lam_max`) until 95% of those have receded (s < RECEDED)."""
 
     def __init__(self, model: nn.Module, lam: float, b: float, lr_scale: float, converted: list[str],
-                 target: float | None = None, grow: float = 1.0, interval: int = 10, layerwise: bool = False,
-                 min_keep: int = 3, lam_max: float = math.inf,
-                 groups: list[list[tuple[int, torch.Tensor]]] | None = None):
+                 target: float | None = None, grow: float = 1.0, interval: int = 10, lam_max: float = math.inf,
+                 groups: dict[int, list[tuple[int, torch.Tensor]]] | None = None,
+                 choose: Callable[[dict[int, np.ndarray]], Selection] | None = None):
         self.lam, self.b, self.lr_scale, self.converted = lam, b, lr_scale, converted
         self.lam_start, self.target, self.grow, self.interval = lam, target, grow, interval
-        self.layerwise, self.min_keep, self.lam_max = layerwise, min_keep, lam_max
-        self.groups = groups or []  # per prunable group: (index into self.bounded, channel -> norm position)
+        self.lam_max, self.choose = lam_max, choose
+        self.groups = groups or {}  # per prunable group id: (index into self.bounded, channel -> norm position)
         self.bounded = [m for m in model.modules() if isinstance(m, BoundedBatchNorm)]
         self.size = 0.0
         self.receded = 0.0
         self.masks: list[torch.Tensor] | None = None  # with a target: the channels pushed (the lowest ranked)
 
-    def group_importance(self) -> list[torch.Tensor]:
+    def group_importance(self) -> dict[int, torch.Tensor]:
         """Per channel group, each channel's importance: the max of its norms' sigmoid(w)."""
         imps = [m.importance() for m in self.bounded]
-        return [torch.stack([imps[k][idx] for k, idx in members]).amax(0) for members in self.groups]
+        return {gid: torch.stack([imps[k][idx] for k, idx in members]).amax(0) for gid, members in self.groups.items()}
 
     def rank_masks(self) -> list[torch.Tensor]:
-        """Per norm, 1 for the channels whose group ranks them in the lowest `target` share (per
-        group, or over all groups), never a group's `min_keep` strongest. Coupled norms (a residual
-        stream's) are pushed together: a group's channel goes only when all its norms let it."""
-        imps = self.group_importance()
-        if self.layerwise:
-            cuts = [torch.quantile(s, self.target) for s in imps]
-        else:
-            cuts = [torch.quantile(torch.cat(imps), self.target)] * len(imps)
+        """Per norm, 1 for the channels the final selection would remove if it ran now (`choose`:
+        the method's own selection, with its ratio, ranking, min_keep and round_to). Coupled norms
+        (a residual stream's) are pushed together."""
+        selection = self.choose({gid: s.cpu().numpy() for gid, s in self.group_importance().items()})
         masks = [torch.zeros_like(m.weight, dtype=torch.float32) for m in self.bounded]
-        for members, s, cut in zip(self.groups, imps, cuts):
-            pushed = (s <= cut).cpu()  # the index tensors live on the CPU
-            pushed[torch.topk(s, min(self.min_keep, len(s))).indices.cpu()] = False
-            for k, idx in members:
-                masks[k][idx[pushed]] = 1.0
+        for gid, chans in selection.items():
+            for k, idx in self.groups[gid]:
+                masks[k][idx[list(chans)]] = 1.0
         return masks
 
     def receded_share(self) -> float:
         """The share of the prunable groups' channels that receded (logged)."""
-        s = torch.cat(self.group_importance())
+        s = torch.cat(list(self.group_importance().values()))
         return float((s < RECEDED).float().mean())
 
     def pushed_done(self) -> bool:
@@ -228,7 +224,7 @@ class RecedingHooks(MethodHooks):
         self.lam, self.receded = state["lam"], state["receded"]
 
     def summary(self) -> dict[str, Any]:
-        imps = self.group_importance() if self.groups else [m.importance() for m in self.bounded]
+        imps = list(self.group_importance().values()) if self.groups else [m.importance() for m in self.bounded]
         s = torch.cat(imps).cpu().numpy() if imps else np.zeros(0)
         return {"bimodality": bimodality(s), "lam_used": self.lam_start, "lam_final": self.lam, "shift_used": self.b,
                 "target_receded": self.target, "bounded_norms": self.converted}
@@ -247,7 +243,7 @@ class Receding(RegMethod):
     lr_scale: float = 10.0  # learning-rate multiplier of the bounded-BN parameters
     scale_lam: bool = True  # scale lam by the budget (see the module docstring)
     start: float = START_MAX  # start importance of each layer's strongest channel
-    adapt: bool = True  # push the lowest-ranked `ratio` of each group's channels, lam growing until they recede
+    adapt: bool = True  # push the channels the selection would remove now, lam growing until they recede
     adapt_range: float = 1000.0  # how far lam may grow over the first half of the budget
     from_scratch: bool = False  # the paper's setting: re-initialize, train with its fixed lam and b
 
@@ -286,21 +282,22 @@ class Receding(RegMethod):
         interval = 10
         grow = math.exp(math.log(self.adapt_range) * interval / max(budget / 2, interval))
         target = self.ratio if self.speedup is None else None
+        analysis = prog.require_analysis(self.name)
         return RecedingHooks(prog.gm, lam, b, self.lr_scale, converted, target, grow, interval,
-                             layerwise=not self.global_ranking, min_keep=self.min_keep,
-                             lam_max=lam * self.adapt_range, groups=self.norm_groups(prog))
+                             lam_max=lam * self.adapt_range, groups=self.norm_groups(prog),
+                             choose=lambda scores: select(analysis, scores, self, target))
 
-    def norm_groups(self, prog: Program) -> list[list[tuple[int, torch.Tensor]]]:
+    def norm_groups(self, prog: Program) -> dict[int, list[tuple[int, torch.Tensor]]]:
         """For each prunable group with a bounded BN among its producers: (position of the BN in
         the model's bounded BNs, the BN position of each channel of the group)."""
         position = {name + ".weight": k for k, (name, m) in enumerate(
             (n, m) for n, m in prog.gm.named_modules() if isinstance(m, BoundedBatchNorm))}
-        out = []
+        out = {}
         for g in candidates(prog.require_analysis(self.name), self.skip):
             members = [(position[p.param], torch.as_tensor(p.index[:, 0])) for p in g.producers
                        if p.param in position]
             if members:
-                out.append(members)
+                out[g.id] = members
         return out
 
     def after_training(self, prog: Program, hooks: RecedingHooks) -> Program:
