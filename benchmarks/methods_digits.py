@@ -121,12 +121,13 @@ def summarize(rows: list[dict]) -> dict:
 
 def markdown(table: dict, args) -> str:
     lines = [f"Accuracy (%) on the digits validation split (360 images), both networks 99.4% before; mean ± std "
-             f"over seeds {args.seeds}. \"pruned\": right after slim and recalibration; \"tuned\": after fine-tuning, "
+             f"over seeds. \"pruned\": right after slim and recalibration; \"tuned\": after fine-tuning, "
              f"every method at the same total of optimizer steps (budget + {args.finetune_steps}).", ""]
     for arch, by_budget in table.items():
         for budget, by_method in by_budget.items():
             ratios = [r for r in RATIOS if any(str(r) in c for c in by_method.values())]
-            lines += [f"### {arch}, budget {budget} steps", ""]
+            seeds = max(c["acc_final"]["n"] for cells in by_method.values() for c in cells.values())
+            lines += [f"### {arch}, budget {budget} steps ({seeds} seed{'s' if seeds > 1 else ''})", ""]
             lines.append("| method | " + " | ".join(f"{r} pruned | {r} tuned" for r in ratios) + " |")
             lines.append("|---" * (1 + 2 * len(ratios)) + "|")
             for m in (*OURS, *TP):
