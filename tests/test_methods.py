@@ -106,16 +106,30 @@ def test_gram_term_equals_the_full_gram_formula_in_value_and_gradient(shape, dim
 
 def test_tpp_loss_term_is_lw_lambda_sum_over_layers():
     prog = program()
-    hooks = TPP(ratio=0.5, data=tiny_data()).make_hooks(prog, budget=200, ratio=0.5)
+    hooks = TPP(ratio=0.5, data=tiny_data(), gram_every=1).make_hooks(prog, budget=200, ratio=0.5)
     hooks.lam = 0.3
     want = sum(gram_term(w, d, i) for w, d, i in hooks.grams)
     assert len(hooks.grams) == 2  # the two conv producers; the Linear reads the last group
     assert hooks.loss_term(prog.gm, 0).item() == pytest.approx(1000 * 0.3 * want.item(), rel=1e-6)
+    assert hooks.loss_term(prog.gm, 1).item() == pytest.approx(1000 * 0.3 * want.item(), rel=1e-6)
+
+
+def test_tpp_gram_term_every_kth_step_k_times_as_heavy_within_its_cap():
+    prog = program()
+    hooks = TPP(ratio=0.5, data=tiny_data(), gram_every=4).make_hooks(prog, budget=200, ratio=0.5)
+    hooks.lam = 0.3
+    want = sum(gram_term(w, d, i) for w, d, i in hooks.grams)
+    assert all(hooks.loss_term(prog.gm, step) is None for step in (1, 2, 3, 5))
+    assert hooks.loss_term(prog.gm, 4).item() == pytest.approx(4 * 1000 * 0.3 * want.item(), rel=1e-6)
+    hooks.gram_caps = {k: 0.4 for k in hooks.gram_caps}  # k * lambda may not pass the cap
+    assert hooks.loss_term(prog.gm, 8).item() == pytest.approx(1000 * 0.4 * want.item(), rel=1e-6)
+    with pytest.raises(pcompiler.CompileError, match="gram_every"):
+        TPP(ratio=0.5, data=tiny_data(), gram_every=0).make_hooks(prog, budget=200, ratio=0.5)
 
 
 def test_tpp_leaves_out_only_gram_terms_that_are_exactly_zero():
     prog = program()
-    hooks = TPP(ratio=0.5, data=tiny_data()).make_hooks(prog, budget=200, ratio=0.5)
+    hooks = TPP(ratio=0.5, data=tiny_data(), gram_every=1).make_hooks(prog, budget=200, ratio=0.5)
     hooks.load_state_dict({"lam": 1.0, "stabilize_from": 0})
     w, d, idx = hooks.grams[0]
     with torch.no_grad():
