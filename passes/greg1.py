@@ -46,7 +46,7 @@ class GrowingHooks(MethodHooks):
         self.mag: dict[int, float] = {}
         self.done: dict[int, int] = {}  # group -> step it stopped growing
         self.push: dict[int, float] = {}  # group -> sum of lr * lambda on its pruned channels so far
-        self.budget: dict[str, Any] = {}  # Budget.record(), for the report
+        self.schedule_fit: dict[str, Any] = {}  # Budget.record(), for the report
         self.install(selection, kept_lambda=0.0, start_lambda=0.0)
         self.stabilize_from: int | None = None if self.selection else 0
 
@@ -117,7 +117,7 @@ class GrowingHooks(MethodHooks):
 
     def summary(self) -> dict[str, Any]:
         pushes = list(self.push.values())
-        return {"schedule": dataclasses.asdict(self.growth), "schedule_fit": self.budget,
+        return {"schedule": dataclasses.asdict(self.growth), "schedule_fit": self.schedule_fit,
                 "push_delivered": {"min": min(pushes, default=0.0), "max": max(pushes, default=0.0),
                                    "per_group": {str(g): v for g, v in self.push.items()}},
                 "groups_stopped_at": {str(g): s for g, s in self.done.items()},
@@ -150,5 +150,5 @@ class GReg1(RegMethod):
         fit = Budget.fit(budget, paper.length, self.train, paper.ceiling)
         growth = paper.scaled(fit.step_factor, fit.lam)
         hooks = GrowingHooks(prog, fixed_selection(prog, self, ratio), growth, self.ratio_limit, self.l2_norm)
-        hooks.budget = fit.record(paper.push(PAPER_LR), growth.push(self.train.lr))
+        hooks.schedule_fit = fit.record(paper.push(PAPER_LR), growth.push(self.train.lr))
         return hooks

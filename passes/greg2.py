@@ -138,6 +138,6 @@ class GReg2(RegMethod):
         growth = self.growth().scaled(fit.step_factor, fit.lam)
         hooks = PickingHooks(prog, self, dataclasses.replace(growth, ceiling=self.ceiling * fit.lam), pick,
                              self.kept_lambda * fit.lam, ratio)
-        hooks.budget = fit.record(self.push(self.picking(), self.growth(), PAPER_LR),
+        hooks.schedule_fit = fit.record(self.push(self.picking(), self.growth(), PAPER_LR),
                                   self.push(pick, growth, self.train.lr))
         return hooks

@@ -173,21 +173,16 @@ class RecedingHooks(MethodHooks):
         imps = [m.importance() for m in self.bounded]
         return {gid: torch.stack([imps[k][idx] for k, idx in members]).amax(0) for gid, members in self.groups.items()}
 
-    def rank_masks(self) -> list[torch.Tensor]:
-        """Per norm, 1 for the channels the final selection would remove if it ran now (`choose`:
-        the method's own selection, with its ratio, ranking, min_keep and round_to). Coupled norms
-        (a residual stream's) are pushed together."""
-        selection = self.choose({gid: s.cpu().numpy() for gid, s in self.group_importance().items()})
+    def rank_masks(self, importance: dict[int, torch.Tensor]) -> list[torch.Tensor]:
+        """Per norm, 1 for the channels the final selection would remove given the groups'
+        `importance` (`choose`: the method's own selection, with its ratio, ranking, min_keep and
+        round_to). Coupled norms (a residual stream's) are pushed together."""
+        selection = self.choose({gid: s.cpu().numpy() for gid, s in importance.items()})
         masks = [torch.zeros_like(m.weight, dtype=torch.float32) for m in self.bounded]
         for gid, chans in selection.items():
             for k, idx in self.groups[gid]:
                 masks[k][idx[list(chans)]] = 1.0
         return masks
-
-    def receded_share(self) -> float:
-        """The share of the prunable groups' channels that receded (logged)."""
-        s = torch.cat(list(self.group_importance().values()))
-        return float((s < RECEDED).float().mean())
 
     def pushed_done(self) -> bool:
         """Whether nearly every pushed channel receded (then lam stops growing)."""
@@ -203,7 +198,7 @@ class RecedingHooks(MethodHooks):
         if not self.bounded:
             return None
         if self.target is not None and self.groups and self.masks is None:
-            self.masks = self.rank_masks()
+            self.masks = self.rank_masks(self.group_importance())
         masks = self.masks or [None] * len(self.bounded)
         term = self.lam * sum(rni_penalty(m.weight, self.b, mask) for m, mask in zip(self.bounded, masks))
         self.size = float(term.detach())
@@ -211,10 +206,11 @@ class RecedingHooks(MethodHooks):
 
     def after_step(self, model, step: int) -> dict[str, float]:
         if self.target is not None and self.groups and step % self.interval == 0:
-            self.receded = self.receded_share()
+            importance = self.group_importance()
+            self.receded = float((torch.cat(list(importance.values())) < RECEDED).float().mean())
             if self.masks is not None and not self.pushed_done():
                 self.lam = min(self.lam * self.grow, self.lam_max)
-            self.masks = self.rank_masks()
+            self.masks = self.rank_masks(importance)
         return {"penalty": self.size, "receded": self.receded, "lambda": self.lam}
 
     def state_dict(self) -> dict[str, Any]:

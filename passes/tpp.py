@@ -123,7 +123,7 @@ class TPPHooks(MethodHooks):
         self.stabilize_from: int | None = None if self.selection else 0
         self.gram_size = 0.0
         self.push = 0.0  # sum of lr * lambda so far
-        self.budget: dict[str, Any] = {}
+        self.schedule_fit: dict[str, Any] = {}
 
     @staticmethod
     def _mask(n: int, chans) -> torch.Tensor:
@@ -135,9 +135,11 @@ class TPPHooks(MethodHooks):
         k = self.method.gram_every
         if step % k:
             return None
-        grams = self.live_grams()
         self.gram_size = 0.0
-        if self.lam == 0.0 or not grams:
+        if self.lam == 0.0:
+            return None
+        grams = self.live_grams()
+        if not grams:
             return None
         # every k-th step, k times as heavy; the stability cap then applies to the heavier term
         terms = [(k * min(self.lam, self.gram_caps[id(w)] / k), gram_term(w, dim, idx)) for w, dim, idx in grams]
@@ -190,7 +192,7 @@ class TPPHooks(MethodHooks):
         self.push = state.get("push", 0.0)  # absent from checkpoints written before the push was tracked
 
     def summary(self) -> dict[str, Any]:
-        return {"schedule": dataclasses.asdict(self.growth), "schedule_fit": self.budget, "push_delivered": self.push,
+        return {"schedule": dataclasses.asdict(self.growth), "schedule_fit": self.schedule_fit, "push_delivered": self.push,
                 "gram_lambda_cap": min(self.gram_caps.values(), default=None), "gram_every": self.method.gram_every,
                 "gram_layers_capped": sum(cap < self.growth.ceiling for cap in self.gram_caps.values()),
                 "zero_interval": self.zero_interval,
@@ -229,5 +231,5 @@ class TPP(RegMethod):
         growth = paper.scaled(fit.step_factor, fit.lam)
         zero = max(1, int(round(self.zero_interval * fit.step_factor)))
         hooks = TPPHooks(prog, self, fixed_selection(prog, self, ratio), growth, zero)
-        hooks.budget = fit.record(paper.push(PAPER_LR), growth.push(self.train.lr))
+        hooks.schedule_fit = fit.record(paper.push(PAPER_LR), growth.push(self.train.lr))
         return hooks
