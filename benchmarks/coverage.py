@@ -167,8 +167,8 @@ def export_module_onnx(model: nn.Module, x: torch.Tensor, path: Path) -> tuple[f
 
 def run_pcompiler(name: str, vit_image_size: int, size: int | None, workdir: Path, base: dict) -> dict:
     import pcompiler
+    from pcompiler.costs import count_flops, count_params
     from pcompiler.passmanager import make_pass
-    from pcompiler.targets.bench import count_flops, count_params
     from pcompiler.targets.onnx import export_onnx
 
     stage = mark("pcompiler", "build model")
@@ -209,7 +209,7 @@ def run_pcompiler(name: str, vit_image_size: int, size: int | None, workdir: Pat
 def run_tp(name: str, vit_image_size: int, size: int | None, workdir: Path, base: dict) -> dict:
     import torch_pruning as tp
 
-    from pcompiler.targets.bench import count_flops, count_params
+    from pcompiler.costs import count_flops, count_params
 
     stage = mark("tp", "build model")
     try:
@@ -290,7 +290,7 @@ def _remove(path: Path) -> None:
 def child(name: str, tools: list[str], vit_image_size: int, size: int | None, result_path: Path) -> None:
     """Runs in the child process: the baseline, then each tool; the result file is rewritten
     after each step, so a crash keeps what was done."""
-    from pcompiler.targets.bench import count_flops, count_params
+    from pcompiler.costs import count_flops, count_params
 
     logging.getLogger("pcompiler").setLevel(logging.ERROR)
     workdir = result_path.parent

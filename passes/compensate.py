@@ -39,10 +39,11 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from pcompiler.costs import device_of
 from pcompiler.data import DataSource
+from pcompiler.errors import CompileError
 from pcompiler.ir import Compensation, DimRef, Fold, Program, Removal, Role
-from pcompiler.passmanager import CompileError, PassResult, register_pass
-from pcompiler.train import device_of
+from pcompiler.passmanager import PassResult, register_pass
 
 log = logging.getLogger("pcompiler")
 

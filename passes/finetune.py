@@ -17,8 +17,9 @@ from typing import ClassVar
 from torch import nn
 
 from pcompiler.data import DataSource
+from pcompiler.errors import CompileError
 from pcompiler.ir import Program
-from pcompiler.passmanager import CompileError, PassResult, register_pass
+from pcompiler.passmanager import PassResult, register_pass
 from pcompiler.train import TrainConfig, train, with_teacher
 
 

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from pcompiler.data import DataSource
+from pcompiler.errors import CompileError
 from pcompiler.ir import Program
-from pcompiler.passmanager import CompileError, PassResult, register_pass
+from pcompiler.passmanager import PassResult, register_pass
 from pcompiler.train import recalibrate_norms
 
 # Batches of the training data used by default. On the digits benchmark the accuracy after

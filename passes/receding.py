@@ -49,10 +49,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pcompiler.errors import CompileError
 from pcompiler.ir import Program, Selection
 from pcompiler.passes.regularize import MethodHooks, RegMethod, has_residual_add
 from pcompiler.passes.select import candidates, select
-from pcompiler.passmanager import CompileError, register_pass
+from pcompiler.passmanager import register_pass
 
 PAPER_EPOCHS = 160
 PAPER_LR = 0.1

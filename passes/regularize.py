@@ -29,10 +29,11 @@ import torch
 from torch import nn
 
 from pcompiler.data import DataSource
+from pcompiler.errors import CompileError
 from pcompiler.ir import ChannelGroup, ParamSlice, Program, Selection, owner_of, tensor_of
 from pcompiler.passes.l1 import group_l1, l1_scores
 from pcompiler.passes.select import MethodPass, _search_ratio, select
-from pcompiler.passmanager import CompileError, PassResult
+from pcompiler.passmanager import PassResult
 from pcompiler.train import Hooks, TrainConfig, lr_at, train, with_teacher
 
 log = logging.getLogger("pcompiler")

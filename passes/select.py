@@ -26,8 +26,9 @@ from typing import ClassVar
 
 import numpy as np
 
+from pcompiler.errors import CompileError
 from pcompiler.ir import Analysis, ChannelGroup, Program, Selection
-from pcompiler.passmanager import CompileError, PassResult
+from pcompiler.passmanager import PassResult
 
 log = logging.getLogger("pcompiler")
 
@@ -127,8 +128,8 @@ class MethodPass(SelectOptions):
 
 def _search_ratio(prog: Program, analysis: Analysis, scores: dict[int, np.ndarray], opts: SelectOptions) -> float:
     """Bisect the ratio whose slim model has FLOPs closest to (and not above) before / speedup."""
+    from pcompiler.costs import count_flops
     from pcompiler.passes.slim import slim_program
-    from pcompiler.targets.bench import count_flops
 
     before = count_flops(prog.gm, prog.example_inputs)
     target = before / opts.speedup

@@ -21,10 +21,11 @@ import numpy as np
 import torch
 import torch.fx as fx
 
+from pcompiler.errors import CompileError
 from pcompiler.ir import DimRef, Program, Removal, Role, Selection, owner_of, tensor_at, tensor_of
 from pcompiler.passes.rules.base import RewriteContext, lookup
 from pcompiler.passes.trace import propagate_shapes
-from pcompiler.passmanager import CompileError, PassResult, register_pass
+from pcompiler.passmanager import PassResult, register_pass
 
 log = logging.getLogger("pcompiler")
 

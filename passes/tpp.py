@@ -37,6 +37,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from pcompiler.errors import CompileError
 from pcompiler.ir import Program, tensor_of
 from pcompiler.passes.regularize import (
     PAPER_LR,
@@ -49,7 +50,7 @@ from pcompiler.passes.regularize import (
     is_filter,
     is_norm_param,
 )
-from pcompiler.passmanager import CompileError, register_pass
+from pcompiler.passmanager import register_pass
 from pcompiler.train import TrainConfig
 
 

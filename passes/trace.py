@@ -29,19 +29,14 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.utils.stateless import _reparametrize_module
 
+from pcompiler.errors import CompileError, one_line
 from pcompiler.ir import INT_KEY, Program, describe, set_node_value
 from pcompiler.passes.decompose import decompose_multihead_attention
-from pcompiler.passmanager import CompileError
 
 log = logging.getLogger("pcompiler")
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 _RTOL, _ATOL = 1e-4, 1e-5
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
 
 
 class _Tracer(fx.Tracer):
@@ -77,7 +72,7 @@ class _Tracer(fx.Tracer):
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception as e:  # noqa: BLE001 - any failure inside makes the module opaque
-            reason = _first_line(e)
+            reason = one_line(e)
         self._undo(last)
         # Tracer.call_module pushed onto module_stack and bumped num_calls before the forward
         # raised; undo both so the leaf call below records the same scope a normal leaf would.
@@ -125,7 +120,7 @@ class _ShapeProp(fx.Interpreter):
                 # tensors cannot run.
                 hint = f"'{n.target}' is opaque ({self.opaque[n.target]}); trace with real weights and inputs"
             raise CompileError(
-                f"shape propagation failed at {n.op} {_target_name(n)}: {_first_line(e)}",
+                f"shape propagation failed at {n.op} {_target_name(n)}: {one_line(e)}",
                 node=n.name,
                 hint=hint,
             ) from e
@@ -182,7 +177,7 @@ def propagate_shapes(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...], opaqu
                 with _reparametrize_module(gm, meta):
                     return _ShapeProp(gm, opaque or {}, True).run(*meta_inputs)
             except Exception as e:  # noqa: BLE001 - the real run below reports real errors
-                log.debug("shape propagation on meta failed (%s); running the model", _first_line(e))
+                log.debug("shape propagation on meta failed (%s); running the model", one_line(e))
         return _ShapeProp(gm, opaque or {}, on_meta).run(*inputs)
 
 
@@ -230,7 +225,7 @@ def trace(
         graph = tracer.trace(model)
     except Exception as e:
         raise CompileError(
-            f"cannot trace {name}: its forward failed under torch.fx: {_first_line(e)}",
+            f"cannot trace {name}: its forward failed under torch.fx: {one_line(e)}",
             hint="move the data-dependent code into a submodule, or pass it as a leaf module "
             "(leaf_modules=...)",
         ) from e

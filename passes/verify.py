@@ -35,16 +35,13 @@ import numpy as np
 import torch
 import torch.fx as fx
 
+from pcompiler.errors import CompileError, VerifyError
 from pcompiler.ir import DimRef, Fold, Program, Role, iter_tensors, node_value, tensor_of
 from pcompiler.passes.compensate import add_to_bias, inject_constants, slim_delta
 from pcompiler.passes.trace import check_reproduces
-from pcompiler.passmanager import CompileError, PassResult, register_pass
+from pcompiler.passmanager import PassResult, register_pass
 
 log = logging.getLogger("pcompiler")
-
-
-class VerifyError(CompileError):
-    exit_code = 3
 
 
 def zeroed_reference(prog: Program) -> fx.GraphModule:

@@ -34,9 +34,9 @@ from rich.markup import escape
 from rich.table import Table
 from torch import nn
 
+from pcompiler.errors import CompileError
 from pcompiler.loading import load_model, parse_input_shapes
 from pcompiler.passes.recalibrate import DEFAULT_BATCHES as DEFAULT_RECALIBRATION_BATCHES
-from pcompiler.passmanager import CompileError
 from pcompiler.report_md import count_text as _count
 from pcompiler.targets.bench import BACKENDS
 from pcompiler.train import Distillation
@@ -112,7 +112,7 @@ def _shape_text(shapes: list[tuple[int, ...]]) -> str:
 
 def _trace(model: nn.Module, shapes: list[tuple[int, ...]], given: bool):
     import pcompiler
-    from pcompiler.train import device_of
+    from pcompiler.costs import device_of
 
     device = device_of(model)
     inputs = tuple(torch.randn(s, device=device) for s in shapes)
@@ -566,8 +566,8 @@ def bench_main(model_path: Path, verbose: bool, **options: Any) -> int:
 def _bench(console: Console, model_path: Path, *, slim_path: Path | None, input_shapes: tuple[str, ...], trust: bool,
            arch: str | None, batches: str, backends: str | None, threads: int | None, warmup: int, min_reps: int,
            min_time: float, json_path: Path | None) -> int:
+    from pcompiler.costs import eval_mode
     from pcompiler.report import write_report
-    from pcompiler.targets import eval_mode
     from pcompiler.targets.bench import bench
 
     if (threads is not None and threads < 1) or warmup < 0 or min_reps < 1 or min_time < 0:

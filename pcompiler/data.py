@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
-from pcompiler.passmanager import CompileError
+from pcompiler.errors import CompileError
 
 SCHEMES = ("digits", "imagefolder:DIR", "cifar10:DIR", "cifar100:DIR", "npz:FILE", "py:module:function")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")

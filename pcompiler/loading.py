@@ -55,7 +55,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pcompiler.passmanager import CompileError
+from pcompiler.errors import CompileError, one_line
 
 log = logging.getLogger("pcompiler")
 
@@ -71,12 +71,6 @@ _optional_failures: dict[str, str] = {}
 _TRUST_HINT = "if you trust this file, pass --trust to load it with full pickle, which can run any code"
 
 
-def _one_line(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-    text = lines[0] if lines else ""
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
-
-
 # ---------------------------------------------------------------------------------------------
 # The allowlist
 
@@ -90,7 +84,7 @@ def _walk(package: ModuleType) -> Iterable[ModuleType]:
                 warnings.simplefilter("ignore")
                 module = importlib.import_module(info.name)
         except Exception as e:  # noqa: BLE001 - an optional submodule that fails is just not walked
-            log.debug("allowlist: skipping %s (%s)", info.name, _one_line(e))
+            log.debug("allowlist: skipping %s (%s)", info.name, one_line(e))
             continue
         yield module
 
@@ -126,8 +120,8 @@ def _import_optional(name: str) -> ModuleType | None:
     try:
         return importlib.import_module(name)
     except Exception as e:  # noqa: BLE001 - absent or broken: its classes are not allowlisted
-        _optional_failures[name] = _one_line(e)
-        log.debug("allowlist: %s is not importable (%s)", name, _one_line(e))
+        _optional_failures[name] = one_line(e)
+        log.debug("allowlist: %s is not importable (%s)", name, one_line(e))
         return None
 
 
@@ -228,7 +222,7 @@ _PICKLE_PROTO = b"\x80"
 
 
 def _first_sentence(e: BaseException) -> str:
-    text = _one_line(e)
+    text = one_line(e)
     cut = text.find(". ")
     return text if cut < 0 else text[: cut + 1]
 
@@ -291,13 +285,13 @@ def _read_trusted(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=False)
     except (ModuleNotFoundError, ImportError) as e:
         raise CompileError(
-            f"'{path}' needs a module that cannot be imported: {_one_line(e)}",
+            f"'{path}' needs a module that cannot be imported: {one_line(e)}",
             hint="run pcompile where the model's code is importable (PYTHONPATH), or save a state dict and use --arch",
         ) from e
     except AttributeError as e:
         where = " (the model class was defined in a script's __main__)" if "__main__" in str(e) else ""
         raise CompileError(
-            f"'{path}' names a class that cannot be found{where}: {_one_line(e)}",
+            f"'{path}' names a class that cannot be found{where}: {one_line(e)}",
             hint="define the model in an importable module, or save a state dict and use --arch module:callable",
         ) from e
     except Exception as e:  # noqa: BLE001
@@ -334,7 +328,7 @@ def _build_from_arch(spec: str) -> nn.Module:
     try:
         module = importlib.import_module(module_name)
     except Exception as e:  # noqa: BLE001
-        raise CompileError(f"--arch: cannot import module '{module_name}': {_one_line(e)}") from e
+        raise CompileError(f"--arch: cannot import module '{module_name}': {one_line(e)}") from e
     finally:
         if added:
             sys.path.remove(os.getcwd())
@@ -347,7 +341,7 @@ def _build_from_arch(spec: str) -> nn.Module:
     try:
         model = factory()
     except Exception as e:  # noqa: BLE001
-        raise CompileError(f"--arch: calling {spec}() failed: {_one_line(e)}") from e
+        raise CompileError(f"--arch: calling {spec}() failed: {one_line(e)}") from e
     if not isinstance(model, nn.Module):
         raise CompileError(f"--arch: {spec}() returned {_describe(model)}, not an nn.Module")
     return model
@@ -375,7 +369,7 @@ def _fill(model: nn.Module, state: Mapping[str, Any], path: Path, spec: str) -> 
     except RuntimeError as e:  # shape mismatches
         lines = [ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()]
         detail = "; ".join(lines[:3]) + (f"; and {len(lines) - 3} more" if len(lines) > 3 else "")
-        raise CompileError(f"the state dict in '{path}' does not fit {spec}(): {detail or _one_line(e)}") from e
+        raise CompileError(f"the state dict in '{path}' does not fit {spec}(): {detail or one_line(e)}") from e
     problems = []
     for label, keys in (("missing", result.missing_keys), ("unexpected", result.unexpected_keys)):
         if keys:

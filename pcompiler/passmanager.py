@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Protocol, TypeVar, runtime_checkable
 
+from pcompiler.errors import CompileError, InternalError, PassError, one_line
 from pcompiler.ir import PassRecord, Program
 
 log = logging.getLogger("pcompiler")
@@ -35,33 +36,6 @@ class Pass(Protocol):
     name: ClassVar[str]
 
     def run(self, prog: Program) -> PassResult: ...
-
-
-class CompileError(Exception):
-    """An error a user can act on: what went wrong, where, and how to fix it.
-
-    `node` names the graph node when there is one. The CLI prints `str(err)` on one line."""
-
-    exit_code = 2
-
-    def __init__(self, message: str, node: str | None = None, hint: str | None = None):
-        self.message, self.node, self.hint = message, node, hint
-        text = message if node is None else f"at node '{node}': {message}"
-        super().__init__(text if hint is None else f"{text} ({hint})")
-
-
-class PassError(CompileError):
-    """A pass failed; wraps the cause with the pass name and the passes that ran before."""
-
-    def __init__(self, pass_name: str, cause: BaseException, before: list[str]):
-        self.pass_name, self.cause, self.before = pass_name, cause, before
-        node = getattr(cause, "node", None)
-        ran = ", ".join(before) if before else "nothing"
-        detail = cause.message if isinstance(cause, CompileError) else f"{type(cause).__name__}: {cause}"
-        hint = getattr(cause, "hint", None)
-        super().__init__(f"pass '{pass_name}' failed: {detail} [ran before: {ran}]", node=node, hint=hint)
-        if isinstance(cause, CompileError):
-            self.exit_code = cause.exit_code
 
 
 _REGISTRY: dict[str, type] = {}
@@ -120,12 +94,12 @@ def run(prog: Program, passes: Iterable[Pass], instruments: Iterable[Instrument]
         t0 = time.perf_counter()
         try:
             result = p.run(prog)
+        except PassError:
+            raise
         except CompileError as e:
-            if isinstance(e, PassError):
-                raise
             raise PassError(p.name, e, before) from e
-        except Exception as e:  # noqa: BLE001 - re-raised with context
-            raise PassError(p.name, e, before) from e
+        except Exception as e:  # noqa: BLE001 - a bug in the pass: re-raised with its name
+            raise InternalError(p.name, one_line(e), before) from e
         seconds = time.perf_counter() - t0
         prog = result.program
         prog.history = [*prog.history, PassRecord(p.name, seconds, result.changed)]

@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from pcompiler.costs import count_flops, count_params
 from pcompiler.ir import Program
-from pcompiler.targets.bench import count_flops, count_params
 
 log = logging.getLogger("pcompiler")
 

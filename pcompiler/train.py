@@ -50,8 +50,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from pcompiler.costs import device_of
 from pcompiler.data import DataSource
-from pcompiler.passmanager import CompileError
+from pcompiler.errors import CompileError
 
 log = logging.getLogger("pcompiler")
 
@@ -188,12 +189,6 @@ def is_main_process() -> bool:
 
 # ---------------------------------------------------------------------------------------------
 # Pieces
-
-
-def device_of(model: nn.Module) -> torch.device:
-    """Where the model's first parameter or buffer lives (CPU for a model with neither)."""
-    t = next(iter((*model.parameters(), *model.buffers())), None)
-    return t.device if t is not None else torch.device("cpu")
 
 
 def _lr_factor(schedule: str, steps: int):

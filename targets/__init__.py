@@ -16,16 +16,17 @@ and the guard that turns an exception into a one-line reason.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from pcompiler.costs import eval_mode
+from pcompiler.errors import CompileError, one_line
 from pcompiler.ir import Program
 
 log = logging.getLogger("pcompiler")
@@ -54,20 +55,12 @@ class ExportResult:
     note: str | None = None
 
 
-class ExportCheckFailed(Exception):
+class ExportCheckFailed(CompileError):
     """The file was written but does not reproduce the model; carries the measured error."""
 
     def __init__(self, message: str, max_error: float | None = None):
         super().__init__(message)
         self.max_error = max_error
-
-
-def one_line(err: BaseException, limit: int = 300) -> str:
-    """`Type: first line of the message`, cut to `limit` characters."""
-    text = str(err).strip().splitlines()
-    first = text[0] if text else ""
-    line = first if isinstance(err, ExportCheckFailed) else f"{type(err).__name__}: {first}"
-    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def guarded(fmt: str, path: str | Path, body: Callable[[], tuple[float | None, str | None]]) -> ExportResult:
@@ -94,21 +87,6 @@ def require_weights(prog: Program, what: str) -> None:
             f"cannot write {what}: the model is on the meta device and has no weights "
             "(load the checkpoint with real weights to export it)"
         )
-
-
-@contextlib.contextmanager
-def eval_mode(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """Put `module` in eval mode for the block, then restore each submodule's training flag.
-
-    Sets the flags directly rather than calling `.eval()`, which a torch.export module refuses."""
-    flags = [(m, m.training) for m in module.modules()]
-    for m, _ in flags:
-        m.training = False
-    try:
-        yield module
-    finally:
-        for m, training in flags:
-            m.training = training
 
 
 def flatten_tensors(value: Any) -> list[torch.Tensor]:

@@ -46,36 +46,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-from pcompiler.targets import eval_mode, one_line
-from pcompiler.train import device_of
+from pcompiler.costs import eval_mode, static_costs
+from pcompiler.errors import one_line
 
 log = logging.getLogger("pcompiler")
-
-
-def count_params(module: torch.nn.Module) -> int:
-    """Number of parameter elements (shared parameters counted once; buffers not counted)."""
-    return sum(p.numel() for p in module.parameters())
-
-
-def count_flops(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor]) -> int:
-    """FLOPs of one forward pass of `module` on `example_inputs` (multiply-add = 2).
-
-    Runs in eval mode under no_grad (so batch-norm statistics are not updated) and restores the
-    training flags after. If the module is on the meta device, real inputs are moved to meta."""
-    inputs = tuple(example_inputs)
-    if device_of(module).type == "meta":
-        inputs = tuple(t.to("meta") if isinstance(t, torch.Tensor) else t for t in inputs)
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), eval_mode(module), counter:
-        module(*inputs)
-    return int(counter.get_total_flops())
-
-
-def static_costs(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor]) -> dict[str, int]:
-    """{"params": ..., "flops": ...} of one model."""
-    return {"params": count_params(module), "flops": count_flops(module, example_inputs)}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,16 +31,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pcompiler.costs import eval_mode
+from pcompiler.errors import one_line
 from pcompiler.ir import Program
-from pcompiler.targets import (
-    ExportResult,
-    compare_outputs,
-    eval_mode,
-    guarded,
-    one_line,
-    reference_outputs,
-    require_weights,
-)
+from pcompiler.targets import ExportResult, compare_outputs, guarded, reference_outputs, require_weights
 
 log = logging.getLogger("pcompiler")
 

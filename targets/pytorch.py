@@ -24,14 +24,14 @@ from pathlib import Path
 import torch
 import torch.fx as fx
 
+from pcompiler.costs import eval_mode
+from pcompiler.errors import one_line
 from pcompiler.ir import Program
 from pcompiler.targets import (
     ExportResult,
     compare_outputs,
-    eval_mode,
     flatten_tensors,
     guarded,
-    one_line,
     reference_outputs,
     require_weights,
 )

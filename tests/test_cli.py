@@ -11,7 +11,8 @@ from click.testing import CliRunner
 from torch import nn
 
 from pcompiler.cli import default_input_shape, main
-from pcompiler.passmanager import CompileError, registered_passes
+from pcompiler.errors import CompileError
+from pcompiler.passmanager import registered_passes
 
 torch.set_num_threads(1)
 

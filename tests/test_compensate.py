@@ -20,9 +20,10 @@ from torch import nn
 
 import pcompiler
 from pcompiler.data import DataSource
+from pcompiler.errors import PassError, VerifyError
 from pcompiler.passes import compensate
-from pcompiler.passes.verify import VerifyError, verify_program
-from pcompiler.passmanager import PassError, make_pass
+from pcompiler.passes.verify import verify_program
+from pcompiler.passmanager import make_pass
 from pcompiler.report import build_report
 
 IMG = torch.randn(2, 3, 8, 8)

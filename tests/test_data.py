@@ -13,8 +13,8 @@ from PIL import Image
 from torch import nn
 
 from pcompiler.data import check_model, load_data, random_crop_flip
+from pcompiler.errors import CompileError
 from pcompiler.example_models import DigitsResNet
-from pcompiler.passmanager import CompileError
 
 CIFAR = {  # kind: (subfolder, label key, classes, train files, val files, mean, std)
     "cifar10": ("cifar-10-batches-py", b"labels", 10, [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],

@@ -12,8 +12,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from pcompiler.errors import CompileError  # noqa: E402
 from pcompiler.loading import allowlist, load_model, parse_input_shapes, refresh_allowlist  # noqa: E402
-from pcompiler.passmanager import CompileError  # noqa: E402
 
 torch.set_num_threads(1)
 

@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import pcompiler
+from pcompiler.costs import count_params
 from pcompiler.passmanager import make_pass
-from pcompiler.targets.bench import count_params
 
 WIDTHS = [4 * k for k in range(1, 9)]  # 4..32, multiples of 4 (so groups 2 and 4 divide them)
 INPUT = (1, 3, 16, 16)

@@ -14,9 +14,10 @@ from helpers import analyze, conv_bn_stack, group_with, prune
 from torch import nn
 
 import pcompiler
+from pcompiler.costs import count_flops
+from pcompiler.errors import CompileError
 from pcompiler.passes.select import SelectOptions, select
-from pcompiler.passmanager import CompileError, make_pass
-from pcompiler.targets.bench import count_flops
+from pcompiler.passmanager import make_pass
 
 X = torch.randn(1, 3, 4, 4)
 # Group A (10 channels) on a scale of hundreds, in a shuffled order; group B (4) on a scale of ones.

@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
+from pcompiler.costs import count_flops, count_params
 from pcompiler.ir import Program
 from pcompiler.targets import ExportResult
-from pcompiler.targets.bench import count_flops, count_params
 from pcompiler.targets.onnx import export_onnx
 from pcompiler.targets.pytorch import export_all, export_program, save_graph_module, save_state_dict
 

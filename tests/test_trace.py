@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
+from pcompiler.errors import CompileError
 from pcompiler.ir import TensorInfo, node_value
 from pcompiler.passes.trace import trace
 from pcompiler.passes.verify import verify_program
-from pcompiler.passmanager import CompileError
 
 
 def nodes(prog, op=None):

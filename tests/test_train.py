@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pcompiler.data import DataSource, random_crop_flip
-from pcompiler.passmanager import CompileError
+from pcompiler.errors import CompileError
 from pcompiler.train import Distillation, Hooks, TrainConfig, _lr_factor, evaluate, train
 
 torch.set_num_threads(1)

@@ -16,8 +16,9 @@ from test_slim import Mixed
 from torch import nn
 
 import pcompiler
-from pcompiler.passes.verify import VerifyError, verify_program
-from pcompiler.passmanager import CompileError, PassError, make_pass
+from pcompiler.errors import CompileError, PassError, VerifyError
+from pcompiler.passes.verify import verify_program
+from pcompiler.passmanager import make_pass
 
 IMG = torch.randn(2, 3, 8, 8)
 MODELS = {

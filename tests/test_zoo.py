@@ -27,9 +27,9 @@ import pytest
 import torch
 
 import pcompiler
+from pcompiler.costs import count_flops
 from pcompiler.ir import Program
 from pcompiler.passmanager import make_pass
-from pcompiler.targets.bench import count_flops
 from pcompiler.targets.onnx import export_onnx
 
 torchvision = pytest.importorskip("torchvision")  # tests/conftest.py makes it importable on CPU torch
