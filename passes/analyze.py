@@ -40,7 +40,7 @@ from pcompiler.ir import (
     tensor_of,
 )
 from pcompiler.passes.rules.base import Choice, RuleContext, RuleError, lookup, target_name
-from pcompiler.passmanager import PassResult, register_pass
+from pcompiler.passmanager import ANALYSIS, PassResult, register_pass
 
 log = logging.getLogger("pcompiler")
 
@@ -326,6 +326,8 @@ class Analyze:
     """Build the channel groups of the program (`prog.analysis`)."""
 
     name: ClassVar[str] = "analyze"
+    requires: ClassVar = ()
+    ensures: ClassVar = (ANALYSIS,)
 
     def run(self, prog: Program) -> PassResult:
         analysis = analyze_program(prog)

@@ -43,7 +43,7 @@ from pcompiler.costs import device_of
 from pcompiler.data import DataSource
 from pcompiler.errors import CompileError
 from pcompiler.ir import Compensation, DimRef, Fold, Program, Removal, Role
-from pcompiler.passmanager import PassResult, register_pass
+from pcompiler.passmanager import SLIMMED, PassResult, register_pass
 
 log = logging.getLogger("pcompiler")
 
@@ -270,6 +270,8 @@ class Compensate:
     channel is near-constant when std <= tol * (|mean| + RMS of the consumer's input)."""
 
     name: ClassVar[str] = "compensate"
+    requires: ClassVar = (SLIMMED,)
+    ensures: ClassVar = ()
     data: DataSource | None = None
     batches: int = 8
     batch_size: int = 64

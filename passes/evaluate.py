@@ -12,7 +12,7 @@ from typing import ClassVar
 from pcompiler.data import DataSource
 from pcompiler.errors import CompileError
 from pcompiler.ir import Program
-from pcompiler.passmanager import PassResult, register_pass
+from pcompiler.passmanager import DATA, WEIGHTS, PassResult, register_pass
 from pcompiler.train import evaluate
 
 
@@ -20,6 +20,8 @@ from pcompiler.train import evaluate
 @dataclass(frozen=True)
 class Evaluate:
     name: ClassVar[str] = "evaluate"
+    requires: ClassVar = (DATA, WEIGHTS)
+    ensures: ClassVar = ()
     data: DataSource | None = None
     key: str = "accuracy"
     device: str = "cpu"

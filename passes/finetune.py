@@ -10,6 +10,7 @@ trained) it distills: `train.distill` sets temperature and alpha, the defaults o
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -19,7 +20,7 @@ from torch import nn
 from pcompiler.data import DataSource
 from pcompiler.errors import CompileError
 from pcompiler.ir import Program
-from pcompiler.passmanager import PassResult, register_pass
+from pcompiler.passmanager import DATA, WEIGHTS, PassResult, register_pass
 from pcompiler.train import TrainConfig, train, with_teacher
 
 
@@ -27,6 +28,8 @@ from pcompiler.train import TrainConfig, train, with_teacher
 @dataclass(frozen=True)
 class Finetune:
     name: ClassVar[str] = "finetune"
+    requires: ClassVar = (DATA, WEIGHTS)
+    ensures: ClassVar = ()
     data: DataSource | None = None
     epochs: float = 10.0
     train: TrainConfig = field(default_factory=lambda: TrainConfig(schedule="cosine"))
@@ -42,10 +45,11 @@ class Finetune:
         if self.epochs < 0:
             raise CompileError(f"finetune epochs must be >= 0, got {self.epochs}")
         cfg = dataclasses.replace(with_teacher(self.train, self.teacher), steps=self.steps(), label="fine-tune")
-        result = train(prog.gm, self.data, cfg, teacher=self.teacher)
-        prog.gm.eval()
+        gm = copy.deepcopy(prog.gm)  # the given Program stays as it was
+        result = train(gm, self.data, cfg, teacher=self.teacher)
+        gm.eval()
         distill = None if cfg.distill is None else dataclasses.asdict(cfg.distill)
         info = {**prog.info, "finetune": {
             "epochs": self.epochs, "steps": result.steps, "seconds": result.seconds, "curve": result.curve,
             "resumed_from": result.resumed_from, "train": dataclasses.asdict(cfg), "distill": distill}}
-        return PassResult(prog.replace(info=info), changed=False)
+        return PassResult(prog.replace(gm=gm, info=info), changed=result.steps > 0)

@@ -19,7 +19,7 @@ from typing import ClassVar
 from pcompiler.data import DataSource
 from pcompiler.errors import CompileError
 from pcompiler.ir import Program
-from pcompiler.passmanager import PassResult, register_pass
+from pcompiler.passmanager import DATA, WEIGHTS, PassResult, register_pass
 from pcompiler.train import recalibrate_norms
 
 # Batches of the training data used by default. On the digits benchmark the accuracy after
@@ -34,6 +34,8 @@ class Recalibrate:
     """Reset and re-estimate the running statistics of every BatchNorm/InstanceNorm."""
 
     name: ClassVar[str] = "recalibrate"
+    requires: ClassVar = (DATA, WEIGHTS)
+    ensures: ClassVar = ()
     data: DataSource | None = None
     batches: int = DEFAULT_BATCHES
     batch_size: int = 64

@@ -33,7 +33,7 @@ from pcompiler.errors import CompileError
 from pcompiler.ir import ChannelGroup, ParamSlice, Program, Selection, owner_of, tensor_of
 from pcompiler.passes.l1 import group_l1, l1_scores
 from pcompiler.passes.select import MethodPass, _search_ratio, select
-from pcompiler.passmanager import PassResult
+from pcompiler.passmanager import ANALYSIS, DATA, PassResult
 from pcompiler.train import Hooks, TrainConfig, lr_at, train, with_teacher
 
 log = logging.getLogger("pcompiler")
@@ -212,6 +212,8 @@ class MethodHooks(Hooks):
 class RegMethod(MethodPass):
     """Base of the training methods: selection options, the data, the step budget and the
     training settings of the regularization phase (lr, batch, device, checkpoints ...)."""
+
+    requires: ClassVar = (ANALYSIS, DATA)
 
     data: DataSource | None = None
     steps: int | None = None  # the step budget; None: the paper's schedule (capped at 100 epochs)

@@ -28,7 +28,7 @@ import numpy as np
 
 from pcompiler.errors import CompileError
 from pcompiler.ir import Analysis, ChannelGroup, Program, Selection
-from pcompiler.passmanager import PassResult
+from pcompiler.passmanager import ANALYSIS, SELECTION, PassResult
 
 log = logging.getLogger("pcompiler")
 
@@ -106,6 +106,8 @@ class MethodPass(SelectOptions):
     define `name` and `scores(prog) -> {group id: array}`."""
 
     name: ClassVar[str] = "method"
+    requires: ClassVar = (ANALYSIS,)
+    ensures: ClassVar = (SELECTION,)
     comparable: ClassVar[bool] = False  # scores comparable across groups: no per-group normalization
 
     def scores(self, prog: Program) -> dict[int, np.ndarray]:

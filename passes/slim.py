@@ -25,7 +25,7 @@ from pcompiler.errors import CompileError
 from pcompiler.ir import DimRef, Program, Removal, Role, Selection, owner_of, tensor_at, tensor_of
 from pcompiler.passes.rules.base import RewriteContext, lookup
 from pcompiler.passes.trace import propagate_shapes
-from pcompiler.passmanager import PassResult, register_pass
+from pcompiler.passmanager import ANALYSIS, SELECTION, SLIMMED, PassResult, register_pass
 
 log = logging.getLogger("pcompiler")
 
@@ -131,6 +131,8 @@ class Slim:
     """Remove the selected channels from every producer and consumer."""
 
     name: ClassVar[str] = "slim"
+    requires: ClassVar = (ANALYSIS, SELECTION)
+    ensures: ClassVar = (SLIMMED,)
 
     def run(self, prog: Program) -> PassResult:
         if not prog.require_selection(self.name):

@@ -39,7 +39,7 @@ from pcompiler.errors import CompileError, VerifyError
 from pcompiler.ir import DimRef, Fold, Program, Role, iter_tensors, node_value, tensor_of
 from pcompiler.passes.compensate import add_to_bias, inject_constants, slim_delta
 from pcompiler.passes.trace import check_reproduces
-from pcompiler.passmanager import PassResult, register_pass
+from pcompiler.passmanager import SLIMMED, PassResult, register_pass
 
 log = logging.getLogger("pcompiler")
 
@@ -212,6 +212,8 @@ class Verify:
     constants `compensate` folded injected)."""
 
     name: ClassVar[str] = "verify"
+    requires: ClassVar = (SLIMMED,)
+    ensures: ClassVar = ()
     rtol: float = 1e-4
     atol: float = 1e-5
 

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.fx as fx
 
+from pcompiler.errors import CompileError
+
 META_KEY = "pcompiler.value"
 INT_KEY = "pcompiler.int"  # the value of nodes that compute a Python int (sizes)
 
@@ -301,12 +303,12 @@ class Program:
 
     def require_analysis(self, who: str) -> Analysis:
         if self.analysis is None:
-            raise ValueError(f"{who} needs channel groups: run the 'analyze' pass before it")
+            raise CompileError(f"{who} needs channel groups: run the 'analyze' pass before it")
         return self.analysis
 
     def require_selection(self, who: str) -> Selection:
         if self.selection is None:
-            raise ValueError(
+            raise CompileError(
                 f"{who} needs a selection of channels: run a method (l1, random, ...) before it"
             )
         return self.selection

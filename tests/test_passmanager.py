@@ -1,5 +1,6 @@
 """Tests of the pass manager: the registry, pass lookup errors, failures wrapped with context,
-the history, and instruments (timing, graph dumps)."""
+the history, instruments (timing, graph dumps), and the contract (requires, ensures, no change
+to the given Program, what `changed` means)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from helpers import analyze
 from torch import nn
 
 import pcompiler
+import pcompiler.train
 from pcompiler.errors import CompileError, InternalError, PassError
 from pcompiler.passmanager import Pass, PassResult, dump_instrument, make_pass, registered_passes
 
@@ -56,6 +58,8 @@ class Boom:
     """A pass that fails with whatever it is given."""
 
     name: ClassVar[str] = "boom"
+    requires: ClassVar = ()
+    ensures: ClassVar = ()
     error: Exception = RuntimeError("kaput")
 
     def run(self, prog):
@@ -124,3 +128,103 @@ def test_pass_result_contract():
     assert isinstance(result, PassResult) and result.changed is False
     assert result.program is not prog and prog.selection is None
     assert [len(v) for v in result.program.selection.values()] == [4]
+
+
+# ---------------------------------------------------------------------------------------------
+# The contract: requires / ensures, no change to the given Program, what `changed` means
+
+
+@dataclass(frozen=True)
+class Rogue:
+    """A pass that breaks the contract in the way it is told to."""
+
+    name: ClassVar[str] = "rogue"
+    how: str = "mutate"
+    requires: ClassVar = ()
+    ensures: ClassVar = ()
+
+    def run(self, prog):
+        if self.how == "mutate":  # trains in place, as finetune once did
+            with torch.no_grad():
+                prog.gm.fc.weight.mul_(2)
+            return PassResult(prog.replace(), changed=True)
+        if self.how == "info":
+            prog.info["sneaky"] = 1
+            return PassResult(prog, changed=False)
+        if self.how == "unchanged-but-changed":
+            import copy
+
+            gm = copy.deepcopy(prog.gm)
+            with torch.no_grad():
+                gm.fc.bias.add_(1)
+            return PassResult(prog.replace(gm=gm), changed=False)
+        return PassResult(prog, changed=False)
+
+
+@dataclass(frozen=True)
+class Promises(Rogue):
+    name: ClassVar[str] = "promises"
+    ensures: ClassVar = (pcompiler.passmanager.SELECTION,)
+    how: str = "nothing"
+
+
+def test_unmet_precondition_is_a_user_error_with_its_hint():
+    prog = pcompiler.trace(Flatten(), (X,))
+    for name, options, needs, hint in (
+        ("slim", {}, "channel groups", "run the 'analyze' pass before it"),
+        ("l1", {"ratio": 0.5}, "channel groups", "run the 'analyze' pass before it"),
+        ("verify", {}, "a slimmed program", "run the 'slim' pass before it"),
+        ("tpp", {"ratio": 0.5}, "channel groups", "run the 'analyze' pass before it"),
+        ("evaluate", {}, "data", "pass --data (e.g. --data digits), or data=... in the pass API"),
+        ("finetune", {}, "data", "pass --data (e.g. --data digits), or data=... in the pass API"),
+    ):
+        with pytest.raises(PassError) as err:
+            pcompiler.run(prog, [make_pass(name, **options)])
+        assert (err.value.exit_code, err.value.hint) == (2, hint), name
+        assert str(err.value).startswith(f"pass '{name}' failed: {name} needs {needs} [ran before: nothing]")
+    with pytest.raises(PassError, match="slim needs a selection of channels"):
+        pcompiler.run(prog, [make_pass("analyze"), make_pass("slim")])
+    with pytest.raises(PassError, match="tpp needs data"):
+        pcompiler.run(prog, [make_pass("analyze"), make_pass("tpp", ratio=0.5)])
+
+
+@pytest.mark.parametrize("how, says", [
+    ("mutate", "modified the Program it was given"),
+    ("info", "modified the Program it was given"),
+    ("unchanged-but-changed", "said it changed nothing, but fc.bias differs"),
+])
+def test_a_pass_that_breaks_the_contract_is_an_internal_error(how, says):
+    prog = analyze(Flatten(), X)
+    weight = prog.gm.fc.weight.clone()
+    with pytest.raises(InternalError, match=says) as err:
+        pcompiler.run(prog, [Rogue(how=how)])
+    assert (err.value.pass_name, err.value.exit_code) == ("rogue", 1)
+    if how == "mutate":  # detected, not prevented: the manager does not pay for a copy per pass
+        assert torch.equal(prog.gm.fc.weight, 2 * weight)
+
+
+def test_an_ensured_fact_that_does_not_hold_is_an_internal_error():
+    with pytest.raises(InternalError, match="promised a selection of channels and did not provide it"):
+        pcompiler.run(analyze(Flatten(), X), [Promises()])
+
+
+def test_every_registered_pass_declares_facts_and_methods_ensure_a_selection():
+    passes = registered_passes()
+    methods = {n for n, c in passes.items() if pcompiler.passmanager.SELECTION in c.ensures}
+    assert all(isinstance(c.requires, tuple) and isinstance(c.ensures, tuple) for c in passes.values())
+    assert methods == {"l1", "random", "slimming", "greg1", "greg2", "tpp", "receding"}
+    trained = {n for n in methods if pcompiler.passmanager.DATA in passes[n].requires}
+    assert trained == {"slimming", "greg1", "greg2", "tpp", "receding"}
+    assert passes["slim"].ensures == (pcompiler.passmanager.SLIMMED,)
+
+
+def test_finetune_trains_a_copy():
+    from pcompiler.data import DataSource
+
+    ds = torch.utils.data.TensorDataset(torch.randn(64, 3, 2, 2), torch.randint(0, 3, (64,)))
+    prog = analyze(nn.Sequential(nn.Flatten(), nn.Linear(12, 3)), torch.randn(1, 3, 2, 2))
+    before = {k: v.clone() for k, v in prog.gm.state_dict().items()}
+    out = pcompiler.run(prog, [make_pass("finetune", data=DataSource("t", ds, ds, 3, (3, 2, 2), None), epochs=1,
+                                         train=pcompiler.train.TrainConfig(batch_size=16, progress=False))])
+    assert all(torch.equal(prog.gm.state_dict()[k], v) for k, v in before.items())
+    assert not torch.equal(out.gm.state_dict()["1.weight"], before["1.weight"]) and out.history[-1].changed

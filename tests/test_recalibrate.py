@@ -65,7 +65,7 @@ def test_pass_recalibrates_a_copy_and_records_it():
 
 def test_pass_needs_data_and_a_model_without_running_statistics_is_unchanged():
     prog = analyze(net(), torch.randn(1, 2, 5, 5))
-    with pytest.raises(pcompiler.CompileError, match="needs training data"):
+    with pytest.raises(pcompiler.CompileError, match="recalibrate needs data"):
         pcompiler.run(prog, [make_pass("recalibrate")])
     plain = analyze(nn.Sequential(nn.Linear(3, 2)), torch.randn(1, 3))
     ds = torch.utils.data.TensorDataset(torch.randn(8, 3), torch.zeros(8, dtype=torch.long))
