@@ -132,3 +132,13 @@ def torchvision_classifier(model: torch.nn.Module) -> torch.nn.Module:
     if not linears:
         raise ValueError(f"no classifier found in {type(model).__name__}")
     return linears[-1]
+
+
+def prune_only(method: str, ratio: float, seed: int, steps: int) -> Any:
+    """The CLI's pipeline up to verify: no compensation (the methods are compared as they select),
+    no rounding of widths; recalibration and fine-tuning are the benchmark's own, below."""
+    from pcompiler.pipeline import Settings
+    from pcompiler.train import TrainConfig
+
+    return Settings(method=method, ratio=ratio, seed=seed, reg_steps=steps, round_to=1, compensate=False,
+                    recalibrate_batches=0, finetune_epochs=0, train=TrainConfig(progress=False))

@@ -23,12 +23,14 @@ from pathlib import Path
 
 import _common  # noqa: F401  (torchvision workaround, paths)
 import torch
+from _common import prune_only
 
 import pcompiler
 from pcompiler.data import DataSource, load_data
 from pcompiler.ir import Program
 from pcompiler.loading import load_model
 from pcompiler.passmanager import make_pass
+from pcompiler.pipeline import compile_model
 from pcompiler.train import Distillation, TrainConfig, evaluate
 
 METHODS = ("l1", "tpp")
@@ -44,10 +46,7 @@ def parse_variant(text: str) -> Distillation | None:
 def prune(method: str, ratio: float, seed: int, data: DataSource, steps: int) -> tuple[torch.nn.Module, Program]:
     """The input model and its slim Program (tpp: regularized without a teacher)."""
     model = load_model(_common.ROOT / "examples" / "digits_resnet.pt")
-    opts = {} if method == "l1" else {"data": data, "steps": steps, "train": TrainConfig(seed=seed, progress=False)}
-    prog = pcompiler.trace(model, (torch.randn(1, 1, 8, 8),))
-    prog = pcompiler.run(prog, [make_pass("analyze"), make_pass(method, ratio=ratio, **opts), make_pass("slim"),
-                                make_pass("verify")])
+    prog, _ = compile_model(model, prune_only(method, ratio, seed, steps), data=data)
     return model, prog
 
 

@@ -28,8 +28,7 @@ import _common
 import torch
 import torchvision
 
-import pcompiler
-from pcompiler.passmanager import make_pass
+from pcompiler.pipeline import Settings, compile_model
 from pcompiler.report_md import seconds_text
 from pcompiler.targets.bench import LatencySettings, bench
 
@@ -49,9 +48,8 @@ def build(name: str, size: int) -> tuple[torch.nn.Module, torch.Tensor]:
 
 
 def prune_ours(model, x, speedup: float, round_to: int):
-    prog = pcompiler.trace(model, (x,))
-    prog = pcompiler.run(prog, [make_pass("analyze"), make_pass("l1", speedup=speedup, round_to=round_to),
-                                make_pass("slim")])
+    settings = Settings(method="l1", speedup=speedup, round_to=round_to, compensate=False)
+    prog, _ = compile_model(model, settings, shapes=[tuple(x.shape)])
     return prog.reference, prog.gm, prog.info["method_settings"]["ratio_used"]
 
 

@@ -29,12 +29,12 @@ import time
 
 import _common  # noqa: F401  (torchvision workaround, paths)
 import torch
+from _common import prune_only
 
-import pcompiler
 from pcompiler.data import load_data
 from pcompiler.loading import load_model
 from pcompiler.passes.recalibrate import DEFAULT_BATCHES
-from pcompiler.passmanager import make_pass
+from pcompiler.pipeline import compile_model
 from pcompiler.train import Hooks, TrainConfig, evaluate, recalibrate_norms, train
 
 OURS = ("l1", "random", "slimming", "greg1", "greg2", "tpp", "receding")
@@ -49,13 +49,7 @@ def model_of(arch: str) -> torch.nn.Module:
 
 
 def ours(arch: str, method: str, ratio: float, seed: int, data, steps: int, ft_steps: int) -> dict:
-    prog = pcompiler.trace(model_of(arch), (torch.randn(1, 1, 8, 8),))
-    cfg = TrainConfig(seed=seed, progress=False)
-    opts = {} if method in ONE_SHOT else {"data": data, "steps": steps, "train": cfg}
-    if method == "random":
-        opts["seed"] = seed
-    prog = pcompiler.run(prog, [make_pass("analyze"), make_pass(method, ratio=ratio, **opts), make_pass("slim"),
-                                make_pass("verify")])
+    prog, _ = compile_model(model_of(arch), prune_only(method, ratio, seed, steps), data=data)
     # A method that stops early (GReg once every group is done) fine-tunes for the steps it left.
     used = (prog.info.get("regularization") or {}).get("steps", 0)
     return finetune_and_score(prog.gm, data, seed, ft_steps + steps - used)

@@ -1,0 +1,289 @@
+"""The pipeline builder: one settings object, one function that turns it into passes, and the run
+around them. The CLI, examples/prune_api.py and the benchmarks all build their pipelines here.
+
+    settings = Settings(method="tpp", ratio=0.5)
+    build(settings, data)      # [analyze, evaluate, tpp, slim, compensate, verify, evaluate,
+                               #  recalibrate, evaluate, finetune, evaluate]
+    compile_model(model, settings, data=data, out_dir="out")   # trace, the passes, exports, report
+
+The methods are the registered passes that ensure a selection; a method needs data when it
+requires it (`methods()`), so a new method pass shows up in the CLI without an edit here.
+This module sits above the passes and targets: nothing below imports it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pcompiler.data import DataSource
+from pcompiler.errors import CompileError, first_line
+from pcompiler.ir import Program
+from pcompiler.passes.recalibrate import DEFAULT_BATCHES
+from pcompiler.passes.select import SelectOptions
+from pcompiler.passmanager import DATA, SELECTION, Instrument, Pass, make_pass, registered_passes, run
+from pcompiler.train import Distillation, TrainConfig, is_main_process
+
+log = logging.getLogger("pcompiler")
+
+FORMATS = ("pt", "pt2", "onnx")
+
+
+def methods() -> dict[str, bool]:
+    """Every method pass by name -> whether it needs data (one-shot methods first)."""
+    found = {n: DATA in c.requires for n, c in registered_passes().items() if SELECTION in c.ensures}
+    return dict(sorted(found.items(), key=lambda kv: kv[1]))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a compilation is told. `train` holds the SGD settings of both training phases
+    (its lr and schedule are the regularization's; fine-tuning is cosine from `finetune_lr`, or
+    from `train.lr`); its seed is replaced by `seed`. `round_to` None: what suits `train.device`."""
+
+    method: str = "l1"
+    ratio: float | None = None  # None: 0.5, or searched for `speedup`
+    speedup: float | None = None
+    global_ranking: bool | None = None  # None: the method's default
+    round_to: int | None = None
+    min_keep: int | None = None  # None: the method's default
+    skip: tuple[str, ...] = ()
+    seed: int = 0
+    method_options: Mapping[str, Any] = field(default_factory=dict)  # -p KEY=VALUE
+    reg_steps: int | None = None
+    train: TrainConfig = field(default_factory=TrainConfig)
+    finetune_epochs: float = 10.0
+    finetune_lr: float | None = None
+    distill: Distillation | None = None
+    distill_regularization: bool = False
+    recalibrate_batches: int = DEFAULT_BATCHES
+    compensate: bool = True
+    checkpoints: str | None = None  # folder of the phases' checkpoints (OUT/checkpoints)
+
+    def check(self, has_data: bool) -> None:
+        """Refuse what cannot run, before anything slow starts."""
+        known = methods()
+        if self.method not in known:
+            raise CompileError(f"unknown method '{self.method}'", hint=f"choose from {', '.join(known)}")
+        if known[self.method] and not has_data:
+            raise CompileError(f"--method {self.method} trains the model and needs --data",
+                               hint="e.g. --data digits, --data cifar10:DIR, --data imagefolder:DIR")
+        if self.ratio is not None and not 0.0 <= self.ratio < 1.0:
+            raise CompileError(f"--ratio must be in [0, 1), got {self.ratio}", hint="0.5 removes half of each group's channels")
+        if self.speedup is not None and self.speedup < 1.0:
+            raise CompileError(f"--speedup must be at least 1, got {self.speedup}", hint="2 halves the FLOPs")
+        if (self.round_to is not None and self.round_to < 1) or (self.min_keep is not None and self.min_keep < 1):
+            raise CompileError("--round-to and --min-keep must be at least 1")
+        if (self.reg_steps is not None and self.reg_steps < 0) or self.finetune_epochs < 0 or self.train.checkpoint_every < 0:
+            raise CompileError("--reg-steps, --finetune-epochs and --checkpoint-every must be >= 0")
+        if self.recalibrate_batches < 0:
+            raise CompileError(f"--recalibrate-batches must be >= 0, got {self.recalibrate_batches}",
+                               hint="0 (or --no-recalibrate) turns recalibration off")
+        unknown = set(self.method_options) & ({f.name for f in dataclasses.fields(SelectOptions)} | {"data", "steps", "train", "teacher", "seed"})
+        if unknown:
+            raise CompileError(f"-p {', '.join(sorted(unknown))}: set that with its own option", hint="see pcompile --help")
+        self._check_distill(has_data, known[self.method])
+
+    def _check_distill(self, has_data: bool, trained: bool) -> None:
+        if self.distill is None:
+            if self.distill_regularization:
+                raise CompileError("--distill-regularization needs --distill", hint="add --distill, or leave it out")
+            return
+        if not has_data:
+            raise CompileError("--distill trains with the input model as teacher and needs --data", hint="e.g. --data digits")
+        if self.distill_regularization and not trained:
+            raise CompileError(f"--distill-regularization: --method {self.method} has no regularization phase",
+                               hint=f"use it with {', '.join(n for n, d in methods().items() if d)}, or leave it out")
+        if self.finetune_epochs == 0 and not self.distill_regularization:
+            raise CompileError("--distill with --finetune-epochs 0: there is no training to distill into",
+                               hint="fine-tune (--finetune-epochs N), or add --distill-regularization")
+        self.distill.check("--distill")
+
+    def resolved(self) -> Settings:
+        """The defaults that depend on other settings made explicit: the ratio (0.5 unless a
+        speedup is searched) and the channel multiple that suits the training device."""
+        from pcompiler.targets.bench import default_round_to
+
+        ratio = 0.5 if self.ratio is None and self.speedup is None else self.ratio
+        round_to = default_round_to(self.train.device) if self.round_to is None else self.round_to
+        return dataclasses.replace(self, ratio=ratio, round_to=round_to)
+
+    def train_config(self, phase: str, **changes: Any) -> TrainConfig:
+        checkpoint = None if self.checkpoints is None else str(Path(self.checkpoints) / f"{phase}.pt")
+        return dataclasses.replace(self.train, seed=self.seed, checkpoint=checkpoint, **changes)
+
+    def as_report(self, data: DataSource | None) -> dict[str, Any]:
+        """The settings as report.json records them."""
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("train", "distill", "checkpoints")}
+        out.update(skip=list(self.skip), method_options=dict(self.method_options),
+                   train={k: v for k, v in dataclasses.asdict(self.train).items() if k not in ("steps", "label", "distill")},
+                   finetune_epochs=self.finetune_epochs if data is not None else 0,
+                   finetune_lr=self.finetune_lr if self.finetune_lr is not None else self.train.lr,
+                   recalibrate_batches=self.recalibrate_batches if data is not None else 0,
+                   distill=None if self.distill is None else {**dataclasses.asdict(self.distill),
+                                                              "finetune": self.finetune_epochs > 0,
+                                                              "regularization": self.distill_regularization})
+        return out
+
+
+def _method_pass(settings: Settings, data: DataSource | None, teacher: nn.Module | None) -> Pass:
+    s = settings.resolved()
+    options: dict[str, Any] = {"ratio": s.ratio if s.ratio is not None else 0.5, "skip": tuple(s.skip),
+                               "speedup": s.speedup, "round_to": s.round_to}
+    if s.global_ranking is not None:
+        options["global_ranking"] = s.global_ranking
+    if s.min_keep is not None:
+        options["min_keep"] = s.min_keep
+    if s.method == "random":
+        options["seed"] = s.seed
+    if methods()[s.method]:
+        options.update(data=data, steps=s.reg_steps, train=s.train_config("regularization"))
+        if s.distill_regularization:  # the teacher: the input model, not the copy trained
+            options.update(teacher=teacher, train=s.train_config("regularization", distill=s.distill))
+    return make_pass(s.method, **options, **s.method_options)
+
+
+def build(settings: Settings, data: DataSource | None = None, teacher: nn.Module | None = None) -> list[Pass]:
+    """The passes of a compilation: analyze, the method, slim, compensate, verify, and with data
+    the accuracy checks, recalibration and fine-tuning. `teacher`: the input model, for --distill."""
+    s = settings
+    s.check(data is not None)
+    if s.distill is not None and teacher is None:
+        raise CompileError("distillation needs the input model as teacher", hint="pass teacher=model")
+    device = s.train.device
+
+    def accuracy(key: str) -> list[Pass]:
+        return [make_pass("evaluate", data=data, key=key, device=device)] if data is not None else []
+
+    passes = [make_pass("analyze"), *accuracy("acc_before"), _method_pass(s, data, teacher), make_pass("slim")]
+    if s.compensate:
+        passes.append(make_pass("compensate", data=data))
+    passes.append(make_pass("verify"))
+    if data is not None and s.recalibrate_batches > 0:
+        passes += [*accuracy("acc_before_recalibration"),
+                   make_pass("recalibrate", data=data, batches=s.recalibrate_batches, batch_size=s.train.batch_size,
+                             seed=s.seed, device=device)]
+    passes += accuracy("acc_pruned")
+    if data is not None and s.finetune_epochs > 0:
+        ft = s.train_config("finetune", lr=s.finetune_lr if s.finetune_lr is not None else s.train.lr,
+                            schedule="cosine", distill=s.distill)
+        passes += [make_pass("finetune", data=data, epochs=s.finetune_epochs, train=ft,
+                             teacher=teacher if s.distill is not None else None), *accuracy("acc_final")]
+    return passes
+
+
+# ---------------------------------------------------------------------------------------------
+# The run around the passes
+
+
+def default_input_shape(model: nn.Module) -> tuple[int, ...]:
+    """The model's own `example_input_shape` if it has one, else a shape that fits its first
+    layer (1,3,32,32 when nothing says otherwise)."""
+    own = getattr(model, "example_input_shape", None)
+    if isinstance(own, tuple) and all(isinstance(d, int) and d > 0 for d in own):
+        return own
+    for m in model.modules():
+        if isinstance(m, nn.Conv1d) and m.in_channels:
+            return (1, m.in_channels, 64)
+        if isinstance(m, nn.Conv2d) and m.in_channels:
+            return (1, m.in_channels, 32, 32)
+        if isinstance(m, nn.Conv3d) and m.in_channels:
+            return (1, m.in_channels, 8, 32, 32)
+        if isinstance(m, nn.Linear) and m.in_features:
+            return (1, m.in_features)
+        if next(m.parameters(recurse=False), None) is not None:
+            break  # the first layer with weights is something else: keep the default
+    return (1, 3, 32, 32)
+
+
+def shape_text(shapes: Iterable[Sequence[int]]) -> str:
+    return ", ".join(",".join(str(d) for d in s) for s in shapes)
+
+
+def trace_model(model: nn.Module, shapes: Sequence[tuple[int, ...]] | None = None,
+                data: DataSource | None = None, seed: int = 0) -> Program:
+    """Trace `model` on random inputs of `shapes` (default: the data's, else `default_input_shape`)."""
+    import pcompiler
+    from pcompiler.costs import device_of
+
+    given = bool(shapes)
+    if not shapes:
+        shapes = [(1, *data.input_shape)] if data is not None else [default_input_shape(model)]
+        log.info("example input shape %s (from %s; --input-shape changes it)", shape_text(shapes),
+                 "the data" if data is not None else "the model")
+    torch.manual_seed(seed)
+    inputs = tuple(torch.randn(s, device=device_of(model)) for s in shapes)
+    try:
+        return pcompiler.trace(model, inputs)
+    except CompileError as e:
+        where = "" if given else "the default "
+        hint = "" if "input-shape" in str(e) else " (pass --input-shape with the shape the model expects)"
+        raise CompileError(f"tracing the model with {where}input shape {shape_text(shapes)} failed: "
+                           f"{first_line(str(e))}{hint}") from e
+
+
+def compile_model(model: nn.Module, settings: Settings, *, data: DataSource | None = None,
+                  shapes: Sequence[tuple[int, ...]] | None = None, out_dir: str | Path | None = None,
+                  formats: Sequence[str] = FORMATS, bench: Any = None, model_path: str | Path | None = None,
+                  instruments: Iterable[Instrument] = ()) -> tuple[Program, dict[str, Any] | None]:
+    """Trace `model`, run `build(settings, ...)`, then (on rank 0, with `out_dir`) export, time with
+    `bench` (a targets.bench.LatencySettings) and write report.json and report.md. Returns the
+    final Program and the report (None without `out_dir`, and on the other ranks)."""
+    settings = settings.resolved()
+    passes = build(settings, data, teacher=model.eval() if settings.distill is not None else None)
+    prog = trace_model(model, shapes, data, settings.seed)
+    if bench is not None and prog.on_meta:
+        raise CompileError("--bench needs real weights, and the model is on the meta device",
+                           hint="load a checkpoint with weights, or leave out --bench")
+    prog = run(prog, passes, instruments=instruments)
+    if data is not None:
+        prog.info["data"] = data.info()
+    if out_dir is None or not is_main_process():
+        return prog, None  # under torchrun, rank 0 writes the results
+    from pcompiler.report import build_report, write_report
+    from pcompiler.report_md import write_markdown
+    from pcompiler.targets.pytorch import export_all
+
+    export_all(prog, out_dir, formats=formats)
+    if bench is not None:
+        from pcompiler.targets.bench import bench as measure
+
+        before = prog.reference if prog.reference is not None else prog.gm
+        prog.info["bench"] = measure({"original": before, "slim": prog.gm}, prog.example_inputs, bench)
+    recorded = {**settings.as_report(data), "data": None if data is None else data.spec, "formats": list(formats),
+                "input_shapes": [list(t.shape) for t in prog.example_inputs]}
+    report = build_report(prog, model_path=model_path, method=settings.method, settings=recorded)
+    write_report(report, Path(out_dir) / "report.json")
+    write_markdown(report, out_dir)
+    return prog, report
+
+
+def measure(models: Mapping[str, nn.Module], shapes: Sequence[tuple[int, ...]] | None,
+            settings: Any) -> tuple[dict[str, Any], list[tuple[int, ...]]]:
+    """`pcompile bench`: costs and latency of `models` ("original", and "slim" if given) on random
+    inputs of `shapes` (default: what fits the original's first layer), with `settings` (a
+    targets.bench.LatencySettings). Returns the result and the shapes used."""
+    from pcompiler.costs import eval_mode
+    from pcompiler.targets.bench import bench
+
+    if not shapes:
+        shapes = [default_input_shape(models["original"])]
+        log.warning("example input shape %s (from the model's first layer; --input-shape sets it)", shape_text(shapes))
+    if any(p.is_meta for m in models.values() for p in m.parameters()):
+        raise CompileError("a model is on the meta device and has no weights to time", hint="load one with weights")
+    inputs = [torch.randn(s) for s in shapes]
+    for name, m in models.items():
+        try:
+            with torch.no_grad(), eval_mode(m):
+                m(*inputs)
+        except Exception as e:  # noqa: BLE001 - the user's model or shape: say which
+            raise CompileError(f"the {'slim ' if name == 'slim' else ''}model does not run on input shape "
+                               f"{shape_text(shapes)}: {first_line(str(e))}", hint="pass --input-shape") from e
+    return bench(models, inputs, settings), list(shapes)
