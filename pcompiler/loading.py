@@ -56,6 +56,7 @@ import torch
 from torch import nn
 
 from pcompiler.errors import CompileError, one_line
+from pcompiler.input_checks import check_finite, check_input_memory
 
 log = logging.getLogger("pcompiler")
 
@@ -447,8 +448,14 @@ def load_model(path: str | os.PathLike[str], *, trust: bool = False, arch: str |
     A torch.export archive (.pt2) gives its `.module()`. Otherwise, without `arch` the file is a
     `torch.save(model)` pickle; with `arch="module:callable"` it is a
     state dict for the model that `callable()` builds. Only allowlisted classes are rebuilt unless
-    `trust` is set. Raises `CompileError` with a one-line reason on any problem."""
-    path = Path(path)
+    `trust` is set; a model whose weights or buffers hold NaN or inf is refused. Raises
+    `CompileError` with a one-line reason on any problem."""
+    model = _load(Path(path), trust, arch)
+    check_finite(model, path)
+    return model
+
+
+def _load(path: Path, trust: bool, arch: str | None) -> nn.Module:
     if arch is None and _is_export_archive(path):
         return _read_export_archive(path)
     if arch is None and path.suffix == ".pt2":
@@ -472,7 +479,8 @@ def load_model(path: str | os.PathLike[str], *, trust: bool = False, arch: str |
 
 
 def parse_input_shapes(specs: Iterable[str]) -> list[tuple[int, ...]]:
-    """'1,3,32,32' -> (1, 3, 32, 32), one tuple per spec."""
+    """'1,3,32,32' -> (1, 3, 32, 32), one tuple per spec; refused when inputs of these shapes
+    would not fit in memory (`input_checks.check_input_memory`)."""
     shapes = []
     for spec in specs:
         parts = spec.strip().strip("()[]").split(",")
@@ -485,4 +493,5 @@ def parse_input_shapes(specs: Iterable[str]) -> list[tuple[int, ...]]:
                 f"--input-shape '{spec}' is not a comma-separated list of positive integers (e.g. 1,3,32,32)"
             )
         shapes.append(dims)
+    check_input_memory(shapes)
     return shapes

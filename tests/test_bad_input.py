@@ -92,3 +92,96 @@ def test_torch_save_file_named_pt2_still_loads(saved, tmp_path):
     path = tmp_path / "saved_as.pt2"
     path.write_bytes(saved[".pt"])
     assert isinstance(load_model(path), nn.Sequential)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. weights that hold NaN or inf
+
+
+def test_nan_and_inf_weights_are_refused_at_load(tmp_path):
+    model = _cnn()
+    with torch.no_grad():
+        model[0].weight[0, 0, 0, :3] = float("nan")
+        model[5].bias[1] = float("-inf")
+    torch.save(model, tmp_path / "m.pt")
+    line = _compile(tmp_path / "m.pt", tmp_path / "out")
+    assert f"'{tmp_path / 'm.pt'}': 2 tensors hold non-finite values: 0.weight (3 NaN), 5.bias (1 inf)" in line
+    assert "earlier checkpoint" in line
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_batchnorm_running_stats_count_too(tmp_path):
+    model = _cnn()
+    model[1].running_var[2] = float("nan")
+    torch.save(model, tmp_path / "m.pt")
+    line = _compile(tmp_path / "m.pt", tmp_path / "out")
+    assert "1 tensor holds non-finite values: 1.running_var (1 NaN)" in line
+
+
+def test_non_finite_export_archive_and_bench_are_refused(tmp_path):
+    model = _cnn()
+    model[5].weight.data.fill_(float("inf"))
+    torch.export.save(torch.export.export(model, (torch.randn(2, 3, 8, 8),)), tmp_path / "m.pt2")
+    assert "5.weight (32 inf)" in _compile(tmp_path / "m.pt2", tmp_path / "out")
+    assert "5.weight (32 inf)" in _error_line("bench", tmp_path / "m.pt2")
+
+
+def test_check_finite_names_the_first_few_and_counts_the_rest():
+    from pcompiler.errors import CompileError
+    from pcompiler.input_checks import check_finite
+
+    model = nn.Sequential(*(nn.Linear(2, 2) for _ in range(6)))
+    check_finite(model, "fine.pt")  # finite: no error
+    for layer in model:
+        layer.weight.data[0, 0] = float("nan")
+    with pytest.raises(CompileError, match=r"6 tensors hold .*: 0.weight \(1 NaN\), .*3.weight \(1 NaN\) and 2 more"):
+        check_finite(model, "m.pt")
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. input shapes too large for memory
+
+
+def test_input_shape_too_large_is_refused_before_loading(tmp_path):
+    missing = tmp_path / "never_read.pt"  # the shape is refused before the model file is read
+    line = _compile(missing, tmp_path / "out", "--input-shape", "1000000,3,1024,1024")
+    assert "--input-shape 1000000,3,1024,1024: the example inputs would take 11718.8 GiB" in line
+    assert "of memory available" in line and "e.g. 1,3,1024,1024" in line
+    line = _error_line("bench", missing, "--input-shape", "1000000,3,1024,1024")
+    assert "would take 11718.8 GiB" in line
+
+
+def test_memory_share_and_largest_batch(monkeypatch):
+    from pcompiler import input_checks
+    from pcompiler.errors import CompileError
+
+    monkeypatch.setattr(input_checks, "available_memory", lambda: 8 * 1024**3)  # 8 GiB: inputs may take 4
+    input_checks.check_input_memory([(256, 3, 224, 224)])  # 147 MiB
+    input_checks.check_input_memory([(1, 3, 1024, 1024)], largest_batch=256)  # 3 GiB
+    with pytest.raises(CompileError, match=r"--batches batch 512 of inputs 1,3,1024,1024 would take 6.0 GiB, "
+                                           r"more than 50% of the 8.0 GiB .*at most 341"):
+        input_checks.check_input_memory([(1, 3, 1024, 1024)], largest_batch=512, option="--batches")
+    with pytest.raises(CompileError, match="even one sample does not fit"):
+        input_checks.check_input_memory([(1, 3, 40000, 40000)])
+    monkeypatch.setattr(input_checks, "available_memory", lambda: None)  # unknown: no refusal
+    input_checks.check_input_memory([(10**9, 3, 1024, 1024)])
+
+
+def test_available_memory_reads_meminfo(tmp_path):
+    from pcompiler.input_checks import _meminfo_available, available_memory
+
+    (tmp_path / "meminfo").write_text("MemTotal:  16000000 kB\nMemFree: 100 kB\nMemAvailable:  2000000 kB\n")
+    assert _meminfo_available(tmp_path / "meminfo") == 2_000_000 * 1024
+    assert _meminfo_available(tmp_path / "missing") is None
+    assert available_memory() > 0
+
+
+def test_bench_batches_too_large_fail_their_row_before_allocating(monkeypatch):
+    from pcompiler import input_checks
+    from pcompiler.errors import CompileError
+    from pcompiler.targets.bench import make_inputs
+
+    monkeypatch.setattr(input_checks, "available_memory", lambda: 1024**3)
+    assert make_inputs([torch.zeros(1, 3, 32, 32)], 8)[0].shape == (8, 3, 32, 32)
+    with pytest.raises(CompileError, match="bench: batch 100000 of inputs 1,3,256,256"):
+        make_inputs([torch.zeros(1, 3, 256, 256)], 100000)
