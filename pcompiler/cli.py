@@ -36,6 +36,7 @@ from torch import nn
 
 from pcompiler.errors import CompileError
 from pcompiler.loading import load_model, parse_input_shapes
+from pcompiler.outdir import claim_out_dir  # badinput
 from pcompiler.passes.recalibrate import DEFAULT_BATCHES as DEFAULT_RECALIBRATION_BATCHES
 from pcompiler.report_md import count_text as _count
 from pcompiler.targets.bench import BACKENDS
@@ -288,6 +289,7 @@ def _guarded(console: Console, verbose: bool, body: Any) -> int:
 @click.option("--checkpoint-every", type=int, default=0, show_default=True,
               help="Write OUT/checkpoints/<phase>.pt every N steps (0: never).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from OUT/checkpoints.")
+@click.option("--overwrite", is_flag=True, help="Replace another run's files in OUT (others are kept).")  # badinput
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @click.option("--bench", "run_bench", is_flag=True, help="Measure latency of the original and slim models, alternately.")
 @click.option("--bench-batches", default="1,8,64", show_default=True, help="Batch sizes --bench measures.")
@@ -405,7 +407,7 @@ def _compile(console: Console, model_path: Path, *, method: str | None, ratio: f
              lr: float, lr_schedule: str, batch_size: int, momentum: float, weight_decay: float, finetune_epochs: float,
              distill: bool, distill_temperature: float, distill_alpha: float, distill_regularization: bool,
              finetune_lr: float | None, device: str, amp: bool, workers: int, checkpoint_every: int,
-             resume: bool, no_progress: bool, run_bench: bool, bench_batches: str,
+             resume: bool, overwrite: bool, no_progress: bool, run_bench: bool, bench_batches: str,
              bench_backends: str | None, no_compensate: bool, recalibrate_batches: int, no_recalibrate: bool) -> int:
     import dataclasses
 
@@ -429,6 +431,9 @@ def _compile(console: Console, model_path: Path, *, method: str | None, ratio: f
     bench_settings = _bench_settings(bench_batches, bench_backends) if run_bench else None
     if round_to is None:
         round_to = default_round_to(device)
+    if out_dir is not None and not analyze:  # badinput: claim OUT before the slow work (pcompiler/outdir.py)
+        claim_out_dir(out_dir, overwrite=overwrite, resume=resume, model=model_path,
+                      settings=dict(method=method, ratio=ratio, speedup=speedup, data=data_spec, seed=seed))
 
     torch.manual_seed(seed)
     data = None

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from torch import nn
 
 from pcompiler.cli import main
+from pcompiler.outdir import run_files
 
 torch.set_num_threads(1)
 
@@ -55,7 +56,7 @@ def test_truncated_export_archive(saved, tmp_path):
     line = _compile(path, tmp_path / "out")
     assert "'" + str(path) + "' is not a readable torch.export archive: truncated or corrupt" in line
     assert "export it again" in line
-    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    assert run_files(tmp_path / "out") == []  # nothing written but the claim's run record
 
 
 def test_random_bytes_named_pt2(tmp_path):
@@ -107,7 +108,7 @@ def test_nan_and_inf_weights_are_refused_at_load(tmp_path):
     line = _compile(tmp_path / "m.pt", tmp_path / "out")
     assert f"'{tmp_path / 'm.pt'}': 2 tensors hold non-finite values: 0.weight (3 NaN), 5.bias (1 inf)" in line
     assert "earlier checkpoint" in line
-    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    assert run_files(tmp_path / "out") == []  # nothing written but the claim's run record
 
 
 def test_batchnorm_running_stats_count_too(tmp_path):
@@ -185,3 +186,43 @@ def test_bench_batches_too_large_fail_their_row_before_allocating(monkeypatch):
     assert make_inputs([torch.zeros(1, 3, 32, 32)], 8)[0].shape == (8, 3, 32, 32)
     with pytest.raises(CompileError, match="bench: batch 100000 of inputs 1,3,256,256"):
         make_inputs([torch.zeros(1, 3, 256, 256)], 100000)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. an output folder that holds another run's files
+
+
+def test_second_run_into_the_same_folder_is_refused_then_overwrites(tmp_path):
+    torch.save(_cnn(), tmp_path / "m.pt")
+    out = tmp_path / "out"
+    args = (tmp_path / "m.pt", "--method", "l1", "--ratio", "0.5", "--formats", "pt2", "--input-shape", "1,3,8,8",
+            "-o", out)
+    assert CliRunner().invoke(main, [str(a) for a in args]).exit_code == 0
+    (out / "notes.txt").write_text("mine")
+    before = (out / "report.json").read_text()
+    line = _error_line(*args)
+    assert line.startswith(f"error: output folder '{out}' holds another run's files (report.json, report.md, model.pt2")
+    assert "choose an empty folder, or pass --overwrite to replace them" in line
+    assert (out / "report.json").read_text() == before
+    result = CliRunner().invoke(main, [str(a) for a in (*args[:-4], "--formats", "pt", "-o", out, "--overwrite")])
+    assert result.exit_code == 0, result.output
+    assert not (out / "model.pt2").exists() and (out / "model.pt").exists()  # the old run's export is gone
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_an_export_that_dies_while_writing_leaves_no_half_file(tmp_path, monkeypatch):
+    torch.save(_cnn(), tmp_path / "m.pt")
+    out = tmp_path / "out"
+
+    def write_half_then_die(exported, f, *args, **kwargs):
+        with open(f, "wb") as handle:
+            handle.write(b"PK\x03\x04 half an archive")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch.export, "save", write_half_then_die)
+    result = CliRunner().invoke(main, [str(a) for a in (tmp_path / "m.pt", "--method", "l1", "--ratio", "0.5",
+                                                        "--formats", "pt2", "--input-shape", "1,3,8,8", "-o", out)])
+    assert result.exit_code == 0, result.output  # a failed export is a row of the report
+    assert "No space left on device" in (out / "report.json").read_text()
+    assert not (out / "model.pt2").exists()
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name]
