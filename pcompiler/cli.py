@@ -34,7 +34,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from pcompiler.errors import EXIT_BUG, EXIT_OK, CompileError, InternalError, first_line, one_line
+from pcompiler.input_checks import check_input_memory
 from pcompiler.loading import load_model, parse_input_shapes
+from pcompiler.outdir import claim_out_dir
 from pcompiler.passes.recalibrate import DEFAULT_BATCHES
 from pcompiler.pipeline import (
     FORMATS,
@@ -166,6 +168,7 @@ def _guarded(console: Console, verbose: bool, body: Callable[[], int]) -> int:
 @click.option("--checkpoint-every", type=int, default=0, show_default=True,
               help="Write OUT/checkpoints/<phase>.pt every N steps (0: never).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from OUT/checkpoints.")
+@click.option("--overwrite", is_flag=True, help="Replace another run's files in OUT (other files there are kept).")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @click.option("--bench", "run_bench", is_flag=True, help="Measure latency of the original and slim models, alternately.")
 @click.option("--bench-batches", default="1,8,64", show_default=True, help="Batch sizes --bench measures.")
@@ -231,6 +234,11 @@ def _compile(console: Console, model_path: Path, **o: Any) -> int:
     settings.check(has_data=o["data_spec"] is not None)
     formats = _parse_list("--formats", o["formats"], FORMATS)
     bench = _bench_settings(o["bench_batches"], o["bench_backends"]) if o["run_bench"] else None
+    if bench is not None and shapes:
+        check_input_memory(shapes, largest_batch=max(bench.batch_sizes), option="--bench-batches")
+    claim_out_dir(o["out_dir"], overwrite=o["overwrite"], resume=o["resume"], model=model_path,
+                  settings={"method": settings.method, "ratio": settings.ratio, "speedup": settings.speedup,
+                            "data": o["data_spec"], "seed": settings.seed})
     data = None
     if o["data_spec"] is not None:
         from pcompiler.data import check_model, load_data
@@ -285,6 +293,8 @@ def _bench(console: Console, model_path: Path, *, slim_path: Path | None, input_
     shapes = parse_input_shapes(input_shapes)
     settings = _bench_settings(batches, backends, threads=threads, warmup=warmup, min_reps=min_reps,
                                min_seconds=min_time)
+    if shapes:
+        check_input_memory(shapes, largest_batch=max(settings.batch_sizes), option="--batches")
     models = {"original": load_model(model_path, trust=trust, arch=arch)}
     if slim_path is not None:
         models["slim"] = load_model(slim_path / "model.pt2" if slim_path.is_dir() else slim_path, trust=trust)

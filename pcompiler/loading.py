@@ -56,6 +56,7 @@ import torch
 from torch import nn
 
 from pcompiler.errors import CompileError, one_line
+from pcompiler.input_checks import check_finite, check_input_memory
 
 log = logging.getLogger("pcompiler")
 
@@ -216,9 +217,18 @@ def _refusal(path: Path, names: Sequence[str]) -> CompileError:
     )
 
 
+_RESAVE_HINT = "copy the whole file again, or save it again with torch.save(model, path)"
+_REEXPORT_HINT = ("export it again: torch.export.save(torch.export.export(model, example_inputs), path), "
+                  "and copy the whole file")
 _UNSAFE_GLOBAL = re.compile(r"GLOBAL ([\w.]+) was not an allowed global")
 _ZIP_MAGIC = b"PK\x03\x04"
 _PICKLE_PROTO = b"\x80"
+
+
+def _is_truncated_zip(path: Path) -> bool:
+    """Starts like a zip archive, but the directory at its end is missing (a cut-off copy)."""
+    with path.open("rb") as f:
+        return f.read(4).startswith(_ZIP_MAGIC) and not zipfile.is_zipfile(path)
 
 
 def _first_sentence(e: BaseException) -> str:
@@ -240,7 +250,11 @@ def _not_a_checkpoint(path: Path, e: BaseException) -> CompileError:
                     f"'{path}' is a zip archive but not a torch.save file (a torch.export .pt2?)",
                     hint="pcompiler reads files written by torch.save(model), or a state dict with --arch",
                 )
-    return CompileError(f"cannot read '{path}': not a complete torch.save file (truncated or corrupt?): {_first_sentence(e)}")
+    if _is_truncated_zip(path):
+        return CompileError(f"'{path}' is truncated or corrupt: it starts as a torch.save zip archive but its end "
+                            "(the zip's central directory) is missing", hint=_RESAVE_HINT)
+    return CompileError(f"cannot read '{path}': not a complete torch.save file (truncated or corrupt?): "
+                        f"{_first_sentence(e)}", hint=_RESAVE_HINT)
 
 
 def _read_safely(path: Path) -> Any:
@@ -249,7 +263,8 @@ def _read_safely(path: Path) -> Any:
         head = f.read(4)
     legacy = not head.startswith(_ZIP_MAGIC)
     if legacy and not head.startswith(_PICKLE_PROTO):
-        raise CompileError(f"'{path}' is not a torch.save file (neither a zip archive nor a pickle)")
+        raise CompileError(f"'{path}' is not a torch.save file (neither a zip archive nor a pickle): corrupt, or "
+                           "another format", hint=_RESAVE_HINT)
     if legacy:  # no way to list the globals first: the unpickler checks each as it goes
         needed = list(_allowed_by_name().values())
     else:  # name every global before unpickling anything
@@ -389,10 +404,36 @@ def _is_export_archive(path: Path) -> bool:
         return any(n.endswith("/archive_format") for n in z.namelist())
 
 
+def _not_an_export_archive(path: Path) -> CompileError | None:
+    """Why a `.pt2` file is not a torch.export archive; None when it is a torch.save file after all."""
+    with path.open("rb") as f:
+        head = f.read(4)
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            if any(n == "data.pkl" or n.endswith("/data.pkl") for n in z.namelist()):
+                return None  # torch.save under a .pt2 name
+        what = "a zip archive without the entries torch.export.save writes"
+    elif head.startswith(_ZIP_MAGIC):
+        what = "truncated or corrupt: it starts as a zip archive but its end (the zip's central directory) is missing"
+    elif head.startswith(_PICKLE_PROTO):
+        return None  # a legacy torch.save pickle under a .pt2 name
+    else:
+        what = "not a zip archive at all (corrupt, or another format)"
+    return CompileError(f"'{path}' is not a readable torch.export archive: {what}", hint=_REEXPORT_HINT)
+
+
 def _read_export_archive(path: Path) -> nn.Module:
     try:
         return torch.export.load(path).module()
     except Exception as e:
+        with zipfile.ZipFile(path) as z:
+            try:
+                bad = z.testzip()  # the first entry whose bytes fail their CRC check
+            except Exception:  # noqa: BLE001 - unreadable entries: corrupt all the same
+                bad = "?"
+        if bad is not None:
+            raise CompileError(f"'{path}' is a corrupt torch.export archive: its entry '{bad}' does not match its "
+                               "checksum", hint=_REEXPORT_HINT) from e
         raise CompileError(f"cannot read the torch.export archive '{path}': {_first_sentence(e)}",
                            hint="it was probably written by another torch version; export it again") from e
 
@@ -407,10 +448,21 @@ def load_model(path: str | os.PathLike[str], *, trust: bool = False, arch: str |
     A torch.export archive (.pt2) gives its `.module()`. Otherwise, without `arch` the file is a
     `torch.save(model)` pickle; with `arch="module:callable"` it is a
     state dict for the model that `callable()` builds. Only allowlisted classes are rebuilt unless
-    `trust` is set. Raises `CompileError` with a one-line reason on any problem."""
-    path = Path(path)
+    `trust` is set; a model whose weights or buffers hold NaN or inf is refused. Raises
+    `CompileError` with a one-line reason on any problem."""
+    model = _load(Path(path), trust, arch)
+    check_finite(model, path)
+    return model
+
+
+def _load(path: Path, trust: bool, arch: str | None) -> nn.Module:
     if arch is None and _is_export_archive(path):
         return _read_export_archive(path)
+    if arch is None and path.suffix == ".pt2":
+        _check_path(path)
+        refusal = _not_an_export_archive(path)
+        if refusal is not None:
+            raise refusal
     if arch is not None:
         model = _build_from_arch(arch)
         _fill(model, _state_dict_of(_read(path, trust), path), path, arch)
@@ -427,7 +479,8 @@ def load_model(path: str | os.PathLike[str], *, trust: bool = False, arch: str |
 
 
 def parse_input_shapes(specs: Iterable[str]) -> list[tuple[int, ...]]:
-    """'1,3,32,32' -> (1, 3, 32, 32), one tuple per spec."""
+    """'1,3,32,32' -> (1, 3, 32, 32), one tuple per spec; refused when inputs of these shapes
+    would not fit in memory (`input_checks.check_input_memory`)."""
     shapes = []
     for spec in specs:
         parts = spec.strip().strip("()[]").split(",")
@@ -440,4 +493,5 @@ def parse_input_shapes(specs: Iterable[str]) -> list[tuple[int, ...]]:
                 f"--input-shape '{spec}' is not a comma-separated list of positive integers (e.g. 1,3,32,32)"
             )
         shapes.append(dims)
+    check_input_memory(shapes)
     return shapes

@@ -33,6 +33,7 @@ import torch
 
 from pcompiler.costs import count_flops, count_params
 from pcompiler.ir import Program
+from pcompiler.outdir import atomic_write
 
 log = logging.getLogger("pcompiler")
 
@@ -185,7 +186,8 @@ def to_jsonable(value: Any) -> Any:
 def write_report(report: dict[str, Any], path: str | Path) -> Path:
     """Write `report` as JSON (indent 2) to `path`, creating its folder; return the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(to_jsonable(report), indent=2) + "\n")
+    text = json.dumps(to_jsonable(report), indent=2) + "\n"
+    with atomic_write(path) as tmp:  # whole or not at all
+        tmp.write_text(text)
     log.info("report written to %s", path)
     return path

@@ -14,6 +14,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from pcompiler.outdir import atomic_write
+
 log = logging.getLogger("pcompiler")
 
 
@@ -202,7 +204,8 @@ def _plots(r: dict[str, Any], folder: Path) -> dict[str, str]:
 
 def _save(fig, path: Path) -> str:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     import matplotlib.pyplot as plt
 
     plt.close(fig)
@@ -269,5 +272,7 @@ def write_markdown(report: dict[str, Any], out_dir: str | Path) -> Path:
         log.warning("report plots not drawn: %s: %s", type(e).__name__, e)
         plots = {}
     path = out / "report.md"
-    path.write_text(render(report, plots))
+    text = render(report, plots)
+    with atomic_write(path) as tmp:
+        tmp.write_text(text)
     return path

@@ -53,6 +53,7 @@ from torch import nn
 from pcompiler.costs import device_of
 from pcompiler.data import DataSource
 from pcompiler.errors import CompileError
+from pcompiler.outdir import atomic_write
 
 log = logging.getLogger("pcompiler")
 
@@ -265,11 +266,8 @@ def _progress(cfg: TrainConfig, total: int, start: int):
 
 def _save(path: str, state: dict[str, Any]) -> None:
     """Write atomically: a kill while writing leaves the previous checkpoint intact."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, p)
+    with atomic_write(path) as tmp:
+        torch.save(state, tmp)
 
 
 _RESUME_KEYS = ("steps", "lr", "batch_size", "seed", "schedule", "momentum", "weight_decay", "distill")

@@ -49,6 +49,7 @@ import torch
 
 from pcompiler.costs import eval_mode, static_costs
 from pcompiler.errors import one_line
+from pcompiler.input_checks import check_input_memory
 
 log = logging.getLogger("pcompiler")
 
@@ -153,7 +154,10 @@ def machine() -> dict[str, Any]:
 
 def make_inputs(example_inputs: Sequence[torch.Tensor], batch: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
     """Inputs shaped like `example_inputs` with the first (batch) dimension set to `batch`:
-    normal noise for floating inputs, zeros (a valid index) for integer ones."""
+    normal noise for floating inputs, zeros (a valid index) for integer ones. Refused (CompileError)
+    before allocating when they would not fit in memory."""
+    check_input_memory([tuple(t.shape) for t in example_inputs if t.dim()], largest_batch=batch, option="bench:",
+                       element_bytes=max((t.element_size() for t in example_inputs), default=4))
     gen = torch.Generator().manual_seed(seed)
     out = []
     for t in example_inputs:

@@ -13,7 +13,8 @@ legacy as the fallback (`exporter=` forces one). When the legacy exporter fails,
 writes the TorchScript graph to stderr (its ONNX log cannot be switched off in 2.13).
 
 Files: the weights are stored inside the .onnx file (`external_data=False`) unless they exceed
-ONNX's 2 GB protobuf limit, when they go to `<path>.data` beside it. Inputs are named after the
+ONNX's 2 GB protobuf limit, when they go to `<path>.data` beside it. Both are written in a
+temporary folder and moved in complete, so a failed or killed export leaves no half file. Inputs are named after the
 GraphModule's placeholders; outputs that are tuples/lists/dicts are flattened in order. The
 export runs in eval mode. Assumes real weights (not the meta device) and tensor inputs that
 numpy can hold (no bfloat16).
@@ -34,6 +35,7 @@ import torch
 from pcompiler.costs import eval_mode
 from pcompiler.errors import one_line
 from pcompiler.ir import Program
+from pcompiler.outdir import atomic_files
 from pcompiler.targets import ExportResult, compare_outputs, guarded, reference_outputs, require_weights
 
 log = logging.getLogger("pcompiler")
@@ -91,11 +93,18 @@ def write_onnx(module: torch.nn.Module, inputs: Sequence[torch.Tensor], path: st
                names: Sequence[str] | None = None, opset: int | None = None, exporter: str = "auto") -> str:
     """Write `module` (any nn.Module, in eval mode) traced on `inputs` to `path`; return a note
     saying which exporter wrote it. exporter: "auto" (dynamo, then legacy if dynamo fails),
-    "dynamo" or "legacy". Raises when the export fails."""
+    "dynamo" or "legacy". Raises when the export fails, leaving what `path` held before.
+
+    The exporter writes into a temporary folder beside `path` (`outdir.atomic_files`), which is
+    moved in whole: the .onnx file and its external data file, if any, arrive complete."""
     if exporter not in EXPORTERS:
         raise ValueError(f"exporter must be one of {EXPORTERS}, not {exporter!r}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_files(path) as tmp:
+        return _export_with_fallback(module, inputs, tmp, names, opset, exporter)
+
+
+def _export_with_fallback(module: torch.nn.Module, inputs: Sequence[torch.Tensor], path: Path,
+                          names: Sequence[str] | None, opset: int | None, exporter: str) -> str:
     if exporter == "legacy":
         _torch_onnx_export(module, inputs, path, opset, False, names)
         return "exporter: legacy (TorchScript)"
@@ -106,6 +115,9 @@ def write_onnx(module: torch.nn.Module, inputs: Sequence[torch.Tensor], path: st
         if exporter == "dynamo":
             raise
         log.info("dynamo ONNX exporter failed (%s); trying the legacy exporter", one_line(e))
+        for partial in path.parent.iterdir():  # what the failed exporter left in the temporary folder
+            if partial.is_file():
+                partial.unlink()
         try:
             _torch_onnx_export(module, inputs, path, opset, False, names)
         except Exception as legacy_error:

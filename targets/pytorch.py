@@ -9,6 +9,9 @@
   loads with plain `torch.export.load(path).module()` and no pickle. Checked the same way.
 - `state_dict.pt`: `torch.save(gm.state_dict())`, loads with `torch.load(path)` (weights only).
 
+Every file is written whole or not at all (`pcompiler.outdir.atomic_write`): a run killed while
+writing leaves the previous file, never half of a new one.
+
 `export_all` writes every format into one folder and records the results in
 `prog.info["exports"]`. Assumes the Program's model runs on its example inputs (real weights:
 a model on the meta device cannot be exported and says so).
@@ -27,6 +30,7 @@ import torch.fx as fx
 from pcompiler.costs import eval_mode
 from pcompiler.errors import one_line
 from pcompiler.ir import Program
+from pcompiler.outdir import atomic_write
 from pcompiler.targets import (
     ExportResult,
     compare_outputs,
@@ -74,8 +78,8 @@ def save_graph_module(prog: Program, path: str | Path) -> ExportResult:
     def body() -> tuple[float | None, str | None]:
         require_weights(prog, f"the GraphModule to {path}")
         path.parent.mkdir(parents=True, exist_ok=True)
-        with eval_mode(prog.gm):
-            torch.save(prog.gm, path)
+        with eval_mode(prog.gm), atomic_write(path) as tmp:
+            torch.save(prog.gm, tmp)
         want = reference_outputs(prog)
         loaded = torch.load(path, weights_only=False)
         with torch.no_grad():
@@ -96,7 +100,8 @@ def save_state_dict(prog: Program, path: str | Path) -> ExportResult:
         require_weights(prog, f"the state dict to {path}")
         path.parent.mkdir(parents=True, exist_ok=True)
         state = prog.gm.state_dict()
-        torch.save(state, path)
+        with atomic_write(path) as tmp:
+            torch.save(state, tmp)
         loaded = torch.load(path, weights_only=True)
         if list(loaded) != list(state):
             raise ValueError(f"the reloaded {path.name} has other keys than the model's state dict")
@@ -144,7 +149,8 @@ def export_program(prog: Program, path: str | Path) -> ExportResult:
         path.parent.mkdir(parents=True, exist_ok=True)
         with eval_mode(prog.gm):
             exported, note = _export(prog.gm, tuple(prog.example_inputs))
-        torch.export.save(exported, path)
+        with atomic_write(path) as tmp:
+            torch.export.save(exported, tmp)
         want = reference_outputs(prog)
         with torch.no_grad():
             got = flatten_tensors(torch.export.load(path).module()(*prog.example_inputs))
