@@ -148,9 +148,12 @@ def build_report(
 
 
 def _version() -> str:
-    import pcompiler
+    from importlib.metadata import PackageNotFoundError, version
 
-    return getattr(pcompiler, "__version__", "unknown")
+    try:
+        return version("pcompiler")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def to_jsonable(value: Any) -> Any:
