@@ -109,13 +109,6 @@ def write_text(path: Path, text: str) -> Path:
     return path
 
 
-def first_line(err: BaseException, limit: int = 240) -> str:
-    """`Type: first line of the message`, cut to `limit` characters."""
-    lines = str(err).strip().splitlines()
-    line = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
-    return line if len(line) <= limit else line[: limit - 3] + "..."
-
-
 def torchvision_classifier(model: torch.nn.Module) -> torch.nn.Module:
     """The final classification Linear of a torchvision model (what Torch-Pruning must not prune:
     its output width is the number of classes)."""

@@ -72,7 +72,6 @@ import torchvision
 from _common import (
     DOCS,
     environment,
-    first_line,
     markdown_table,
     set_threads,
     torchvision_classifier,
@@ -80,6 +79,8 @@ from _common import (
     write_text,
 )
 from torch import nn
+
+from pcompiler.errors import one_line
 
 TOOLS = ("pcompiler", "tp")
 MARK = "@@ step:"
@@ -147,7 +148,7 @@ def export_module_onnx(model: nn.Module, x: torch.Tensor, path: Path) -> tuple[f
             export(dynamo=False)
         except Exception as legacy:
             raise RuntimeError(
-                f"both ONNX exporters failed: dynamo: {first_line(e, 140)}; legacy: {first_line(legacy, 140)}"
+                f"both ONNX exporters failed: dynamo: {one_line(e, 140)}; legacy: {one_line(legacy, 140)}"
             ) from legacy
         exporter = "legacy"
     with torch.no_grad():
@@ -194,7 +195,7 @@ def run_pcompiler(name: str, vit_image_size: int, size: int | None, workdir: Pat
             raise RuntimeError(exported.error)
     except Exception as e:  # noqa: BLE001 - a failure is the result
         traceback.print_exc()
-        return {"ok": False, "stage": stage, "error": first_line(e)}
+        return {"ok": False, "stage": stage, "error": one_line(e)}
     return {
         "ok": True,
         "prunable_groups": prunable,
@@ -244,7 +245,7 @@ def run_tp(name: str, vit_image_size: int, size: int | None, workdir: Path, base
         _remove(path)
     except Exception as e:  # noqa: BLE001 - a failure is the result
         traceback.print_exc()
-        return {"ok": False, "stage": stage, "error": first_line(e)}
+        return {"ok": False, "stage": stage, "error": one_line(e)}
     return {
         "ok": True,
         "onnx_max_error": onnx_error,
@@ -371,7 +372,7 @@ def run_children(
             failure += f" during {where}" if where else ""
             log_tail = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()][-1:]
             if log_tail and ("MemoryError" in log_tail[0] or "can't allocate memory" in log_tail[0]):
-                failure += f" (out of memory: {first_line(RuntimeError(log_tail[0]), 120)})"
+                failure += f" (out of memory: {one_line(RuntimeError(log_tail[0]), 120)})"
         result = json.loads(result_path.read_text()) if result_path.exists() else {}
         if "baseline" not in result:
             break

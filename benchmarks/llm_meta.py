@@ -53,7 +53,6 @@ import torch.nn.functional as F
 from _common import (
     DOCS,
     environment,
-    first_line,
     markdown_table,
     peak_rss_mib,
     set_threads,
@@ -61,6 +60,8 @@ from _common import (
     write_text,
 )
 from torch import nn
+
+from pcompiler.errors import one_line
 
 # ---------------------------------------------------------------------------------------------
 # The model
@@ -256,7 +257,7 @@ def tp_child(layers: int, tokens: int, static_rotary: bool = False) -> dict:
         return {
             "status": "failed",
             "stage": "build_dependency",
-            "error": first_line(e),
+            "error": one_line(e),
             "seconds": time.perf_counter() - t0,
         }
     t1 = time.perf_counter()
@@ -266,7 +267,7 @@ def tp_child(layers: int, tokens: int, static_rotary: bool = False) -> dict:
         return {
             "status": "failed",
             "stage": "get_all_groups",
-            "error": first_line(e),
+            "error": one_line(e),
             "build_s": t1 - t0,
             "seconds": time.perf_counter() - t0,
         }

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from pcompiler.costs import count_flops, count_params
+from pcompiler.errors import one_line
 from pcompiler.ir import Program
 from pcompiler.outdir import atomic_write
 
@@ -100,7 +101,7 @@ def build_report(
         try:
             return count_flops(gm, prog.example_inputs)
         except Exception as e:  # noqa: BLE001 - a report with a gap beats no report
-            warnings.append(f"FLOPs of the model {which} not counted: {type(e).__name__}: {e}".splitlines()[0])
+            warnings.append(f"FLOPs of the model {which} not counted: {one_line(e)}")
             log.warning("%s", warnings[-1])
             return None
 

@@ -10,6 +10,7 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
+import pcompiler.errors
 from pcompiler.cli import default_input_shape, main
 from pcompiler.errors import CompileError
 from pcompiler.passmanager import registered_passes
@@ -368,3 +369,26 @@ def _npz(tmp_path, channels):
     y = np.arange(4) % 2
     np.savez(tmp_path / "d.npz", x_train=x, y_train=y, x_val=x, y_val=y)
     return str(tmp_path / "d.npz")
+
+
+@pytest.mark.parametrize("fault, code, line", [
+    (RuntimeError("index 7 is out of bounds"), 1,
+     "error: internal error in pass 'slim': RuntimeError: index 7 is out of bounds [ran before: analyze, l1] "
+     "(run with -v for the traceback)"),
+    (pcompiler.errors.VerifyError("outputs differ by 0.5"), 3,
+     "error: pass 'slim' failed: outputs differ by 0.5 [ran before: analyze, l1]"),
+])
+def test_exit_codes_of_a_failing_pass(cnn_file, tmp_path, monkeypatch, fault, code, line):
+    """A bug inside a pass is exit 1 naming the pass; a failed verification is exit 3."""
+    from pcompiler.passes.slim import Slim
+
+    def broken(self, prog):
+        raise fault
+
+    monkeypatch.setattr(Slim, "run", broken)
+    result = invoke(cnn_file, "--method", "l1", "--ratio", "0.5", "--formats", "pt2", "-o", tmp_path / "out")
+    assert_one_line_error(result, code)
+    assert result.stderr.strip() == line
+    assert not (tmp_path / "out" / "model.pt2").exists() and not (tmp_path / "out" / "report.json").exists()
+    verbose = invoke(cnn_file, "--method", "l1", "--ratio", "0.5", "--formats", "pt2", "-o", tmp_path / "out", "-v")
+    assert verbose.exit_code == code and "Traceback" in verbose.stderr
