@@ -132,7 +132,7 @@ def build(name: str, vit_image_size: int, size: int | None = None) -> tuple[nn.M
 def export_module_onnx(model: nn.Module, x: torch.Tensor, path: Path) -> tuple[float, str]:
     """Export, run with onnxruntime, compare with torch; returns (max abs error, exporter used).
     Raises with the reason when the export fails or the outputs differ."""
-    from pcompiler.targets import ATOL, RTOL
+    from pcompiler.compare import EXPORT, compare
     from pcompiler.targets.onnx import session
 
     def export(dynamo: bool) -> None:
@@ -156,10 +156,10 @@ def export_module_onnx(model: nn.Module, x: torch.Tensor, path: Path) -> tuple[f
     sess = session(path)
     feed = {i.name: x.numpy() for i in sess.get_inputs()}
     got = torch.from_numpy(sess.run(None, feed)[0])
-    err = float((got - want).abs().max())
-    if not err <= ATOL + RTOL * float(want.abs().max()):
-        raise RuntimeError(f"onnxruntime output differs from torch by {err:.3g}")
-    return err, exporter
+    result = compare(got, want, EXPORT)
+    if not result.ok:
+        raise RuntimeError(f"onnxruntime output differs from torch: {result.reason}")
+    return result.max_error, exporter
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@
 2. Shape propagation: the graph is run once on the example inputs (on the meta device when the
    model lives there, so a large model needs no real memory) and every node's value is recorded
    with `pcompiler.ir.set_node_value`.
-3. Equivalence: off meta, the traced graph's output must equal the model's own output.
+3. Equivalence: off meta, the traced graph's output must equal the model's own output
+   (`pcompiler.compare` with the TRACE tolerance: NaN and infinities must match exactly).
 
 Assumes example inputs are positional tensors, and that the model is deterministic in eval
 mode (the model is put into eval mode, in place).
@@ -20,7 +21,6 @@ mode (the model is put into eval mode, in place).
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,6 +29,7 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.utils.stateless import _reparametrize_module
 
+from pcompiler.compare import TRACE, compare
 from pcompiler.errors import CompileError, one_line
 from pcompiler.ir import INT_KEY, Program, describe, set_node_value
 from pcompiler.passes.decompose import decompose_multihead_attention
@@ -36,7 +37,6 @@ from pcompiler.passes.decompose import decompose_multihead_attention
 log = logging.getLogger("pcompiler")
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
-_RTOL, _ATOL = 1e-4, 1e-5
 
 
 class _Tracer(fx.Tracer):
@@ -140,11 +140,7 @@ def _first_difference(a: Any, b: Any, where: str) -> str | None:
     if isinstance(b, torch.Tensor):
         if not isinstance(a, torch.Tensor) or a.shape != b.shape or a.dtype != b.dtype:
             return where
-        if a.is_floating_point() or a.is_complex():
-            same = torch.allclose(a, b, rtol=_RTOL, atol=_ATOL, equal_nan=True)
-        else:
-            same = torch.equal(a, b)
-        return None if same else where
+        return None if compare(a, b, TRACE).ok else where
     if isinstance(b, Mapping):
         if not isinstance(a, Mapping) or set(a) != set(b):
             return where
@@ -156,7 +152,7 @@ def _first_difference(a: Any, b: Any, where: str) -> str | None:
         names = [f".{f}" for f in fields] if fields else [f"[{i}]" for i in range(len(b))]
         return next((d for x, y, s in zip(a, b, names) if (d := _first_difference(x, y, where + s))), None)
     if isinstance(b, float) and isinstance(a, float):
-        return None if math.isclose(a, b, rel_tol=_RTOL, abs_tol=_ATOL) else where
+        return None if compare(torch.tensor(a), torch.tensor(b), TRACE).ok else where
     try:
         return None if bool(a == b) else where
     except Exception:  # noqa: BLE001 - values that cannot be compared are not checked

@@ -3,8 +3,10 @@
 First, the traced graph must reproduce the user's model (tracing itself runs nothing). Then:
 take the model as it was before `slim`, set the producer slices of the removed channels to zero
 (weights, biases, norm scale and shift, and parameters tied to them such as added position
-embeddings); its outputs must equal the slim model's outputs within float tolerance. Checked on
-the example inputs and on a second random draw of the same shapes.
+embeddings); its outputs must equal the slim model's outputs: finite values within the VERIFY
+tolerance, NaN and infinities exactly (`pcompiler.compare`: a NaN or an infinity on one side
+only is a failure, never a pass). Checked on the example inputs and on a second random draw of
+the same shapes.
 
 Where `compensate` folded removed channels' constants into consumer biases, the reference gets
 those constants back: forward pre-hooks on its consumer modules set the channels' inputs there
@@ -35,6 +37,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
+from pcompiler.compare import VERIFY, Comparison, Tolerance, compare
 from pcompiler.errors import CompileError, VerifyError
 from pcompiler.ir import DimRef, Fold, Program, Role, iter_tensors, node_value, tensor_of
 from pcompiler.passes.compensate import add_to_bias, inject_constants, slim_delta
@@ -69,14 +72,6 @@ def _flat(value: Any) -> list[torch.Tensor]:
     return []
 
 
-def _error(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
-    """(max abs difference, scale of b) as floats."""
-    if a.shape != b.shape:
-        return float("inf"), 1.0
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).abs().max()) if a.numel() else 0.0, float(b.abs().max()) if b.numel() else 0.0
-
-
 def _inputs(prog: Program) -> list[tuple[torch.Tensor, ...]]:
     gen = torch.Generator().manual_seed(0)
     second = tuple(
@@ -97,7 +92,7 @@ class _Recorder(fx.Interpreter):
         return out
 
 
-def _locate(prog: Program, zeroed: fx.GraphModule, inputs: tuple, rtol: float, atol: float) -> str:
+def _locate(prog: Program, zeroed: fx.GraphModule, inputs: tuple, tol: Tolerance) -> str:
     """Name the first node whose slim value differs from the (zeroed) reference's kept channels."""
     ref_rec, slim_rec = _Recorder(zeroed), _Recorder(prog.gm)
     with torch.no_grad():
@@ -118,35 +113,36 @@ def _locate(prog: Program, zeroed: fx.GraphModule, inputs: tuple, rtol: float, a
                 if len(removed):
                     keep = np.setdiff1d(np.arange(r.shape[d]), removed)
                     r = r.index_select(d, torch.as_tensor(keep))
-            err, scale = _error(s, r)
-            if err > atol + rtol * scale:
+            if not compare(s, r, tol).ok:
                 groups = [g.id for g in prog.analysis.groups if g.id in prog.selection
                           and any(sp.ref.node == node.name for sp in g.spaces)]
                 return f"first difference at node '{node.name}' ({node.op} {node.target}), groups {groups}"
     return "no single node differs beyond tolerance (accumulated error)"
 
 
-def _output_errors(gm: fx.GraphModule, reference: fx.GraphModule, inputs: tuple) -> list[tuple[int, float, float]]:
-    """(output index, max abs difference, scale of the reference's output) for each output."""
+def _output_comparisons(gm: fx.GraphModule, reference: fx.GraphModule, inputs: tuple,
+                        tol: Tolerance) -> list[Comparison]:
+    """`compare` of each of `gm`'s outputs with the reference's, in order."""
     with torch.no_grad():
         want, got = _flat(reference(*inputs)), _flat(gm(*inputs))
     if len(want) != len(got):
         raise VerifyError(f"the slim model returns {len(got)} tensors, the original {len(want)}")
-    return [(i, *_error(g, w)) for i, (g, w) in enumerate(zip(got, want))]
+    return [compare(g, w, tol) for g, w in zip(got, want)]
 
 
-def _compare(prog: Program, reference: fx.GraphModule, what: str, rtol: float, atol: float) -> tuple[float, float]:
+def _compare(prog: Program, reference: fx.GraphModule, what: str, tol: Tolerance) -> tuple[float, float]:
     """Max abs and relative error of `prog.gm` against `reference` on the check inputs; a
-    VerifyError naming the first differing node when beyond tolerance."""
+    VerifyError naming the first differing node when an output does not match (a NaN or an
+    infinity that the other side does not have included)."""
     worst, worst_rel = 0.0, 0.0
     for inputs in _inputs(prog):
-        for i, err, scale in _output_errors(prog.gm, reference, inputs):
-            worst, worst_rel = max(worst, err), max(worst_rel, err / max(scale, 1e-12))
-            if err > atol + rtol * scale:
-                where = _locate(prog, reference, inputs, rtol, atol)
+        for i, c in enumerate(_output_comparisons(prog.gm, reference, inputs, tol)):
+            worst, worst_rel = max(worst, c.max_error), max(worst_rel, c.relative_error)
+            if not c.ok:
+                where = _locate(prog, reference, inputs, tol)
                 blame = "an op rule" if prog.compensation is None else "an op rule or in compensate (--no-compensate tells)"
                 raise VerifyError(
-                    f"the slim model's output {i} differs from the {what} by {err:.3g} (scale {scale:.3g}); {where}",
+                    f"the slim model's output {i} differs from the {what}: {c.reason}; {where}",
                     hint=f"this is a bug in {blame}: please report it with the model; --skip the module to work "
                     "around it",
                 )
@@ -176,7 +172,7 @@ def _reference_text(folds: tuple[Fold, ...]) -> str:
     return f"original with the removed channels zeroed and {n} compensated channel inputs (at {where}) replaced by their constants"
 
 
-def verify_program(prog: Program, rtol: float = 1e-4, atol: float = 1e-5) -> dict[str, Any]:
+def verify_program(prog: Program, tol: Tolerance = VERIFY) -> dict[str, Any]:
     """Compare the slim model with the zeroed original (where `compensate` folded constants, with
     them injected). Approximate folds (zero-padded convs) are taken out of the slim model for
     the exact comparison, and their own deviation is reported under "approximate"."""
@@ -190,16 +186,16 @@ def verify_program(prog: Program, rtol: float = 1e-4, atol: float = 1e-5) -> dic
     exact, approx = tuple(f for f in folds if f.exact), tuple(f for f in folds if not f.exact)
     what = _reference_text(exact) + (f" (the slim model without its {len(approx)} approximate folds)" if approx else "")
     checked = prog.replace(gm=_without_folds(prog, approx)) if approx else prog
-    worst, worst_rel = _compare(checked, constant_reference(prog, exact), what, rtol, atol)
+    worst, worst_rel = _compare(checked, constant_reference(prog, exact), what, tol)
     result: dict[str, Any] = {"ok": True, "reference": what, "max_error": worst, "max_relative_error": worst_rel,
-                              "rtol": rtol, "atol": atol}
+                              "rtol": tol.rtol, "atol": tol.atol}
     if approx:
         full = constant_reference(prog, folds)
-        errors = [e for inputs in _inputs(prog) for e in _output_errors(prog.gm, full, inputs)]
+        found = [c for inputs in _inputs(prog) for c in _output_comparisons(prog.gm, full, inputs, tol)]
         result["approximate"] = {
             "reference": _reference_text(folds),
-            "max_error": max(err for _, err, _ in errors),
-            "max_relative_error": max(err / max(scale, 1e-12) for _, err, scale in errors),
+            "max_error": max(c.max_error for c in found),
+            "max_relative_error": max(c.relative_error for c in found),
             "where": list(dict.fromkeys(f.module for f in approx)),
         }
     return result
@@ -214,11 +210,11 @@ class Verify:
     name: ClassVar[str] = "verify"
     requires: ClassVar = (SLIMMED,)
     ensures: ClassVar = ()
-    rtol: float = 1e-4
-    atol: float = 1e-5
+    rtol: float = VERIFY.rtol
+    atol: float = VERIFY.atol
 
     def run(self, prog: Program) -> PassResult:
-        result = verify_program(prog, self.rtol, self.atol)
+        result = verify_program(prog, Tolerance(self.rtol, self.atol))
         log.info("verify: %s", result)
         return PassResult(prog.replace(info={**prog.info, "verify": result}), changed=False)
 

@@ -10,8 +10,9 @@ Every export function returns an `ExportResult` and never raises for a failed ex
 that one backend cannot take still gets the others written. Each export reloads what it wrote
 and compares outputs with the Program's GraphModule on the example inputs, in eval mode.
 
-This module holds what the backends share: `ExportResult`, output flattening and comparison,
-and the guard that turns an exception into a one-line reason.
+This module holds what the backends share: `ExportResult`, output flattening, the check of a
+reloaded file's outputs (`pcompiler.compare` with the EXPORT tolerance) and the guard that turns
+an exception into a one-line reason.
 """
 
 from __future__ import annotations
@@ -25,16 +26,12 @@ from typing import Any
 
 import torch
 
+from pcompiler.compare import EXPORT, compare
 from pcompiler.costs import eval_mode
 from pcompiler.errors import CompileError, one_line
 from pcompiler.ir import Program
 
 log = logging.getLogger("pcompiler")
-
-# Outputs match when |got - want| <= ATOL + RTOL * max|want|, per output tensor.
-ATOL = 1e-4
-RTOL = 1e-3
-
 
 @dataclass(frozen=True)
 class ExportResult:
@@ -102,28 +99,19 @@ def flatten_tensors(value: Any) -> list[torch.Tensor]:
 
 
 def compare_outputs(got: list[Any], want: list[torch.Tensor], what: str) -> float:
-    """Max abs difference between two flat output lists; raises ExportCheckFailed if the count,
-    a shape, or a value (beyond ATOL + RTOL * max|want|) differs."""
+    """Max abs difference between two flat output lists (`pcompiler.compare` with the EXPORT
+    tolerance, each on the CPU); raises ExportCheckFailed if the count, a shape, a NaN or an
+    infinity, or a finite value differs. The max error is inf when a NaN or an infinity differs."""
     if len(got) != len(want):
         raise ExportCheckFailed(f"{what} gives {len(got)} outputs, torch gives {len(want)}")
-    worst = 0.0
-    failures = []
+    worst, failures = 0.0, []
     for i, (g, w) in enumerate(zip(got, want)):
-        g = torch.as_tensor(g).detach().cpu().double()
-        w = w.detach().cpu().double()
-        if tuple(g.shape) != tuple(w.shape):
-            raise ExportCheckFailed(f"{what} output {i} has shape {tuple(g.shape)}, torch's has {tuple(w.shape)}")
-        if w.numel() == 0:
-            continue
-        # Equal values (infinities included) and NaN in both count as no error; NaN in one is inf.
-        same = (g == w) | (torch.isnan(g) & torch.isnan(w))
-        diff = torch.where(same, torch.zeros_like(g), (g - w).abs()).nan_to_num(nan=float("inf"))
-        err = float(diff.max())
-        worst = max(worst, err)
-        finite = w[torch.isfinite(w)]
-        tol = ATOL + RTOL * (float(finite.abs().max()) if finite.numel() else 0.0)
-        if err > tol:
-            failures.append(f"output {i}: {err:.3g} > {tol:.3g}")
+        c = compare(torch.as_tensor(g).detach().cpu(), w.detach().cpu(), EXPORT)
+        if c.reason is not None and c.reason.startswith("shape"):
+            raise ExportCheckFailed(f"{what} output {i} has {c.reason} (torch's)")
+        worst = max(worst, c.max_error)
+        if not c.ok:
+            failures.append(f"output {i}: {c.reason}")
     if failures:
         raise ExportCheckFailed(f"{what} differs from torch ({'; '.join(failures)})", worst)
     return worst
@@ -135,4 +123,4 @@ def reference_outputs(prog: Program) -> list[torch.Tensor]:
         return flatten_tensors(prog.gm(*prog.example_inputs))
 
 
-__all__ = ["ATOL", "RTOL", "ExportResult", "compare_outputs", "flatten_tensors"]
+__all__ = ["ExportResult", "compare_outputs", "flatten_tensors"]

@@ -84,8 +84,19 @@ def check_slim(prog: Program, original: nn.Module) -> None:
         assert after.shape[dim] == before.shape[dim] - len(gone), name
     want = outputs(zero_removed(original, prog), prog.example_inputs)
     for got, ref in zip(outputs(prog.gm, prog.example_inputs), want, strict=True):
-        assert got.shape == ref.shape
-        assert (got - ref).abs().max().item() <= TOL * max(1.0, ref.abs().max().item())
+        assert_same(got, ref)
+
+
+def assert_same(got: torch.Tensor, ref: torch.Tensor) -> None:
+    """Equal shapes, NaN and infinities in the same places (the same sign), finite values
+    within TOL of the reference's largest finite value (at least 1)."""
+    assert got.shape == ref.shape
+    assert torch.equal(got.isnan(), ref.isnan()) and torch.equal(got.isinf() & (got > 0), ref.isinf() & (ref > 0))
+    assert torch.equal(got.isinf() & (got < 0), ref.isinf() & (ref < 0))
+    finite = ref.isfinite()
+    if finite.any():
+        scale = ref[finite].abs().max().item()
+        assert (got[finite] - ref[finite]).abs().max().item() <= TOL * max(1.0, scale)
 
 
 def _tensor(module: nn.Module, name: str) -> torch.Tensor:
@@ -124,5 +135,5 @@ def conv_bn_stack() -> nn.Sequential:
     )
 
 
-__all__ = ["TOL", "analyze", "check_modules", "check_slim", "conv_bn_stack", "group_with", "index_of",
+__all__ = ["TOL", "analyze", "assert_same", "check_modules", "check_slim", "conv_bn_stack", "group_with", "index_of",
            "members", "outputs", "prune", "zero_removed"]

@@ -134,13 +134,27 @@ def test_group_norm_couples_whole_norm_groups():
     assert (gn.num_groups, gn.num_channels) == (2, 4)
 
 
+class MaskedInf(nn.Module):
+    """y.masked_fill(a fixed mask, -inf): a removed channel would be -inf, not 0, where masked."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mask", torch.arange(8) % 3 == 0)
+
+    def forward(self, y):
+        return y.masked_fill(self.mask, float("-inf"))
+
+
 @pytest.mark.parametrize("mid, reason", [
     (nn.LayerNorm(8), "LayerNorm normalizes over these channels"),
     (lambda y: torch.softmax(y, -1), "softmax normalizes over these channels"),
     (lambda y: y - y.mean(-1, keepdim=True), "mean over these channels"),
     (lambda y: 2.0 / y, "divides by these channels"),
     (lambda y: torch.cumsum(y, 1), "no rule for torch._VariableFunctionsClass.cumsum at node 'cumsum'"),
-], ids=["layernorm", "softmax", "mean", "division", "cumsum"])
+    (nn.Sigmoid(), "Sigmoid(0) = 0.5, not 0: removing a channel here is not zeroing it"),
+    (torch.reciprocal, "reciprocal(0) = inf, not 0"),
+    (MaskedInf(), "masked_fill(0) = -inf, not 0"),
+], ids=["layernorm", "softmax", "mean", "division", "cumsum", "sigmoid", "reciprocal", "masked_inf"])
 def test_ops_where_zeroing_is_not_removal_pin(mid, reason):
     model = Chain(nn.Linear(3, 8), mid, nn.Linear(8, 2))
     x = torch.randn(4, 3)

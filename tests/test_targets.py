@@ -13,7 +13,7 @@ from torch import nn
 
 from pcompiler.costs import count_flops, count_params
 from pcompiler.ir import Program
-from pcompiler.targets import ExportResult
+from pcompiler.targets import ExportCheckFailed, ExportResult, compare_outputs
 from pcompiler.targets.onnx import export_onnx
 from pcompiler.targets.pytorch import export_all, export_program, save_graph_module, save_state_dict
 
@@ -264,3 +264,21 @@ def test_params_count():
     shared = nn.Linear(4, 4, bias=False)
     assert count_params(nn.Sequential(shared, nn.ReLU(), shared)) == 16
     assert count_params(cnn().gm) == (3 * 8 * 9 + 8) + 2 * 8 + (8 * 8 * 9 + 8) + (8 * 5 + 5)
+
+
+def test_export_check_compares_nan_and_infinities_exactly():
+    inf, nan = float("inf"), float("nan")
+    want = [torch.tensor([1.0, -inf, nan]), torch.tensor([[2.0]])]
+    assert compare_outputs([torch.tensor([1.00001, -inf, nan]), torch.tensor([[2.0]])], want, "x") == pytest.approx(
+        1e-5, rel=1e-2)
+    for got, what in [([1.0, -inf, 0.0], "1 positions differ in NaN or infinity"),  # a number for NaN
+                      ([1.0, inf, nan], "1 positions differ in NaN or infinity"),  # the infinity's sign
+                      ([nan, -inf, nan], "1 positions differ in NaN or infinity")]:  # NaN for a number
+        with pytest.raises(ExportCheckFailed, match=rf"x differs from torch \(output 0: {what}") as err:
+            compare_outputs([torch.tensor(got), torch.tensor([[2.0]])], want, "x")
+        assert err.value.max_error == float("inf")
+    with pytest.raises(ExportCheckFailed, match=r"output 1: error 0.01 beyond 0.0021") as err:
+        compare_outputs([torch.tensor([1.0, -inf, nan]), torch.tensor([[2.01]])], want, "x")
+    assert err.value.max_error == pytest.approx(0.01, rel=1e-4)
+    with pytest.raises(ExportCheckFailed, match=r"x output 1 has shape \(1,\) against \(1, 1\) \(torch's\)"):
+        compare_outputs([want[0], torch.tensor([2.0])], want, "x")

@@ -11,7 +11,7 @@ from torch import nn
 
 from pcompiler.errors import CompileError
 from pcompiler.ir import TensorInfo, node_value
-from pcompiler.passes.trace import trace
+from pcompiler.passes.trace import check_reproduces, trace
 from pcompiler.passes.verify import verify_program
 
 
@@ -345,3 +345,40 @@ def test_traced_model_with_string_annotations_pickles(tmp_path):
     torch.save(prog.gm, tmp_path / "m.pt")
     loaded = torch.load(tmp_path / "m.pt", weights_only=False)
     torch.testing.assert_close(loaded(x), prog.gm(x))
+
+
+class Log(nn.Module):
+    """log of a signed input: NaN where it is negative, -inf where it is zero."""
+
+    def forward(self, x):
+        return torch.log(x), x
+
+
+def test_reproduction_check_compares_nan_and_infinities_exactly():
+    x = torch.tensor([-1.0, 0.0, 2.0])
+    prog = trace(Log(), x, check=True)  # the same NaN and -inf on both sides: equal
+    assert torch.isnan(prog.gm(x)[0][0]) and prog.gm(x)[0][1] == float("-inf")
+
+    class NanInSource(Log):
+        def forward(self, x):
+            y, x = super().forward(x)
+            return y.nan_to_num(nan=0.0) if self.checked else y, x
+
+    source = NanInSource()
+    source.checked = False
+    gm = trace(source, x).gm
+    source.checked = True  # now the model gives 0 where the graph gives NaN
+    with pytest.raises(CompileError, match=r"does not reproduce.*output\[0\] differs"):
+        check_reproduces(source, gm, (x,))
+
+    class SignFlip(Log):
+        def forward(self, x):
+            y, x = super().forward(x)
+            return (-y if self.flip else y), x
+
+    source = SignFlip()
+    source.flip = False
+    gm = trace(source, torch.tensor([0.0, 1.0])).gm
+    source.flip = True  # -inf becomes +inf; the finite values (0) are unchanged
+    with pytest.raises(CompileError, match=r"output\[0\] differs"):
+        check_reproduces(source, gm, (torch.tensor([0.0, 1.0]),))

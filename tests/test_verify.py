@@ -1,7 +1,8 @@
 """Tests of the verify pass: the invariant holds on the test models at several ratios and with
 every method; a corrupted slim model or a forced removal of pinned channels fails and names the
 node; verify refuses to run before slim; removing channels that are already dead (zero) leaves
-the original model's outputs unchanged."""
+the original model's outputs unchanged. And the comparison it uses (pcompiler/compare.py): NaN
+and infinities exact, its results as numbers; a NaN or infinity on one side fails, never passes."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from test_slim import Mixed
 from torch import nn
 
 import pcompiler
+from pcompiler.compare import VERIFY, compare
 from pcompiler.errors import CompileError, PassError, VerifyError
 from pcompiler.passes.verify import verify_program
 from pcompiler.passmanager import make_pass
@@ -95,7 +97,7 @@ def test_forced_removal_through_softmax_is_caught():
     forced = forced.replace(analysis=dataclasses.replace(prog.analysis, groups=groups))
     slim = pcompiler.run(forced, [make_pass("slim")])
     assert (slim.gm.a.out_features, slim.gm.h.in_features) == (4, 4)
-    with pytest.raises(VerifyError, match=r"removed channels zeroed by .*first difference at node 'mid'"):
+    with pytest.raises(VerifyError, match=r"removed channels zeroed: error .* beyond .*first difference at node 'mid'"):
         verify_program(slim)
 
 
@@ -113,3 +115,67 @@ def test_dead_channels_removed_leave_the_original_outputs():
     for x in (IMG, torch.randn(3, 3, 8, 8)):
         for got, want in zip(outputs(prog.gm, (x,)), outputs(original, (x,)), strict=True):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+def test_compare_is_exact_on_nan_and_infinities():
+    want = torch.tensor([1.0, -2.0, INF, -INF, NAN], dtype=torch.float64)
+    same = compare(want.clone(), want, VERIFY)
+    assert same.ok and (same.max_error, same.scale, same.nonfinite_mismatches) == (0.0, 2.0, 0)
+    near = compare(want + torch.tensor([1e-5, 0, 0, 0, 0]), want, VERIFY)
+    assert near.ok and near.max_error == pytest.approx(1e-5, rel=1e-3) and near.relative_error == pytest.approx(5e-6, rel=1e-3)
+    far = compare(want + torch.tensor([1e-3, 0, 0, 0, 0]), want, VERIFY)
+    assert not far.ok and far.max_error == pytest.approx(1e-3, rel=1e-3) and "beyond 0.00021" in far.reason
+    for got, count in [([NAN, -2.0, INF, -INF, NAN], 1),  # NaN where the reference has a number
+                       ([1.0, -2.0, INF, -INF, 0.0], 1),  # a number where it has NaN
+                       ([1.0, -2.0, -INF, INF, NAN], 2),  # the infinities' signs swapped
+                       ([INF, -2.0, 5.0, -INF, NAN], 2)]:  # inf for a number, a number for inf
+        c = compare(torch.tensor(got, dtype=torch.float64), want, VERIFY)
+        assert not c.ok and c.max_error == INF and c.nonfinite_mismatches == count, (got, c)
+        assert f"{count} positions differ in NaN or infinity" in c.reason
+    shape = compare(torch.zeros(4), want, VERIFY)
+    assert not shape.ok and shape.max_error == INF and shape.reason == "shape (4,) against (5,)"
+    ints = compare(torch.tensor([1, 2, 4]), torch.tensor([1, 2, 3]), VERIFY)
+    assert not ints.ok and ints.max_error == 1.0 and ints.reason == "1 values differ"
+
+
+def test_forced_removal_through_reciprocal_fails_on_the_infinity():
+    """Linear -> reciprocal -> Linear: the zeroed reference is 1/0 = inf there, the slim model
+    has no channel; analyze pins it, and a rule that forgot to must fail verify, not pass it."""
+    model = Chain(nn.Linear(8, 16), torch.reciprocal, nn.Linear(16, 4))
+    x = torch.randn(2, 8)
+    prog = prune(model, x, ratio=0.5)
+    g = group_with(prog, "a.weight", 0)
+    assert g.pinned == ("reciprocal(0) = inf, not 0: removing a channel here is not zeroing it",)
+    assert prog.selection == {} and prog.info["verify"]["max_error"] == 0.0
+    groups = tuple(dataclasses.replace(x, pinned=()) if x.id == g.id else x for x in prog.analysis.groups)
+    forced = prog.replace(analysis=dataclasses.replace(prog.analysis, groups=groups), selection={g.id: tuple(range(8))},
+                          reference=None, removal=None, info={})
+    slim = pcompiler.run(forced, [make_pass("slim")])
+    with pytest.raises(VerifyError, match=r"positions differ in NaN or infinity.*first difference at node 'h'") as err:
+        verify_program(slim)
+    assert err.value.exit_code == 3
+
+
+class MaskedOutput(nn.Module):
+    """An output with -inf at fixed positions (a masked logit)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.h = nn.Linear(8, 16), nn.Linear(16, 4)
+        self.register_buffer("mask", torch.tensor([True, False, False, True]))
+
+    def forward(self, x):
+        return self.h(torch.relu(self.a(x))).masked_fill(self.mask, float("-inf"))
+
+
+def test_output_masked_with_infinity_is_still_compared():
+    prog = prune(MaskedOutput(), torch.randn(3, 8), ratio=0.5)
+    assert prog.selection and prog.info["verify"]["max_error"] < 1e-5  # -inf = -inf, the rest finite
+    broken = prog.replace(gm=copy.deepcopy(prog.gm))
+    with torch.no_grad():
+        broken.gm.h.weight[1, 0] += 1.0  # output column 1 is not masked
+    with pytest.raises(VerifyError, match=r"output 0 differs .*: error .* beyond .*first difference at node 'h'"):
+        verify_program(broken)

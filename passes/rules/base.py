@@ -55,6 +55,11 @@ def rule(*targets: Any) -> Callable:
     return deco
 
 
+def targets_of(analyze: Callable[[fx.Node, RuleContext], None]) -> list[Any]:
+    """Every registry key whose analyze rule is `analyze` (for tests that cover a whole rule)."""
+    return [t for t, r in _RULES.items() if r.analyze is analyze]
+
+
 def rewriter(*targets: Any) -> Callable:
     """Register the decorated function as the slim-time rewrite of every target."""
 

@@ -1,6 +1,8 @@
 """Rules for element-wise ops (with broadcasting), activations, reductions, softmax, pooling,
 padding and the no-op bookkeeping ops (size, dim, asserts).
 
+An activation passes channels only where f(0) = 0, which `at_zero` evaluates from the op itself
+(the lists below say which ops are element-wise, not which are zero-preserving).
 Broadcasting aligns dims from the right; a size-1 side couples nothing. Division pins the
 divisor's channels (a zeroed divisor is not a removed one). Reductions keep the dims they do not
 reduce; a sum over channels is exact under removal (zeros add nothing), a mean or max is not, so
@@ -17,6 +19,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pcompiler.passes.rules.at_zero import at_zero, gates_only
 from pcompiler.passes.rules.base import RuleContext, RuleError, arg, rule
 
 _ACT_MODULES = (
@@ -47,7 +50,9 @@ _BY_NAME = ("torchvision.ops.stochastic_depth.stochastic_depth",)
 
 @rule(*_ACT_MODULES, *_ACT_FUNCTIONS, *_ACT_METHODS, *_BY_NAME)
 def unary(node: fx.Node, ctx: RuleContext) -> None:
-    """Output channel c is a function of input channel c (and of scalars)."""
+    """Output channel c is a function of input channel c (and of scalars). The channels pass
+    only if f(0) = 0 (evaluated from the op, `at_zero`), or if f(0) is a finite constant that
+    only gates a zeroed tensor (x * sigmoid(...)); otherwise they are pinned with f(0)."""
     x = node.args[0] if node.args else next(iter(node.kwargs.values()))
     if ctx.info(x) is None:
         if ctx.info(node) is None:  # arithmetic on sizes, not tensors
@@ -57,6 +62,9 @@ def unary(node: fx.Node, ctx: RuleContext) -> None:
     for other in list(node.args[1:]) + list(node.kwargs.values()):  # e.g. masked_fill's mask, type_as
         if ctx.info(other) is not None and node.target != "type_as":
             ctx.same_shape(other, node)
+    f0 = at_zero(node, x, ctx.gm)
+    if not f0.zero and not (f0.finite and gates_only(node, ctx.gm)):
+        ctx.pin_tensor(node, f0.reason())
 
 
 _BINARY = (

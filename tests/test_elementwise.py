@@ -1,0 +1,129 @@
+"""Tests of the element-wise rule's f(0) check (passes/rules/at_zero.py): every op registered
+with the `unary` rule passes its channels exactly when f(0) = 0, evaluated here independently on
+a zeros tensor; where f(0) != 0 the group is pinned with the op and the value, unless the value
+is a finite gate on a zeroed tensor (x * sigmoid(...)), which the invariant then checks."""
+
+from __future__ import annotations
+
+import operator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import analyze, group_with, prune
+from torch import nn
+
+from pcompiler.passes.rules.base import target_name, targets_of
+from pcompiler.passes.rules.elementwise import unary
+
+UNARY = targets_of(unary)
+STOCHASTIC_DEPTH = "torchvision.ops.stochastic_depth.stochastic_depth"
+MODULES = {nn.Threshold: lambda: nn.Threshold(0.1, 20.0)}
+# How each op is called where its defaults do not make a call (or to exercise f(0) != 0).
+CALLS = {
+    F.threshold: lambda m, t: F.threshold(t, 0.1, 20.0),
+    torch.clamp: lambda m, t: torch.clamp(t, -1.0, 1.0),
+    torch.clip: lambda m, t: torch.clip(t, min=0.2),
+    torch.pow: lambda m, t: torch.pow(t, 2),
+    operator.pow: lambda m, t: operator.pow(t, -1),
+    "clamp": lambda m, t: t.clamp(-1, 1),
+    "clamp_": lambda m, t: t.clamp_(min=0.1),
+    "clip": lambda m, t: t.clip(0.5, 1.0),
+    "to": lambda m, t: t.to(torch.float64),
+    "type": lambda m, t: t.type(torch.float64),
+    "type_as": lambda m, t: t.type_as(m.other),
+    "masked_fill": lambda m, t: t.masked_fill(m.mask, float("-inf")),
+    "masked_fill_": lambda m, t: t.masked_fill_(m.mask, 0.0),
+    "pow": lambda m, t: t.pow(2),
+    "pow_": lambda m, t: t.pow_(0),
+    "fill_": lambda m, t: t.fill_(0.25),
+}
+
+
+def call_of(key):
+    if key in CALLS:
+        return CALLS[key]
+    if isinstance(key, type):
+        return lambda m, t: m.op(t)
+    if key == STOCHASTIC_DEPTH:
+        ops = pytest.importorskip("torchvision.ops")
+        return lambda m, t: ops.stochastic_depth(t, 0.2, "row", training=False)
+    if isinstance(key, str):
+        return lambda m, t: getattr(t, key)()
+    return lambda m, t: key(t)
+
+
+class OneOp(nn.Module):
+    """a -> the op -> float -> h: the op's channels are a's output channels."""
+
+    def __init__(self, key):
+        super().__init__()
+        self.a, self.h = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.op = MODULES.get(key, key)() if isinstance(key, type) else None
+        self.call = call_of(key)
+        self.register_buffer("mask", torch.arange(6) % 2 == 0)
+        self.register_buffer("other", torch.ones(6, dtype=torch.float64))
+
+    def forward(self, x):
+        return self.h(self.call(self, self.a(x)).float())
+
+
+@pytest.mark.filterwarnings("ignore:dropout.d")
+@pytest.mark.parametrize("key", UNARY, ids=[target_name(k) for k in UNARY])
+def test_every_elementwise_op_passes_channels_exactly_when_f0_is_zero(key):
+    if key == "cuda" and not torch.cuda.is_available():
+        pytest.skip("Tensor.cuda needs CUDA")
+    model = OneOp(key).eval()
+    with torch.no_grad():
+        f0 = model.call(model, torch.zeros(2, 5, 6))
+    nonzero = f0[f0 != 0]
+    g = group_with(analyze(model, torch.randn(2, 5, 4)), "a.weight", 0)
+    if nonzero.numel() == 0:
+        assert g.prunable and g.pinned == (), g.pinned
+    else:
+        assert len(g.pinned) == 1 and g.pinned[0].endswith(
+            f"(0) = {float(nonzero[0]):.6g}, not 0: removing a channel here is not zeroing it"), g.pinned
+
+
+def test_the_registry_holds_zero_and_nonzero_ops():
+    """The parametrization above covers both decisions (guards it against a registry drift)."""
+    keys = set(map(target_name, UNARY))
+    assert {"torch.nn.modules.activation.ReLU", "torch.nn.modules.activation.Sigmoid", "Tensor.masked_fill"} <= keys
+    assert len(UNARY) >= 100
+
+
+class Gate(nn.Module):
+    """y * gate(g(y)): squeeze-excite's gate, or a swish written out."""
+
+    def __init__(self, gate):
+        super().__init__()
+        self.a, self.g, self.h, self.gate = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 3), gate
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        return self.h(self.gate(self, y))
+
+
+X = torch.randn(6, 4)
+
+
+@pytest.mark.parametrize("gate", [lambda m, y: y * torch.sigmoid(m.g(y)), lambda m, y: F.hardsigmoid(m.g(y)) * y,
+                                  lambda m, y: y.mul(y.sigmoid())], ids=["se", "hardsigmoid", "swish"])
+def test_finite_gate_on_a_zeroed_tensor_stays_prunable(gate):
+    model = Gate(gate)
+    g = group_with(analyze(model, X), "a.weight", 0)
+    assert g.prunable and g.size == 8
+    prog = prune(model, X, ratio=0.5)  # verify and the independent invariant check
+    assert prog.gm.a.out_features == 4
+
+
+@pytest.mark.parametrize("gate, reason", [
+    (lambda m, y: torch.sigmoid(y) * torch.sigmoid(m.g(y)), "sigmoid(0) = 0.5, not 0"),
+    (lambda m, y: 2.0 * torch.sigmoid(y), "sigmoid(0) = 0.5, not 0"),
+    (lambda m, y: y * torch.reciprocal(m.g(y)), "reciprocal(0) = inf, not 0"),
+], ids=["two_gates", "scalar", "infinite"])
+def test_gate_that_does_not_multiply_a_zero_pins(gate, reason):
+    model = Gate(gate)
+    g = group_with(analyze(model, X), "a.weight", 0)
+    assert not g.prunable and any(r.startswith(reason) for r in g.pinned), g.pinned
+    assert prune(model, X, ratio=0.5).gm.a.out_features == 8
