@@ -15,6 +15,9 @@ The command runs through this file (`--cli`), which imports `_common` first: on 
 builds `import torchvision` (timm imports it) fails without that workaround; the arguments are
 the command's own.
 
+timm initializes some classifiers to zero (MLP-Mixer, ResMLP): every output would then be the
+bias and verify would compare constants, so such a head gets random weights before saving.
+
 Inputs are small (64x64 for most CNNs); the transformers and MLP mixers that fix their image
 size are built for a small one (`img_size`), the others keep the size they need (see SAMPLE).
 
@@ -78,7 +81,11 @@ def save_model(name: str, kwargs: dict, path: Path) -> None:
     import torch
 
     torch.manual_seed(0)
-    torch.save(timm.create_model(name, pretrained=False, **kwargs).eval(), path)
+    model = timm.create_model(name, pretrained=False, **kwargs).eval()
+    head = model.get_classifier()
+    if isinstance(getattr(head, "weight", None), torch.Tensor) and not head.weight.any():
+        torch.nn.init.normal_(head.weight, std=0.02)  # a zero head makes every output equal
+    torch.save(model, path)
 
 
 def error_line(text: str) -> str | None:
