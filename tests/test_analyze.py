@@ -265,6 +265,29 @@ def test_split_pieces_map_to_offsets(kind):
     assert list(node.args[1]) == [s // 2 for s in sizes] and node.args[2] == 1
 
 
+def test_split_piece_taken_by_a_negative_index():
+    """Res2Net: `spx = torch.split(x, w, 1)`, a branch per piece, `spx[-1]` through a pool, all
+    concatenated. spx[-1] is the last piece's channels, not a space of its own."""
+
+    class Res2(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.out = nn.Conv2d(3, 12, 1), nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(12, 2, 1)
+            self.pool = nn.AvgPool2d(3, 1, 1)
+
+        def forward(self, x):
+            spx = torch.split(self.a(x), 4, 1)
+            return self.out(torch.cat([self.b(spx[0]), spx[1], self.pool(spx[-1])], 1))
+
+    prog = analyze(Res2(), IMG)
+    (last,) = [g for g in prog.analysis.groups if any(p.param == "a.weight" and 8 in p.index for p in g.params)]
+    assert last.prunable and members(last) == {("a.weight", 0, P), ("a.bias", 0, P), ("out.weight", 1, C)}
+    assert (index_of(last, "out.weight", 1).ravel() == 8 + np.arange(4)).all()
+    slim = prune(Res2(), IMG, ratio=0.5).gm
+    (node,) = [n for n in slim.graph.nodes if n.target in (torch.split, "split")]
+    assert list(node.args[1]) == [2, 2, 2] and slim.out.in_channels == 6
+
+
 def test_functional_conv_and_linear_on_parameters():
     class Functional(nn.Module):
         def __init__(self):

@@ -151,6 +151,7 @@ TIMM: dict[str, tuple[dict, int]] = {
     "efficientnet_b0": ({}, 64),
     "mobilevit_xxs": ({}, 64),
     "regnetx_002": ({}, 64),
+    "res2net50_14w_8s": ({}, 64),  # torch.split into 8 pieces, spx[-1] through an avg-pool, cat
 }
 
 

@@ -208,6 +208,7 @@ def getitem(node: fx.Node, ctx: RuleContext) -> None:
     if ctx.info(x) is None:  # picking an item of a tuple output
         if not isinstance(idx, int):
             raise RuleError("tuple indexed by a non-constant")
+        idx %= len(node_value(x))  # spx[-1] is the space of spx[n - 1], not a path of its own
         for path, t in iter_tensors(node_value(node)):
             for d in range(t.ndim):
                 ctx.same(ctx.ref(x, d, (idx, *path)), ctx.ref(node, d, path))
