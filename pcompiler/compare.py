@@ -83,7 +83,8 @@ def compare(got: torch.Tensor, want: torch.Tensor, tol: Tolerance) -> Comparison
     scale = float(w[w_finite].abs().max()) if bool(w_finite.any()) else 0.0
     if mismatched:
         return Comparison(False, math.inf, scale, mismatched,
-                          f"{mismatched} positions differ in NaN or infinity (finite error {err:.3g})")
+                          f"{mismatched} position{'s' if mismatched > 1 else ''} differ{'' if mismatched > 1 else 's'} in NaN or "
+                          f"infinity (finite error {err:.3g})")
     ok = err <= tol.bound(scale)
     reason = None if ok else f"error {err:.3g} beyond {tol.bound(scale):.3g} (scale {scale:.3g})"
     return Comparison(ok, err, scale, 0, reason)

@@ -127,3 +127,28 @@ def test_gate_that_does_not_multiply_a_zero_pins(gate, reason):
     g = group_with(analyze(model, X), "a.weight", 0)
     assert not g.prunable and any(r.startswith(reason) for r in g.pinned), g.pinned
     assert prune(model, X, ratio=0.5).gm.a.out_features == 8
+
+
+@pytest.mark.parametrize("op, reason", [
+    (lambda m, y: y + 1.0, "add(0) = 1, not 0"),
+    (lambda m, y: 1.0 - y, "sub(0) = 1, not 0"),
+    (lambda m, y: (y == 0).float(), "eq(0) = 1, not 0"),
+    (lambda m, y: y + m.shift, "add(0) = 1, not 0"),  # a one-element tensor, probed
+    (lambda m, y: y * 2.0, None),
+    (lambda m, y: (y > 0).float(), None),
+    (lambda m, y: y * m.shift, None),
+], ids=["add", "rsub", "eq", "add_tensor", "mul", "gt", "mul_tensor"])
+def test_binary_op_with_a_number_passes_channels_only_if_f0_is_zero(op, reason):
+    """y + 1 on a removed channel is 1, not 0: pinned, not left for verify to fail (exit 3)."""
+
+    class WithNumber(Gate):
+        def __init__(self):
+            super().__init__(op)
+            self.register_buffer("shift", torch.ones(()))
+
+    g = group_with(analyze(WithNumber(), X), "a.weight", 0)
+    if reason is None:
+        assert g.prunable and prune(WithNumber(), X, ratio=0.5).gm.a.out_features == 4
+    else:
+        assert not g.prunable and any(r.startswith(reason) for r in g.pinned), g.pinned
+        assert prune(WithNumber(), X, ratio=0.5).gm.a.out_features == 8

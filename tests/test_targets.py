@@ -271,9 +271,9 @@ def test_export_check_compares_nan_and_infinities_exactly():
     want = [torch.tensor([1.0, -inf, nan]), torch.tensor([[2.0]])]
     assert compare_outputs([torch.tensor([1.00001, -inf, nan]), torch.tensor([[2.0]])], want, "x") == pytest.approx(
         1e-5, rel=1e-2)
-    for got, what in [([1.0, -inf, 0.0], "1 positions differ in NaN or infinity"),  # a number for NaN
-                      ([1.0, inf, nan], "1 positions differ in NaN or infinity"),  # the infinity's sign
-                      ([nan, -inf, nan], "1 positions differ in NaN or infinity")]:  # NaN for a number
+    for got, what in [([1.0, -inf, 0.0], "1 position differs in NaN or infinity"),  # a number for NaN
+                      ([1.0, inf, nan], "1 position differs in NaN or infinity"),  # the infinity's sign
+                      ([nan, -inf, nan], "1 position differs in NaN or infinity")]:  # NaN for a number
         with pytest.raises(ExportCheckFailed, match=rf"x differs from torch \(output 0: {what}") as err:
             compare_outputs([torch.tensor(got), torch.tensor([[2.0]])], want, "x")
         assert err.value.max_error == float("inf")

@@ -134,7 +134,8 @@ def test_compare_is_exact_on_nan_and_infinities():
                        ([INF, -2.0, 5.0, -INF, NAN], 2)]:  # inf for a number, a number for inf
         c = compare(torch.tensor(got, dtype=torch.float64), want, VERIFY)
         assert not c.ok and c.max_error == INF and c.nonfinite_mismatches == count, (got, c)
-        assert f"{count} positions differ in NaN or infinity" in c.reason
+        differ = "1 position differs" if count == 1 else f"{count} positions differ"
+        assert f"{differ} in NaN or infinity" in c.reason
     shape = compare(torch.zeros(4), want, VERIFY)
     assert not shape.ok and shape.max_error == INF and shape.reason == "shape (4,) against (5,)"
     ints = compare(torch.tensor([1, 2, 4]), torch.tensor([1, 2, 3]), VERIFY)

@@ -12,6 +12,7 @@ those pin what they reduce.
 from __future__ import annotations
 
 import builtins
+import math
 import operator
 
 import torch
@@ -79,12 +80,20 @@ _DIVISION = (operator.truediv, operator.itruediv, operator.floordiv, torch.div, 
 
 @rule(*_BINARY)
 def binary(node: fx.Node, ctx: RuleContext) -> None:
-    """Every tensor operand's dims are the output's dims (broadcasting from the right)."""
+    """Every tensor operand's dims are the output's dims (broadcasting from the right). With one
+    tensor operand and numbers (or one-element tensors: probed with several values), the op is a
+    function of that tensor alone, and its channels pass only if f(0) = 0 (x + 1 pins; x * 2 and
+    x > 0 pass)."""
     if ctx.info(node) is None:  # arithmetic on sizes, not tensors
         return
-    for a in list(node.args) + list(node.kwargs.values()):
-        if ctx.info(a) is not None:
-            ctx.same_shape(a, node)
+    tensors = [a for a in list(node.args) + list(node.kwargs.values()) if ctx.info(a) is not None]
+    for a in tensors:
+        ctx.same_shape(a, node)
+    wide = [a for a in tensors if math.prod(ctx.info(a).shape) > 1]
+    if len(wide) == 1 and isinstance(wide[0], fx.Node):
+        f0 = at_zero(node, wide[0], ctx.gm)
+        if not f0.zero and not (f0.finite and gates_only(node, ctx.gm)):
+            ctx.pin_tensor(node, f0.reason())
 
 
 @rule(*_DIVISION)
