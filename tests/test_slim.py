@@ -9,6 +9,7 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 import torch
 from helpers import check_modules, group_with, outputs, prune
 from torch import nn
@@ -158,3 +159,26 @@ def test_literal_reshape_into_channels_is_rewritten():
     assert (prog.gm.fc.out_features, prog.gm.conv.in_channels) == (12 * 4, 12)
     ((_, batch, *sizes),) = _node_args(prog.gm, "reshape")
     assert sizes == [12, 2, 2] and prog.gm(z).shape == (3, 3, 2, 2)
+
+
+def test_a_slimmed_graph_that_does_not_run_is_an_internal_error(monkeypatch):
+    """A rule that forgets a size constant is pcompiler's bug (exit 1), not the user's."""
+    from helpers import analyze
+
+    import pcompiler
+    from pcompiler.errors import InternalError
+    from pcompiler.passes import slim as slim_module
+
+    class Viewed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.h = nn.Linear(4, 8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.h(self.a(x).view(-1, 8))
+
+    prog = analyze(Viewed(), torch.randn(3, 4))
+    monkeypatch.setattr(slim_module, "lookup", lambda node, gm: (None, None))  # no rule rewrites the view
+    with pytest.raises(InternalError, match="the slimmed graph does not run at node 'view'") as err:
+        pcompiler.run(prog, [pcompiler.make_pass("l1", ratio=0.5), pcompiler.make_pass("slim")])
+    assert err.value.exit_code == 1 and err.value.pass_name == "slim"
