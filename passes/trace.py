@@ -155,8 +155,8 @@ def _first_difference(a: Any, b: Any, where: str) -> str | None:
         return None if compare(torch.tensor(a), torch.tensor(b), TRACE).ok else where
     try:
         return None if bool(a == b) else where
-    except Exception:  # noqa: BLE001 - values that cannot be compared are not checked
-        return None
+    except Exception:  # noqa: BLE001 - what cannot be compared is not taken as equal
+        return f"{where} (a {type(b).__name__}, which cannot be compared)"
 
 
 def propagate_shapes(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...], opaque: dict[str, str] | None = None) -> Any:

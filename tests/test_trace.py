@@ -382,3 +382,16 @@ def test_reproduction_check_compares_nan_and_infinities_exactly():
     source.flip = True  # -inf becomes +inf; the finite values (0) are unchanged
     with pytest.raises(CompileError, match=r"output\[0\] differs"):
         check_reproduces(source, gm, (torch.tensor([0.0, 1.0]),))
+
+
+def test_reproduction_check_does_not_take_what_it_cannot_compare_as_equal():
+    class Opaque:
+        def __eq__(self, other):
+            raise TypeError("no comparison")
+
+    class Returns(nn.Module):
+        def forward(self, x):
+            return x + 1, Opaque()
+
+    with pytest.raises(CompileError, match=r"output\[1\] \(a Opaque, which cannot be compared\) differs"):
+        check_reproduces(Returns(), Returns(), (torch.zeros(2),))
