@@ -14,7 +14,7 @@ Reads, and assumes nothing else about, these parts of the Program:
 - `prog.history` (the passes that ran).
 
 Ratios are after / before (the fraction kept: 0.5 means half the FLOPs remain). FLOPs count a
-multiply-add as 2 (see `pcompiler.targets.bench`).
+multiply-add as 2 (see `pcompiler.costs`).
 """
 
 from __future__ import annotations

@@ -1,10 +1,5 @@
-"""Bench target: what a model costs: parameters, FLOPs, and measured latency.
-
-FLOPs come from torch's own `torch.utils.flop_counter.FlopCounterMode`, which counts the ops it
-knows (matmul, linear, conv, attention, ...) by their shapes and counts a multiply-add as 2
-FLOPs: a Linear(10, 20) on a batch of 4 is 2 * 4 * 10 * 20 = 1600. Element-wise ops (ReLU,
-add, norms) are not counted. It runs the model once, on any device including `meta` (a model
-too big to run: meta weights and meta inputs give the same count without doing the work).
+"""Bench target: what a model costs: parameters and FLOPs (counted by `pcompiler.costs`), and
+measured latency.
 
 Latency (`measure_latency`, `bench`): each model runs on each backend at each batch size; the
 models are timed *alternately* (A B, then B A, ...) in one loop, so that drift of a shared machine
