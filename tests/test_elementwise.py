@@ -152,3 +152,36 @@ def test_binary_op_with_a_number_passes_channels_only_if_f0_is_zero(op, reason):
     else:
         assert not g.prunable and any(r.startswith(reason) for r in g.pinned), g.pinned
         assert prune(WithNumber(), X, ratio=0.5).gm.a.out_features == 8
+
+
+class TwoOperands(nn.Module):
+    """a (conv) -> op(y, ...) -> h: the op's channels are a's output channels."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.a, self.h, self.op = nn.Conv2d(3, 16, 1), nn.Conv2d(16, 4, 1), op
+        self.register_buffer("spatial", torch.randn(1, 1, 5, 5))  # broadcast along the channels
+        self.register_buffer("shift", torch.randn(1, 16, 1, 1))  # whole, but a buffer: not zeroed
+
+    def forward(self, x):
+        return self.h(self.op(self, self.a(x)))
+
+
+@pytest.mark.parametrize("op, reason", [
+    (lambda m, y: torch.where(y > 0, y, 1.0), "where(0) = 1, not 0"),
+    (lambda m, y: y + m.spatial, "add(0) = 1, not 0: removing a channel here is not zeroing it (spatial not zeroed"),
+    (lambda m, y: y + m.shift, "add(0) = 1, not 0: removing a channel here is not zeroing it (shift not zeroed"),
+    (lambda m, y: (y == torch.relu(y)).float(), "eq(0) = 1, not 0"),
+    (lambda m, y: torch.where(y > 0, y, 0.0), None),
+    (lambda m, y: y * m.spatial, None),
+    (lambda m, y: y + torch.relu(y), None),
+    (lambda m, y: torch.maximum(y, torch.relu(y)), None),
+], ids=["where1", "add_map", "add_buffer", "eq", "where0", "mul_map", "residual", "maximum"])
+def test_binary_op_of_tensors_passes_channels_only_if_f_of_the_zeroed_operands_is_zero(op, reason):
+    x = torch.randn(2, 3, 5, 5)
+    g = group_with(analyze(TwoOperands(op), x), "a.weight", 0)
+    if reason is None:
+        assert g.prunable and prune(TwoOperands(op), x, ratio=0.5).gm.a.out_channels == 8
+    else:
+        assert not g.prunable and any(r.startswith(reason) for r in g.pinned), g.pinned
+        assert prune(TwoOperands(op), x, ratio=0.5).gm.a.out_channels == 16

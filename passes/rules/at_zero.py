@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,12 +94,12 @@ def _constant(value: fx.Node, device: torch.device) -> Any:
     raise _Unknown(f"argument '{value.name}' is computed at run time")
 
 
-def _arguments(node: fx.Node, first: fx.Node, fill: Any, device: torch.device) -> tuple[tuple, dict]:
-    """The node's arguments with `first` as zeros and the other tensors filled with `fill`."""
+def _arguments(node: fx.Node, zeroed: Collection[fx.Node], fill: Any, device: torch.device) -> tuple[tuple, dict]:
+    """The node's arguments with those in `zeroed` as zeros and the other tensors filled with `fill`."""
 
     def value(a: fx.Node) -> Any:
         info = tensor_at(a)
-        if a is first:
+        if a in zeroed:
             return _small(info, False if info.dtype == torch.bool else 0, device)
         if info is not None:
             return _small(info, fill if info.dtype == torch.bool else float(fill), device)
@@ -118,9 +119,9 @@ def _run(node: fx.Node, gm: fx.GraphModule, args: tuple, kwargs: dict) -> Any:
     return node.target(*args, **kwargs)
 
 
-def _fills(node: fx.Node, first: fx.Node) -> tuple[Any, ...]:
+def _fills(node: fx.Node, zeroed: Collection[fx.Node]) -> tuple[Any, ...]:
     """The probe fills for the node's other tensor arguments (one run when there are none)."""
-    others = [a for a in node.all_input_nodes if a is not first and tensor_at(a) is not None]
+    others = [a for a in node.all_input_nodes if a not in zeroed and tensor_at(a) is not None]
     if not others:
         return (0.0,)
     if all(tensor_at(a).dtype == torch.bool for a in others):
@@ -130,12 +131,13 @@ def _fills(node: fx.Node, first: fx.Node) -> tuple[Any, ...]:
     return _NUMBER_PROBES
 
 
-def at_zero(node: fx.Node, first: fx.Node, gm: fx.GraphModule) -> AtZero:
-    """f(0) of `node` with its argument `first` zero (module docstring: how it is evaluated)."""
+def at_zero(node: fx.Node, zeroed: fx.Node | Collection[fx.Node], gm: fx.GraphModule) -> AtZero:
+    """f(0) of `node` with its argument(s) `zeroed` zero (module docstring: how it is evaluated)."""
+    zeroed = {zeroed} if isinstance(zeroed, fx.Node) else set(zeroed)
     name, device = op_name(node, gm), _probe_device(gm)
-    for fill in _fills(node, first):
+    for fill in _fills(node, zeroed):
         try:
-            args, kwargs = _arguments(node, first, fill, device)
+            args, kwargs = _arguments(node, zeroed, fill, device)
             with torch.no_grad():
                 out = _run(node, gm, args, kwargs)
         except _Unknown as e:

@@ -12,7 +12,6 @@ those pin what they reduce.
 from __future__ import annotations
 
 import builtins
-import math
 import operator
 
 import torch
@@ -20,7 +19,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pcompiler.passes.rules.at_zero import at_zero, gates_only
+from pcompiler.passes.rules.at_zero import AtZero, at_zero, gates_only
 from pcompiler.passes.rules.base import RuleContext, RuleError, arg, rule
 
 _ACT_MODULES = (
@@ -80,20 +79,45 @@ _DIVISION = (operator.truediv, operator.itruediv, operator.floordiv, torch.div, 
 
 @rule(*_BINARY)
 def binary(node: fx.Node, ctx: RuleContext) -> None:
-    """Every tensor operand's dims are the output's dims (broadcasting from the right). With one
-    tensor operand and numbers (or one-element tensors: probed with several values), the op is a
-    function of that tensor alone, and its channels pass only if f(0) = 0 (x + 1 pins; x * 2 and
-    x > 0 pass)."""
-    if ctx.info(node) is None:  # arithmetic on sizes, not tensors
+    """Every tensor operand's dims are the output's dims (broadcasting from the right).
+
+    A channel of output dim d passes only if f = 0 when the operands that hold dim d whole are
+    zero and the ones broadcast along it (size 1, numbers) take any value (probed): x + y, x * m
+    and x > 0 pass; x + 1, x + bias_map(1, 1, H, W) on dim 1, where(x > 0, x, 1) and x == y pin.
+    A buffer read whole (x + self.shift_buffer) counts as broadcast: the zeroed reference keeps
+    buffers (running statistics) as they are."""
+    out = ctx.info(node)
+    if out is None:  # arithmetic on sizes, not tensors
         return
     tensors = [a for a in list(node.args) + list(node.kwargs.values()) if ctx.info(a) is not None]
     for a in tensors:
         ctx.same_shape(a, node)
-    wide = [a for a in tensors if math.prod(ctx.info(a).shape) > 1]
-    if len(wide) == 1 and isinstance(wide[0], fx.Node):
-        f0 = at_zero(node, wide[0], ctx.gm)
+    checked: dict[frozenset, AtZero] = {}
+    for d, size in enumerate(out.shape):
+        if size == 1:
+            continue
+        whole = frozenset(a for a in tensors if isinstance(a, fx.Node) and not _buffer(a, ctx.gm)
+                          and _aligned(ctx.info(a).shape, out.ndim, d) == size)
+        if whole not in checked:
+            checked[whole] = at_zero(node, whole, ctx.gm)
+        f0 = checked[whole]
         if not f0.zero and not (f0.finite and gates_only(node, ctx.gm)):
-            ctx.pin_tensor(node, f0.reason())
+            kept = [a.name for a in tensors if isinstance(a, fx.Node) and a not in whole]
+            more = f" ({', '.join(kept)} not zeroed with it: probed with several values)" if kept else ""
+            ctx.pin(ctx.ref(node, d), f0.reason() + more)
+
+
+def _buffer(node: fx.Node, gm: fx.GraphModule) -> bool:
+    if node.op != "get_attr":
+        return False
+    owner, _, name = node.target.rpartition(".")
+    return name in dict(gm.get_submodule(owner).named_buffers(recurse=False))
+
+
+def _aligned(shape: tuple[int, ...], ndim: int, d: int) -> int:
+    """The size of `shape` at the output's dim d, broadcasting from the right (1 where missing)."""
+    i = d - (ndim - len(shape))
+    return shape[i] if i >= 0 else 1
 
 
 @rule(*_DIVISION)
