@@ -134,10 +134,10 @@ def _compare(prog: Program, reference: fx.GraphModule, what: str, tol: Tolerance
     """Max abs and relative error of `prog.gm` against `reference` on the check inputs; a
     VerifyError naming the first differing node when an output does not match (a NaN or an
     infinity that the other side does not have included)."""
-    worst, worst_rel = 0.0, 0.0
-    for inputs in _inputs(prog):
+    worst, worst_rel, finite, inputs_tried = 0.0, 0.0, 0, _inputs(prog)
+    for inputs in inputs_tried:
         for i, c in enumerate(_output_comparisons(prog.gm, reference, inputs, tol)):
-            worst, worst_rel = max(worst, c.max_error), max(worst_rel, c.relative_error)
+            worst, worst_rel, finite = max(worst, c.max_error), max(worst_rel, c.relative_error), finite + c.finite
             if not c.ok:
                 where = _locate(prog, reference, inputs, tol)
                 blame = "an op rule" if prog.compensation is None else "an op rule or in compensate (--no-compensate tells)"
@@ -146,7 +146,17 @@ def _compare(prog: Program, reference: fx.GraphModule, what: str, tol: Tolerance
                     hint=f"this is a bug in {blame}: please report it with the model; --skip the module to work "
                     "around it",
                 )
+    if finite == 0 and worst == 0.0 and _has_values(reference, inputs_tried[0]):
+        raise VerifyError(f"verify compared no number: every output value of the {what} is NaN or infinite on the "
+                          f"{len(inputs_tried)} inputs tried, so they cannot show whether the rewrite is right",
+                          hint="give inputs on which the model's outputs are finite (--input-shape), or check the "
+                          "model: its outputs are not numbers")
     return worst, worst_rel
+
+
+def _has_values(gm: fx.GraphModule, inputs: tuple) -> bool:
+    with torch.no_grad():
+        return any(t.numel() for t in _flat(gm(*inputs)))
 
 
 def constant_reference(prog: Program, folds: Iterable[Fold]) -> fx.GraphModule:

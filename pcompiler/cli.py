@@ -42,7 +42,6 @@ from pcompiler.pipeline import (
     FORMATS,
     Settings,
     compile_model,
-    default_input_shape,
     methods,
     shape_text,
     trace_model,
@@ -51,7 +50,7 @@ from pcompiler.report_md import count_text
 from pcompiler.targets.bench import BACKENDS
 from pcompiler.train import Distillation, TrainConfig
 
-__all__ = ["default_input_shape", "main"]
+__all__ = ["main"]
 
 log = logging.getLogger("pcompiler")
 _CONTEXT = {"help_option_names": ["-h", "--help"]}

@@ -48,13 +48,16 @@ class Comparison:
     over the positions where both are finite; inf when the shapes differ or any non-finite
     position mismatches. scale: the largest |want| over its finite values. nonfinite_mismatches:
     how many positions have NaN or an infinity on one side that the other does not match.
-    reason: one line saying why not ok (None when ok)."""
+    reason: one line saying why not ok (None when ok). finite: how many positions were compared
+    as numbers (both finite; every position of an integer tensor): 0 means the values proved
+    nothing beyond their NaN/inf pattern."""
 
     ok: bool
     max_error: float
     scale: float
     nonfinite_mismatches: int = 0
     reason: str | None = None
+    finite: int = 0
 
     @property
     def relative_error(self) -> float:
@@ -73,7 +76,7 @@ def compare(got: torch.Tensor, want: torch.Tensor, tol: Tolerance) -> Comparison
         wrong = int((g != w.to(g.device)).sum())
         diff = (g.double() - w.double().to(g.device)).abs().max()
         scale = float(w.double().abs().max())
-        return Comparison(wrong == 0, float(diff), scale, 0, f"{wrong} values differ" if wrong else None)
+        return Comparison(wrong == 0, float(diff), scale, 0, f"{wrong} values differ" if wrong else None, w.numel())
     g, w = g.double(), w.double().to(g.device)
     w_finite, g_finite = torch.isfinite(w), torch.isfinite(g)
     same_nonfinite = torch.where(torch.isnan(w), torch.isnan(g), g == w)
@@ -81,13 +84,14 @@ def compare(got: torch.Tensor, want: torch.Tensor, tol: Tolerance) -> Comparison
     both = w_finite & g_finite
     err = float((g[both] - w[both]).abs().max()) if bool(both.any()) else 0.0
     scale = float(w[w_finite].abs().max()) if bool(w_finite.any()) else 0.0
+    finite = int(both.sum())
     if mismatched:
         return Comparison(False, math.inf, scale, mismatched,
                           f"{mismatched} position{'s' if mismatched > 1 else ''} differ{'' if mismatched > 1 else 's'} in NaN or "
-                          f"infinity (finite error {err:.3g})")
+                          f"infinity (finite error {err:.3g})", finite)
     ok = err <= tol.bound(scale)
     reason = None if ok else f"error {err:.3g} beyond {tol.bound(scale):.3g} (scale {scale:.3g})"
-    return Comparison(ok, err, scale, 0, reason)
+    return Comparison(ok, err, scale, 0, reason, finite)
 
 
 def _as_real(t: torch.Tensor) -> torch.Tensor:

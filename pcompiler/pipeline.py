@@ -75,12 +75,8 @@ class Settings:
         if known[self.method] and not has_data:
             raise CompileError(f"--method {self.method} trains the model and needs --data",
                                hint="e.g. --data digits, --data cifar10:DIR, --data imagefolder:DIR")
-        if self.ratio is not None and not 0.0 <= self.ratio < 1.0:
-            raise CompileError(f"--ratio must be in [0, 1), got {self.ratio}", hint="0.5 removes half of each group's channels")
-        if self.speedup is not None and self.speedup < 1.0:
-            raise CompileError(f"--speedup must be at least 1, got {self.speedup}", hint="2 halves the FLOPs")
-        if (self.round_to is not None and self.round_to < 1) or (self.min_keep is not None and self.min_keep < 1):
-            raise CompileError("--round-to and --min-keep must be at least 1")
+        given = {"ratio": self.ratio, "round_to": self.round_to, "min_keep": self.min_keep}
+        SelectOptions(speedup=self.speedup, **{k: v for k, v in given.items() if v is not None}).check()
         if (self.reg_steps is not None and self.reg_steps < 0) or self.finetune_epochs < 0 or self.train.checkpoint_every < 0:
             raise CompileError("--reg-steps, --finetune-epochs and --checkpoint-every must be >= 0")
         if self.recalibrate_batches < 0:

@@ -11,9 +11,10 @@ from click.testing import CliRunner
 from torch import nn
 
 import pcompiler.errors
-from pcompiler.cli import default_input_shape, main
+from pcompiler.cli import main
 from pcompiler.errors import CompileError
 from pcompiler.passmanager import registered_passes
+from pcompiler.pipeline import default_input_shape
 
 torch.set_num_threads(1)
 
@@ -392,3 +393,10 @@ def test_exit_codes_of_a_failing_pass(cnn_file, tmp_path, monkeypatch, fault, co
     assert not (tmp_path / "out" / "model.pt2").exists() and not (tmp_path / "out" / "report.json").exists()
     verbose = invoke(cnn_file, "--method", "l1", "--ratio", "0.5", "--formats", "pt2", "-o", tmp_path / "out", "-v")
     assert verbose.exit_code == code and "Traceback" in verbose.stderr
+
+
+@pytest.mark.parametrize("option, value", [("--round-to", "0"), ("--min-keep", "0"), ("--speedup", "0.5")])
+def test_selection_options_are_checked_before_the_model_is_read(tmp_path, option, value):
+    result = invoke(tmp_path / "missing.pt", "--method", "l1", option, value, "--ratio", "0.5", "-o", tmp_path / "o")
+    assert_one_line_error(result, 2, option)
+    assert not (tmp_path / "o").exists()

@@ -180,3 +180,29 @@ def test_output_masked_with_infinity_is_still_compared():
         broken.gm.h.weight[1, 0] += 1.0  # output column 1 is not masked
     with pytest.raises(VerifyError, match=r"output 0 differs .*: error .* beyond .*first difference at node 'h'"):
         verify_program(broken)
+
+
+def test_compare_counts_the_numbers_it_compared():
+    want = torch.tensor([1.0, float("nan"), float("inf"), 2.0])
+    assert compare(want.clone(), want, VERIFY).finite == 2
+    assert compare(torch.tensor([1, 2, 3]), torch.tensor([1, 2, 3]), VERIFY).finite == 3
+    assert compare(torch.full((3,), float("nan")), torch.full((3,), float("nan")), VERIFY).finite == 0
+
+
+def test_outputs_that_are_never_numbers_prove_nothing_and_fail():
+    """log of a negative everywhere: the same NaN on both sides, on every input tried."""
+    model = Chain(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    nan_everywhere = nn.Sequential(model, nn.ReLU())
+
+    class AllNaN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = nan_everywhere
+
+        def forward(self, x):
+            return torch.log(-self.m(x) - 1)
+
+    prog = analyze(AllNaN(), torch.randn(4, 8))
+    with pytest.raises(PassError, match="verify compared no number: every output value") as err:
+        pcompiler.run(prog, [make_pass("l1", ratio=0.5, round_to=1), make_pass("slim"), make_pass("verify")])
+    assert err.value.exit_code == 3
