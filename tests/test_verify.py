@@ -206,3 +206,30 @@ def test_outputs_that_are_never_numbers_prove_nothing_and_fail():
     with pytest.raises(PassError, match="verify compared no number: every output value") as err:
         pcompiler.run(prog, [make_pass("l1", ratio=0.5, round_to=1), make_pass("slim"), make_pass("verify")])
     assert err.value.exit_code == 3
+
+
+def test_a_wrong_channel_the_outputs_hide_is_found_inside(monkeypatch):
+    """sigmoid wrongly taken as channel-preserving, then a layer scale of 1e-7: the outputs
+    differ by less than the tolerance, the sigmoid's kept values do not match: verify fails."""
+    from pcompiler.passes.rules import base
+
+    def preserves_channels(node, ctx):
+        ctx.same_shape(node.args[0], node)
+
+    class Hidden(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 8)
+            self.register_buffer("scale", torch.full((8,), 1e-7))
+
+        def forward(self, x):
+            return x.sum(-1, keepdim=True) + self.scale * self.b(torch.sigmoid(self.a(x)))
+
+    monkeypatch.setitem(base._RULES, torch.sigmoid, base.OpRule(preserves_channels))
+    prog = pcompiler.run(analyze(Hidden(), torch.randn(3, 4)), [make_pass("l1", ratio=0.5, round_to=1),
+                                                                make_pass("slim")])
+    assert prog.selection and prog.gm.a.out_features == 4
+    with pytest.raises(VerifyError, match=r"outputs match the .*, but a value inside does not: first difference "
+                                          r"at node 'b' \(call_module b\)") as err:
+        verify_program(prog)
+    assert err.value.exit_code == 3
