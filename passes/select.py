@@ -44,7 +44,7 @@ class SelectOptions:
 
     def check(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
-            raise CompileError(f"ratio (--ratio) {self.ratio} is outside [0, 1)", hint="e.g. --ratio 0.5 removes half")
+            raise CompileError(f"ratio {self.ratio} is outside [0, 1)", hint="e.g. --ratio 0.5 removes half")
         if self.round_to < 1 or self.min_keep < 1:
             raise CompileError(f"round_to (--round-to) and min_keep (--min-keep) must be at least 1, got "
                                f"{self.round_to} and {self.min_keep}")
