@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from pcompiler.compare import VERIFY, Comparison, Tolerance, compare
+from pcompiler.compare import VERIFY, Comparison, Tolerance, compare, flatten_tensors
 from pcompiler.errors import CompileError, VerifyError
 from pcompiler.ir import DimRef, Fold, Program, Role, iter_tensors, node_value, tensor_of
 from pcompiler.passes.compensate import add_to_bias, inject_constants, slim_delta
@@ -62,16 +62,6 @@ def zeroed_reference(prog: Program) -> fx.GraphModule:
     return ref
 
 
-def _flat(value: Any) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, dict):
-        value = list(value.values())
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in _flat(v)]
-    return []
-
-
 def _inputs(prog: Program) -> list[tuple[torch.Tensor, ...]]:
     gen = torch.Generator().manual_seed(0)
     second = tuple(
@@ -92,20 +82,25 @@ class _Recorder(fx.Interpreter):
         return out
 
 
-def _first_node_difference(prog: Program, zeroed: fx.GraphModule, inputs: tuple, tol: Tolerance) -> str | None:
+def _recorded(gm: fx.GraphModule, inputs: tuple) -> tuple[dict[str, Any], list[torch.Tensor]]:
+    """Run `gm` once on `inputs`: every node's value by name, and the flat outputs."""
+    rec = _Recorder(gm)
+    with torch.no_grad():
+        out = rec.run(*inputs)
+    return rec.values, flatten_tensors(out)
+
+
+def _first_node_difference(prog: Program, ref_values: dict[str, Any], slim_values: dict[str, Any],
+                           tol: Tolerance) -> str | None:
     """Name the first node whose slim value differs from the (zeroed) reference's kept channels
     (None: every node agrees). Values whose shapes do not line up after dropping the removed
     channels (parameters read by get_attr, sizes) are not compared."""
-    ref_rec, slim_rec = _Recorder(zeroed), _Recorder(prog.gm)
-    with torch.no_grad():
-        ref_rec.run(*inputs)
-        slim_rec.run(*inputs)
     removal = prog.removal
     for node in prog.gm.graph.nodes:
-        if node.name not in ref_rec.values or node.op == "output":
+        if node.name not in ref_values or node.op == "output":
             continue
         for path, _ in iter_tensors(node_value(node)):
-            r, s = ref_rec.values[node.name], slim_rec.values[node.name]
+            r, s = ref_values[node.name], slim_values[node.name]
             for i in path:
                 r, s = r[i], s[i]
             if node.op == "get_attr" or not isinstance(r, torch.Tensor) or not r.is_floating_point():
@@ -126,7 +121,10 @@ def _output_comparisons(gm: fx.GraphModule, reference: fx.GraphModule, inputs: t
                         tol: Tolerance) -> list[Comparison]:
     """`compare` of each of `gm`'s outputs with the reference's, in order."""
     with torch.no_grad():
-        want, got = _flat(reference(*inputs)), _flat(gm(*inputs))
+        return _compare_flat(flatten_tensors(gm(*inputs)), flatten_tensors(reference(*inputs)), tol)
+
+
+def _compare_flat(got: list[torch.Tensor], want: list[torch.Tensor], tol: Tolerance) -> list[Comparison]:
     if len(want) != len(got):
         raise VerifyError(f"the slim model returns {len(got)} tensors, the original {len(want)}")
     return [compare(g, w, tol) for g, w in zip(got, want)]
@@ -136,21 +134,22 @@ def _compare(prog: Program, reference: fx.GraphModule, what: str, tol: Tolerance
     """Max abs and relative error of `prog.gm` against `reference` on the check inputs; a
     VerifyError naming the first differing node when an output does not match (a NaN or an
     infinity that the other side does not have included)."""
-    worst, worst_rel, finite, inputs_tried = 0.0, 0.0, 0, _inputs(prog)
+    worst, worst_rel, finite, values, inputs_tried = 0.0, 0.0, 0, 0, _inputs(prog)
     for inputs in inputs_tried:
-        for i, c in enumerate(_output_comparisons(prog.gm, reference, inputs, tol)):
-            worst, worst_rel, finite = max(worst, c.max_error), max(worst_rel, c.relative_error), finite + c.finite
-            if not c.ok:
-                where = _first_node_difference(prog, reference, inputs, tol)
-                _fail(prog, f"the slim model's output {i} differs from the {what}: {c.reason}; "
-                      f"{where or 'no single node differs beyond tolerance (accumulated error)'}")
+        (ref_values, want), (slim_values, got) = _recorded(reference, inputs), _recorded(prog.gm, inputs)
+        values += sum(t.numel() for t in want)
         # Every node, not only the outputs: a wrong channel the outputs barely react to (a layer
         # scale of 1e-6, a saturated activation) still shows where it is made.
-        where = _first_node_difference(prog, reference, inputs, tol)
+        where = _first_node_difference(prog, ref_values, slim_values, tol)
+        for i, c in enumerate(_compare_flat(got, want, tol)):
+            worst, worst_rel, finite = max(worst, c.max_error), max(worst_rel, c.relative_error), finite + c.finite
+            if not c.ok:
+                _fail(prog, f"the slim model's output {i} differs from the {what}: {c.reason}; "
+                      f"{where or 'no single node differs beyond tolerance (accumulated error)'}")
         if where is not None:
             _fail(prog, f"the slim model's outputs match the {what}, but a value inside does not: {where}")
     removed = any(len(c) for c in (prog.selection or {}).values())
-    if removed and finite == 0 and worst == 0.0 and _has_values(reference, inputs_tried[0]):
+    if removed and finite == 0 and worst == 0.0 and values:
         raise VerifyError(f"verify compared no number: every output value of the {what} is NaN or infinite on the "
                           f"{len(inputs_tried)} inputs tried, so they cannot show whether the rewrite is right",
                           hint="give inputs on which the model's outputs are finite (--input-shape), or check the "
@@ -162,11 +161,6 @@ def _fail(prog: Program, message: str) -> None:
     blame = "an op rule" if prog.compensation is None else "an op rule or in compensate (--no-compensate tells)"
     raise VerifyError(message, hint=f"this is a bug in {blame}: please report it with the model; --skip the module "
                       "to work around it")
-
-
-def _has_values(gm: fx.GraphModule, inputs: tuple) -> bool:
-    with torch.no_grad():
-        return any(t.numel() for t in _flat(gm(*inputs)))
 
 
 def constant_reference(prog: Program, folds: Iterable[Fold]) -> fx.GraphModule:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -94,8 +95,20 @@ def compare(got: torch.Tensor, want: torch.Tensor, tol: Tolerance) -> Comparison
     return Comparison(ok, err, scale, 0, reason, finite)
 
 
+def flatten_tensors(value: Any) -> list[torch.Tensor]:
+    """The tensors inside a model output, in order: tuples and lists in order, dicts by value
+    order (the order pytree and the ONNX exporter use); non-tensor leaves are dropped."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in flatten_tensors(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in flatten_tensors(v)]
+    return []
+
+
 def _as_real(t: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(t.resolve_conj()) if t.is_complex() else t
 
 
-__all__ = ["EXPORT", "TRACE", "VERIFY", "Comparison", "Tolerance", "compare"]
+__all__ = ["EXPORT", "TRACE", "VERIFY", "Comparison", "Tolerance", "compare", "flatten_tensors"]

@@ -10,8 +10,8 @@ Every export function returns an `ExportResult` and never raises for a failed ex
 that one backend cannot take still gets the others written. Each export reloads what it wrote
 and compares outputs with the Program's GraphModule on the example inputs, in eval mode.
 
-This module holds what the backends share: `ExportResult`, output flattening, the check of a
-reloaded file's outputs (`pcompiler.compare` with the EXPORT tolerance) and the guard that turns
+This module holds what the backends share: `ExportResult`, the check of a reloaded file's
+outputs (`pcompiler.compare` with the EXPORT tolerance) and the guard that turns
 an exception into a one-line reason.
 """
 
@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from pcompiler.compare import EXPORT, compare
+from pcompiler.compare import EXPORT, compare, flatten_tensors
 from pcompiler.costs import eval_mode
 from pcompiler.errors import CompileError, one_line
 from pcompiler.ir import Program
@@ -86,18 +86,6 @@ def require_weights(prog: Program, what: str) -> None:
         )
 
 
-def flatten_tensors(value: Any) -> list[torch.Tensor]:
-    """The tensors inside a model output, in order: tuples and lists in order, dicts by value
-    order (the order pytree and the ONNX exporter use); non-tensor leaves are dropped."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in flatten_tensors(v)]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in flatten_tensors(v)]
-    return []
-
-
 def compare_outputs(got: list[Any], want: list[torch.Tensor], what: str) -> float:
     """Max abs difference between two flat output lists (`pcompiler.compare` with the EXPORT
     tolerance, each on the CPU); raises ExportCheckFailed if the count, a shape, a NaN or an
@@ -106,9 +94,10 @@ def compare_outputs(got: list[Any], want: list[torch.Tensor], what: str) -> floa
         raise ExportCheckFailed(f"{what} gives {len(got)} outputs, torch gives {len(want)}")
     worst, failures = 0.0, []
     for i, (g, w) in enumerate(zip(got, want)):
-        c = compare(torch.as_tensor(g).detach().cpu(), w.detach().cpu(), EXPORT)
-        if c.reason is not None and c.reason.startswith("shape"):
-            raise ExportCheckFailed(f"{what} output {i} has {c.reason} (torch's)")
+        g, w = torch.as_tensor(g).detach().cpu(), w.detach().cpu()
+        if g.shape != w.shape:
+            raise ExportCheckFailed(f"{what} output {i} has shape {tuple(g.shape)} against {tuple(w.shape)} (torch's)")
+        c = compare(g, w, EXPORT)
         worst = max(worst, c.max_error)
         if not c.ok:
             failures.append(f"output {i}: {c.reason}")
@@ -123,4 +112,4 @@ def reference_outputs(prog: Program) -> list[torch.Tensor]:
         return flatten_tensors(prog.gm(*prog.example_inputs))
 
 
-__all__ = ["ExportResult", "compare_outputs", "flatten_tensors"]
+__all__ = ["ExportResult", "compare_outputs"]

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.fx as fx
 
+from pcompiler.compare import flatten_tensors
 from pcompiler.costs import eval_mode
 from pcompiler.errors import one_line
 from pcompiler.ir import Program
@@ -34,7 +35,6 @@ from pcompiler.outdir import atomic_write
 from pcompiler.targets import (
     ExportResult,
     compare_outputs,
-    flatten_tensors,
     guarded,
     reference_outputs,
     require_weights,
@@ -77,7 +77,6 @@ def save_graph_module(prog: Program, path: str | Path) -> ExportResult:
 
     def body() -> tuple[float | None, str | None]:
         require_weights(prog, f"the GraphModule to {path}")
-        path.parent.mkdir(parents=True, exist_ok=True)
         with eval_mode(prog.gm), atomic_write(path) as tmp:
             torch.save(prog.gm, tmp)
         want = reference_outputs(prog)
@@ -98,7 +97,6 @@ def save_state_dict(prog: Program, path: str | Path) -> ExportResult:
 
     def body() -> tuple[float | None, str | None]:
         require_weights(prog, f"the state dict to {path}")
-        path.parent.mkdir(parents=True, exist_ok=True)
         state = prog.gm.state_dict()
         with atomic_write(path) as tmp:
             torch.save(state, tmp)
@@ -146,7 +144,6 @@ def export_program(prog: Program, path: str | Path) -> ExportResult:
 
     def body() -> tuple[float | None, str | None]:
         require_weights(prog, f"a torch.export program to {path}")
-        path.parent.mkdir(parents=True, exist_ok=True)
         with eval_mode(prog.gm):
             exported, note = _export(prog.gm, tuple(prog.example_inputs))
         with atomic_write(path) as tmp:
