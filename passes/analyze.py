@@ -36,6 +36,7 @@ from pcompiler.ir import (
     Program,
     Role,
     SpaceSlice,
+    kept_by_zeroing,
     tensor_at,
     tensor_of,
 )
@@ -292,7 +293,7 @@ def _build_groups(state: _State, labels: np.ndarray) -> tuple[ChannelGroup, ...]
         if ref.param is not None:
             role = state.roles.get(ref, Role.TIED)
             params[g].append(
-                ParamSlice(ref.param, ref.dim, role, index, not isinstance(state.tensor(ref.param), torch.nn.Parameter), state.sizes[sid])
+                ParamSlice(ref.param, ref.dim, role, index, kept_by_zeroing(state.tensor(ref.param)), state.sizes[sid])
             )
         else:
             spaces[g].append(SpaceSlice(ref, index))

@@ -62,6 +62,12 @@ def tensor_of(gm: torch.nn.Module, qualname: str) -> torch.Tensor:
     return obj
 
 
+def kept_by_zeroing(t: torch.Tensor) -> bool:
+    """A tensor that is not an nn.Parameter (a buffer, a plain tensor attribute): `verify`'s
+    zeroed reference leaves it as it is (running statistics are not producers)."""
+    return not isinstance(t, torch.nn.Parameter)
+
+
 def owner_of(gm: torch.nn.Module, qualname: str) -> tuple[torch.nn.Module, str]:
     """The module holding a qualified name, and the attribute: 'layer1.0.conv1.weight' -> (conv1, 'weight')."""
     prefix, _, name = qualname.rpartition(".")

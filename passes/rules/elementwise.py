@@ -19,6 +19,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pcompiler.ir import kept_by_zeroing, tensor_of
 from pcompiler.passes.rules.at_zero import AtZero, at_zero, gates_only
 from pcompiler.passes.rules.base import RuleContext, RuleError, arg, rule
 
@@ -108,10 +109,7 @@ def binary(node: fx.Node, ctx: RuleContext) -> None:
 
 
 def _buffer(node: fx.Node, gm: fx.GraphModule) -> bool:
-    if node.op != "get_attr":
-        return False
-    owner, _, name = node.target.rpartition(".")
-    return name in dict(gm.get_submodule(owner).named_buffers(recurse=False))
+    return node.op == "get_attr" and kept_by_zeroing(tensor_of(gm, node.target))
 
 
 def _aligned(shape: tuple[int, ...], ndim: int, d: int) -> int:
