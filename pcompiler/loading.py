@@ -220,6 +220,7 @@ def _refusal(path: Path, names: Sequence[str]) -> CompileError:
 _RESAVE_HINT = "copy the whole file again, or save it again with torch.save(model, path)"
 _REEXPORT_HINT = ("export it again: torch.export.save(torch.export.export(model, example_inputs), path), "
                   "and copy the whole file")
+_END_MISSING = "its end (the zip's central directory) is missing"
 _UNSAFE_GLOBAL = re.compile(r"GLOBAL ([\w.]+) was not an allowed global")
 _ZIP_MAGIC = b"PK\x03\x04"
 _PICKLE_PROTO = b"\x80"
@@ -251,8 +252,8 @@ def _not_a_checkpoint(path: Path, e: BaseException) -> CompileError:
                     hint="pcompiler reads files written by torch.save(model), or a state dict with --arch",
                 )
     if _is_truncated_zip(path):
-        return CompileError(f"'{path}' is truncated or corrupt: it starts as a torch.save zip archive but its end "
-                            "(the zip's central directory) is missing", hint=_RESAVE_HINT)
+        return CompileError(f"'{path}' is truncated or corrupt: it starts as a torch.save zip archive but {_END_MISSING}",
+                            hint=_RESAVE_HINT)
     return CompileError(f"cannot read '{path}': not a complete torch.save file (truncated or corrupt?): "
                         f"{_first_sentence(e)}", hint=_RESAVE_HINT)
 
@@ -413,8 +414,8 @@ def _not_an_export_archive(path: Path) -> CompileError | None:
             if any(n == "data.pkl" or n.endswith("/data.pkl") for n in z.namelist()):
                 return None  # torch.save under a .pt2 name
         what = "a zip archive without the entries torch.export.save writes"
-    elif head.startswith(_ZIP_MAGIC):
-        what = "truncated or corrupt: it starts as a zip archive but its end (the zip's central directory) is missing"
+    elif _is_truncated_zip(path):
+        what = f"truncated or corrupt: it starts as a zip archive but {_END_MISSING}"
     elif head.startswith(_PICKLE_PROTO):
         return None  # a legacy torch.save pickle under a .pt2 name
     else:
