@@ -260,7 +260,8 @@ class RegMethod(MethodPass):
         if prog.source is not None:  # checked now: after training, the user's model is not the reference
             from pcompiler.passes.trace import check_reproduces
 
-            check_reproduces(prog.source, prog.gm, prog.example_inputs)
+            check_reproduces(prog.source, prog.gm, prog.example_inputs, prog.keywords,
+                             flat=prog.frontend == "export")
         # Train a copy: the input Program stays as it was. The trained graph is its own source.
         prog = prog.replace(gm=copy.deepcopy(prog.gm), source=None)
         ratio = None

@@ -33,6 +33,7 @@ from pcompiler.compare import TRACE, compare
 from pcompiler.errors import CompileError, one_line
 from pcompiler.ir import INT_KEY, Program, describe, set_node_value
 from pcompiler.passes.decompose import decompose_multihead_attention
+from pcompiler.passes.exported import export_graph
 
 log = logging.getLogger("pcompiler")
 
@@ -177,10 +178,21 @@ def propagate_shapes(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...], opaqu
         return _ShapeProp(gm, opaque or {}, on_meta).run(*inputs)
 
 
-def check_reproduces(source: nn.Module, gm: fx.GraphModule, inputs: tuple) -> None:
-    """Raise CompileError unless `gm` gives `source`'s outputs on `inputs`."""
+def call_source(source: nn.Module, inputs: tuple, keywords: tuple[str, ...] = ()) -> Any:
+    """`source` called on the Program's inputs: the last len(keywords) of them by keyword."""
+    n = len(inputs) - len(keywords)
+    return source(*inputs[:n], **dict(zip(keywords, inputs[n:])))
+
+
+def check_reproduces(source: nn.Module, gm: fx.GraphModule, inputs: tuple, keywords: tuple[str, ...] = (),
+                     flat: bool = False) -> None:
+    """Raise CompileError unless `gm` gives `source`'s outputs on `inputs`. `flat`: the graph
+    returns the tensors of the model's output as one tuple (the export frontend)."""
     with torch.no_grad():
-        where = _first_difference(gm(*inputs), source(*inputs), "output")
+        want = call_source(source, inputs, keywords)
+        if flat:
+            want = tuple(t for t in torch.utils._pytree.tree_leaves(want) if isinstance(t, torch.Tensor))
+        where = _first_difference(gm(*inputs), want, "output")
     if where is not None:
         raise CompileError(
             f"the trace of {type(source).__name__} does not reproduce the model: {where} differs",
@@ -193,10 +205,15 @@ def _on_meta(model: nn.Module) -> bool:
     return any(t.is_meta for t in (*model.parameters(), *model.buffers()))
 
 
+FRONTENDS = ("auto", "fx", "export")
+
+
 def trace(
     model: nn.Module,
     example_inputs: tuple[torch.Tensor, ...] | torch.Tensor,
     *,
+    kwargs: Mapping[str, torch.Tensor] | None = None,
+    frontend: str = "auto",
     leaf_modules: tuple[type, ...] = (),
     decompose_attention: bool = True,
     check: bool = False,
@@ -204,16 +221,69 @@ def trace(
     """Trace `model` into a Program: an fx graph with standard modules as leaves, untraceable
     submodules as opaque leaves (`Program.opaque`), and every node's value recorded.
 
+    `frontend`: "fx" is symbolic tracing; "export" is torch.export (exported.py), which reads
+    what symbolic tracing cannot (Hugging Face transformers, Ultralytics YOLO, branches on
+    shapes) and takes keyword inputs (`kwargs`); "auto" uses symbolic tracing where it reads
+    the whole model and torch.export where it fails or leaves modules opaque.
+
     If the model's parameters are on the meta device, the example inputs are moved there too
     and shapes are propagated without real memory. Shapes come from meta tensors, so tracing
     runs no kernel; `check=True` also runs the model and the graph and compares outputs (the
     `verify` pass always does, so the pipeline checks the trace without paying for it twice).
     `decompose_attention` lowers nn.MultiheadAttention into prunable pieces (decompose.py)."""
+    if frontend not in FRONTENDS:
+        raise CompileError(f"unknown frontend {frontend!r}", hint=f"choose one of {', '.join(FRONTENDS)}")
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    kwargs = dict(kwargs or {})
     model.eval()
-    if _on_meta(model) and not all(t.is_meta for t in inputs if isinstance(t, torch.Tensor)):
+    if _on_meta(model):
         inputs = tuple(t.to("meta") if isinstance(t, torch.Tensor) else t for t in inputs)
-    on_meta = any(isinstance(t, torch.Tensor) and t.is_meta for t in inputs)
+        kwargs = {k: t.to("meta") if isinstance(t, torch.Tensor) else t for k, t in kwargs.items()}
+    prog = _trace_export(model, inputs, kwargs) if frontend == "export" or kwargs else \
+        _choose(model, inputs, frontend, leaf_modules, decompose_attention)
+    if check and not prog.on_meta:
+        check_reproduces(model, prog.gm, prog.example_inputs, prog.keywords, flat=prog.frontend == "export")
+    return prog
+
+
+def _choose(model: nn.Module, inputs: tuple, frontend: str, leaf_modules: tuple[type, ...],
+            decompose_attention: bool) -> Program:
+    """Symbolic tracing, or torch.export where it fails or leaves modules opaque ("auto")."""
+    try:
+        prog = _trace_fx(model, inputs, leaf_modules, decompose_attention)
+    except CompileError as e:
+        if frontend == "fx":
+            raise
+        try:
+            prog = _trace_export(model, inputs, {})
+        except CompileError as e2:
+            raise CompileError(f"{e.message}; torch.export failed too: {e2.message}", node=e.node,
+                               hint=e.hint) from e2
+        log.info("symbolic tracing failed (%s); traced with torch.export", e.message)
+        return prog
+    if prog.opaque and frontend == "auto":
+        try:
+            exported = _trace_export(model, inputs, {})
+        except CompileError as e:
+            log.info("torch.export failed too (%s); keeping the symbolic trace with opaque modules", e.message)
+            return prog
+        log.info("symbolic tracing left %s opaque; traced with torch.export", ", ".join(prog.opaque))
+        return exported
+    return prog
+
+
+def _trace_export(model: nn.Module, inputs: tuple, kwargs: dict[str, Any]) -> Program:
+    gm = export_graph(model, inputs, kwargs)
+    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    keywords = tuple(names[len(inputs):])
+    if set(keywords) != set(kwargs):
+        raise CompileError(f"the exported graph's inputs {names} do not match the keyword inputs {sorted(kwargs)}")
+    flat = (*inputs, *(kwargs[k] for k in keywords))
+    propagate_shapes(gm, flat)
+    return Program(gm=gm, example_inputs=flat, source=model, keywords=keywords, frontend="export")
+
+
+def _trace_fx(model: nn.Module, inputs: tuple, leaf_modules: tuple[type, ...], decompose_attention: bool) -> Program:
     name = type(model).__name__
 
     tracer = _Tracer(leaf_modules)
@@ -240,6 +310,4 @@ def trace(
         decompose_multihead_attention(gm)
 
     propagate_shapes(gm, inputs, tracer.opaque)
-    if check and not on_meta:
-        check_reproduces(model, gm, inputs)
     return Program(gm=gm, example_inputs=inputs, opaque=dict(tracer.opaque), source=model)

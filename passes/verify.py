@@ -195,7 +195,8 @@ def verify_program(prog: Program, tol: Tolerance = VERIFY) -> dict[str, Any]:
     if prog.on_meta:
         return {"ok": None, "skipped": "the model is on the meta device; nothing to run"}
     if prog.source is not None:
-        check_reproduces(prog.source, prog.reference, prog.example_inputs)
+        check_reproduces(prog.source, prog.reference, prog.example_inputs, prog.keywords,
+                         flat=prog.frontend == "export")
     folds = prog.compensation.folds if prog.compensation is not None else ()
     exact, approx = tuple(f for f in folds if f.exact), tuple(f for f in folds if not f.exact)
     what = _reference_text(exact) + (f" (the slim model without its {len(approx)} approximate folds)" if approx else "")

@@ -281,8 +281,8 @@ class Program:
     """What flows through the pipeline.
 
     gm: the traced model. example_inputs: inputs shapes were propagated with (meta tensors if
-    the model lives on the meta device). source: the user's model (verify checks that the trace
-    reproduces it). opaque: submodules kept as leaves because they could
+    the model lives on the meta device), gm's positional inputs. source: the user's model
+    (verify checks that the trace reproduces it). opaque: submodules kept as leaves because they could
     not be traced, with the reason. reference: a copy of `gm` taken by `slim` before it changed
     anything; removal: what slim removed from it. compensation: the removed channels' constants
     that `compensate` folded into consumer biases (verify injects them into the reference). info: per-pass results for the report (verify, exports, flops, ...)."""
@@ -290,6 +290,8 @@ class Program:
     gm: fx.GraphModule
     example_inputs: tuple[torch.Tensor, ...]
     source: torch.nn.Module | None = None
+    keywords: tuple[str, ...] = ()  # the last len(keywords) inputs go to `source` by these names
+    frontend: str = "fx"  # "export": gm returns the tensors of source's output as one flat tuple
     opaque: dict[str, str] = field(default_factory=dict)
     analysis: Analysis | None = None
     scores: dict[int, np.ndarray] | None = None  # group id -> per-channel importance (higher = keep)

@@ -38,6 +38,42 @@ CALLS = {
     "pow_": lambda m, t: t.pow_(0),
     "fill_": lambda m, t: t.fill_(0.25),
 }
+# ATen overloads that need arguments. Tensor arguments other than the channel input are probed
+# by at_zero (0, 1, -1, 0.5): these are chosen so that the first nonzero probe gives the value
+# computed here.
+aten = torch.ops.aten
+CALLS.update({
+    aten.clamp.default: lambda m, t: aten.clamp.default(t, -1.0, 1.0),
+    aten.clamp.Tensor: lambda m, t: aten.clamp.Tensor(t, m.other.float()),
+    aten.clamp_.default: lambda m, t: aten.clamp_.default(t, 0.1),
+    aten.clamp_.Tensor: lambda m, t: aten.clamp_.Tensor(t, None, -m.other.float()),
+    aten.clamp_min.default: lambda m, t: aten.clamp_min.default(t, 0.0),
+    aten.clamp_min.Tensor: lambda m, t: aten.clamp_min.Tensor(t, m.other.float()),
+    aten.clamp_max.default: lambda m, t: aten.clamp_max.default(t, 1.0),
+    aten.clamp_max.Tensor: lambda m, t: aten.clamp_max.Tensor(t, -m.other.float()),
+    aten.clip.default: lambda m, t: aten.clip.default(t, 0.5, 1.0),
+    aten.clip.Tensor: lambda m, t: aten.clip.Tensor(t, None, -m.other.float()),
+    aten.dropout.default: lambda m, t: aten.dropout.default(t, 0.5, False),
+    aten.feature_dropout.default: lambda m, t: aten.feature_dropout.default(t, 0.5, False),
+    aten.alpha_dropout.default: lambda m, t: aten.alpha_dropout.default(t, 0.5, False),
+    aten.pow.Tensor_Tensor: lambda m, t: aten.pow.Tensor_Tensor(t, m.other.float() * 0),
+    aten.pow.Tensor_Scalar: lambda m, t: aten.pow.Tensor_Scalar(t, 2),
+    aten.to.device: lambda m, t: aten.to.device(t, t.device, torch.float64),
+    aten.to.dtype: lambda m, t: aten.to.dtype(t, torch.float64),
+    aten.to.other: lambda m, t: aten.to.other(t, m.other),
+    aten.to.prim_Device: lambda m, t: aten.to.prim_Device(t, t.device),
+    aten.type_as.default: lambda m, t: aten.type_as.default(t, m.other),
+    aten.masked_fill.Scalar: lambda m, t: aten.masked_fill.Scalar(t, m.mask, float("-inf")),
+    aten.masked_fill.Tensor: lambda m, t: aten.masked_fill.Tensor(t, m.mask, torch.tensor(1.0)),
+    aten.masked_fill_.Scalar: lambda m, t: aten.masked_fill_.Scalar(t, m.mask, 0.0),
+    aten.masked_fill_.Tensor: lambda m, t: aten.masked_fill_.Tensor(t, m.mask, torch.tensor(1.0)),
+    aten.full_like.default: lambda m, t: aten.full_like.default(t, 0.0),
+    aten.fill_.Scalar: lambda m, t: aten.fill_.Scalar(t, 0.25),
+    aten.fill_.Tensor: lambda m, t: aten.fill_.Tensor(t, torch.tensor(1.0)),
+    aten.threshold.default: lambda m, t: aten.threshold.default(t, 0.1, 20.0),
+    aten.round.decimals: lambda m, t: aten.round.decimals(t, decimals=1),
+    aten.bitwise_not.default: lambda m, t: aten.bitwise_not.default(t > 0).float(),
+})
 
 
 def call_of(key):

@@ -16,7 +16,16 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from pcompiler.passes.rules.base import RewriteContext, RuleContext, RuleError, arg, rewriter, rule, set_arg
+from pcompiler.passes.rules.base import (
+    RewriteContext,
+    RuleContext,
+    RuleError,
+    arg,
+    aten_ops,
+    rewriter,
+    rule,
+    set_arg,
+)
 
 
 def _batch_dims(ctx: RuleContext, node: fx.Node, operands: list[fx.Node], k: int = 2) -> None:
@@ -26,7 +35,7 @@ def _batch_dims(ctx: RuleContext, node: fx.Node, operands: list[fx.Node], k: int
             ctx.same(ctx.ref(t, -d - k), ctx.ref(node, -d - k))
 
 
-@rule(operator.matmul, torch.matmul, torch.bmm, torch.mm, "matmul", "bmm", "mm")
+@rule(operator.matmul, torch.matmul, torch.bmm, torch.mm, "matmul", "bmm", "mm", *aten_ops("matmul", "bmm", "mm"))
 def matmul(node: fx.Node, ctx: RuleContext) -> None:
     a, b = node.args[0], node.args[1]
     ta, tb = ctx.info(a), ctx.info(b)
@@ -38,7 +47,7 @@ def matmul(node: fx.Node, ctx: RuleContext) -> None:
     ctx.same(ctx.ref(b, -1), ctx.ref(node, -1))
 
 
-@rule(torch.einsum)
+@rule(torch.einsum, *aten_ops("einsum"))
 def einsum(node: fx.Node, ctx: RuleContext) -> None:
     equation = node.args[0].replace(" ", "")
     operands = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
@@ -58,7 +67,7 @@ def einsum(node: fx.Node, ctx: RuleContext) -> None:
         ctx.same(seen[c], ctx.ref(node, d))
 
 
-@rule(F.scaled_dot_product_attention)
+@rule(F.scaled_dot_product_attention, *aten_ops("scaled_dot_product_attention"))
 def sdpa(node: fx.Node, ctx: RuleContext) -> None:
     q, k, v = (arg(node, i, n) for i, n in enumerate(("query", "key", "value")))
     if arg(node, 7, "enable_gqa", False):
@@ -78,7 +87,7 @@ def sdpa(node: fx.Node, ctx: RuleContext) -> None:
             ctx.same(ctx.ref(mask, -d), ctx.ref(node, -d))
 
 
-@rewriter(F.scaled_dot_product_attention)
+@rewriter(F.scaled_dot_product_attention, *aten_ops("scaled_dot_product_attention"))
 def sdpa_rewrite(node: fx.Node, ctx: RewriteContext) -> None:
     q = arg(node, 0, "query")
     old = ctx.old_size(q, -1)

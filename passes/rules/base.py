@@ -13,8 +13,9 @@ onto each other. It does so with a few calls on `RuleContext`:
 A rule may also rewrite the graph after `slim` (`RewriteContext`): module attributes
 (`out_channels`, `groups`, ...) and literal constants (view sizes, split sizes, sdpa scale).
 
-Rules are registered by fx target: the module class for call_module, the function for
-call_function, the method name for call_method. No rule for a target: its channels are pinned.
+Rules are registered by fx target: the module class for call_module, the ATen overload (the
+export frontend's graphs) or the function for call_function, the method name for call_method.
+No rule for a target: its channels are pinned.
 """
 
 from __future__ import annotations
@@ -90,9 +91,37 @@ def lookup(node: fx.Node, gm: fx.GraphModule) -> tuple[Any, OpRule | None]:
 def target_name(key: Any) -> str:
     if isinstance(key, str):
         return f"Tensor.{key}"
+    if isinstance(key, torch._ops.OpOverload):
+        return str(key)  # aten.add_.Tensor
     mod = getattr(key, "__module__", "") or ""
     name = getattr(key, "__qualname__", None) or getattr(key, "__name__", None) or repr(key)
     return f"{mod}.{name}" if mod and mod != "builtins" else name
+
+
+def aten_ops(*names: str) -> list[torch._ops.OpOverload]:
+    """The overloads of each named ATen op that an exported graph can hold on tensors:
+    aten_ops("add") is aten.add.Tensor, aten.add.Scalar, ...; not aten.add.out (it writes into
+    its `out=`), nor overloads on numbers (aten.add.int: arithmetic on sizes)."""
+    ops = []
+    for name in names:
+        packet = getattr(torch.ops.aten, name)
+        for overload in packet.overloads():
+            op = getattr(packet, overload)
+            args = op._schema.arguments
+            writes_out = any(a.kwarg_only and a.alias_info is not None and a.alias_info.is_write for a in args)
+            if args and "Tensor" in str(args[0].type) and not writes_out:
+                ops.append(op)
+    return ops
+
+
+def op_name(target: Any) -> str:
+    """The op's name whatever its form: 'view' for Tensor.view, torch.Tensor.view's method
+    name and aten.view.default; a function's __name__ ('cat'); a module class's name."""
+    if isinstance(target, str):
+        return target
+    if isinstance(target, torch._ops.OpOverload):
+        return target.overloadpacket.__name__
+    return getattr(target, "__name__", None) or str(target)
 
 
 def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:

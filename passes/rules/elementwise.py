@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from pcompiler.ir import kept_by_zeroing, tensor_of
 from pcompiler.passes.rules.at_zero import AtZero, at_zero, gates_only
-from pcompiler.passes.rules.base import RuleContext, RuleError, arg, rule
+from pcompiler.passes.rules.base import RuleContext, RuleError, arg, aten_ops, op_name, rule
 
 _ACT_MODULES = (
     nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
@@ -45,11 +45,22 @@ _ACT_METHODS = (
 )
 
 
+_ACT_ATEN = aten_ops(
+    "relu", "relu_", "relu6", "leaky_relu", "leaky_relu_", "elu", "elu_", "selu", "celu", "gelu", "gelu_", "silu",
+    "silu_", "mish", "hardswish", "hardswish_", "hardsigmoid", "hardsigmoid_", "hardtanh", "hardtanh_", "softplus",
+    "log_sigmoid", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "log", "sqrt", "rsqrt", "abs", "neg", "clamp",
+    "clamp_", "clamp_min", "clamp_max", "clip", "erf", "square", "sin", "cos", "reciprocal", "nan_to_num", "clone",
+    "detach", "alias", "lift_fresh_copy", "contiguous", "dropout", "feature_dropout", "alpha_dropout", "pow", "to",
+    "_to_copy", "type_as", "masked_fill", "masked_fill_", "zeros_like", "ones_like", "full_like", "fill_", "zero_",
+    "threshold", "sign", "floor", "ceil", "round", "logical_not", "bitwise_not",
+)
+
+
 # torchvision.ops.stochastic_depth: identity in eval, a per-sample 0/1 scale in training.
 _BY_NAME = ("torchvision.ops.stochastic_depth.stochastic_depth",)
 
 
-@rule(*_ACT_MODULES, *_ACT_FUNCTIONS, *_ACT_METHODS, *_BY_NAME)
+@rule(*_ACT_MODULES, *_ACT_FUNCTIONS, *_ACT_METHODS, *_BY_NAME, *_ACT_ATEN)
 def unary(node: fx.Node, ctx: RuleContext) -> None:
     """Output channel c is a function of input channel c (and of scalars). The channels pass
     only if f(0) = 0 (evaluated from the op, `at_zero`), or if f(0) is a finite constant that
@@ -61,7 +72,7 @@ def unary(node: fx.Node, ctx: RuleContext) -> None:
         raise RuleError("first argument is not a tensor")
     ctx.same_shape(x, node)
     for other in list(node.args[1:]) + list(node.kwargs.values()):  # e.g. masked_fill's mask, type_as
-        if ctx.info(other) is not None and node.target != "type_as":
+        if ctx.info(other) is not None and op_name(node.target) != "type_as":
             ctx.same_shape(other, node)
     f0 = at_zero(node, x, ctx.gm)
     if not f0.zero and not (f0.finite and gates_only(node, ctx.gm)):
@@ -73,9 +84,12 @@ _BINARY = (
     torch.sub, torch.mul, torch.maximum, torch.minimum, torch.where, torch.lerp, torch.addcmul,
     operator.gt, operator.lt, operator.ge, operator.le, operator.eq, operator.ne, operator.and_, operator.or_,
     "add", "add_", "sub", "sub_", "mul", "mul_", "maximum", "minimum", "where", "lerp", "addcmul",
+    *aten_ops("add", "add_", "sub", "sub_", "rsub", "mul", "mul_", "maximum", "minimum", "where", "lerp", "addcmul",
+              "gt", "lt", "ge", "le", "eq", "ne", "logical_and", "logical_or", "bitwise_and", "bitwise_or",
+              "__and__", "__or__"),
 )
 _DIVISION = (operator.truediv, operator.itruediv, operator.floordiv, torch.div, torch.true_divide, "div", "div_",
-             "true_divide")
+             "true_divide", *aten_ops("div", "div_", "floor_divide", "true_divide"))
 
 
 @rule(*_BINARY)
@@ -135,13 +149,14 @@ _REDUCTIONS = {
     "var": False, "norm": False, "logsumexp": False, "prod": False, "nansum": True, "nanmean": False,
 }
 _REDUCTION_FUNCTIONS = {getattr(torch, n): exact for n, exact in _REDUCTIONS.items()}
+_REDUCTION_ATEN = aten_ops(*(n for n in _REDUCTIONS if n != "norm"))
 
 
-@rule(*_REDUCTIONS, *_REDUCTION_FUNCTIONS)
+@rule(*_REDUCTIONS, *_REDUCTION_FUNCTIONS, *_REDUCTION_ATEN)
 def reduction(node: fx.Node, ctx: RuleContext) -> None:
     x = node.args[0]
     tx = ctx.info(x)
-    name = node.target if isinstance(node.target, str) else node.target.__name__
+    name = op_name(node.target)
     exact = _REDUCTIONS[name]
     dims = arg(node, 1, "dim", None)
     if name == "norm":
@@ -168,7 +183,7 @@ def reduction(node: fx.Node, ctx: RuleContext) -> None:
 
 
 @rule(nn.Softmax, nn.LogSoftmax, nn.Softmin, F.softmax, F.log_softmax, F.softmin, torch.softmax,
-      torch.log_softmax, "softmax", "log_softmax")
+      torch.log_softmax, "softmax", "log_softmax", *aten_ops("softmax", "_softmax", "log_softmax", "_log_softmax"))
 def softmax(node: fx.Node, ctx: RuleContext) -> None:
     x = node.args[0]
     ctx.same_shape(x, node)
@@ -194,7 +209,15 @@ _POOL_FUNCTIONS = {
 }
 
 
-@rule(*_POOL_MODULES, *_POOL_FUNCTIONS, F.interpolate)
+_POOL_ATEN = aten_ops(
+    "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d",
+    "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d",
+    "upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d", "upsample_bilinear2d", "upsample_bicubic2d",
+    "upsample_linear1d", "_upsample_nearest_exact2d", "_upsample_bilinear2d_aa",
+)
+
+
+@rule(*_POOL_MODULES, *_POOL_FUNCTIONS, F.interpolate, *_POOL_ATEN)
 def pooling(node: fx.Node, ctx: RuleContext) -> None:
     """Spatial dims change size; the leading (batch, channel) dims pass through."""
     x = node.args[0] if node.args else node.kwargs["input"]
@@ -210,7 +233,9 @@ def pooling(node: fx.Node, ctx: RuleContext) -> None:
 
 
 @rule(F.pad, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
-      nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d)
+      nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d,
+      *aten_ops("pad", "constant_pad_nd", "reflection_pad1d", "reflection_pad2d", "replication_pad1d",
+                "replication_pad2d", "replication_pad3d"))
 def pad(node: fx.Node, ctx: RuleContext) -> None:
     x = node.args[0]
     pads = ctx.module(node).padding if node.op == "call_module" else arg(node, 1, "pad")
@@ -227,9 +252,16 @@ def pad(node: fx.Node, ctx: RuleContext) -> None:
 
 
 @rule("size", "dim", "numel", "ndimension", "nelement", "get_device", "is_contiguous", torch.numel,
-      builtins.len, torch._assert, builtins.isinstance)
+      builtins.len, torch._assert, builtins.isinstance, *aten_ops("sym_size", "sym_numel", "sym_stride"))
 def no_channels(node: fx.Node, ctx: RuleContext) -> None:
     """Ops that read sizes or check things; their results carry no channels."""
+
+
+@rule(*aten_ops("arange", "zeros", "ones", "full", "empty", "new_ones", "new_zeros", "new_full", "new_empty",
+                "scalar_tensor", "tensor", "randn", "rand"))
+def constant(node: fx.Node, ctx: RuleContext) -> None:
+    """A tensor made from sizes given as numbers: its dims cannot shrink with the channels."""
+    ctx.pin_tensor(node, f"made by {op_name(node.target)} with sizes fixed in the graph")
 
 
 @rule(builtins.getattr)

@@ -14,17 +14,33 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
 from pcompiler.ir import DimRef, Role
-from pcompiler.passes.rules.base import RewriteContext, RuleContext, RuleError, arg, rewriter, rule, set_arg
+from pcompiler.passes.rules.base import (
+    RewriteContext,
+    RuleContext,
+    RuleError,
+    arg,
+    aten_ops,
+    op_name,
+    rewriter,
+    rule,
+    set_arg,
+)
 
 _CONVS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
 _TCONVS = {nn.ConvTranspose1d: 1, nn.ConvTranspose2d: 2, nn.ConvTranspose3d: 3}
-_FCONVS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
-_FTCONVS = {F.conv_transpose1d: 1, F.conv_transpose2d: 2, F.conv_transpose3d: 3}
+_aten = torch.ops.aten
+# The functional forms: F.conv2d(input, weight, bias, stride, padding, dilation, groups), and the
+# ATen overloads with the same arguments.
+_FCONVS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3, _aten.conv1d.default: 1, _aten.conv2d.default: 2,
+           _aten.conv3d.default: 3, _aten.conv1d.padding: 1, _aten.conv2d.padding: 2, _aten.conv3d.padding: 3}
+_FTCONVS = {F.conv_transpose1d: 1, F.conv_transpose2d: 2, F.conv_transpose3d: 3, _aten.conv_transpose1d.default: 1,
+            _aten.conv_transpose2d.input: 2, _aten.conv_transpose3d.input: 3}
 
 
 def _conv(ctx: RuleContext, node: fx.Node, x: fx.Node, nd: int, w: DimRef, w_in: DimRef, bias: DimRef | None,
@@ -134,12 +150,22 @@ def linear_module_rewrite(node: fx.Node, ctx: RewriteContext) -> None:
     m.in_features, m.out_features = ctx.new_size(node.args[0], -1), ctx.new_size(node, -1)
 
 
-@rule(F.linear)
+@rule(F.linear, *aten_ops("linear"))
 def linear_functional(node: fx.Node, ctx: RuleContext) -> None:
     w = arg(node, 1, "weight")
     if not isinstance(w, fx.Node):
         raise RuleError("weight is not a graph value")
     _linear(ctx, node, arg(node, 0, "input"), ctx.ref(w, 0), ctx.ref(w, 1), _param(ctx, arg(node, 2, "bias"), 0))
+
+
+@rule(*aten_ops("addmm"))
+def addmm(node: fx.Node, ctx: RuleContext) -> None:
+    """addmm(bias, x, w) = bias + x @ w, with w of shape (in, out): a linear layer stored
+    transposed (Hugging Face's Conv1D in GPT-2)."""
+    bias, x, w = (arg(node, i, n) for i, n in enumerate(("self", "mat1", "mat2")))
+    if not isinstance(w, fx.Node) or ctx.info(x) is None:
+        raise RuleError("weight is not a graph value")
+    _linear(ctx, node, x, ctx.ref(w, 1), ctx.ref(w, 0), _param(ctx, bias, -1) if ctx.info(bias) else None)
 
 
 # --- norms ---------------------------------------------------------------------------------------
@@ -190,6 +216,14 @@ def channel_norm_functional(node: fx.Node, ctx: RuleContext) -> None:
     _channel_norm(ctx, node, x, 1, [_param(ctx, a, 0) for a in affine], [_param(ctx, s, 0) for s in stats])
 
 
+@rule(*aten_ops("batch_norm"))
+def batch_norm_aten(node: fx.Node, ctx: RuleContext) -> None:
+    """aten.batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, ...)."""
+    affine = [_param(ctx, arg(node, i, n), 0) for i, n in ((1, "weight"), (2, "bias"))]
+    stats = [_param(ctx, arg(node, i, n), 0) for i, n in ((3, "running_mean"), (4, "running_var"))]
+    _channel_norm(ctx, node, arg(node, 0, "input"), 1, affine, stats)
+
+
 def _group_norm(ctx: RuleContext, node: fx.Node, x: fx.Node, groups: int, affine: list) -> None:
     _channel_norm(ctx, node, x, 1, affine, [])
     c = ctx.ref(node, 1)
@@ -212,14 +246,14 @@ def group_norm_module_rewrite(node: fx.Node, ctx: RewriteContext) -> None:
     m.num_groups = m.num_channels // per
 
 
-@rule(F.group_norm)
+@rule(F.group_norm, *aten_ops("group_norm"))
 def group_norm_functional(node: fx.Node, ctx: RuleContext) -> None:
     groups = arg(node, 1, "num_groups")
     affine = [_param(ctx, arg(node, 2, "weight"), 0), _param(ctx, arg(node, 3, "bias"), 0)]
     _group_norm(ctx, node, arg(node, 0, "input"), groups, affine)
 
 
-@rewriter(F.group_norm)
+@rewriter(F.group_norm, *aten_ops("group_norm"))
 def group_norm_functional_rewrite(node: fx.Node, ctx: RewriteContext) -> None:
     per = ctx.old_size(node, 1) // arg(node, 1, "num_groups")
     set_arg(node, 1, "num_groups", ctx.new_size(node, 1) // per)
@@ -245,14 +279,15 @@ def last_dims_norm_module(node: fx.Node, ctx: RuleContext) -> None:
     _last_dims_norm(ctx, node, node.args[0], k, affine, type(m).__name__)
 
 
-@rule(F.layer_norm, *([F.rms_norm] if hasattr(F, "rms_norm") else []))
+@rule(F.layer_norm, *([F.rms_norm] if hasattr(F, "rms_norm") else []), *aten_ops("layer_norm", "rms_norm"))
 def last_dims_norm_functional(node: fx.Node, ctx: RuleContext) -> None:
     shape = arg(node, 1, "normalized_shape")
     k = len(shape) if isinstance(shape, (list, tuple)) else 1
-    names = ("weight", "bias") if node.target is F.layer_norm else ("weight",)
+    name = op_name(node.target)
+    names = ("weight", "bias") if name == "layer_norm" else ("weight",)
     tensors = [arg(node, 2 + i, n) for i, n in enumerate(names)]
     affine = [[ctx.ref(t, d) for d in range(k)] for t in tensors if isinstance(t, fx.Node)]
-    _last_dims_norm(ctx, node, arg(node, 0, "input"), k, affine, node.target.__name__)
+    _last_dims_norm(ctx, node, arg(node, 0, "input"), k, affine, name)
 
 
 @rule(nn.LocalResponseNorm)
@@ -285,6 +320,12 @@ def embedding_module_rewrite(node: fx.Node, ctx: RewriteContext) -> None:
 @rule(F.embedding)
 def embedding_functional(node: fx.Node, ctx: RuleContext) -> None:
     _embedding(ctx, node, arg(node, 0, "input"), ctx.ref(arg(node, 1, "weight"), 1))
+
+
+@rule(*aten_ops("embedding"))
+def embedding_aten(node: fx.Node, ctx: RuleContext) -> None:
+    """aten.embedding(weight, indices, ...): the arguments of F.embedding, swapped."""
+    _embedding(ctx, node, arg(node, 1, "indices"), ctx.ref(arg(node, 0, "weight"), 1))
 
 
 @rule(nn.MultiheadAttention)

@@ -20,10 +20,22 @@ import torch.fx as fx
 import torch.nn as nn
 
 from pcompiler.ir import int_value, iter_tensors, node_value, tensor_at
-from pcompiler.passes.rules.base import RewriteContext, RuleContext, RuleError, arg, rewriter, rule, set_arg
+from pcompiler.passes.rules.base import (
+    RewriteContext,
+    RuleContext,
+    RuleError,
+    arg,
+    aten_ops,
+    op_name,
+    rewriter,
+    rule,
+    set_arg,
+)
 
 _RESHAPES = ("view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as",
-             torch.reshape, torch.flatten, torch.unflatten, torch.squeeze, torch.unsqueeze, nn.Flatten, nn.Unflatten)
+             torch.reshape, torch.flatten, torch.unflatten, torch.squeeze, torch.unsqueeze, nn.Flatten, nn.Unflatten,
+             *aten_ops("view", "reshape", "_unsafe_view", "flatten", "unflatten", "squeeze", "squeeze_", "unsqueeze",
+                       "unsqueeze_"))
 
 
 @rule(*_RESHAPES)
@@ -77,15 +89,15 @@ def _rewrite_sizes(sizes: Any, node: fx.Node, ctx: RewriteContext, first_dim: in
 
 @rewriter(*_RESHAPES)
 def reshape_rewrite(node: fx.Node, ctx: RewriteContext) -> None:
-    t = node.target
-    if t in ("view", "reshape"):
+    t, name = node.target, op_name(node.target)
+    if name in ("view", "reshape", "_unsafe_view") and t is not torch.reshape:
         if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)):
             node.args = (node.args[0], _rewrite_sizes(node.args[1], node, ctx))
         else:
             node.args = (node.args[0], *_rewrite_sizes(node.args[1:], node, ctx))
     elif t is torch.reshape:
         set_arg(node, 1, "shape", _rewrite_sizes(arg(node, 1, "shape"), node, ctx))
-    elif t in ("unflatten", torch.unflatten):
+    elif name == "unflatten" and node.op != "call_module":
         dim = arg(node, 1, "dim")
         x_ndim = len(node_value(node.args[0]).shape)
         set_arg(node, 2, "sizes", _rewrite_sizes(arg(node, 2, "sizes"), node, ctx, dim % x_ndim))
@@ -97,17 +109,17 @@ def reshape_rewrite(node: fx.Node, ctx: RewriteContext) -> None:
 
 def _permutation(node: fx.Node, ndim: int) -> list[int]:
     """perm[i] = the input dim that output dim i comes from."""
-    t, rest = node.target, node.args[1:]
+    t, rest = op_name(node.target), node.args[1:]
     perm = list(range(ndim))
-    if t in ("permute", torch.permute):
+    if t == "permute":
         dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest or arg(node, 1, "dims")
         perm = [d % ndim for d in dims]
-    elif t in ("transpose", "swapaxes", "swapdims", torch.transpose, torch.swapaxes, torch.swapdims):
+    elif t in ("transpose", "transpose_", "swapaxes", "swapdims"):
         a, b = (arg(node, 1, "dim0") % ndim, arg(node, 2, "dim1") % ndim)
         perm[a], perm[b] = perm[b], perm[a]
-    elif t in ("t", torch.t):
+    elif t == "t":
         perm = perm[::-1]
-    elif t in ("movedim", torch.movedim, "moveaxis", torch.moveaxis):
+    elif t in ("movedim", "moveaxis"):
         src, dst = arg(node, 1, "source"), arg(node, 2, "destination")
         src, dst = ([src], [dst]) if isinstance(src, int) else (list(src), list(dst))
         src, dst = [s % ndim for s in src], [d % ndim for d in dst]
@@ -123,14 +135,15 @@ def _permutation(node: fx.Node, ndim: int) -> list[int]:
 
 
 @rule("permute", "transpose", "swapaxes", "swapdims", "t", "movedim", "moveaxis", torch.permute, torch.transpose,
-      torch.swapaxes, torch.swapdims, torch.t, torch.movedim, torch.moveaxis)
+      torch.swapaxes, torch.swapdims, torch.t, torch.movedim, torch.moveaxis,
+      *aten_ops("permute", "transpose", "transpose_", "swapaxes", "swapdims", "t", "movedim", "moveaxis"))
 def permute(node: fx.Node, ctx: RuleContext) -> None:
     x = node.args[0]
     for i, src in enumerate(_permutation(node, ctx.info(x).ndim)):
         ctx.same(ctx.ref(x, src), ctx.ref(node, i))
 
 
-@rule(torch.cat, torch.concat, torch.concatenate)
+@rule(torch.cat, torch.concat, torch.concatenate, *aten_ops("cat", "concat", "concatenate"))
 def cat(node: fx.Node, ctx: RuleContext) -> None:
     tensors, dim = arg(node, 0, "tensors"), arg(node, 1, "dim", 0)
     nd = ctx.info(node).ndim
@@ -148,7 +161,7 @@ def cat(node: fx.Node, ctx: RuleContext) -> None:
         offset += n
 
 
-@rule(torch.stack)
+@rule(torch.stack, *aten_ops("stack"))
 def stack(node: fx.Node, ctx: RuleContext) -> None:
     tensors, dim = arg(node, 0, "tensors"), arg(node, 1, "dim", 0) % ctx.info(node).ndim
     ctx.pin(ctx.ref(node, dim), "stacked dim (each position is a whole input)")
@@ -157,11 +170,12 @@ def stack(node: fx.Node, ctx: RuleContext) -> None:
             ctx.same(ctx.ref(t, d), ctx.ref(node, d + (d >= dim)))
 
 
-_SPLITS = ("split", "chunk", "unbind", torch.split, torch.chunk, torch.unbind)
+_SPLITS = ("split", "chunk", "unbind", torch.split, torch.chunk, torch.unbind,
+           *aten_ops("split", "split_with_sizes", "chunk", "unbind"))
 
 
 def _split_dim(node: fx.Node) -> int:
-    return arg(node, 1 if node.target in ("unbind", torch.unbind) else 2, "dim", 0)
+    return arg(node, 1 if op_name(node.target) == "unbind" else 2, "dim", 0)
 
 
 @rule(*_SPLITS)
@@ -170,7 +184,7 @@ def split(node: fx.Node, ctx: RuleContext) -> None:
     tx = ctx.info(x)
     dim = _split_dim(node) % tx.ndim
     pieces = list(iter_tensors(node_value(node)))
-    if node.target in ("unbind", torch.unbind):
+    if op_name(node.target) == "unbind":
         ctx.pin(ctx.ref(x, dim), "unbound dim (each position is a whole output)")
         for path, _ in pieces:
             for d in range(tx.ndim):
@@ -189,14 +203,17 @@ def split(node: fx.Node, ctx: RuleContext) -> None:
 
 @rewriter(*_SPLITS)
 def split_rewrite(node: fx.Node, ctx: RewriteContext) -> None:
-    if node.target in ("unbind", torch.unbind):
+    if op_name(node.target) == "unbind":
         return
     dim = _split_dim(node)
     paths = [p for p, _ in iter_tensors(node_value(node))]
     old = [ctx.old_size(node, dim, p) for p in paths]
     new = [ctx.new_size(node, dim, p) for p in paths]
     if new != old:
-        node.target = "split" if isinstance(node.target, str) else torch.split
+        if isinstance(node.target, torch._ops.OpOverload):
+            node.target = torch.ops.aten.split_with_sizes.default
+        else:
+            node.target = "split" if isinstance(node.target, str) else torch.split
         node.args, node.kwargs = (node.args[0], new, dim), {}
 
 
@@ -220,15 +237,20 @@ def getitem(node: fx.Node, ctx: RuleContext) -> None:
         if isinstance(item, int):
             ctx.pin(ctx.ref(x, in_d), "indexed by a constant position")
         elif isinstance(item, slice):
-            rng = _slice_range(item, tx.shape[in_d])
-            if rng is None or rng.step != 1:
-                why = "strided slice" if rng is not None else "sliced with bounds that are not sizes"
-                ctx.pin(ctx.ref(x, in_d), why)
-                ctx.pin(ctx.ref(node, out_d), why)
-                continue
-            ctx.link(ctx.ref(x, in_d), np.asarray(rng), ctx.ref(node, out_d), np.arange(len(rng)))
+            _link_slice(ctx, x, in_d, node, out_d, item)
         else:
             raise RuleError(f"index item {item!r} (a tensor or a computed index)")
+
+
+def _link_slice(ctx: RuleContext, x: fx.Node, in_d: int, node: fx.Node, out_d: int, item: slice) -> None:
+    """The positions a unit-step slice takes pass; any other slice pins both sides."""
+    rng = _slice_range(item, ctx.info(x).shape[in_d])
+    if rng is None or rng.step != 1:
+        why = "strided slice" if rng is not None else "sliced with bounds that are not sizes"
+        ctx.pin(ctx.ref(x, in_d), why)
+        ctx.pin(ctx.ref(node, out_d), why)
+        return
+    ctx.link(ctx.ref(x, in_d), np.asarray(rng), ctx.ref(node, out_d), np.arange(len(rng)))
 
 
 def _slice_range(item: slice, size: int) -> range | None:
@@ -238,6 +260,12 @@ def _slice_range(item: slice, size: int) -> range | None:
     if any(b is None and v is not None for b, v in zip(bounds, (item.start, item.stop, item.step))):
         return None
     return range(*slice(*bounds).indices(size))
+
+
+def _shifted(rng: range, removed: np.ndarray) -> slice:
+    """The bounds of a unit-step slice once `removed` positions are gone. Channel counts are
+    static: the new bounds are literals, computed bounds included."""
+    return slice(rng.start - int((removed < rng.start).sum()), rng.stop - int((removed < rng.stop).sum()))
 
 
 def _index_items(idx: Any, ndim: int) -> list[tuple[int, int, Any]]:
@@ -270,17 +298,60 @@ def getitem_rewrite(node: fx.Node, ctx: RewriteContext) -> None:
     for in_d, _, item in _index_items(idx, ndim):
         removed = ctx.removed(x, in_d) if isinstance(item, slice) else ()
         if len(removed) and item != slice(None):
-            # Channel counts are static: the new bounds are literals, computed bounds included.
-            rng = _slice_range(item, ctx.old_size(x, in_d))
-            start, stop = rng.start, rng.stop
-            item = slice(start - int((removed < start).sum()), stop - int((removed < stop).sum()))
+            item = _shifted(_slice_range(item, ctx.old_size(x, in_d)), removed)
             changed = True
         new_items.append(item)
     if changed:
         node.args = (x, tuple(new_items))
 
 
-@rule("expand", torch.broadcast_to)
+def _slice_args(node: fx.Node) -> tuple[fx.Node, int, slice]:
+    """aten.slice.Tensor(x, dim=0, start=None, end=None, step=1) as (x, dim, slice)."""
+    x = node.args[0]
+    dim = arg(node, 1, "dim", 0) % ctx_ndim(x)
+    return x, dim, slice(arg(node, 2, "start"), arg(node, 3, "end"), arg(node, 4, "step", 1))
+
+
+def ctx_ndim(x: fx.Node) -> int:
+    t = tensor_at(x)
+    if t is None:
+        raise RuleError("sliced value is not a tensor")
+    return t.ndim
+
+
+@rule(*aten_ops("slice"))
+def slice_dim(node: fx.Node, ctx: RuleContext) -> None:
+    """x[..., a:b:s, ...] on one dim: the positions taken pass; a strided slice pins."""
+    x, dim, item = _slice_args(node)
+    tx = ctx.info(x)
+    for d in range(tx.ndim):
+        if d != dim:
+            ctx.same(ctx.ref(x, d), ctx.ref(node, d))
+    _link_slice(ctx, x, dim, node, dim, item)
+
+
+@rewriter(*aten_ops("slice"))
+def slice_dim_rewrite(node: fx.Node, ctx: RewriteContext) -> None:
+    x, dim, item = _slice_args(node)
+    removed = ctx.removed(x, dim)
+    if len(removed):
+        new = _shifted(_slice_range(item, ctx.old_size(x, dim)), removed)
+        node.args, node.kwargs = (x, dim, new.start, new.stop, 1), {}
+
+
+@rule(*aten_ops("select"))
+def select(node: fx.Node, ctx: RuleContext) -> None:
+    """x.select(dim, i): dim is indexed by a constant position (pinned), the others pass."""
+    x = node.args[0]
+    tx = ctx.info(x)
+    dim = arg(node, 1, "dim") % tx.ndim
+    ctx.pin(ctx.ref(x, dim), "indexed by a constant position")
+    for d in range(tx.ndim):
+        if d != dim:
+            ctx.same(ctx.ref(x, d), ctx.ref(node, d - (d > dim)))
+
+
+@rule("expand", torch.broadcast_to, *aten_ops("expand"))
 def expand(node: fx.Node, ctx: RuleContext) -> None:
     x = node.args[0]
     tx, to = ctx.info(x), ctx.info(node)
@@ -290,9 +361,9 @@ def expand(node: fx.Node, ctx: RuleContext) -> None:
             ctx.same(ctx.ref(x, d), ctx.ref(node, d + lead))
 
 
-@rewriter("expand", torch.broadcast_to)
+@rewriter("expand", torch.broadcast_to, *aten_ops("expand"))
 def expand_rewrite(node: fx.Node, ctx: RewriteContext) -> None:
-    if node.target == "expand":
+    if node.target is not torch.broadcast_to:
         if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)):
             node.args = (node.args[0], _rewrite_sizes(node.args[1], node, ctx))
         else:
@@ -307,23 +378,24 @@ def expand_as(node: fx.Node, ctx: RuleContext) -> None:
     ctx.same_shape(node.args[1], node)
 
 
-@rule("repeat", torch.roll, "roll", torch.flip, "flip")
+@rule("repeat", torch.roll, "roll", torch.flip, "flip", *aten_ops("repeat", "roll", "flip"))
 def repeat_roll_flip(node: fx.Node, ctx: RuleContext) -> None:
     """Dims that are repeated, rolled or flipped are pinned; the others pass through."""
     x = node.args[0]
     tx, to = ctx.info(x), ctx.info(node)
-    if node.target == "repeat":
+    name = op_name(node.target)
+    if name == "repeat":
         reps = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
         lead = len(reps) - tx.ndim
         moved = {d for d in range(tx.ndim) if reps[d + lead] != 1}
     else:
-        dims = arg(node, 2 if node.target in (torch.roll, "roll") else 1, "dims")
+        dims = arg(node, 2 if name == "roll" else 1, "dims")
         if dims is None:
             raise RuleError("rolls or flips the flattened tensor")
         moved = {d % tx.ndim for d in ([dims] if isinstance(dims, int) else dims)}
         lead = 0
     for d in range(tx.ndim):
         if d in moved:
-            ctx.pin(ctx.ref(x, d), f"{node.target if isinstance(node.target, str) else node.target.__name__} along these channels")
+            ctx.pin(ctx.ref(x, d), f"{name} along these channels")
         elif to.shape[d + lead] == tx.shape[d]:
             ctx.same(ctx.ref(x, d), ctx.ref(node, d + lead))
