@@ -28,6 +28,7 @@ import _common
 import torch
 import torchvision
 
+from pcompiler.inputs import InputSpec
 from pcompiler.pipeline import Settings, compile_model
 from pcompiler.report_md import seconds_text
 from pcompiler.targets.bench import LatencySettings, bench
@@ -49,7 +50,7 @@ def build(name: str, size: int) -> tuple[torch.nn.Module, torch.Tensor]:
 
 def prune_ours(model, x, speedup: float, round_to: int):
     settings = Settings(method="l1", speedup=speedup, round_to=round_to, compensate=False)
-    prog, _ = compile_model(model, settings, shapes=[tuple(x.shape)])
+    prog, _ = compile_model(model, settings, inputs=[InputSpec(tuple(x.shape))])
     return prog.reference, prog.gm, prog.info["method_settings"]["ratio_used"]
 
 

@@ -35,7 +35,8 @@ from rich.table import Table
 
 from pcompiler.errors import EXIT_BUG, EXIT_OK, CompileError, InternalError, first_line, one_line
 from pcompiler.input_checks import check_input_memory
-from pcompiler.loading import load_model, parse_input_shapes
+from pcompiler.inputs import parse_inputs, specs_text
+from pcompiler.loading import load_model
 from pcompiler.outdir import claim_out_dir
 from pcompiler.passes.recalibrate import DEFAULT_BATCHES
 from pcompiler.pipeline import (
@@ -43,7 +44,6 @@ from pcompiler.pipeline import (
     Settings,
     compile_model,
     methods,
-    shape_text,
     trace_model,
 )
 from pcompiler.report_md import count_text
@@ -122,8 +122,12 @@ def _guarded(console: Console, verbose: bool, body: Callable[[], int]) -> int:
 @click.argument("model_path", metavar="MODEL", type=click.Path(path_type=Path))
 @click.option("--method", type=click.Choice(list(methods())), help="How channels are chosen.")
 @click.option("--ratio", type=float, help="Fraction of each group's channels to remove, in [0, 1).")
-@click.option("--input-shape", "input_shapes", multiple=True, metavar="S",
-              help="Shape of one example input, e.g. 1,3,32,32 (repeat for several inputs).")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="S[:DTYPE]",
+              help="Shape of one positional example input, e.g. 1,3,32,32, or 1,128:int64 for token ids "
+                   "(drawn below the vocabulary of the embedding they feed); repeat for several inputs.")
+@click.option("--input", "named_inputs", multiple=True, metavar="NAME=S[:DTYPE]",
+              help="A keyword example input, e.g. attention_mask=1,128:int64 (0/1 where no embedding reads it); "
+                   "repeat for several. A Hugging Face model's config gives the default.")
 @click.option("--trust", is_flag=True, help="Load MODEL with full pickle (runs code from the file).")
 @click.option("--arch", metavar="M:F", help="MODEL is a state dict; build the model by calling F from module M.")
 @click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), help="Folder for the exports and report.json.")
@@ -211,10 +215,10 @@ def _settings(o: dict[str, Any]) -> Settings:
 def _compile(console: Console, model_path: Path, **o: Any) -> int:
     from pcompiler.passmanager import dump_instrument
 
-    shapes = parse_input_shapes(o["input_shapes"])
+    specs = parse_inputs(o["input_shapes"], o["named_inputs"])
     instruments = [dump_instrument(o["dump_ir"])] if o["dump_ir"] is not None else []
     if o["analyze"]:
-        prog = trace_model(load_model(model_path, trust=o["trust"], arch=o["arch"]), shapes, seed=o["seed"])
+        prog = trace_model(load_model(model_path, trust=o["trust"], arch=o["arch"]), specs, seed=o["seed"])
         from pcompiler.passmanager import make_pass, run
 
         prog = run(prog, [make_pass("analyze")], instruments=instruments)
@@ -233,8 +237,9 @@ def _compile(console: Console, model_path: Path, **o: Any) -> int:
     settings.check(has_data=o["data_spec"] is not None)
     formats = _parse_list("--formats", o["formats"], FORMATS)
     bench = _bench_settings(o["bench_batches"], o["bench_backends"]) if o["run_bench"] else None
-    if bench is not None and shapes:
-        check_input_memory(shapes, largest_batch=max(bench.batch_sizes), option="--bench-batches")
+    if bench is not None and specs:
+        check_input_memory([s.shape for s in specs], largest_batch=max(bench.batch_sizes), option="--bench-batches",
+                           element_bytes=[s.dtype.itemsize for s in specs])
     claim_out_dir(o["out_dir"], overwrite=o["overwrite"], resume=o["resume"], model=model_path,
                   settings={"method": settings.method, "ratio": settings.ratio, "speedup": settings.speedup,
                             "data": o["data_spec"], "seed": settings.seed})
@@ -246,7 +251,7 @@ def _compile(console: Console, model_path: Path, **o: Any) -> int:
     model = load_model(model_path, trust=o["trust"], arch=o["arch"])
     if data is not None:
         check_model(data, model)
-    prog, report = compile_model(model, settings, data=data, shapes=shapes, out_dir=o["out_dir"], formats=formats,
+    prog, report = compile_model(model, settings, data=data, inputs=specs, out_dir=o["out_dir"], formats=formats,
                                  bench=bench, model_path=model_path, instruments=instruments)
     if report is not None:
         _summary(console, report, Path(o["out_dir"]) / "report.json")
@@ -289,18 +294,19 @@ def _bench(console: Console, model_path: Path, *, slim_path: Path | None, input_
 
     if (threads is not None and threads < 1) or warmup < 0 or min_reps < 1 or min_time < 0:
         raise CompileError("--threads and --min-reps must be at least 1, --warmup and --min-time at least 0")
-    shapes = parse_input_shapes(input_shapes)
+    specs = parse_inputs(input_shapes)
     settings = _bench_settings(batches, backends, threads=threads, warmup=warmup, min_reps=min_reps,
                                min_seconds=min_time)
-    if shapes:
-        check_input_memory(shapes, largest_batch=max(settings.batch_sizes), option="--batches")
+    if specs:
+        check_input_memory([s.shape for s in specs], largest_batch=max(settings.batch_sizes), option="--batches",
+                           element_bytes=[s.dtype.itemsize for s in specs])
     models = {"original": load_model(model_path, trust=trust, arch=arch)}
     if slim_path is not None:
         models["slim"] = load_model(slim_path / "model.pt2" if slim_path.is_dir() else slim_path, trust=trust)
-    result, shapes = measure(models, shapes, settings)
+    result, specs = measure(models, specs, settings)
     for name, c in result["costs"].items():
         console.print(f"[bold]{name:<10}[/]  {count_text(c['params'])} params, {count_text(c['flops'])} FLOPs "
-                      f"at input {shape_text(shapes)}", highlight=False)
+                      f"at input {specs_text(specs)}", highlight=False)
     Console(width=None if sys.stdout.isatty() else 160).print(_latency_table(result))
     if json_path is not None:
         write_report(result, json_path)

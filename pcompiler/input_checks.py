@@ -5,7 +5,7 @@
   outputs, so pruning it would measure nothing. `loading.load_model` calls it on every model.
 - `check_input_memory(shapes)`: example inputs of these shapes (float32) must fit in a safe
   share of the memory available now (`/proc/meminfo` MemAvailable, or `os.sysconf` where there
-  is no /proc), before a single tensor is allocated. `loading.parse_input_shapes` calls it;
+  is no /proc), before a single tensor is allocated. `inputs.parse_inputs` calls it;
   `largest_batch` checks the shapes with their batch (first) dimension replaced by the largest
   batch a benchmark will time (`pcompile bench --batches`, `--bench-batches`).
 
@@ -91,12 +91,14 @@ def _gib(n: float) -> str:
 
 
 def check_input_memory(shapes: Sequence[Sequence[int]], *, largest_batch: int | None = None,
-                       option: str = "--input-shape", element_bytes: int = 4) -> None:
-    """Refuse example inputs of `shapes` (`element_bytes` per value, float32 by default) that
+                       option: str = "--input-shape", element_bytes: int | Sequence[int] = 4) -> None:
+    """Refuse example inputs of `shapes` (`element_bytes` per value, float32 by default; or one
+    per shape) that
     would take more than MEMORY_SHARE of the available memory. With `largest_batch`, each shape's
     first dimension is replaced by it (a benchmark's batches). `option` names what set them."""
     sized = shapes if largest_batch is None else [(largest_batch, *s[1:]) if s else s for s in shapes]
-    need = sum(math.prod(s) for s in sized) * element_bytes
+    sizes = [element_bytes] * len(shapes) if isinstance(element_bytes, int) else list(element_bytes)
+    need = sum(math.prod(s) * b for s, b in zip(sized, sizes))
     have = available_memory()
     if have is None or need <= MEMORY_SHARE * have:
         return
@@ -104,7 +106,7 @@ def check_input_memory(shapes: Sequence[Sequence[int]], *, largest_batch: int | 
     what = f"{shown}: the example inputs" if largest_batch is None else f"batch {largest_batch} of inputs {shown}"
     raise CompileError(
         f"{option} {what} would take {_gib(need)}, more than {MEMORY_SHARE:.0%} of the {_gib(have)} of memory "
-        "available", hint=_smaller(shapes, MEMORY_SHARE * have / element_bytes, largest_batch is not None),
+        "available", hint=_smaller(shapes, MEMORY_SHARE * have / max(sizes), largest_batch is not None),
     )
 
 

@@ -74,6 +74,16 @@ def owner_of(gm: torch.nn.Module, qualname: str) -> tuple[torch.nn.Module, str]:
     return (gm.get_submodule(prefix) if prefix else gm), name
 
 
+def op_name(target: Any) -> str:
+    """An op's name whatever its form: 'view' for the method name, aten.view.default and
+    torch.Tensor.view alike; a function's __name__ ('cat'); a module class's name."""
+    if isinstance(target, str):
+        return target
+    if isinstance(target, torch._ops.OpOverload):
+        return target.overloadpacket.__name__
+    return getattr(target, "__name__", None) or str(target)
+
+
 def int_value(value: Any) -> int | None:
     """A constant int, or the recorded value of a node that computes one (None otherwise)."""
     if isinstance(value, int) and not isinstance(value, bool):

@@ -1,4 +1,4 @@
-"""Safe loading of model files: `load_model(path)` and `parse_input_shapes(specs)`.
+"""Safe loading of model files: `load_model(path)`.
 
 A model file is what `torch.save(model)` writes: a pickle that names the classes to rebuild. A
 plain `pickle.load` of it runs whatever those names point to, so a file from elsewhere is read
@@ -56,11 +56,11 @@ import torch
 from torch import nn
 
 from pcompiler.errors import CompileError, one_line
-from pcompiler.input_checks import check_finite, check_input_memory
+from pcompiler.input_checks import check_finite
 
 log = logging.getLogger("pcompiler")
 
-__all__ = ["allowlist", "load_model", "optional_import_failures", "parse_input_shapes", "refresh_allowlist"]
+__all__ = ["allowlist", "load_model", "optional_import_failures", "refresh_allowlist"]
 
 # Libraries whose model classes are allowlisted when they import: (package, subpackages walked).
 _OPTIONAL_LIBRARIES = {
@@ -477,22 +477,3 @@ def _load(path: Path, trust: bool, arch: str | None) -> nn.Module:
             hint="pass --arch module:callable to build the model it belongs to, e.g. --arch torchvision.models:resnet18",
         )
     raise CompileError(f"'{path}' holds {_describe(obj)}, not an nn.Module", hint="save the model with torch.save(model, path)")
-
-
-def parse_input_shapes(specs: Iterable[str]) -> list[tuple[int, ...]]:
-    """'1,3,32,32' -> (1, 3, 32, 32), one tuple per spec; refused when inputs of these shapes
-    would not fit in memory (`input_checks.check_input_memory`)."""
-    shapes = []
-    for spec in specs:
-        parts = spec.strip().strip("()[]").split(",")
-        try:
-            dims = tuple(int(p) for p in parts)
-        except ValueError:
-            dims = ()
-        if not dims or any(d <= 0 for d in dims):
-            raise CompileError(
-                f"--input-shape '{spec}' is not a comma-separated list of positive integers (e.g. 1,3,32,32)"
-            )
-        shapes.append(dims)
-    check_input_memory(shapes)
-    return shapes

@@ -25,6 +25,7 @@ from torch import nn
 
 from pcompiler.data import DataSource
 from pcompiler.errors import CompileError, first_line
+from pcompiler.inputs import InputSpec, default_inputs, draw_integers, example_values, specs_text
 from pcompiler.ir import Program
 from pcompiler.passes.recalibrate import DEFAULT_BATCHES
 from pcompiler.passes.select import SelectOptions
@@ -179,54 +180,31 @@ def build(settings: Settings, data: DataSource | None = None, teacher: nn.Module
 # The run around the passes
 
 
-def default_input_shape(model: nn.Module) -> tuple[int, ...]:
-    """The model's own `example_input_shape` if it has one, else a shape that fits its first
-    layer (1,3,32,32 when nothing says otherwise)."""
-    own = getattr(model, "example_input_shape", None)
-    if isinstance(own, tuple) and all(isinstance(d, int) and d > 0 for d in own):
-        return own
-    for m in model.modules():
-        if isinstance(m, nn.Conv1d) and m.in_channels:
-            return (1, m.in_channels, 64)
-        if isinstance(m, nn.Conv2d) and m.in_channels:
-            return (1, m.in_channels, 32, 32)
-        if isinstance(m, nn.Conv3d) and m.in_channels:
-            return (1, m.in_channels, 8, 32, 32)
-        if isinstance(m, nn.Linear) and m.in_features:
-            return (1, m.in_features)
-        if next(m.parameters(recurse=False), None) is not None:
-            break  # the first layer with weights is something else: keep the default
-    return (1, 3, 32, 32)
-
-
-def shape_text(shapes: Iterable[Sequence[int]]) -> str:
-    return ", ".join(",".join(str(d) for d in s) for s in shapes)
-
-
-def trace_model(model: nn.Module, shapes: Sequence[tuple[int, ...]] | None = None,
+def trace_model(model: nn.Module, specs: Sequence[InputSpec] | None = None,
                 data: DataSource | None = None, seed: int = 0) -> Program:
-    """Trace `model` on random inputs of `shapes` (default: the data's, else `default_input_shape`)."""
+    """Trace `model` on example inputs of `specs` (default: the data's shape, else what the model
+    implies: `inputs.default_inputs`); integer inputs are drawn where they go (`draw_integers`)."""
     import pcompiler
     from pcompiler.costs import device_of
 
-    given = bool(shapes)
-    if not shapes:
-        shapes = [(1, *data.input_shape)] if data is not None else [default_input_shape(model)]
-        log.info("example input shape %s (from %s; --input-shape changes it)", shape_text(shapes),
+    given = bool(specs)
+    if not specs:
+        specs = [InputSpec((1, *data.input_shape))] if data is not None else default_inputs(model)
+        log.info("example inputs %s (from %s; --input-shape and --input change them)", specs_text(specs),
                  "the data" if data is not None else "the model")
-    torch.manual_seed(seed)
-    inputs = tuple(torch.randn(s, device=device_of(model)) for s in shapes)
+    args, kwargs = example_values(specs, device_of(model), seed)
     try:
-        return pcompiler.trace(model, inputs)
+        prog = pcompiler.trace(model, args, kwargs=kwargs)
     except CompileError as e:
         where = "" if given else "the default "
         hint = "" if "input-shape" in str(e) else " (pass --input-shape with the shape the model expects)"
-        raise CompileError(f"tracing the model with {where}input shape {shape_text(shapes)} failed: "
+        raise CompileError(f"tracing the model with {where}example inputs {specs_text(specs)} failed: "
                            f"{first_line(str(e))}{hint}") from e
+    return draw_integers(prog, seed)
 
 
 def compile_model(model: nn.Module, settings: Settings, *, data: DataSource | None = None,
-                  shapes: Sequence[tuple[int, ...]] | None = None, out_dir: str | Path | None = None,
+                  inputs: Sequence[InputSpec] | None = None, out_dir: str | Path | None = None,
                   formats: Sequence[str] = FORMATS, bench: Any = None, model_path: str | Path | None = None,
                   instruments: Iterable[Instrument] = ()) -> tuple[Program, dict[str, Any] | None]:
     """Trace `model`, run `build(settings, ...)`, then (on rank 0, with `out_dir`) export, time with
@@ -234,7 +212,7 @@ def compile_model(model: nn.Module, settings: Settings, *, data: DataSource | No
     final Program and the report (None without `out_dir`, and on the other ranks)."""
     settings = settings.resolved()
     passes = build(settings, data, teacher=model.eval() if settings.distill is not None else None)
-    prog = trace_model(model, shapes, data, settings.seed)
+    prog = trace_model(model, inputs, data, settings.seed)
     if bench is not None and prog.on_meta:
         raise CompileError("--bench needs real weights, and the model is on the meta device",
                            hint="load a checkpoint with weights, or leave out --bench")
@@ -261,25 +239,27 @@ def compile_model(model: nn.Module, settings: Settings, *, data: DataSource | No
     return prog, report
 
 
-def measure(models: Mapping[str, nn.Module], shapes: Sequence[tuple[int, ...]] | None,
-            settings: Any) -> tuple[dict[str, Any], list[tuple[int, ...]]]:
+def measure(models: Mapping[str, nn.Module], specs: Sequence[InputSpec] | None,
+            settings: Any) -> tuple[dict[str, Any], list[InputSpec]]:
     """`pcompile bench`: costs and latency of `models` ("original", and "slim" if given) on random
-    inputs of `shapes` (default: what fits the original's first layer), with `settings` (a
-    targets.bench.LatencySettings). Returns the result and the shapes used."""
+    inputs of `specs` (default: what the original implies), with `settings` (a
+    targets.bench.LatencySettings). Returns the result and the inputs used."""
     from pcompiler.costs import eval_mode
     from pcompiler.targets.bench import bench
 
-    if not shapes:
-        shapes = [default_input_shape(models["original"])]
-        log.warning("example input shape %s (from the model's first layer; --input-shape sets it)", shape_text(shapes))
+    if not specs:
+        specs = default_inputs(models["original"])
+        log.warning("example inputs %s (from the model; --input-shape sets them)", specs_text(specs))
+    if any(s.name for s in specs):
+        raise CompileError("pcompile bench times positional inputs only", hint="use --input-shape")
     if any(p.is_meta for m in models.values() for p in m.parameters()):
         raise CompileError("a model is on the meta device and has no weights to time", hint="load one with weights")
-    inputs = [torch.randn(s) for s in shapes]
+    inputs, _ = example_values(specs)
     for name, m in models.items():
         try:
             with torch.no_grad(), eval_mode(m):
                 m(*inputs)
         except Exception as e:  # noqa: BLE001 - the user's model or shape: say which
-            raise CompileError(f"the {'slim ' if name == 'slim' else ''}model does not run on input shape "
-                               f"{shape_text(shapes)}: {first_line(str(e))}", hint="pass --input-shape") from e
-    return bench(models, inputs, settings), list(shapes)
+            raise CompileError(f"the {'slim ' if name == 'slim' else ''}model does not run on example inputs "
+                               f"{specs_text(specs)}: {first_line(str(e))}", hint="pass --input-shape") from e
+    return bench(models, list(inputs), settings), list(specs)

@@ -196,7 +196,7 @@ def test_bench_command_alone_and_its_errors(tmp_path):
     assert "original p50 / p90" in result.stdout and "speedup" not in result.stdout
     for args, fragment in [(("--batches", "1,x"), "positive integers"),
                            (("--backends", "tpu"), "unknown tpu"),
-                           (("--input-shape", "1,5,8,8"), "does not run on input shape 1,5,8,8")]:
+                           (("--input-shape", "1,5,8,8"), "does not run on example inputs 1,5,8,8")]:
         result = invoke("bench", tmp_path / "cnn.pt", *args)
         assert result.exit_code == 2 and result.stderr.startswith("error: ") and fragment in result.stderr, result.output
     if not torch.cuda.is_available():

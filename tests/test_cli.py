@@ -13,8 +13,8 @@ from torch import nn
 import pcompiler.errors
 from pcompiler.cli import main
 from pcompiler.errors import CompileError
+from pcompiler.inputs import default_input_shape
 from pcompiler.passmanager import registered_passes
-from pcompiler.pipeline import default_input_shape
 
 torch.set_num_threads(1)
 
@@ -245,7 +245,7 @@ class Scale(nn.Module):
 
 def test_wrong_default_input_shape_suggests_the_option(tmp_path):
     torch.save(Scale(), tmp_path / "flat.pt")
-    assert_one_line_error(invoke(tmp_path / "flat.pt", "--analyze", "--trust"), 2, "default input shape 1,3,32,32",
+    assert_one_line_error(invoke(tmp_path / "flat.pt", "--analyze", "--trust"), 2, "default example inputs 1,3,32,32",
                           "--input-shape")
 
 

@@ -13,7 +13,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from pcompiler.errors import CompileError  # noqa: E402
-from pcompiler.loading import allowlist, load_model, parse_input_shapes, refresh_allowlist  # noqa: E402
+from pcompiler.loading import allowlist, load_model, refresh_allowlist  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -297,21 +297,3 @@ def test_files_that_hold_no_model(tmp_path):
 def test_torchscript_archive_is_named(tmp_path):
     torch.jit.save(torch.jit.script(nn.Linear(2, 3)), tmp_path / "ts.pt")
     assert "TorchScript" in _error(tmp_path / "ts.pt")
-
-
-# ---------------------------------------------------------------------------------------------
-# --input-shape
-
-
-def test_parse_input_shapes():
-    assert parse_input_shapes(["1,3,32,32", " 2, 8 ", "(1,16)"]) == [(1, 3, 32, 32), (2, 8), (1, 16)]
-    assert parse_input_shapes([]) == []
-
-
-@pytest.mark.parametrize("bad", ["1,3,x", "", "1,0,4", "1,-3", "1;3", "1.5,2"])
-def test_parse_input_shapes_rejects(bad):
-    with pytest.raises(CompileError) as info:
-        parse_input_shapes([bad])
-    assert str(info.value) == (
-        f"--input-shape '{bad}' is not a comma-separated list of positive integers (e.g. 1,3,32,32)"
-    )

@@ -114,16 +114,6 @@ def aten_ops(*names: str) -> list[torch._ops.OpOverload]:
     return ops
 
 
-def op_name(target: Any) -> str:
-    """The op's name whatever its form: 'view' for Tensor.view, torch.Tensor.view's method
-    name and aten.view.default; a function's __name__ ('cat'); a module class's name."""
-    if isinstance(target, str):
-        return target
-    if isinstance(target, torch._ops.OpOverload):
-        return target.overloadpacket.__name__
-    return getattr(target, "__name__", None) or str(target)
-
-
 def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
     """Positional-or-keyword argument of a call node."""
     if index < len(node.args):

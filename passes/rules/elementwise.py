@@ -19,9 +19,9 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pcompiler.ir import kept_by_zeroing, tensor_of
+from pcompiler.ir import kept_by_zeroing, op_name, tensor_of
 from pcompiler.passes.rules.at_zero import AtZero, at_zero, gates_only
-from pcompiler.passes.rules.base import RuleContext, RuleError, arg, aten_ops, op_name, rule
+from pcompiler.passes.rules.base import RuleContext, RuleError, arg, aten_ops, rule
 
 _ACT_MODULES = (
     nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,

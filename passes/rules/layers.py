@@ -19,14 +19,13 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pcompiler.ir import DimRef, Role
+from pcompiler.ir import DimRef, Role, op_name
 from pcompiler.passes.rules.base import (
     RewriteContext,
     RuleContext,
     RuleError,
     arg,
     aten_ops,
-    op_name,
     rewriter,
     rule,
     set_arg,

@@ -19,14 +19,13 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from pcompiler.ir import int_value, iter_tensors, node_value, tensor_at
+from pcompiler.ir import int_value, iter_tensors, node_value, op_name, tensor_at
 from pcompiler.passes.rules.base import (
     RewriteContext,
     RuleContext,
     RuleError,
     arg,
     aten_ops,
-    op_name,
     rewriter,
     rule,
     set_arg,
