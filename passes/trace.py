@@ -29,9 +29,9 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.utils.stateless import _reparametrize_module
 
-from pcompiler.compare import TRACE, compare
+from pcompiler.compare import TRACE, compare, flatten_tensors
 from pcompiler.errors import CompileError, one_line
-from pcompiler.ir import INT_KEY, Program, describe, set_node_value
+from pcompiler.ir import INT_KEY, Program, call_with, describe, set_node_value
 from pcompiler.passes.decompose import decompose_multihead_attention
 from pcompiler.passes.exported import export_graph
 
@@ -178,20 +178,14 @@ def propagate_shapes(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...], opaqu
         return _ShapeProp(gm, opaque or {}, on_meta).run(*inputs)
 
 
-def call_source(source: nn.Module, inputs: tuple, keywords: tuple[str, ...] = ()) -> Any:
-    """`source` called on the Program's inputs: the last len(keywords) of them by keyword."""
-    n = len(inputs) - len(keywords)
-    return source(*inputs[:n], **dict(zip(keywords, inputs[n:])))
-
-
 def check_reproduces(source: nn.Module, gm: fx.GraphModule, inputs: tuple, keywords: tuple[str, ...] = (),
                      flat: bool = False) -> None:
     """Raise CompileError unless `gm` gives `source`'s outputs on `inputs`. `flat`: the graph
     returns the tensors of the model's output as one tuple (the export frontend)."""
     with torch.no_grad():
-        want = call_source(source, inputs, keywords)
+        want = call_with(source, inputs, keywords)
         if flat:
-            want = tuple(t for t in torch.utils._pytree.tree_leaves(want) if isinstance(t, torch.Tensor))
+            want = tuple(flatten_tensors(want))
         where = _first_difference(gm(*inputs), want, "output")
     if where is not None:
         raise CompileError(

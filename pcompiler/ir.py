@@ -74,6 +74,12 @@ def owner_of(gm: torch.nn.Module, qualname: str) -> tuple[torch.nn.Module, str]:
     return (gm.get_submodule(prefix) if prefix else gm), name
 
 
+def call_with(model: torch.nn.Module, inputs: tuple, keywords: tuple[str, ...] = ()) -> Any:
+    """`model` called on a Program's inputs: the last len(keywords) of them by keyword."""
+    n = len(inputs) - len(keywords)
+    return model(*inputs[:n], **dict(zip(keywords, inputs[n:])))
+
+
 def op_name(target: Any) -> str:
     """An op's name whatever its form: 'view' for the method name, aten.view.default and
     torch.Tensor.view alike; a function's __name__ ('cat'); a module class's name."""

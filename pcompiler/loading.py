@@ -56,6 +56,7 @@ import torch
 from torch import nn
 
 from pcompiler.errors import CompileError, one_line
+from pcompiler.hf import is_folder, load_folder
 from pcompiler.input_checks import check_finite
 
 log = logging.getLogger("pcompiler")
@@ -446,7 +447,8 @@ def _read_export_archive(path: Path) -> nn.Module:
 def load_model(path: str | os.PathLike[str], *, trust: bool = False, arch: str | None = None) -> nn.Module:
     """Read a model file into an `nn.Module` on the CPU (or the meta device, if it was saved there).
 
-    A torch.export archive (.pt2) gives its `.module()`. Otherwise, without `arch` the file is a
+    A torch.export archive (.pt2) gives its `.module()`; a Hugging Face `save_pretrained` folder
+    its transformers model, from config.json and safetensors (pcompiler.hf). Otherwise, without `arch` the file is a
     `torch.save(model)` pickle; with `arch="module:callable"` it is a
     state dict for the model that `callable()` builds. Only allowlisted classes are rebuilt unless
     `trust` is set; a model whose weights or buffers hold NaN or inf is refused. Raises
@@ -457,6 +459,8 @@ def load_model(path: str | os.PathLike[str], *, trust: bool = False, arch: str |
 
 
 def _load(path: Path, trust: bool, arch: str | None) -> nn.Module:
+    if arch is None and is_folder(path):
+        return load_folder(path)
     if arch is None and _is_export_archive(path):
         return _read_export_archive(path)
     if arch is None and path.suffix == ".pt2":

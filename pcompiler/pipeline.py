@@ -25,6 +25,7 @@ from torch import nn
 
 from pcompiler.data import DataSource
 from pcompiler.errors import CompileError, first_line
+from pcompiler.hf import is_model, width_fields
 from pcompiler.inputs import InputSpec, default_inputs, draw_integers, example_values, specs_text
 from pcompiler.ir import Program
 from pcompiler.passes.recalibrate import DEFAULT_BATCHES
@@ -34,7 +35,7 @@ from pcompiler.train import Distillation, TrainConfig, is_main_process
 
 log = logging.getLogger("pcompiler")
 
-FORMATS = ("pt", "pt2", "onnx")
+FORMATS = ("pt", "pt2", "onnx", "hf")  # hf: a save_pretrained folder, for Hugging Face models
 
 
 def methods() -> dict[str, bool]:
@@ -147,9 +148,12 @@ def _method_pass(settings: Settings, data: DataSource | None, teacher: nn.Module
     return make_pass(s.method, **options, **s.method_options)
 
 
-def build(settings: Settings, data: DataSource | None = None, teacher: nn.Module | None = None) -> list[Pass]:
+def build(settings: Settings, data: DataSource | None = None, teacher: nn.Module | None = None,
+          hf_widths: dict[str, int] | None = None) -> list[Pass]:
     """The passes of a compilation: analyze, the method, slim, compensate, verify, and with data
-    the accuracy checks, recalibration and fine-tuning. `teacher`: the input model, for --distill."""
+    the accuracy checks, recalibration and fine-tuning. `teacher`: the input model, for --distill.
+    `hf_widths`: the widths a Hugging Face config holds, for the hf/ folder output (the method
+    then prunes only those: passes/hf_widths.py)."""
     s = settings
     s.check(data is not None)
     if s.distill is not None and teacher is None:
@@ -159,7 +163,9 @@ def build(settings: Settings, data: DataSource | None = None, teacher: nn.Module
     def accuracy(key: str) -> list[Pass]:
         return [make_pass("evaluate", data=data, key=key, device=device)] if data is not None else []
 
-    passes = [make_pass("analyze"), *accuracy("acc_before"), _method_pass(s, data, teacher), make_pass("slim")]
+    passes = [make_pass("analyze"),
+              *([make_pass("hf_widths", fields=tuple(hf_widths.items()))] if hf_widths is not None else []),
+              *accuracy("acc_before"), _method_pass(s, data, teacher), make_pass("slim")]
     if s.compensate:
         passes.append(make_pass("compensate", data=data))
     passes.append(make_pass("verify"))
@@ -211,7 +217,9 @@ def compile_model(model: nn.Module, settings: Settings, *, data: DataSource | No
     `bench` (a targets.bench.LatencySettings) and write report.json and report.md. Returns the
     final Program and the report (None without `out_dir`, and on the other ranks)."""
     settings = settings.resolved()
-    passes = build(settings, data, teacher=model.eval() if settings.distill is not None else None)
+    formats = [f for f in formats if f != "hf" or is_model(model)]  # hf: only for Hugging Face models
+    passes = build(settings, data, teacher=model.eval() if settings.distill is not None else None,
+                   hf_widths=width_fields(model) if "hf" in formats else None)
     prog = trace_model(model, inputs, data, settings.seed)
     if bench is not None and prog.on_meta:
         raise CompileError("--bench needs real weights, and the model is on the meta device",
@@ -225,7 +233,7 @@ def compile_model(model: nn.Module, settings: Settings, *, data: DataSource | No
     from pcompiler.report_md import write_markdown
     from pcompiler.targets.pytorch import export_all
 
-    export_all(prog, out_dir, formats=formats)
+    export_all(prog, out_dir, formats=formats, hf_model=model if "hf" in formats else None)
     if bench is not None:
         from pcompiler.targets.bench import bench as measure
 

@@ -47,7 +47,7 @@ _STANDARD_MODULES = ("torch", "collections", "builtins", "__builtin__", "copyreg
                      "numpy", "operator", "_operator", "math", "functools", "typing")
 
 # export_all: format -> file name. "pt" also writes the state dict.
-FILE_NAMES = {"pt": "model.pt", "state_dict": "state_dict.pt", "pt2": "model.pt2", "onnx": "model.onnx"}
+FILE_NAMES = {"pt": "model.pt", "state_dict": "state_dict.pt", "pt2": "model.pt2", "onnx": "model.onnx", "hf": "hf"}
 
 
 def _is_standard(module_name: str | None) -> bool:
@@ -157,10 +157,12 @@ def export_program(prog: Program, path: str | Path) -> ExportResult:
 
 
 def export_all(
-    prog: Program, out_dir: str | Path, formats: Iterable[str] = ("pt", "pt2", "onnx")
+    prog: Program, out_dir: str | Path, formats: Iterable[str] = ("pt", "pt2", "onnx"),
+    hf_model: torch.nn.Module | None = None,
 ) -> list[ExportResult]:
     """Write each format into `out_dir` (model.pt and state_dict.pt for "pt", model.pt2,
-    model.onnx) and record the results in `prog.info["exports"]` as a list of dicts.
+    model.onnx, the folder hf/ for "hf", which needs the user's transformers model `hf_model`)
+    and record the results in `prog.info["exports"]` as a list of dicts.
 
     A failed export is a result with ok=False; the other formats are still written."""
     formats = list(dict.fromkeys(formats))
@@ -180,6 +182,12 @@ def export_all(
             results.append(save_state_dict(prog, target))
         elif fmt == "pt2":
             results.append(export_program(prog, target))
+        elif fmt == "hf":
+            from pcompiler.targets.hf import save_hf  # imports transformers only when asked for
+
+            if hf_model is None:
+                raise ValueError("the hf format needs the user's transformers model (hf_model=...)")
+            results.append(save_hf(prog, hf_model, target))
         else:
             from pcompiler.targets.onnx import export_onnx  # imports onnx only when asked for
 

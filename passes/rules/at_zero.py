@@ -16,7 +16,6 @@ Assumes the node's shapes were recorded by the trace pass. Probes are at most 4 
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +24,7 @@ import torch
 import torch.fx as fx
 
 from pcompiler.errors import one_line
-from pcompiler.ir import TensorInfo, int_value, tensor_at
+from pcompiler.ir import TensorInfo, int_value, op_name, tensor_at
 from pcompiler.passes.rules.base import lookup
 
 _PROBES = {torch.bool: (True, False)}
@@ -60,13 +59,11 @@ class _Unknown(Exception):
     """An argument whose value the analysis does not know."""
 
 
-def op_name(node: fx.Node, gm: fx.GraphModule) -> str:
-    """The op as a user writes it: the module class, the function's name, or the method's."""
+def _shown_name(node: fx.Node, gm: fx.GraphModule) -> str:
+    """The op as a user writes it: the module class, or the function's, method's or ATen op's name."""
     if node.op == "call_module":
         return type(gm.get_submodule(node.target)).__name__
-    if isinstance(node.target, str):
-        return node.target
-    return getattr(node.target, "__name__", None) or str(node.target)
+    return op_name(node.target)
 
 
 def _probe_device(gm: fx.GraphModule) -> torch.device:
@@ -134,7 +131,7 @@ def _fills(node: fx.Node, zeroed: Collection[fx.Node]) -> tuple[Any, ...]:
 def at_zero(node: fx.Node, zeroed: fx.Node | Collection[fx.Node], gm: fx.GraphModule) -> AtZero:
     """f(0) of `node` with its argument(s) `zeroed` zero (module docstring: how it is evaluated)."""
     zeroed = {zeroed} if isinstance(zeroed, fx.Node) else set(zeroed)
-    name, device = op_name(node, gm), _probe_device(gm)
+    name, device = _shown_name(node, gm), _probe_device(gm)
     for fill in _fills(node, zeroed):
         try:
             args, kwargs = _arguments(node, zeroed, fill, device)
@@ -152,7 +149,7 @@ def at_zero(node: fx.Node, zeroed: fx.Node | Collection[fx.Node], gm: fx.GraphMo
     return AtZero(name, True)
 
 
-_MULTIPLY = (operator.mul, operator.imul, torch.mul, "mul", "mul_")
+_MULTIPLY = ("mul", "mul_", "imul")  # operator.mul, torch.mul, Tensor.mul, aten.mul.Tensor, ... by op_name
 
 
 def gates_only(node: fx.Node, gm: fx.GraphModule) -> bool:
@@ -162,7 +159,7 @@ def gates_only(node: fx.Node, gm: fx.GraphModule) -> bool:
     if not node.users:
         return False
     for user in node.users:
-        if user.target not in _MULTIPLY:
+        if user.op == "call_module" or op_name(user.target) not in _MULTIPLY:
             return False
         others = [a for a in user.all_input_nodes if a is not node and tensor_at(a) is not None]
         if not others or any(_carries_constant(a, gm) for a in others):

@@ -1,0 +1,49 @@
+"""hf_widths: keep to the widths a Hugging Face config can hold, for the `hf/` folder output.
+
+A `save_pretrained` folder rebuilds the model from its config, so every pruned width must be a
+config field with one value for all layers (pcompiler/hf.py, `width_fields`: the feed-forward
+widths). This pass pins every prunable group whose width is none of those fields, with the
+reason, so the method never selects it. The same count per layer then follows from layer-wise
+selection (the default), which removes the same number from groups of the same size; the folder
+target checks the widths and the outputs, and says so where a run could not keep to them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import ClassVar
+
+from pcompiler.ir import Program
+from pcompiler.passmanager import ANALYSIS, PassResult, register_pass
+
+log = logging.getLogger("pcompiler")
+
+
+@register_pass
+@dataclass(frozen=True)
+class HfWidths:
+    """Pin the groups whose width no field of the Hugging Face config holds (`fields`: name -> value)."""
+
+    name: ClassVar[str] = "hf_widths"
+    requires: ClassVar = (ANALYSIS,)
+    ensures: ClassVar = (ANALYSIS,)
+    fields: tuple[tuple[str, int], ...] = ()
+
+    def run(self, prog: Program) -> PassResult:
+        analysis = prog.require_analysis(self.name)
+        widths = dict(self.fields)
+        shown = ", ".join(f"{k}={v}" for k, v in widths.items()) or "none"
+        reason = (f"the hf/ folder keeps this width: no field of the model's config holds it (the ones that can "
+                  f"change: {shown}); --formats without hf prunes it")
+        groups, kept = [], 0
+        for g in analysis.groups:
+            if g.prunable and g.size not in widths.values():
+                g = dataclasses.replace(g, pinned=(*g.pinned, reason))
+            kept += g.prunable
+            groups.append(g)
+        log.info("hf_widths: %d groups prunable within the config's widths (%s)", kept, shown)
+        info = {**prog.info, "hf_widths": {"fields": widths, "prunable": kept}}
+        return PassResult(prog.replace(analysis=dataclasses.replace(analysis, groups=tuple(groups)), info=info),
+                          changed=False)

@@ -1,0 +1,89 @@
+"""Hugging Face models: `save_pretrained` folders in, and the widths their configs can hold.
+
+A folder holding `config.json` and safetensors weights is read with transformers' own class for
+the architecture the config names, with no pickle at all (`use_safetensors=True`, no remote
+code). transformers is an optional dependency: `pip install pcompiler[hf]`.
+
+The slim model goes out as a folder too (targets/hf.py), which needs every pruned width to be a
+field of the config, with the same value in every layer. `width_fields` lists the fields that
+hold a layer width independently of the others: the feed-forward widths. Attention widths
+(head_dim, heads) are tied to the residual stream in most configs (hidden_size = heads x
+head_dim) and stay as they are in this mode.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from pcompiler.errors import CompileError, one_line
+
+# Feed-forward widths, by the names configs give them.
+FFN_FIELDS = ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "encoder_ffn_dim", "decoder_ffn_dim",
+              "moe_intermediate_size")
+# Fields whose None means a multiple of another (GPT-2: n_inner = 4 * n_embd).
+_DEFAULTS = {"n_inner": ("n_embd", 4)}
+_SAFETENSORS = ("model.safetensors", "model.safetensors.index.json")
+
+
+def is_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def is_model(model: nn.Module) -> bool:
+    """A transformers model: one that a folder can hold."""
+    return callable(getattr(model, "save_pretrained", None)) and getattr(model, "config", None) is not None
+
+
+def transformers_module() -> Any:
+    try:
+        import transformers
+    except ImportError as e:
+        raise CompileError("reading or writing a Hugging Face folder needs transformers",
+                           hint="pip install 'pcompiler[hf]'") from e
+    return transformers
+
+
+def load_folder(path: Path) -> nn.Module:
+    """The model of a `save_pretrained` folder, from its config and safetensors (module docstring)."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CompileError(f"'{path / 'config.json'}' is not a readable JSON config: {one_line(e)}") from e
+    archs = config.get("architectures") or []
+    if not archs:
+        raise CompileError(f"'{path / 'config.json'}' names no architecture ('architectures' is empty)",
+                           hint="save the model with model.save_pretrained(folder), which records it")
+    if not any((path / f).is_file() for f in _SAFETENSORS):
+        raise CompileError(f"'{path}' holds no safetensors weights (model.safetensors)",
+                           hint="save with model.save_pretrained(folder, safe_serialization=True); "
+                           "pytorch_model.bin is a pickle and is not read")
+    transformers = transformers_module()
+    cls = getattr(transformers, archs[0], None)
+    if cls is None:
+        raise CompileError(f"transformers {transformers.__version__} has no class {archs[0]} (the config's "
+                           "architecture)", hint="a model with remote code is not loaded: export it to .pt2 instead")
+    try:
+        model = cls.from_pretrained(path, local_files_only=True, use_safetensors=True, trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 - transformers' message says what is wrong with the folder
+        raise CompileError(f"cannot load the Hugging Face folder '{path}' as {archs[0]}: {one_line(e)}") from e
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = False  # export traces the forward without a cache
+    return model.eval()
+
+
+def width_fields(model: nn.Module) -> dict[str, int]:
+    """The feed-forward widths of the model's config: field -> value (its default where None)."""
+    config = model.config
+    out = {}
+    for name in FFN_FIELDS:
+        value = getattr(config, name, None)
+        if value is None and name in _DEFAULTS:
+            base, times = _DEFAULTS[name]
+            value = getattr(config, base, None) and getattr(config, base) * times
+        if isinstance(value, int) and value > 0:
+            out[name] = value
+    return out

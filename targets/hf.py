@@ -1,0 +1,103 @@
+"""The Hugging Face target: the slim model as a `save_pretrained` folder (`OUT/hf/`).
+
+The user's transformers model is rebuilt from a copy of its config in which each pruned width
+is set to its new value (pcompiler/hf.py, `width_fields`), the slim program's weights are
+loaded into it by name (the export frontend keeps the model's parameter names), and it is saved
+with `save_pretrained` (safetensors). The folder is then loaded back with `from_pretrained`
+and its outputs compared with the slim program's on the example inputs.
+
+Fails, with the reason, where a width changed that no config field holds (run with the
+`hf_widths` pass, as the pipeline does for Hugging Face models, so the method leaves those
+alone), where one field's layers have different widths (global ranking), or where a weight's
+shape does not fit the rebuilt model.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import secrets
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pcompiler.compare import flatten_tensors
+from pcompiler.costs import eval_mode
+from pcompiler.hf import width_fields
+from pcompiler.ir import Program, call_with
+from pcompiler.targets import ExportResult, compare_outputs, guarded, reference_outputs, require_weights
+
+
+def new_widths(model: nn.Module, prog: Program) -> dict[str, int]:
+    """Each config width field -> its value in the slim program; raises ValueError where a
+    width changed that no field holds, or where one field's layers differ."""
+    fields = width_fields(model)
+    before = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found: dict[str, set[int]] = {}
+    unheld = []
+    for name, t in prog.gm.state_dict().items():
+        old = before.get(name)
+        if old is None or old == tuple(t.shape):
+            continue
+        for d, (a, b) in enumerate(zip(old, t.shape)):
+            if a == b:
+                continue
+            field = next((f for f, v in fields.items() if v == a), None)
+            if field is None:
+                unheld.append(f"{name}[dim {d}] {a} -> {b}")
+            else:
+                found.setdefault(field, set()).add(int(b))
+    if unheld:
+        raise ValueError(f"widths no field of the config holds changed: {', '.join(unheld[:4])}"
+                         f"{' ...' if len(unheld) > 4 else ''} (prune with the hf_widths pass, or leave out --formats hf)")
+    uneven = {f: sorted(v) for f, v in found.items() if len(v) > 1}
+    if uneven:
+        raise ValueError(f"the config holds one width per field, and the layers differ: {uneven} (use layer-wise "
+                         "selection, the default, not --global)")
+    return {f: v.pop() for f, v in found.items()}
+
+
+def save_hf(prog: Program, model: nn.Module, path: str | Path) -> ExportResult:
+    """Write the slim model as a `save_pretrained` folder at `path`, reload it and compare."""
+    path = Path(path)
+
+    def body() -> tuple[float | None, str | None]:
+        require_weights(prog, f"a Hugging Face folder to {path}")
+        widths = new_widths(model, prog)
+        config = copy.deepcopy(model.config)
+        for field, value in widths.items():
+            setattr(config, field, value)
+        slim = type(model)(config)
+        missing, unexpected = slim.load_state_dict(prog.gm.state_dict(), strict=False)
+        tied = {k for k in missing if k in _tied_keys(slim)}
+        if set(missing) - tied or unexpected:
+            raise ValueError(f"the slim weights do not fit {type(model).__name__}: missing {sorted(set(missing) - tied)[:4]}, "
+                             f"unexpected {sorted(unexpected)[:4]}")
+        # Written beside, then renamed: a run killed halfway leaves the old folder (or none).
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        slim.save_pretrained(tmp, safe_serialization=True)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+        loaded = type(model).from_pretrained(path, local_files_only=True, use_safetensors=True)
+        want = reference_outputs(prog)
+        with torch.no_grad(), eval_mode(loaded):
+            got = flatten_tensors(call_with(loaded, prog.example_inputs, prog.keywords))
+        err = compare_outputs(got, want, f"the reloaded {path.name}/ folder")
+        changed = ", ".join(f"{f} {width_fields(model)[f]} -> {v}" for f, v in widths.items()) or "no width changed"
+        return err, f"config: {changed}"
+
+    return guarded("hf", path, body)
+
+
+def _tied_keys(model: nn.Module) -> set[str]:
+    """Parameter names that share storage with another (tied embeddings): a state dict may hold one."""
+    seen: dict[int, str] = {}
+    tied = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            tied.update({name, seen[id(p)]})
+        seen.setdefault(id(p), name)
+    return tied

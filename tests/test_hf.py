@@ -1,0 +1,69 @@
+"""Hugging Face folders (pcompiler/hf.py, targets/hf.py, passes/hf_widths.py): a
+`save_pretrained` folder in, read with no pickle; the slim model out as OUT/hf/, whose config
+carries the new feed-forward width, loaded with `from_pretrained` and equal to model.pt2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from pcompiler.cli import main
+from pcompiler.errors import CompileError
+from pcompiler.loading import load_model
+
+T = pytest.importorskip("transformers")
+
+
+def _folder(tmp_path, name):
+    torch.manual_seed(0)
+    small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    if name == "qwen2":
+        model = T.Qwen2ForCausalLM(T.Qwen2Config(vocab_size=64, num_key_value_heads=2, max_position_embeddings=16,
+                                                 use_cache=False, **small))
+    elif name == "gpt2":
+        model = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=16))
+    else:
+        model = T.BertForSequenceClassification(T.BertConfig(vocab_size=64, max_position_embeddings=16, **small))
+    folder = tmp_path / name
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.mark.parametrize("name, field, before", [("qwen2", "intermediate_size", 64), ("gpt2", "n_inner", 128),
+                                                 ("bert", "intermediate_size", 64)])
+def test_folder_in_folder_out(tmp_path, name, field, before):
+    folder = _folder(tmp_path, name)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, [str(folder), "--method", "l1", "--ratio", "0.5", "-o", str(out),
+                                       "--formats", "pt2,onnx,hf"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    exports = {e["format"]: e for e in report["exports"]}
+    assert all(e["ok"] for e in exports.values()), exports
+    assert exports["hf"]["note"] == f"config: {field} {before} -> {before // 2}"
+    assert report["params_after"] < 0.85 * report["params_before"]  # tiny: the embeddings weigh most
+    config = json.loads((out / "hf" / "config.json").read_text())
+    assert config[field] == before // 2
+    # The folder loads with transformers alone and gives model.pt2's outputs.
+    slim = getattr(T, config["architectures"][0]).from_pretrained(out / "hf").eval()
+    program = torch.export.load(out / "model.pt2").module()
+    ids = torch.randint(0, 64, (1, 16))
+    mask = torch.ones(1, 16, dtype=torch.long)
+    with torch.no_grad():
+        want = program(ids, mask)[0]
+        got = slim(input_ids=ids, attention_mask=mask)[0]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    # Attention widths stay (a config holds one head size for every layer and q, k, v alike).
+    reasons = report["groups"]["pinned_reasons"]
+    assert any(r.startswith("the hf/ folder keeps this width") for r in reasons), reasons
+
+
+def test_folder_without_safetensors_is_refused(tmp_path):
+    folder = _folder(tmp_path, "bert")
+    (folder / "model.safetensors").unlink()
+    torch.save({}, folder / "pytorch_model.bin")
+    with pytest.raises(CompileError, match="holds no safetensors weights"):
+        load_model(folder)
