@@ -208,3 +208,19 @@ def test_models_symbolic_tracing_refuses(name, tmp_path):
     loaded = torch.export.load(tmp_path / "model.pt2").module()
     for g, w in zip(loaded(*prog.example_inputs), got):
         assert_same(g, w)
+
+
+def test_a_meta_device_llama_is_analyzed_without_memory():
+    """A LlamaForCausalLM built on the meta device (no weights): export records `.to(x.device)`
+    as the meta device, which the f(0) probes must not inherit (they run on the CPU)."""
+    T = _transformers()
+    cfg = T.LlamaConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, intermediate_size=128, use_cache=False)
+    with torch.device("meta"):
+        model = T.LlamaForCausalLM(cfg)
+    inputs = {k: v.to("meta") for k, v in _text_inputs().items()}
+    prog = pcompiler.run(pcompiler.trace(model, (), kwargs=inputs), [make_pass("analyze")])
+    assert prog.on_meta
+    labels = [g.label() for g in prog.analysis.prunable]
+    assert "model.layers.0.mlp.gate_proj,model.layers.0.mlp.up_proj" in labels
+    assert "model.layers.1.mlp.gate_proj,model.layers.1.mlp.up_proj" in labels

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch.utils._pytree import tree_map
 
 from pcompiler.errors import one_line
 from pcompiler.ir import TensorInfo, int_value, op_name, tensor_at
@@ -102,8 +103,11 @@ def _arguments(node: fx.Node, zeroed: Collection[fx.Node], fill: Any, device: to
             return _small(info, fill if info.dtype == torch.bool else float(fill), device)
         return _constant(a, device)
 
-    args = fx.node.map_arg(node.args, value)
-    kwargs = fx.node.map_arg(node.kwargs, value)
+    # Devices written into the graph (export records `.to(x.device)` as the traced device, the
+    # meta device for a model that lives there) become the probes' device.
+    on_probe = lambda v: device if isinstance(v, torch.device) else v  # noqa: E731
+    args = tree_map(on_probe, fx.node.map_arg(node.args, value))
+    kwargs = tree_map(on_probe, fx.node.map_arg(node.kwargs, value))
     return args, kwargs
 
 
