@@ -6,7 +6,8 @@ the graph module of ATen ops it makes, in the form every later pass reads:
 - Flat inputs and outputs. The graph's placeholders are the model's tensor inputs, positional
   ones first and then keyword ones, in the order of the call (named as the model names them:
   `x`, `input_ids`, `attention_mask`); the output is the tuple of the output's tensors (a
-  Hugging Face `ModelOutput` or a dict gives its values in order). Export's own input guard and
+  Hugging Face `ModelOutput` or a dict gives its values in order; a model that returns one
+  tensor returns it as it is). Export's own input guard and
   its metadata assertions are dropped: they check the shapes slim changes.
 - Standard torch.nn layers as leaves. Where the nodes of one call of a torch.nn module that has
   an op rule (Conv2d, Linear, BatchNorm2d, LayerNorm, Embedding, ReLU, ...) read one tensor and
@@ -80,7 +81,8 @@ def export_graph(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
             graph.erase_node(node)
     out = graph.output_node()
     flat, _ = torch.utils._pytree.tree_flatten(out.args[0])
-    out.args = (tuple(flat),)
+    single = ep.call_spec.out_spec is not None and ep.call_spec.out_spec.is_leaf()
+    out.args = (flat[0] if single and len(flat) == 1 else tuple(flat),)
     for attr in [n for n, _ in gm.named_children() if n.startswith("_guards")]:
         delattr(gm, attr)
     _collapse_leaf_modules(gm, model)

@@ -183,10 +183,10 @@ def check_reproduces(source: nn.Module, gm: fx.GraphModule, inputs: tuple, keywo
     """Raise CompileError unless `gm` gives `source`'s outputs on `inputs`. `flat`: the graph
     returns the tensors of the model's output as one tuple (the export frontend)."""
     with torch.no_grad():
-        want = call_with(source, inputs, keywords)
+        got, want = gm(*inputs), call_with(source, inputs, keywords)
         if flat:
-            want = tuple(flatten_tensors(want))
-        where = _first_difference(gm(*inputs), want, "output")
+            got, want = tuple(flatten_tensors(got)), tuple(flatten_tensors(want))
+        where = _first_difference(got, want, "output")
     if where is not None:
         raise CompileError(
             f"the trace of {type(source).__name__} does not reproduce the model: {where} differs",

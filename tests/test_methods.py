@@ -396,11 +396,13 @@ def test_slimming_adds_s_sign_gamma():
 # End to end: every method trains, selects and slims a real (tiny) model
 
 
+@pytest.mark.parametrize("frontend", ["fx", "export"])
 @pytest.mark.parametrize("method", ["slimming", "greg1", "greg2", "tpp", "receding"])
-def test_method_trains_selects_and_slims(method):
+def test_method_trains_selects_and_slims(method, frontend):
+    """On either frontend's graph: the export frontend's BatchNorms are modules that train."""
     model = tiny_cnn()
     original = copy.deepcopy(model).eval()
-    prog = pcompiler.trace(model, (torch.randn(2, 1, 6, 6),))
+    prog = pcompiler.trace(model, (torch.randn(2, 1, 6, 6),), frontend=frontend)
     opts = dict(data=tiny_data(), steps=60, train=QUIET)
     if method == "receding":
         opts.update(global_ranking=False, min_keep=1)
