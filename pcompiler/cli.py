@@ -184,8 +184,9 @@ def _guarded(console: Console, verbose: bool, body: Callable[[], int]) -> int:
               "the consumers' biases (default: fold them; with --data, near-constant ones too).")
 @click.option("--analyze", is_flag=True, help="Print the channel groups and stop.")
 @click.option("--formats", default=",".join(FORMATS), show_default=True,
-              help="Exports to write, comma-separated (hf: a save_pretrained folder OUT/hf, for Hugging Face models; "
-                   "it keeps attention widths, which a config cannot change per layer).")
+              help="Exports to write, comma-separated (eager: your model's class with the slim layers in place, "
+                   "where its code allows; hf: a save_pretrained folder OUT/hf, for Hugging Face models, which keeps "
+                   "attention widths: a config cannot change them per layer).")
 @click.option("--dump-ir", type=click.Path(path_type=Path), metavar="DIR", help="Write the graph after each pass to DIR.")
 @click.option("-v", "--verbose", is_flag=True, help="Log each pass; print tracebacks on errors.")
 def compile_command(model_path: Path, verbose: bool, **options: Any) -> int:

@@ -40,7 +40,7 @@ __all__ = ["RUN_FILES", "RUN_FOLDERS", "RUN_RECORD", "atomic_files", "atomic_wri
 RUN_RECORD = ".pcompile-run.json"
 # What a run writes at OUT's top level, and in which subfolders.
 RUN_FILES = ("report.json", "report.md", "model.pt", "state_dict.pt", "model.pt2", "model.onnx", "model.onnx.data",
-             "hf")
+             "model_eager.pt", "hf")
 RUN_FOLDERS = {
     "plots": ("widths.png", "importance.png", "curve.png", "latency.png"),
     "checkpoints": ("regularization.pt", "finetune.pt", "regularization.pt.tmp", "finetune.pt.tmp"),

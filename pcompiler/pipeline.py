@@ -35,7 +35,8 @@ from pcompiler.train import Distillation, TrainConfig, is_main_process
 
 log = logging.getLogger("pcompiler")
 
-FORMATS = ("pt", "pt2", "onnx", "hf")  # hf: a save_pretrained folder, for Hugging Face models
+# hf: a save_pretrained folder, for Hugging Face models; eager: the user's class slimmed in place.
+FORMATS = ("pt", "pt2", "onnx", "eager", "hf")
 
 
 def methods() -> dict[str, bool]:
@@ -233,7 +234,7 @@ def compile_model(model: nn.Module, settings: Settings, *, data: DataSource | No
     from pcompiler.report_md import write_markdown
     from pcompiler.targets.pytorch import export_all
 
-    export_all(prog, out_dir, formats=formats, hf_model=model if "hf" in formats else None)
+    export_all(prog, out_dir, formats=formats, model=model)
     if bench is not None:
         from pcompiler.targets.bench import bench as measure
 

@@ -19,6 +19,7 @@ a model on the meta device cannot be exported and says so).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 from collections.abc import Iterable
@@ -30,7 +31,7 @@ import torch.fx as fx
 from pcompiler.compare import flatten_tensors
 from pcompiler.costs import eval_mode
 from pcompiler.errors import one_line
-from pcompiler.ir import Program
+from pcompiler.ir import Program, call_with, owner_of
 from pcompiler.outdir import atomic_write
 from pcompiler.targets import (
     ExportResult,
@@ -47,7 +48,8 @@ _STANDARD_MODULES = ("torch", "collections", "builtins", "__builtin__", "copyreg
                      "numpy", "operator", "_operator", "math", "functools", "typing")
 
 # export_all: format -> file name. "pt" also writes the state dict.
-FILE_NAMES = {"pt": "model.pt", "state_dict": "state_dict.pt", "pt2": "model.pt2", "onnx": "model.onnx", "hf": "hf"}
+FILE_NAMES = {"pt": "model.pt", "state_dict": "state_dict.pt", "pt2": "model.pt2", "onnx": "model.onnx", "hf": "hf",
+              "eager": "model_eager.pt"}
 
 
 def _is_standard(module_name: str | None) -> bool:
@@ -89,6 +91,64 @@ def save_graph_module(prog: Program, path: str | Path) -> ExportResult:
         return err, note
 
     return guarded("pt", path, body)
+
+
+def slim_eager(prog: Program, model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of the user's `model` with the slim program's layers and weights put in place by
+    name: each torch.nn leaf of the program replaces the module at its path, every other
+    parameter and buffer takes the program's tensor. Only a model whose code reads sizes from
+    its layers (plain conv nets) then runs; `save_eager` checks."""
+    eager = copy.deepcopy(model)
+    placed = set()
+    for name, module in prog.gm.named_modules():
+        if name and not list(module.children()) and type(module).__module__.startswith("torch.nn.modules"):
+            try:
+                eager.get_submodule(name)
+            except AttributeError:
+                continue
+            eager.set_submodule(name, copy.deepcopy(module))
+            placed |= {f"{name}.{k}" for k, _ in (*module.named_parameters(), *module.named_buffers())}
+    for name, t in [*prog.gm.named_parameters(), *prog.gm.named_buffers()]:
+        if name in placed:
+            continue
+        try:
+            owner, attr = owner_of(eager, name)
+            old = getattr(owner, attr)
+        except AttributeError:  # a constant the graph made (export's lifted tensors)
+            continue
+        new = t.detach().clone()
+        setattr(owner, attr, torch.nn.Parameter(new, old.requires_grad) if isinstance(old, torch.nn.Parameter) else new)
+    return eager.eval()
+
+
+def save_eager(prog: Program, model: torch.nn.Module, path: str | Path) -> ExportResult:
+    """The user's own model class, slimmed in place (`slim_eager`), if it then gives the slim
+    program's outputs: `torch.save` to `path` (loading it needs the user's code). Where the
+    model's code holds sizes of its own (heads, split sizes, a hidden width), it does not, and
+    the result says why instead."""
+    path = Path(path)
+
+    def body() -> tuple[float | None, str | None]:
+        require_weights(prog, f"the eager model to {path}")
+        eager = slim_eager(prog, model)
+        want = reference_outputs(prog)
+        try:
+            with torch.no_grad():
+                got = flatten_tensors(call_with(eager, prog.example_inputs, prog.keywords))
+            compare_outputs(got, want, f"{type(model).__name__} with the slim layers")
+        except Exception as e:  # noqa: BLE001 - the model's own code does not fit its slim layers
+            raise ValueError(f"not written: {type(model).__name__}'s code holds sizes of its own, so it cannot run "
+                             f"with the slim layers in place ({one_line(e, 160)}); model.pt2 and model.pt hold the "
+                             "slim model") from e
+        with atomic_write(path) as tmp:
+            torch.save(eager, tmp)
+        loaded = torch.load(path, weights_only=False)
+        with torch.no_grad():
+            err = compare_outputs(flatten_tensors(call_with(loaded, prog.example_inputs, prog.keywords)), want,
+                                  f"the reloaded {path.name}")
+        return err, f"{type(model).__module__}.{type(model).__qualname__}: loading needs that code"
+
+    return guarded("eager", path, body)
 
 
 def save_state_dict(prog: Program, path: str | Path) -> ExportResult:
@@ -158,11 +218,11 @@ def export_program(prog: Program, path: str | Path) -> ExportResult:
 
 def export_all(
     prog: Program, out_dir: str | Path, formats: Iterable[str] = ("pt", "pt2", "onnx"),
-    hf_model: torch.nn.Module | None = None,
+    model: torch.nn.Module | None = None,
 ) -> list[ExportResult]:
     """Write each format into `out_dir` (model.pt and state_dict.pt for "pt", model.pt2,
-    model.onnx, the folder hf/ for "hf", which needs the user's transformers model `hf_model`)
-    and record the results in `prog.info["exports"]` as a list of dicts.
+    model.onnx, model_eager.pt for "eager" and the folder hf/ for "hf", which need the user's
+    `model`) and record the results in `prog.info["exports"]` as a list of dicts.
 
     A failed export is a result with ok=False; the other formats are still written."""
     formats = list(dict.fromkeys(formats))
@@ -182,12 +242,15 @@ def export_all(
             results.append(save_state_dict(prog, target))
         elif fmt == "pt2":
             results.append(export_program(prog, target))
-        elif fmt == "hf":
-            from pcompiler.targets.hf import save_hf  # imports transformers only when asked for
+        elif fmt in ("hf", "eager"):
+            if model is None:
+                raise ValueError(f"the {fmt} format needs the user's model (model=...)")
+            if fmt == "eager":
+                results.append(save_eager(prog, model, target))
+            else:
+                from pcompiler.targets.hf import save_hf  # imports transformers only when asked for
 
-            if hf_model is None:
-                raise ValueError("the hf format needs the user's transformers model (hf_model=...)")
-            results.append(save_hf(prog, hf_model, target))
+                results.append(save_hf(prog, model, target))
         else:
             from pcompiler.targets.onnx import export_onnx  # imports onnx only when asked for
 

@@ -11,11 +11,14 @@ import pytest
 import torch
 from torch import nn
 
+import pcompiler
 from pcompiler.costs import count_flops, count_params
 from pcompiler.ir import Program
+from pcompiler.passmanager import make_pass
 from pcompiler.targets import ExportCheckFailed, ExportResult, compare_outputs
 from pcompiler.targets.onnx import export_onnx
 from pcompiler.targets.pytorch import export_all, export_program, save_graph_module, save_state_dict
+from tests.helpers import assert_same
 
 
 class ResCNN(nn.Module):
@@ -282,3 +285,38 @@ def test_export_check_compares_nan_and_infinities_exactly():
     assert err.value.max_error == pytest.approx(0.01, rel=1e-4)
     with pytest.raises(ExportCheckFailed, match=r"x output 1 has shape \(1,\) against \(1, 1\) \(torch's\)"):
         compare_outputs([want[0], torch.tensor([2.0])], want, "x")
+
+
+class FixedWidth(nn.Module):  # its code holds a width: slimmed layers no longer fit it
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8 * 4 * 4, 5)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).reshape(x.shape[0], 8 * 16))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_eager_model_is_slimmed_in_place_where_its_code_allows(tmp_path, frontend):
+    torch.manual_seed(0)
+    model = ResCNN().eval()
+    prog = pcompiler.run(pcompiler.trace(model, (torch.randn(2, 3, 8, 8),), frontend=frontend),
+                         [make_pass("analyze"), make_pass("l1", ratio=0.5), make_pass("slim")])
+    (r,) = export_all(prog, tmp_path, formats=("eager",), model=model)
+    assert_ok(r, "eager")
+    assert r.note.endswith("test_targets.ResCNN: loading needs that code")
+    loaded = torch.load(tmp_path / "model_eager.pt", weights_only=False)
+    assert type(loaded) is ResCNN and loaded.conv1.out_channels == 4 and loaded.conv1.weight.shape[0] == 4
+    assert model.conv1.out_channels == 8  # the user's model is untouched
+    with torch.no_grad():
+        assert_same(loaded(prog.example_inputs[0]), prog.gm(*prog.example_inputs))
+
+
+def test_eager_model_whose_code_holds_a_width_is_not_written_and_says_why(tmp_path):
+    model = FixedWidth().eval()
+    prog = pcompiler.run(pcompiler.trace(model, (torch.randn(2, 3, 4, 4),)),
+                         [make_pass("analyze"), make_pass("l1", ratio=0.5), make_pass("slim")])
+    assert prog.selection  # the conv's channels flow through the reshape into fc's columns
+    (r,) = export_all(prog, tmp_path, formats=("eager",), model=model)
+    assert not r.ok and r.error.startswith("ValueError: not written: FixedWidth's code holds sizes of its own")
+    assert not (tmp_path / "model_eager.pt").exists()
