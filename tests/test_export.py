@@ -114,6 +114,32 @@ def test_export_keeps_the_model_as_it_was():
     assert model.cache is None
 
 
+def test_export_leaves_the_model_caches_empty():
+    """What the forward puts into a dict attribute (timm's LeViT caches its attention biases by
+    device) is taken out again: a fake tensor left there fails the model's next run (verify)."""
+
+    class CachesInDict(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.bias = nn.Parameter(torch.randn(4))
+            self.cache: dict[str, torch.Tensor] = {}
+
+        def forward(self, x):
+            key = str(x.device)
+            if key not in self.cache:
+                self.cache[key] = self.bias * 2
+            return self.fc(x) + self.cache[key]
+
+    model, x = CachesInDict().eval(), torch.randn(2, 4)
+    cache = model.cache
+    prog = pcompiler.trace(model, (x,), frontend="export")
+    assert model.cache is cache and cache == {}
+    prog = pcompiler.run(prog, [make_pass("analyze"), make_pass("l1", ratio=0.5), make_pass("slim"),
+                                make_pass("verify")])
+    assert prog.info["verify"]["ok"] is True
+
+
 # --- the models symbolic tracing refuses ------------------------------------------------------
 
 def _transformers():
