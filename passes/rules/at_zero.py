@@ -26,7 +26,7 @@ import torch.fx as fx
 
 from pcompiler.errors import one_line
 from pcompiler.ir import TensorInfo, int_value, tensor_at
-from pcompiler.passes.rules.base import lookup
+from pcompiler.passes.rules.base import aten_ops, lookup
 
 _PROBES = {torch.bool: (True, False)}
 _NUMBER_PROBES = (0.0, 1.0, -1.0, 0.5)
@@ -152,7 +152,7 @@ def at_zero(node: fx.Node, zeroed: fx.Node | Collection[fx.Node], gm: fx.GraphMo
     return AtZero(name, True)
 
 
-_MULTIPLY = (operator.mul, operator.imul, torch.mul, "mul", "mul_")
+_MULTIPLY = (operator.mul, operator.imul, torch.mul, "mul", "mul_", *aten_ops("mul", "mul_"))
 
 
 def gates_only(node: fx.Node, gm: fx.GraphModule) -> bool:
