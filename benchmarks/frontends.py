@@ -54,6 +54,7 @@ def one_line(e: BaseException) -> str:
 def reason_key(reason: str) -> str:
     """A note's reason without the node it is about: what the counts are kept by."""
     reason = re.sub(r" at node '[^']*'", "", reason)
+    reason = re.sub(r"_tensor_constant\d+", "_tensor_constant*", reason)
     return re.sub(r"^passes opaque module '[^']*' \(.*\)$", "passes an opaque module", reason)
 
 
