@@ -95,20 +95,31 @@ def export_graph(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
 @contextlib.contextmanager
 def _attributes_kept(model: nn.Module) -> Iterator[None]:
     """Undo what the forward assigns to the model's modules while export runs it (Ultralytics'
-    Detect caches anchors made from export's fake tensors, which the model cannot run with)."""
-    saved = [(m, {k: copy.copy(v) if k in _MODULE_DICTS else v for k, v in vars(m).items()}) for m in model.modules()]
+    Detect caches anchors made from export's fake tensors, which the model cannot run with), and
+    what it puts into their dicts, lists and sets (timm's LeViT caches its attention biases in a dict
+    attribute: a fake tensor there fails the model's next real run)."""
+    saved = [(m, {k: (v, copy.copy(v) if _in_place(k, v) else None) for k, v in vars(m).items()})
+             for m in model.modules()]
     try:
         yield
     finally:
         for m, attrs in saved:
             for k in set(vars(m)) - set(attrs):
                 delattr(m, k)
-            for k, v in attrs.items():
-                if k in _MODULE_DICTS:
-                    vars(m)[k].clear()
-                    vars(m)[k].update(v)
-                else:
-                    vars(m)[k] = v
+            for k, (v, contents) in attrs.items():
+                vars(m)[k] = v
+                if contents is None:
+                    continue
+                if isinstance(v, (dict, set)):
+                    v.clear()
+                    v.update(contents)
+                elif isinstance(v, list):
+                    v[:] = contents
+
+
+def _in_place(name: str, value: Any) -> bool:
+    """Whether an attribute is restored by its contents (the object kept: others may hold it)."""
+    return name in _MODULE_DICTS or type(value) in (dict, list, set)
 
 
 _MODULE_DICTS = ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set")

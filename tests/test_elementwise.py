@@ -58,6 +58,7 @@ CALLS.update({
     aten.alpha_dropout.default: lambda m, t: aten.alpha_dropout.default(t, 0.5, False),
     aten.pow.Tensor_Tensor: lambda m, t: aten.pow.Tensor_Tensor(t, m.other.float() * 0),
     aten.pow.Tensor_Scalar: lambda m, t: aten.pow.Tensor_Scalar(t, 2),
+    aten.pow.Scalar: lambda m, t: aten.pow.Scalar(2.0, t),  # 2 ** t: the channel input comes second
     aten.to.device: lambda m, t: aten.to.device(t, t.device, torch.float64),
     aten.to.dtype: lambda m, t: aten.to.dtype(t, torch.float64),
     aten.to.other: lambda m, t: aten.to.other(t, m.other),

@@ -23,7 +23,7 @@ from pcompiler.passes.analyze import OUTPUT_REASON
 from pcompiler.passmanager import make_pass
 from pcompiler.targets.onnx import export_onnx
 from pcompiler.targets.pytorch import export_program
-from tests.helpers import assert_same, check_modules, zero_removed
+from tests.helpers import assert_same, check_modules, group_with, zero_removed
 
 aten = torch.ops.aten
 
@@ -113,6 +113,107 @@ def test_export_keeps_the_model_as_it_was():
     model = Caches()
     pcompiler.trace(model, (torch.randn(2, 4),), frontend="export")
     assert model.cache is None
+
+
+def test_export_leaves_the_model_caches_empty():
+    """What the forward puts into a dict attribute (timm's LeViT caches its attention biases by
+    device) is taken out again: a fake tensor left there fails the model's next run (verify)."""
+
+    class CachesInDict(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.bias = nn.Parameter(torch.randn(4))
+            self.cache: dict[str, torch.Tensor] = {}
+
+        def forward(self, x):
+            key = str(x.device)
+            if key not in self.cache:
+                self.cache[key] = self.bias * 2
+            return self.fc(x) + self.cache[key]
+
+    model, x = CachesInDict().eval(), torch.randn(2, 4)
+    cache = model.cache
+    prog = pcompiler.trace(model, (x,), frontend="export")
+    assert model.cache is cache and cache == {}
+    prog = pcompiler.run(prog, [make_pass("analyze"), make_pass("l1", ratio=0.5), make_pass("slim"),
+                                make_pass("verify")])
+    assert prog.info["verify"]["ok"] is True
+
+
+# --- op rules on ATen overloads: what the fx frontend prunes, the export frontend prunes too ------
+
+
+def _analyzed(model: nn.Module, x: torch.Tensor, frontend: str) -> pcompiler.Program:
+    return pcompiler.run(pcompiler.trace(model, (x,), frontend=frontend), [make_pass("analyze")])
+
+
+def _pruned(model: nn.Module, x: torch.Tensor) -> pcompiler.Program:
+    original = copy.deepcopy(model).eval()
+    prog = pcompiler.run(pcompiler.trace(model, (x,), frontend="export"),
+                         [make_pass("analyze"), make_pass("l1", ratio=0.5), make_pass("slim"), make_pass("verify")])
+    assert prog.info["verify"]["ok"] is True
+    with torch.no_grad():
+        assert_same(prog.gm(x), zero_removed(original, prog)(x))
+    return prog
+
+
+class SqueezeExcite(nn.Module):
+    """torchvision's SqueezeExcitation: y * sigmoid(...) gates y, so sigmoid(0) = 0.5 stays inside
+    removed channels (the gate's user is aten.mul.Tensor in the exported graph)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.fc1, self.fc2, self.gate = nn.Conv2d(8, 4, 1), nn.Conv2d(4, 8, 1), nn.Sigmoid()
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        return self.head(y * self.gate(self.fc2(torch.relu(self.fc1(y.mean((2, 3), keepdim=True))))))
+
+
+class Bilinear(nn.Module):
+    """einsum over the query/key width (maxvit's relative attention): aten.einsum.default takes
+    its equation first."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.out = nn.Linear(4, 8), nn.Linear(4, 8), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.out(torch.einsum("bid,bjd->bij", self.q(x), self.k(x)))
+
+
+class ReshapeAs(nn.Module):
+    """x.reshape_as(other) (LeViT): only other's shape is read."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(4, 8), nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.out(self.a(x).reshape_as(self.b(x).transpose(0, 1)))
+
+
+@pytest.mark.parametrize("make, x, param, modules, op", [
+    (SqueezeExcite, torch.randn(2, 3, 5, 5), "conv.weight", ("conv", "fc2"), aten.mul.Tensor),
+    (Bilinear, torch.randn(2, 5, 4), "q.weight", ("q", "k"), aten.einsum.default),
+    (ReshapeAs, torch.randn(2, 5, 4), "a.weight", ("a",), aten.reshape_as.default),
+], ids=["gate", "einsum", "reshape_as"])
+def test_export_prunes_what_fx_prunes(make, x, param, modules, op):
+    torch.manual_seed(0)
+    prog = _analyzed(make(), x, "export")
+    assert op in {n.target for n in prog.gm.graph.nodes}
+    assert prog.analysis.notes == ()
+    g = group_with(prog, param, 0)
+    assert g.prunable and g.size == 8 and {m for m in g.modules if m in modules} == set(modules), g.pinned
+    fx_prog = _analyzed(make(), x, "fx")
+    assert sorted(g.label() for g in prog.analysis.prunable) == sorted(g.label() for g in fx_prog.analysis.prunable)
+    slim = _pruned(make(), x)
+    widths = [getattr(slim.gm.get_submodule(m), "out_channels", None) or slim.gm.get_submodule(m).out_features
+              for m in modules]
+    assert widths == [4] * len(modules)
 
 
 # --- the models symbolic tracing refuses ------------------------------------------------------

@@ -101,7 +101,9 @@ def target_name(key: Any) -> str:
 def aten_ops(*names: str) -> list[torch._ops.OpOverload]:
     """The overloads of each named ATen op that an exported graph can hold on tensors:
     aten_ops("add") is aten.add.Tensor, aten.add.Scalar, ...; not aten.add.out (it writes into
-    its `out=`), nor overloads on numbers (aten.add.int: arithmetic on sizes)."""
+    its `out=`), nor overloads on numbers (aten.add.int: arithmetic on sizes). An overload is
+    on tensors when it takes or returns one, wherever in its schema: aten.einsum.default takes
+    the equation first, aten.zeros.default only sizes."""
     ops = []
     for name in names:
         packet = getattr(torch.ops.aten, name)
@@ -109,7 +111,8 @@ def aten_ops(*names: str) -> list[torch._ops.OpOverload]:
             op = getattr(packet, overload)
             args = op._schema.arguments
             writes_out = any(a.kwarg_only and a.alias_info is not None and a.alias_info.is_write for a in args)
-            if args and "Tensor" in str(args[0].type) and not writes_out:
+            on_tensors = any("Tensor" in str(a.type) for a in (*args, *op._schema.returns))
+            if on_tensors and not writes_out:
                 ops.append(op)
     return ops
 

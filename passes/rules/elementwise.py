@@ -65,13 +65,15 @@ def unary(node: fx.Node, ctx: RuleContext) -> None:
     """Output channel c is a function of input channel c (and of scalars). The channels pass
     only if f(0) = 0 (evaluated from the op, `at_zero`), or if f(0) is a finite constant that
     only gates a zeroed tensor (x * sigmoid(...)); otherwise they are pinned with f(0)."""
-    x = node.args[0] if node.args else next(iter(node.kwargs.values()))
-    if ctx.info(x) is None:
+    values = [*node.args, *node.kwargs.values()]
+    # The channel input: the first tensor argument (2 ** x is aten.pow.Scalar(2, x)).
+    x = next((a for a in values if ctx.info(a) is not None), None)
+    if x is None:
         if ctx.info(node) is None:  # arithmetic on sizes, not tensors
             return
-        raise RuleError("first argument is not a tensor")
+        raise RuleError("no tensor argument")
     ctx.same_shape(x, node)
-    for other in list(node.args[1:]) + list(node.kwargs.values()):  # e.g. masked_fill's mask, type_as
+    for other in values[values.index(x) + 1:]:  # e.g. masked_fill's mask, type_as
         if ctx.info(other) is not None and op_name(node.target) != "type_as":
             ctx.same_shape(other, node)
     f0 = at_zero(node, x, ctx.gm)

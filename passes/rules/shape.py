@@ -34,7 +34,7 @@ from pcompiler.passes.rules.base import (
 _RESHAPES = ("view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as",
              torch.reshape, torch.flatten, torch.unflatten, torch.squeeze, torch.unsqueeze, nn.Flatten, nn.Unflatten,
              *aten_ops("view", "reshape", "_unsafe_view", "flatten", "unflatten", "squeeze", "squeeze_", "unsqueeze",
-                       "unsqueeze_"))
+                       "unsqueeze_", "view_as", "reshape_as"))
 
 
 @rule(*_RESHAPES)
