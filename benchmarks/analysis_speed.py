@@ -27,6 +27,7 @@ groups `get_all_groups` yields with the classifier ignored).
     python benchmarks/analysis_speed.py                     # resnet50, vit_b_16, convnext_tiny; 5 repeats
     python benchmarks/analysis_speed.py --quick             # resnet18, mobilenet_v3_small; 3 repeats
     python benchmarks/analysis_speed.py --models resnet18 --repeats 7 --threads 1
+    python benchmarks/analysis_speed.py --frontend export   # torch.export's graph instead
 
 Writes docs/bench_analysis.json and docs/bench_analysis.md (with --quick: a temporary folder,
 unless --out is given) and prints the table.
@@ -70,9 +71,9 @@ def build(name: str) -> nn.Module:
     return torchvision.models.get_model(name, weights=None)
 
 
-def time_ours(model: nn.Module, x: torch.Tensor) -> dict:
+def time_ours(model: nn.Module, x: torch.Tensor, frontend: str = "auto") -> dict:
     t0 = time.perf_counter()
-    prog = pcompiler.trace(model, (x,))
+    prog = pcompiler.trace(model, (x,), frontend=frontend)
     t1 = time.perf_counter()
     prog = pcompiler.run(prog, [make_pass("analyze")])
     t2 = time.perf_counter()
@@ -96,7 +97,7 @@ def time_theirs(model: nn.Module, x: torch.Tensor) -> dict:
     return {"build_s": t1 - t0, "groups_s": t2 - t1, "total_s": t2 - t0, "groups": len(groups)}
 
 
-def bench_model(name: str, repeats: int, size: int) -> dict:
+def bench_model(name: str, repeats: int, size: int, frontend: str = "auto") -> dict:
     ours_model, their_model = build(name), build(name)
     x = torch.randn(1, 3, size, size)
     ours: list[dict] = []
@@ -112,7 +113,7 @@ def bench_model(name: str, repeats: int, size: int) -> dict:
         for who, model in order if r % 2 == 0 else order[::-1]:
             gc.collect()
             if who == "ours":
-                ours.append(time_ours(model, x))
+                ours.append(time_ours(model, x, frontend))
             else:
                 theirs.append(time_theirs(model, x))
     kept_ours, kept_theirs = ours[1:] or ours, theirs[1:] or theirs  # first repeat: warm-up
@@ -178,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=224, help="input image size (default 224)")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own)")
     ap.add_argument("--quick", action="store_true", help="small models, 3 repeats: a smoke test")
+    ap.add_argument("--frontend", choices=("auto", "fx", "export"), default="auto",
+                    help="pcompiler's trace frontend (default auto); other than auto writes bench_analysis_FRONTEND.*")
     ap.add_argument("--out", type=Path, help="output folder (default docs/; --quick: a temporary folder)")
     args = ap.parse_args(argv)
 
@@ -192,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for name in models:
         t0 = time.perf_counter()
-        results.append(bench_model(name, repeats, args.size))
+        results.append(bench_model(name, repeats, args.size, args.frontend))
         print(f"# {name}: {time.perf_counter() - t0:.1f} s", flush=True)
 
     md = table(results)
@@ -200,12 +203,14 @@ def main(argv: list[str] | None = None) -> int:
         f"Trace + analyze, medians of {repeats - 1} runs after 1 warm-up, alternating tools; "
         f"torch {env['torch']} ({env['torch_num_threads']} threads, {env['cpu_count']} cores, "
         f"load {env['loadavg_at_start'][0]:.1f}), Torch-Pruning {env['torch_pruning']}, "
-        f"input 1x3x{args.size}x{args.size}."
+        f"input 1x3x{args.size}x{args.size}; pcompiler's frontend: {args.frontend}."
     )
-    write_json(out / "bench_analysis.json", {"environment": env, "repeats": repeats, "results": results})
-    write_text(out / "bench_analysis.md", header + "\n\n" + md)
+    stem = "bench_analysis" if args.frontend == "auto" else f"bench_analysis_{args.frontend}"
+    write_json(out / f"{stem}.json", {"environment": env, "repeats": repeats, "frontend": args.frontend,
+                                       "results": results})
+    write_text(out / f"{stem}.md", header + "\n\n" + md)
     print(header + "\n\n" + md)
-    print(f"\nwrote {out / 'bench_analysis.json'} and {out / 'bench_analysis.md'}")
+    print(f"\nwrote {out / f'{stem}.json'} and {out / f'{stem}.md'}")
     return 0
 
 

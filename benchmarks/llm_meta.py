@@ -29,6 +29,7 @@ finished, failed (with the first line of the error) or ran out of time, and its 
     python benchmarks/llm_meta.py --tp            # and Torch-Pruning in a child process
     python benchmarks/llm_meta.py --quick         # 2 layers, with --tp, 120 s limit
     python benchmarks/llm_meta.py --layers 4
+    python benchmarks/llm_meta.py --transformers  # transformers' LlamaForCausalLM, through torch.export
 
 Writes docs/bench_llm_meta.json and docs/bench_llm_meta.md (with --quick: a temporary folder,
 unless --out is given) and prints the summary.
@@ -170,6 +171,15 @@ def build_meta(layers: int, tokens: int, static_rotary: bool = False) -> Llama:
         return Llama(layers=layers, positions=tokens, static_rotary=static_rotary)
 
 
+def build_transformers_meta(layers: int) -> nn.Module:
+    """transformers' own LlamaForCausalLM with LlamaConfig()'s shapes (LLaMA-7B), on meta."""
+    import transformers
+
+    config = transformers.LlamaConfig(num_hidden_layers=layers, use_cache=False)
+    with torch.device("meta"):
+        return transformers.LlamaForCausalLM(config).eval()
+
+
 def meta_input(tokens: int) -> torch.Tensor:
     return torch.zeros(1, tokens, dtype=torch.int64, device="meta")
 
@@ -186,16 +196,19 @@ def group_kind(producers: list[str]) -> str:
     return "+".join(names) or "(no producer)"
 
 
-def run_pcompiler(layers: int, tokens: int, static_rotary: bool = False) -> dict:
+def run_pcompiler(layers: int, tokens: int, static_rotary: bool = False, hf: bool = False) -> dict:
     import pcompiler
     from pcompiler.passmanager import make_pass
 
     t0 = time.perf_counter()
-    model = build_meta(layers, tokens, static_rotary)
+    model = build_transformers_meta(layers) if hf else build_meta(layers, tokens, static_rotary)
     x = meta_input(tokens)
     t1 = time.perf_counter()
     rss_built = peak_rss_mib()
-    prog = pcompiler.trace(model, (x,))
+    if hf:  # keyword inputs: the torch.export frontend
+        prog = pcompiler.trace(model, (), kwargs={"input_ids": x, "attention_mask": torch.ones_like(x)})
+    else:
+        prog = pcompiler.trace(model, (x,))
     t2 = time.perf_counter()
     rss_traced = peak_rss_mib()
     prog = pcompiler.run(prog, [make_pass("analyze")])
@@ -230,6 +243,7 @@ def run_pcompiler(layers: int, tokens: int, static_rotary: bool = False) -> dict
         "trace_analyze_s": t3 - t1,
         "peak_rss_mib": {"after_build": rss_built, "after_trace": rss_traced, "after_analyze": rss_analyzed},
         "graph_nodes": len(prog.gm.graph.nodes),
+        "frontend": prog.frontend,
         "opaque": prog.opaque,
         "groups": len(analysis.groups),
         "prunable": len(analysis.prunable),
@@ -377,6 +391,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own)")
     ap.add_argument("--quick", action="store_true", help="2 layers and --tp: a smoke test")
     ap.add_argument("--out", type=Path, help="output folder (default docs/; --quick: a temporary folder)")
+    ap.add_argument("--transformers", action="store_true",
+                    help="transformers' LlamaForCausalLM (LlamaConfig's 7B shapes) instead of the model written here; "
+                    "writes bench_llm_meta_hf.*")
     ap.add_argument("--tp-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -388,15 +405,16 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.getLogger("pcompiler").setLevel(logging.ERROR)
     env = environment()
-    ours = run_pcompiler(layers, args.tokens, args.static_rotary)
+    ours = run_pcompiler(layers, args.tokens, args.static_rotary, hf=args.transformers)
     tp = None
-    if args.tp or args.quick:
+    if (args.tp or args.quick) and not args.transformers:
         tp = run_tp(layers, args.tokens, args.tp_timeout or (120 if args.quick else 300), args.static_rotary)
 
     text = report(layers, args.tokens, ours, tp, env, args.static_rotary)
     out = args.out or (Path(tempfile.gettempdir()) / "pcompiler_bench" if args.quick else DOCS)
+    stem = "bench_llm_meta_hf" if args.transformers else "bench_llm_meta"
     write_json(
-        out / "bench_llm_meta.json",
+        out / f"{stem}.json",
         {
             "environment": env,
             "layers": layers,
@@ -404,11 +422,12 @@ def main(argv: list[str] | None = None) -> int:
             "static_rotary": args.static_rotary,
             "pcompiler": ours,
             "torch_pruning": tp,
+            "model": "transformers.LlamaForCausalLM" if args.transformers else "written here",
         },
     )
-    write_text(out / "bench_llm_meta.md", text)
+    write_text(out / f"{stem}.md", text)
     print(text)
-    print(f"\nwrote {out / 'bench_llm_meta.json'} and {out / 'bench_llm_meta.md'}")
+    print(f"\nwrote {out / f'{stem}.json'} and {out / f'{stem}.md'}")
     return 0
 
 

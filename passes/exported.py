@@ -55,7 +55,7 @@ def export_graph(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
         with _attributes_kept(model), warnings.catch_warnings():
             # That is what _attributes_kept undoes; the user has nothing to change.
             warnings.filterwarnings("ignore", message="The tensor attributes .* were assigned during export")
-            ep = torch.export.export(model, args, kwargs, strict=False)
+            ep = _export_dynamic_batch(model, args, kwargs) or torch.export.export(model, args, kwargs, strict=False)
     except Exception as e:  # noqa: BLE001 - export's own message says what it refused
         raise CompileError(
             f"cannot export {name} with torch.export: {one_line(e)}",
@@ -123,6 +123,33 @@ def _in_place(name: str, value: Any) -> bool:
 
 
 _MODULE_DICTS = ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set")
+
+
+def _export_dynamic_batch(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
+    """torch.export with the batch (first) dimension of every input dynamic, or None where the
+    inputs do not share one (or mix positional and keyword ones) or the model fixes it. Exported
+    on a batch of 2 where the example's is 1 (export specializes size-1 dims): the graph then
+    reads the batch size where the model's code does (views, expands), and the slim program
+    takes any batch."""
+    tensors = [*args, *kwargs.values()]
+    if not tensors or (args and kwargs) or not all(isinstance(t, torch.Tensor) and t.dim() for t in tensors):
+        return None
+    if len({t.shape[0] for t in tensors}) != 1:
+        return None
+
+    def widen(t: torch.Tensor) -> torch.Tensor:
+        return t if t.shape[0] > 1 else t.expand(2, *t.shape[1:]).clone()
+
+    batch = {0: torch.export.Dim.AUTO}
+    try:
+        if kwargs:
+            return torch.export.export(model, (), {k: widen(v) for k, v in kwargs.items()},
+                                       dynamic_shapes={k: batch for k in kwargs}, strict=False)
+        return torch.export.export(model, tuple(widen(t) for t in args),
+                                   dynamic_shapes=tuple(batch for _ in args), strict=False)
+    except Exception as e:  # noqa: BLE001 - the static export below says its own error, if any
+        log.debug("export with a dynamic batch failed (%s); exporting with the example's", one_line(e))
+        return None
 
 
 def _module_calls(gm: fx.GraphModule) -> dict[str, tuple[str, list[fx.Node]]]:

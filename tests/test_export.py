@@ -304,12 +304,17 @@ def test_models_symbolic_tracing_refuses(name, tmp_path):
     if name.startswith("yolo"):  # the head's fixed widths (box distribution, classes) reach the outputs
         head = [g for g in prog.analysis.groups if any(".cv2." in p.param or ".cv3." in p.param for p in g.params)]
         assert any(OUTPUT_REASON in g.pinned for g in head)
-    for result in (export_program(prog, tmp_path / "model.pt2"), export_onnx(prog, tmp_path / "model.onnx")):
+    pt2 = export_program(prog, tmp_path / "model.pt2")
+    for result in (pt2, export_onnx(prog, tmp_path / "model.onnx")):
         assert result.ok, result.error
         assert result.max_error is not None and result.max_error < 1e-3
+    assert pt2.note == "dynamic batch dimension"  # exported on a batch of 2, the graph reads the batch size
     loaded = torch.export.load(tmp_path / "model.pt2").module()
     for g, w in zip(flatten_tensors(loaded(*prog.example_inputs)), got, strict=True):
         assert_same(g, w)
+    batch3 = [t[:1].expand(3, *t.shape[1:]) for t in prog.example_inputs]
+    with torch.no_grad():
+        assert flatten_tensors(loaded(*batch3))[0].shape[0] == 3
 
 
 def test_a_meta_device_llama_is_analyzed_without_memory():
