@@ -23,7 +23,7 @@ from pcompiler.errors import CompileError, one_line
 
 # Feed-forward widths, by the names configs give them.
 FFN_FIELDS = ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "encoder_ffn_dim", "decoder_ffn_dim",
-              "moe_intermediate_size")
+              "moe_intermediate_size", "hidden_dim")  # hidden_dim: DistilBERT's
 # Fields whose None means a multiple of another (GPT-2: n_inner = 4 * n_embd).
 _DEFAULTS = {"n_inner": ("n_embd", 4)}
 _SAFETENSORS = ("model.safetensors", "model.safetensors.index.json")

@@ -8,7 +8,7 @@ the embedding they feed; an integer input that feeds no embedding (an attention 
 with the first position 1 so no row is wholly masked. Booleans are True.
 
 A Hugging Face model (a `config` with `vocab_size`, or `image_size` and `num_channels`) gives
-its default: `input_ids` and `attention_mask` of 1 x min(128, max positions), or `pixel_values`
+its default: `input_ids` and `attention_mask` of 1 x min(64, max positions / 2), or `pixel_values`
 of 1 x channels x image size x image size. Any other model: a float input that fits its first
 layer (`default_input_shape`).
 """
@@ -89,7 +89,8 @@ def default_inputs(model: nn.Module) -> list[InputSpec]:
     """What the model implies (module docstring)."""
     config = getattr(model, "config", None)
     if getattr(config, "vocab_size", None):
-        seq = min(128, getattr(config, "max_position_embeddings", None) or 128)
+        # Half the positions at most: RoBERTa's start after the padding index.
+        seq = min(64, (getattr(config, "max_position_embeddings", None) or 128) // 2)
         return [InputSpec((1, seq), torch.int64, "input_ids"), InputSpec((1, seq), torch.int64, "attention_mask")]
     size, channels = getattr(config, "image_size", None), getattr(config, "num_channels", None)
     if isinstance(size, int) and isinstance(channels, int):

@@ -44,11 +44,11 @@ def new_widths(model: nn.Module, prog: Program) -> dict[str, int]:
         for d, (a, b) in enumerate(zip(old, t.shape)):
             if a == b:
                 continue
-            field = next((f for f, v in fields.items() if v == a), None)
-            if field is None:
+            held = _held_by(fields, a, b)
+            if held is None:
                 unheld.append(f"{name}[dim {d}] {a} -> {b}")
             else:
-                found.setdefault(field, set()).add(int(b))
+                found.setdefault(held[0], set()).add(held[1])
     if unheld:
         raise ValueError(f"widths no field of the config holds changed: {', '.join(unheld[:4])}"
                          f"{' ...' if len(unheld) > 4 else ''} (prune with the hf_widths pass, or leave out --formats hf)")
@@ -57,6 +57,16 @@ def new_widths(model: nn.Module, prog: Program) -> dict[str, int]:
         raise ValueError(f"the config holds one width per field, and the layers differ: {uneven} (use layer-wise "
                          "selection, the default, not --global)")
     return {f: v.pop() for f, v in found.items()}
+
+
+def _held_by(fields: dict[str, int], old: int, new: int) -> tuple[str, int] | None:
+    """The field a dim of `old` positions (now `new`) is made of, and the field's new value: the
+    field itself (k = 1), or k copies of it side by side (Phi-3's fused gate_up_proj: k = 2)."""
+    for k in (1, 2, 3, 4):
+        for f, v in fields.items():
+            if old == k * v and new % k == 0:
+                return f, new // k
+    return None
 
 
 def save_hf(prog: Program, model: nn.Module, path: str | Path) -> ExportResult:

@@ -80,8 +80,8 @@ def _llama():
 
 
 def test_hugging_face_config_gives_the_default_inputs():
-    assert default_inputs(_llama()) == [InputSpec((1, 24), torch.int64, "input_ids"),
-                                        InputSpec((1, 24), torch.int64, "attention_mask")]
+    assert default_inputs(_llama()) == [InputSpec((1, 12), torch.int64, "input_ids"),
+                                        InputSpec((1, 12), torch.int64, "attention_mask")]
     T = pytest.importorskip("transformers")
     vit = T.ViTForImageClassification(T.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                                                   intermediate_size=64, image_size=16, patch_size=8))
@@ -101,8 +101,8 @@ def test_cli_prunes_a_pickled_causal_lm_with_its_default_inputs(tmp_path):
     assert report["params_after"] < 0.8 * report["params_before"]
     assert {e["format"]: e["ok"] for e in report["exports"]} == {"pt2": True, "onnx": True}
     loaded = torch.export.load(out / "model.pt2").module()
-    ids = torch.randint(0, 50, (1, 24))
-    assert loaded(ids, torch.ones(1, 24, dtype=torch.long))[0].shape == (1, 24, 50)
+    ids = torch.randint(0, 50, (1, 12))
+    assert loaded(ids, torch.ones(1, 12, dtype=torch.long))[0].shape == (1, 12, 50)
 
 
 def test_cli_types_positional_token_ids(tmp_path):
