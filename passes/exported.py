@@ -7,8 +7,12 @@ the graph module of ATen ops it makes, in the form every later pass reads:
   ones first and then keyword ones, in the order of the call (named as the model names them:
   `x`, `input_ids`, `attention_mask`); the output is the tuple of the output's tensors (a
   Hugging Face `ModelOutput` or a dict gives its values in order; a model that returns one
-  tensor returns it as it is). Export's own input guard and
-  its metadata assertions are dropped: they check the shapes slim changes.
+  tensor returns it as it is). Export's own input guard and its metadata assertions are
+  dropped: they check the shapes slim changes.
+- A dynamic batch. Where every input has the same first dimension, the model is exported with
+  it dynamic (on a batch of 2 where the example's is 1), so sizes the model computes from its
+  input's batch stay computed, and model.pt2 takes any batch; where export cannot, the batch is
+  the example's.
 - Standard torch.nn layers as leaves. Where the nodes of one call of a torch.nn module that has
   an op rule (Conv2d, Linear, BatchNorm2d, LayerNorm, Embedding, ReLU, ...) read one tensor and
   make one, they are replaced by one `call_module` node of the module itself, keeping its
