@@ -7,8 +7,9 @@ the graph module of ATen ops it makes, in the form every later pass reads:
   ones first and then keyword ones, in the order of the call (named as the model names them:
   `x`, `input_ids`, `attention_mask`); the output is the tuple of the output's tensors (a
   Hugging Face `ModelOutput` or a dict gives its values in order; a model that returns one
-  tensor returns it as it is). Export's own input guard and its metadata assertions are
-  dropped: they check the shapes slim changes.
+  tensor returns it as it is). Export's input checks (its pre-forward hook, taken without the
+  guard module: `check_guards=False`) and its metadata assertions are dropped: they check the
+  shapes slim changes.
 - A dynamic batch. Where every input has the same first dimension, the model is exported with
   it dynamic (on a batch of 2 where the example's is 1), so sizes the model computes from its
   input's batch stay computed, and model.pt2 takes any batch; where export cannot, the batch is
@@ -81,14 +82,10 @@ def export_graph(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     for node in list(graph.nodes):
         if node.op == "call_function" and node.target in _CHECKS and not node.users:
             graph.erase_node(node)
-        elif node.op == "call_module" and not node.users and node.target.startswith("_guards"):
-            graph.erase_node(node)
     out = graph.output_node()
     flat, _ = torch.utils._pytree.tree_flatten(out.args[0])
     single = ep.call_spec.out_spec is not None and ep.call_spec.out_spec.is_leaf()
     out.args = (flat[0] if single and len(flat) == 1 else tuple(flat),)
-    for attr in [n for n, _ in gm.named_children() if n.startswith("_guards")]:
-        delattr(gm, attr)
     _collapse_leaf_modules(gm, model)
     graph.eliminate_dead_code()
     graph.lint()

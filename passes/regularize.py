@@ -258,10 +258,9 @@ class RegMethod(MethodPass):
             raise CompileError(f"method '{self.name}' trains the model and needs data",
                                hint="pass --data (e.g. --data digits), or data=... in the pass API")
         if prog.source is not None:  # checked now: after training, the user's model is not the reference
-            from pcompiler.passes.trace import check_reproduces
+            from pcompiler.passes.trace import check_program
 
-            check_reproduces(prog.source, prog.gm, prog.example_inputs, prog.keywords,
-                             flat=prog.frontend == "export")
+            check_program(prog, prog.gm)
         # Train a copy: the input Program stays as it was. The trained graph is its own source.
         prog = prog.replace(gm=copy.deepcopy(prog.gm), source=None)
         ratio = None

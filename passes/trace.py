@@ -195,6 +195,11 @@ def check_reproduces(source: nn.Module, gm: fx.GraphModule, inputs: tuple, keywo
         )
 
 
+def check_program(prog: Program, gm: fx.GraphModule) -> None:
+    """`check_reproduces` for `gm` against `prog.source`, called the way `prog` was traced."""
+    check_reproduces(prog.source, gm, prog.example_inputs, prog.keywords, flat=prog.frontend == "export")
+
+
 def _on_meta(model: nn.Module) -> bool:
     return any(t.is_meta for t in (*model.parameters(), *model.buffers()))
 
@@ -236,7 +241,7 @@ def trace(
     prog = _trace_export(model, inputs, kwargs) if frontend == "export" or kwargs else \
         _choose(model, inputs, frontend, leaf_modules, decompose_attention)
     if check and not prog.on_meta:
-        check_reproduces(model, prog.gm, prog.example_inputs, prog.keywords, flat=prog.frontend == "export")
+        check_program(prog, prog.gm)
     return prog
 
 

@@ -41,7 +41,7 @@ from pcompiler.compare import VERIFY, Comparison, Tolerance, compare, flatten_te
 from pcompiler.errors import CompileError, VerifyError
 from pcompiler.ir import DimRef, Fold, Program, Role, iter_tensors, node_value, tensor_of
 from pcompiler.passes.compensate import add_to_bias, inject_constants, slim_delta
-from pcompiler.passes.trace import check_reproduces
+from pcompiler.passes.trace import check_program
 from pcompiler.passmanager import SLIMMED, PassResult, register_pass
 
 log = logging.getLogger("pcompiler")
@@ -195,8 +195,7 @@ def verify_program(prog: Program, tol: Tolerance = VERIFY) -> dict[str, Any]:
     if prog.on_meta:
         return {"ok": None, "skipped": "the model is on the meta device; nothing to run"}
     if prog.source is not None:
-        check_reproduces(prog.source, prog.reference, prog.example_inputs, prog.keywords,
-                         flat=prog.frontend == "export")
+        check_program(prog, prog.reference)
     folds = prog.compensation.folds if prog.compensation is not None else ()
     exact, approx = tuple(f for f in folds if f.exact), tuple(f for f in folds if not f.exact)
     what = _reference_text(exact) + (f" (the slim model without its {len(approx)} approximate folds)" if approx else "")

@@ -96,7 +96,8 @@ def save_hf(prog: Program, model: nn.Module, path: str | Path) -> ExportResult:
         with torch.no_grad(), eval_mode(loaded):
             got = flatten_tensors(call_with(loaded, prog.example_inputs, prog.keywords))
         err = compare_outputs(got, want, f"the reloaded {path.name}/ folder")
-        changed = ", ".join(f"{f} {width_fields(model)[f]} -> {v}" for f, v in widths.items()) or "no width changed"
+        before = width_fields(model)
+        changed = ", ".join(f"{f} {before[f]} -> {v}" for f, v in widths.items()) or "no width changed"
         return err, f"config: {changed}"
 
     return guarded("hf", path, body)
