@@ -104,12 +104,42 @@ class _Tracer(fx.Tracer):
                 del self._param_cache[name]
 
 
+def _meta_layer_norm(m: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor | None:
+    shape = tuple(m.normalized_shape)
+    ok = tuple(x.shape[x.ndim - len(shape):]) == shape and all(
+        t is None or tuple(t.shape) == shape for t in (m.weight, m.bias))
+    return torch.empty_like(x) if ok else None
+
+
+def _meta_linear(m: nn.Linear, x: torch.Tensor) -> torch.Tensor | None:
+    out, inp = m.weight.shape
+    ok = x.ndim and x.shape[-1] == inp and x.dtype == m.weight.dtype and (m.bias is None or m.bias.shape == (out,))
+    return x.new_empty((*x.shape[:-1], out)) if ok else None
+
+
+# Modules whose output shape and dtype follow from their input and weights without running a
+# kernel: on meta tensors torch would run their decompositions (layer_norm's is 40% of a
+# ConvNeXt's shape propagation). Exact types only (a subclass may change what forward returns);
+# sizes are read from the weights, not from attributes that may be stale; an input the module
+# would refuse (None here) runs the module, which raises.
+_META_SHAPES = {nn.LayerNorm: _meta_layer_norm, nn.GELU: lambda m, x: torch.empty_like(x), nn.Linear: _meta_linear}
+
+
 class _ShapeProp(fx.Interpreter):
     """Runs the graph and records every node's value (shape and dtype)."""
 
     def __init__(self, gm: fx.GraphModule, opaque: dict[str, str], on_meta: bool):
         super().__init__(gm)
         self.opaque, self.on_meta = opaque, on_meta
+
+    def call_module(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        m = self.fetch_attr(target)
+        shape = _META_SHAPES.get(type(m)) if self.on_meta and not kwargs and len(args) == 1 else None
+        if shape is not None and isinstance(args[0], torch.Tensor) and args[0].is_meta:
+            out = shape(m, args[0])
+            if out is not None:
+                return out
+        return super().call_module(target, args, kwargs)
 
     def run_node(self, n: fx.Node) -> Any:
         try:
