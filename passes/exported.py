@@ -90,6 +90,10 @@ def export_graph(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     graph.eliminate_dead_code()
     graph.lint()
     gm.recompile()
+    # In eval mode like the model it was exported from: ep.module() starts in training mode over
+    # the model's eval-mode layers, and a later `gm.train(gm.training)` (restoring a mode) would
+    # put every BatchNorm and Dropout into training.
+    gm.eval()
     return gm
 
 

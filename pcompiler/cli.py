@@ -39,6 +39,7 @@ from pcompiler.inputs import parse_inputs, specs_text
 from pcompiler.loading import load_model
 from pcompiler.outdir import claim_out_dir
 from pcompiler.passes.recalibrate import DEFAULT_BATCHES
+from pcompiler.passes.trace import FRONTENDS
 from pcompiler.pipeline import (
     FORMATS,
     Settings,
@@ -130,6 +131,9 @@ def _guarded(console: Console, verbose: bool, body: Callable[[], int]) -> int:
                    "repeat for several. A Hugging Face model's config gives the default.")
 @click.option("--trust", is_flag=True, help="Load MODEL with full pickle (runs code from the file).")
 @click.option("--arch", metavar="M:F", help="MODEL is a state dict; build the model by calling F from module M.")
+@click.option("--frontend", type=click.Choice(FRONTENDS), default="auto", show_default=True,
+              help="How the model is read: fx (symbolic tracing), export (torch.export), auto (fx where it reads "
+              "the whole model, else export; keyword inputs always export).")
 @click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), help="Folder for the exports and report.json.")
 @click.option("--global/--layerwise", "global_ranking", default=None,
               help="Rank channels across groups, or remove --ratio from each group (default: the method's; "
@@ -212,7 +216,7 @@ def _settings(o: dict[str, Any]) -> Settings:
         finetune_epochs=o["finetune_epochs"], finetune_lr=o["finetune_lr"], distill=distill,
         distill_regularization=o["distill_regularization"],
         recalibrate_batches=0 if o["no_recalibrate"] else o["recalibrate_batches"], compensate=not o["no_compensate"],
-        checkpoints=None if o["out_dir"] is None else str(Path(o["out_dir"]) / "checkpoints"))
+        checkpoints=None if o["out_dir"] is None else str(Path(o["out_dir"]) / "checkpoints"), frontend=o["frontend"])
 
 
 def _compile(console: Console, model_path: Path, **o: Any) -> int:
@@ -221,7 +225,8 @@ def _compile(console: Console, model_path: Path, **o: Any) -> int:
     specs = parse_inputs(o["input_shapes"], o["named_inputs"])
     instruments = [dump_instrument(o["dump_ir"])] if o["dump_ir"] is not None else []
     if o["analyze"]:
-        prog = trace_model(load_model(model_path, trust=o["trust"], arch=o["arch"]), specs, seed=o["seed"])
+        prog = trace_model(load_model(model_path, trust=o["trust"], arch=o["arch"]), specs, seed=o["seed"],
+                           frontend=o["frontend"])
         from pcompiler.passmanager import make_pass, run
 
         prog = run(prog, [make_pass("analyze")], instruments=instruments)
@@ -245,7 +250,7 @@ def _compile(console: Console, model_path: Path, **o: Any) -> int:
                            element_bytes=[s.dtype.itemsize for s in specs])
     claim_out_dir(o["out_dir"], overwrite=o["overwrite"], resume=o["resume"], model=model_path,
                   settings={"method": settings.method, "ratio": settings.ratio, "speedup": settings.speedup,
-                            "data": o["data_spec"], "seed": settings.seed})
+                            "data": o["data_spec"], "seed": settings.seed, "frontend": settings.frontend})
     data = None
     if o["data_spec"] is not None:
         from pcompiler.data import check_model, load_data

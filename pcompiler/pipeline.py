@@ -30,6 +30,7 @@ from pcompiler.inputs import InputSpec, default_inputs, draw_integers, example_v
 from pcompiler.ir import Program
 from pcompiler.passes.recalibrate import DEFAULT_BATCHES
 from pcompiler.passes.select import SelectOptions
+from pcompiler.passes.trace import FRONTENDS
 from pcompiler.passmanager import DATA, SELECTION, Instrument, Pass, make_pass, registered_passes, run
 from pcompiler.train import Distillation, TrainConfig, is_main_process
 
@@ -69,9 +70,12 @@ class Settings:
     recalibrate_batches: int = DEFAULT_BATCHES
     compensate: bool = True
     checkpoints: str | None = None  # folder of the phases' checkpoints (OUT/checkpoints)
+    frontend: str = "auto"  # how the model is read: passes/trace.py's FRONTENDS
 
     def check(self, has_data: bool) -> None:
         """Refuse what cannot run, before anything slow starts."""
+        if self.frontend not in FRONTENDS:
+            raise CompileError(f"unknown frontend {self.frontend!r}", hint=f"choose from {', '.join(FRONTENDS)}")
         known = methods()
         if self.method not in known:
             raise CompileError(f"unknown method '{self.method}'", hint=f"choose from {', '.join(known)}")
@@ -188,9 +192,10 @@ def build(settings: Settings, data: DataSource | None = None, teacher: nn.Module
 
 
 def trace_model(model: nn.Module, specs: Sequence[InputSpec] | None = None,
-                data: DataSource | None = None, seed: int = 0) -> Program:
+                data: DataSource | None = None, seed: int = 0, frontend: str = "auto") -> Program:
     """Trace `model` on example inputs of `specs` (default: the data's shape, else what the model
-    implies: `inputs.default_inputs`); integer inputs are drawn where they go (`draw_integers`)."""
+    implies: `inputs.default_inputs`) with `frontend` (passes/trace.py); integer inputs are drawn
+    where they go (`draw_integers`)."""
     import pcompiler
     from pcompiler.costs import device_of
 
@@ -201,7 +206,7 @@ def trace_model(model: nn.Module, specs: Sequence[InputSpec] | None = None,
                  "the data" if data is not None else "the model")
     args, kwargs = example_values(specs, device_of(model), seed)
     try:
-        prog = pcompiler.trace(model, args, kwargs=kwargs)
+        prog = pcompiler.trace(model, args, kwargs=kwargs, frontend=frontend)
     except CompileError as e:
         where = "" if given else "the default "
         hint = "" if "input-shape" in str(e) else " (pass --input-shape with the shape the model expects)"
@@ -221,7 +226,7 @@ def compile_model(model: nn.Module, settings: Settings, *, data: DataSource | No
     formats = [f for f in formats if f != "hf" or is_model(model)]  # hf: only for Hugging Face models
     passes = build(settings, data, teacher=model.eval() if settings.distill is not None else None,
                    hf_widths=width_fields(model) if "hf" in formats else None)
-    prog = trace_model(model, inputs, data, settings.seed)
+    prog = trace_model(model, inputs, data, settings.seed, settings.frontend)
     if bench is not None and prog.on_meta:
         raise CompileError("--bench needs real weights, and the model is on the meta device",
                            hint="load a checkpoint with weights, or leave out --bench")

@@ -41,7 +41,7 @@ log = logging.getLogger("pcompiler")
 # Keys build_report computes itself; prog.info keys of the same name are not passed through.
 CORE_KEYS = (
     "model", "method", "settings", "params_before", "params_after", "param_ratio", "flops_before",
-    "flops_after", "flops_ratio", "groups", "layers", "verify", "exports", "passes", "inputs",
+    "flops_after", "flops_ratio", "groups", "layers", "verify", "exports", "passes", "inputs", "frontend",
     "versions", "warnings", "importance",
 )
 
@@ -129,6 +129,7 @@ def build_report(
         "exports": prog.info.get("exports", []),
         "passes": [{"name": r.name, "seconds": r.seconds, "changed": r.changed} for r in prog.history],
         "inputs": [{"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for t in prog.example_inputs],
+        "frontend": prog.frontend,
         "versions": {"pcompiler": _version(), "torch": torch.__version__},
         "warnings": warnings,
     }

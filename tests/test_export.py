@@ -60,6 +60,11 @@ def test_exported_graph_has_flat_named_inputs_and_module_leaves():
     logits, features = prog.gm(x, scale)
     assert_same(logits, Block.forward(prog.source, x, scale)["logits"])
     assert features.shape == (2, 8)
+    # In eval mode throughout, like the model: restoring the mode (gm.train(gm.training)) leaves
+    # the BatchNorm in eval mode.
+    assert not any(m.training for m in prog.gm.modules())
+    prog.gm.train(prog.gm.training)
+    assert not prog.gm.bn.training
     # The modules train as modules: the BatchNorm uses batch statistics in train mode.
     prog.gm.train()
     before = prog.gm.bn.running_mean.clone()

@@ -287,10 +287,15 @@ def _cli(model, spec, out, *extra):
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
+# Each also through torch.export: the methods then train the exported module (exported.py).
+FRONTENDS = pytest.mark.parametrize("frontend", ["auto", "export"])
+
+
 @pytest.mark.slow
-def test_cli_resume_after_sigkill(tmp_path):
+@FRONTENDS
+def test_cli_resume_after_sigkill(tmp_path, frontend):
     model, spec = _files(tmp_path, bn=True)
-    steps = ["--reg-steps", "6000", "--checkpoint-every", "100"]
+    steps = ["--reg-steps", "6000", "--checkpoint-every", "100", "--frontend", frontend]
     subprocess.run([sys.executable, *_cli(model, spec, tmp_path / "a", *steps)], check=True, env=ENV,
                    capture_output=True)
     ckpt = tmp_path / "b" / "checkpoints" / "regularization.pt"
@@ -313,12 +318,14 @@ def test_cli_resume_after_sigkill(tmp_path):
 
     report = json.loads((tmp_path / "b" / "report.json").read_text())
     assert report["regularization"]["resumed_from"] == killed_at
+    assert report["frontend"] == ("fx" if frontend == "auto" else "export")
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_match_one(tmp_path):
+@FRONTENDS
+def test_torchrun_two_processes_match_one(tmp_path, frontend):
     model, spec = _files(tmp_path, bn=False)  # BatchNorm statistics are per process under DDP
-    steps = ["--reg-steps", "40"]
+    steps = ["--reg-steps", "40", "--frontend", frontend]
     one = subprocess.run([sys.executable, *_cli(model, spec, tmp_path / "one", *steps)], env=ENV,
                          capture_output=True, text=True)
     assert one.returncode == 0, one.stderr
@@ -335,6 +342,7 @@ def test_torchrun_two_processes_match_one(tmp_path):
 
     report = json.loads((tmp_path / "two" / "report.json").read_text())
     assert report["regularization"]["world_size"] == 2
+    assert report["frontend"] == ("fx" if frontend == "auto" else "export")
     assert not (tmp_path / "two" / "report.json.tmp").exists()
 
 
