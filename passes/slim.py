@@ -104,7 +104,7 @@ def slim_program(prog: Program, check: bool = True) -> Program:
         return tensor_at(nodes[ref.node], ref.path).shape[ref.dim] - len(removal.removed(ref))
 
     ctx = RewriteContext(gm, new_size, removal.removed)
-    for node in gm.graph.nodes:
+    for node in list(gm.graph.nodes):  # a rewrite may insert nodes (mean_rewrite)
         if node.op not in ("call_module", "call_function", "call_method"):
             continue
         _, op_rule = lookup(node, gm)

@@ -21,8 +21,10 @@ On failure the two graphs are run node by node (the slim graph keeps the node na
 reference values restricted to the kept channels, and the error names the first node whose
 values differ and the groups that pass through it. Exit code 3 in the CLI.
 
-Groups whose channels pass an op where zeroing is not removal (LayerNorm, softmax, mean over
-them, a divisor) are pinned by the analysis, so they are never removed silently.
+Groups whose channels pass an op where zeroing is not removal (LayerNorm, softmax, a variance
+over them, a divisor) are pinned by the analysis, so they are never removed silently. A node a
+rewrite changed on purpose (a mean over the kept channels, scaled back by the node after it:
+`ir.RESCALED_KEY`) is compared at that next node.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import torch.fx as fx
 
 from pcompiler.compare import VERIFY, Comparison, Tolerance, compare, flatten_tensors
 from pcompiler.errors import CompileError, VerifyError
-from pcompiler.ir import DimRef, Fold, Program, Role, iter_tensors, node_value, tensor_of
+from pcompiler.ir import RESCALED_KEY, DimRef, Fold, Program, Role, iter_tensors, node_value, tensor_of
 from pcompiler.passes.compensate import add_to_bias, inject_constants, slim_delta
 from pcompiler.passes.trace import check_program
 from pcompiler.passmanager import SLIMMED, PassResult, register_pass
@@ -97,7 +99,7 @@ def _first_node_difference(prog: Program, ref_values: dict[str, Any], slim_value
     channels (parameters read by get_attr, sizes) are not compared."""
     removal = prog.removal
     for node in prog.gm.graph.nodes:
-        if node.name not in ref_values or node.op == "output":
+        if node.name not in ref_values or node.op == "output" or node.meta.get(RESCALED_KEY):
             continue
         for path, _ in iter_tensors(node_value(node)):
             r, s = ref_values[node.name], slim_values[node.name]

@@ -6,9 +6,12 @@ code). transformers is an optional dependency: `pip install pcompiler[hf]`.
 
 The slim model goes out as a folder too (targets/hf.py), which needs every pruned width to be a
 field of the config, with the same value in every layer. `width_fields` lists the fields that
-hold a layer width independently of the others: the feed-forward widths. Attention widths
-(head_dim, heads) are tied to the residual stream in most configs (hidden_size = heads x
-head_dim) and stay as they are in this mode.
+hold a layer width independently of the others: the feed-forward widths, and the residual
+stream's `hidden_size` where the stream is RMSNorm'd (`rms_norm_eps`: LLaMA, Qwen2, Mistral).
+The analysis prunes such a stream exactly (a mean over the kept channels, scaled back); the
+folder holds that as RMSNorm weights scaled by sqrt(D/D'), `rms_norm_eps` by D/D', and an
+explicit `head_dim`, which those models' attention reads instead of hidden_size / heads
+(targets/hf.py). LayerNorm'd streams (BERT, GPT-2, ViT) are pinned by the analysis and stay.
 """
 
 from __future__ import annotations
@@ -76,9 +79,13 @@ def load_folder(path: Path) -> nn.Module:
 
 
 def width_fields(model: nn.Module) -> dict[str, int]:
-    """The feed-forward widths of the model's config: field -> value (its default where None)."""
+    """The widths the model's config holds independently: field -> value (its default where
+    None): the feed-forward widths, and hidden_size where the stream is RMSNorm'd."""
     config = model.config
     out = {}
+    hidden = getattr(config, "hidden_size", None)
+    if isinstance(hidden, int) and isinstance(getattr(config, "rms_norm_eps", None), float):
+        out["hidden_size"] = hidden
     for name in FFN_FIELDS:
         value = getattr(config, name, None)
         if value is None and name in _DEFAULTS:

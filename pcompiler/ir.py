@@ -25,6 +25,9 @@ from pcompiler.errors import CompileError
 
 META_KEY = "pcompiler.value"
 INT_KEY = "pcompiler.int"  # the value of nodes that compute a Python int (sizes)
+# Set by a slim rewrite on a node whose value it changes on purpose (a mean over kept channels,
+# which the next node scales back): verify compares the node that restores it instead.
+RESCALED_KEY = "pcompiler.rescaled"
 
 ValuePath = tuple[int, ...]
 

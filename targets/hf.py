@@ -6,6 +6,12 @@ loaded into it by name (the export frontend keeps the model's parameter names), 
 with `save_pretrained` (safetensors). The folder is then loaded back with `from_pretrained`
 and its outputs compared with the slim program's on the example inputs.
 
+Where hidden_size changed, the stream's RMSNorms are rewritten for Hugging Face's own code,
+which divides by the kept D' channels: the analysis made removal exact by scaling each mean of
+squares by D'/D, which is the same as RMSNorm weights times sqrt(D/D') and eps times D/D'
+(`rms_norm_eps` in the config); `head_dim` is written out, as hidden_size / heads no longer is
+the head size. The comparison with the slim program checks it.
+
 Fails, with the reason, where a width changed that no config field holds (run with the
 `hf_widths` pass, as the pipeline does for Hugging Face models, so the method leaves those
 alone), where one field's layers have different widths (global ranking), or where a weight's
@@ -79,12 +85,18 @@ def save_hf(prog: Program, model: nn.Module, path: str | Path) -> ExportResult:
         config = copy.deepcopy(model.config)
         for field, value in widths.items():
             setattr(config, field, value)
+        stream = _stream_ratio(model.config, widths)
+        if stream != 1.0:  # attention keeps its head size: say it, as hidden_size / heads no longer is
+            config.rms_norm_eps = model.config.rms_norm_eps * stream
+            old = model.config
+            config.head_dim = getattr(old, "head_dim", None) or old.hidden_size // old.num_attention_heads
         slim = type(model)(config)
         missing, unexpected = slim.load_state_dict(prog.gm.state_dict(), strict=False)
         tied = {k for k in missing if k in _tied_keys(slim)}
         if set(missing) - tied or unexpected:
             raise ValueError(f"the slim weights do not fit {type(model).__name__}: missing {sorted(set(missing) - tied)[:4]}, "
                              f"unexpected {sorted(unexpected)[:4]}")
+        norms = _rescale_stream_norms(slim, widths.get("hidden_size"), stream)
         # Written beside, then renamed: a run killed halfway leaves the old folder (or none).
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
         slim.save_pretrained(tmp, safe_serialization=True)
@@ -98,9 +110,35 @@ def save_hf(prog: Program, model: nn.Module, path: str | Path) -> ExportResult:
         err = compare_outputs(got, want, f"the reloaded {path.name}/ folder")
         before = width_fields(model)
         changed = ", ".join(f"{f} {before[f]} -> {v}" for f, v in widths.items()) or "no width changed"
+        if norms:
+            changed += f"; rms_norm_eps x {stream:g} and {norms} RMSNorm weights x sqrt({stream:g})"
         return err, f"config: {changed}"
 
     return guarded("hf", path, body)
+
+
+def _stream_ratio(config: object, widths: dict[str, int]) -> float:
+    """D/D' of the residual stream (1.0 where hidden_size kept); a ValueError where it changed
+    and the config has no rms_norm_eps (a stream normalized some other way cannot be held)."""
+    new = widths.get("hidden_size")
+    if new is None or new == config.hidden_size:
+        return 1.0
+    if not isinstance(getattr(config, "rms_norm_eps", None), float):
+        raise ValueError(f"hidden_size changed ({config.hidden_size} -> {new}) but the config has no rms_norm_eps to "
+                         "rescale (prune with the hf_widths pass, or leave out --formats hf)")
+    return config.hidden_size / new
+
+
+def _rescale_stream_norms(slim: nn.Module, hidden: int | None, ratio: float) -> int:
+    """Multiply the weight of each RMSNorm over the stream by sqrt(ratio); how many there were."""
+    if ratio == 1.0:
+        return 0
+    norms = [m for m in slim.modules() if type(m).__name__.endswith("RMSNorm")
+             and isinstance(getattr(m, "weight", None), torch.Tensor) and tuple(m.weight.shape) == (hidden,)]
+    with torch.no_grad():
+        for m in norms:
+            m.weight.mul_(ratio ** 0.5)
+    return len(norms)
 
 
 def _tied_keys(model: nn.Module) -> set[str]:

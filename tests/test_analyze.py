@@ -11,8 +11,10 @@ import torch.nn.functional as F
 from helpers import analyze, group_with, index_of, members, prune
 from torch import nn
 
+import pcompiler
 from pcompiler.ir import Role
 from pcompiler.passes.analyze import INPUT_REASON, OUTPUT_REASON
+from pcompiler.passmanager import make_pass
 
 P, C, T = Role.PRODUCE, Role.CONSUME, Role.TIED
 IMG = torch.randn(2, 3, 6, 6)
@@ -148,7 +150,7 @@ class MaskedInf(nn.Module):
 @pytest.mark.parametrize("mid, reason", [
     (nn.LayerNorm(8), "LayerNorm normalizes over these channels"),
     (lambda y: torch.softmax(y, -1), "softmax normalizes over these channels"),
-    (lambda y: y - y.mean(-1, keepdim=True), "mean over these channels"),  # and sub(0, mean) != 0
+    (lambda y: y - y.mean(-1, keepdim=True), "sub(0) = -1, not 0"),  # a mean is exact; x - mean is not
     (lambda y: 2.0 / y, "divides by these channels"),
     (lambda y: torch.cumsum(y, 1), "no rule for torch._VariableFunctionsClass.cumsum at node 'cumsum'"),
     (nn.Sigmoid(), "Sigmoid(0) = 0.5, not 0: removing a channel here is not zeroing it"),
@@ -160,9 +162,91 @@ def test_ops_where_zeroing_is_not_removal_pin(mid, reason):
     x = torch.randn(4, 3)
     g = group_with(analyze(model, x), "a.weight", 0)
     assert not g.prunable and g.pinned[0].startswith(reason), g.pinned
-    assert len(g.pinned) == (2 if "mean" in reason else 1), g.pinned
+    assert len(g.pinned) == 1, g.pinned
     prog = prune(model, x, ratio=0.5)
     assert prog.selection == {} and prog.gm.a.out_features == 8
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm as Hugging Face models write it: no norm op, a mean of squares."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(d) + 0.5)
+
+    def forward(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+
+
+class Stream(nn.Module):
+    """A residual stream under RMSNorm, and a channel mean used as a gate (CBAM-like)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.n1, self.n2 = nn.Linear(3, 8), RMSNorm(8), RMSNorm(8)
+        self.up, self.down, self.gate, self.head = nn.Linear(8, 12), nn.Linear(12, 8), nn.Linear(1, 1), nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.inp(x)
+        u = torch.relu(self.up(self.n1(h)))
+        h = h + self.down(u * torch.sigmoid(self.gate(u.mean(-1, keepdim=True))))
+        return self.head(self.n2(h))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_mean_over_channels_is_exact_once_rescaled(frontend):
+    """mean over D channels with the removed ones zero = (D'/D) * mean over the D' kept: the
+    rewrite multiplies by D'/D, so an RMSNorm'd stream and a mean-gated width are prunable."""
+    model, x = Stream(), torch.randn(4, 5, 3)
+    prog = pcompiler.run(pcompiler.trace(model, (x,), frontend=frontend), [make_pass("analyze")])
+    stream, hidden = group_with(prog, "inp.weight", 0), group_with(prog, "up.weight", 0)
+    assert stream.prunable and hidden.prunable
+    assert {("n1.weight", 0), ("n2.weight", 0), ("down.weight", 0), ("head.weight", 1)} <= \
+        {(p.param, p.dim) for p in stream.params}
+    prog = pcompiler.run(prog, [make_pass("l1", ratio=0.5), make_pass("slim"), make_pass("verify")])
+    assert prog.gm.get_parameter("n1.weight").shape == (4,) and prog.gm.get_parameter("up.weight").shape == (6, 4)
+    factors = sorted(n.args[1] for n in prog.gm.graph.nodes if n.op == "call_function" and n.args
+                     and isinstance(n.args[0], torch.fx.Node) and n.args[0].meta.get("pcompiler.rescaled"))
+    assert factors == [0.5, 0.5, 0.5]  # two RMSNorms over 4 of 8, the gate's mean over 6 of 12
+    assert prog.info["verify"]["ok"] and prog.info["verify"]["max_error"] < 1e-5
+
+
+class FunctionalRMS(nn.Module):
+    def __init__(self, eps):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.rand(4, 6) + 0.5), eps
+
+    def forward(self, x):
+        return F.rms_norm(x, (4, 6), self.weight, self.eps)
+
+
+@pytest.mark.parametrize("norm, frontend", [
+    (nn.RMSNorm(8, eps=1e-3), "fx"), (nn.RMSNorm(8), "fx"), (nn.RMSNorm(8, eps=1e-3), "export"),
+    (FunctionalRMS(1e-3), "fx"), (FunctionalRMS(None), "export"),
+], ids=["module", "module-default-eps", "module-export", "functional-2d", "functional-export"])
+def test_rmsnorm_with_a_weight_is_exact_once_rescaled(norm, frontend):
+    """RMS over D channels with the removed ones zero = sqrt(D'/D) RMS over the D' kept, with eps
+    x D/D': the rewrite scales the weight by sqrt(D/D') and eps by D/D'."""
+    width = norm.weight.numel()
+    shape = tuple(norm.weight.shape)
+    model = Chain(nn.Sequential(nn.Linear(3, width), nn.Unflatten(-1, shape)), norm,
+                  nn.Sequential(nn.Flatten(-len(shape)), nn.Linear(width, 2)))
+    x = torch.randn(5, 3)
+    prog = pcompiler.run(pcompiler.trace(model, (x,), frontend=frontend), [make_pass("analyze")])
+    assert group_with(prog, "a.0.weight", 0).prunable
+    prog = pcompiler.run(prog, [make_pass("l1", ratio=0.5), make_pass("slim"), make_pass("verify")])
+    assert prog.info["verify"]["ok"] and prog.info["verify"]["max_error"] < 1e-5
+    ratio = width / prog.gm.get_parameter("mid.weight").numel()
+    assert ratio == 2.0
+    if isinstance(norm, nn.RMSNorm):
+        assert prog.gm.mid.normalized_shape == (4,)
+        assert prog.gm.mid.eps == pytest.approx((norm.eps or torch.finfo(torch.float32).eps) * ratio)
+
+
+def test_rmsnorm_without_a_weight_pins():
+    model, x = Chain(nn.Linear(3, 8), nn.RMSNorm(8, elementwise_affine=False), nn.Linear(8, 2)), torch.randn(5, 3)
+    g = group_with(analyze(model, x), "a.weight", 0)
+    assert not g.prunable and g.pinned[0].startswith("RMSNorm normalizes over these channels"), g.pinned
 
 
 def test_model_input_and_output_pin():

@@ -1,6 +1,7 @@
 """Hugging Face folders (pcompiler/hf.py, targets/hf.py, passes/hf_widths.py): a
 `save_pretrained` folder in, read with no pickle; the slim model out as OUT/hf/, whose config
-carries the new feed-forward width, loaded with `from_pretrained` and equal to model.pt2."""
+carries the new feed-forward width (and hidden size, for RMSNorm'd streams), loaded with
+`from_pretrained` and equal to model.pt2."""
 
 from __future__ import annotations
 
@@ -35,9 +36,16 @@ def _folder(tmp_path, name):
     return folder
 
 
-@pytest.mark.parametrize("name, field, before", [("qwen2", "intermediate_size", 64), ("phi3", "intermediate_size", 64),
-                                                 ("gpt2", "n_inner", 128), ("bert", "intermediate_size", 64)])
-def test_folder_in_folder_out(tmp_path, name, field, before):
+STREAM = "; rms_norm_eps x 2 and 5 RMSNorm weights x sqrt(2)"  # 2 layers x 2 norms and the final one
+
+
+@pytest.mark.parametrize("name, widths, note", [
+    ("qwen2", {"hidden_size": 32, "intermediate_size": 64}, STREAM),  # RMSNorm'd stream: pruned exactly
+    ("phi3", {"hidden_size": 32, "intermediate_size": 64}, STREAM),
+    ("gpt2", {"n_inner": 128}, ""),  # LayerNorm'd streams stay
+    ("bert", {"intermediate_size": 64}, ""),
+])
+def test_folder_in_folder_out(tmp_path, name, widths, note):
     folder = _folder(tmp_path, name)
     out = tmp_path / "out"
     result = CliRunner().invoke(main, [str(folder), "--method", "l1", "--ratio", "0.5", "-o", str(out),
@@ -46,10 +54,13 @@ def test_folder_in_folder_out(tmp_path, name, field, before):
     report = json.loads((out / "report.json").read_text())
     exports = {e["format"]: e for e in report["exports"]}
     assert all(e["ok"] for e in exports.values()), exports
-    assert exports["hf"]["note"] == f"config: {field} {before} -> {before // 2}"
+    changed = ", ".join(f"{f} {v} -> {v // 2}" for f, v in widths.items())
+    assert exports["hf"]["note"] == f"config: {changed}{note}"
     assert report["params_after"] < 0.85 * report["params_before"]  # tiny: the embeddings weigh most
     config = json.loads((out / "hf" / "config.json").read_text())
-    assert config[field] == before // 2
+    assert all(config[f] == v // 2 for f, v in widths.items())
+    if "hidden_size" in widths:  # the attention keeps its heads and head size
+        assert (config["head_dim"], config["num_attention_heads"], config["num_key_value_heads"]) == (8, 4, 2)
     # The folder loads with transformers alone and gives model.pt2's outputs.
     slim = getattr(T, config["architectures"][0]).from_pretrained(out / "hf").eval()
     program = torch.export.load(out / "model.pt2").module()

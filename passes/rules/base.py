@@ -241,17 +241,29 @@ class RewriteContext:
         self.gm = gm
         self._new_size = new_size
         self._removed = removed
+        self._aliases: dict[str, str] = {}
 
-    def new_size(self, node: fx.Node, dim: int, path: ValuePath = ()) -> int:
+    def _ref(self, node: fx.Node, dim: int, path: ValuePath) -> DimRef:
         t = tensor_at(node, path)
         assert t is not None, f"no tensor at '{node.name}'"
-        return self._new_size(DimRef(dim % t.ndim, node=node.name, path=path))
+        return DimRef(dim % t.ndim, node=self._aliases.get(node.name, node.name), path=path)
+
+    def new_size(self, node: fx.Node, dim: int, path: ValuePath = ()) -> int:
+        return self._new_size(self._ref(node, dim, path))
 
     def removed(self, node: fx.Node, dim: int, path: ValuePath = ()) -> np.ndarray:
         """Positions removed from dim `dim` of the node's value (original numbering)."""
-        t = tensor_at(node, path)
-        assert t is not None, f"no tensor at '{node.name}'"
-        return self._removed(DimRef(dim % t.ndim, node=node.name, path=path))
+        return self._removed(self._ref(node, dim, path))
+
+    def insert_after(self, node: fx.Node, target: Any, args: tuple) -> fx.Node:
+        """A call of `target` on `args` right after `node`, taking over `node`'s uses; its dims
+        are `node`'s (same sizes, same channels removed) for the rewrites of later nodes."""
+        with node.graph.inserting_after(node):
+            new = node.graph.call_function(target, args)
+        node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+        new.meta.update(node.meta)
+        self._aliases[new.name] = self._aliases.get(node.name, node.name)
+        return new
 
     def old_size(self, node: fx.Node, dim: int, path: ValuePath = ()) -> int:
         t = tensor_at(node, path)

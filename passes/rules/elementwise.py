@@ -5,7 +5,9 @@ An activation passes channels only where f(0) = 0, which `at_zero` evaluates fro
 (the lists below say which ops are element-wise, not which are zero-preserving).
 Broadcasting aligns dims from the right; a size-1 side couples nothing. Division pins the
 divisor's channels (a zeroed divisor is not a removed one). Reductions keep the dims they do not
-reduce; a sum over channels is exact under removal (zeros add nothing), a mean or max is not, so
+reduce; a sum over channels is exact under removal (zeros add nothing), and so is a mean once
+the rewrite scales it by D'/D (it divides by the kept D' instead of D: RMSNorm written out as
+x * rsqrt(mean(x^2) + eps), as Hugging Face models do); a max, a variance or a norm is not, so
 those pin what they reduce.
 """
 
@@ -19,9 +21,9 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pcompiler.ir import kept_by_zeroing, op_name, tensor_of
+from pcompiler.ir import RESCALED_KEY, kept_by_zeroing, op_name, tensor_at, tensor_of
 from pcompiler.passes.rules.at_zero import AtZero, at_zero, gates_only
-from pcompiler.passes.rules.base import RuleContext, RuleError, arg, aten_ops, rule
+from pcompiler.passes.rules.base import RewriteContext, RuleContext, RuleError, arg, aten_ops, rewriter, rule
 
 _ACT_MODULES = (
     nn.Identity, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
@@ -146,12 +148,24 @@ def division(node: fx.Node, ctx: RuleContext) -> None:
         ctx.pin_tensor(den, "divides by these channels (a zeroed divisor is not a removed one)")
 
 
+# How removal acts on a reduction over channels: "exact" (zeros add nothing), "scaled" (a mean:
+# zeros add nothing to the sum, and the rewrite keeps the old divisor), or None (pinned).
 _REDUCTIONS = {
-    "sum": True, "mean": False, "amax": False, "amin": False, "max": False, "min": False, "std": False,
-    "var": False, "norm": False, "logsumexp": False, "prod": False, "nansum": True, "nanmean": False,
+    "sum": "exact", "nansum": "exact", "mean": "scaled", "amax": None, "amin": None, "max": None, "min": None,
+    "std": None, "var": None, "norm": None, "logsumexp": None, "prod": None, "nanmean": None,
 }
-_REDUCTION_FUNCTIONS = {getattr(torch, n): exact for n, exact in _REDUCTIONS.items()}
+_REDUCTION_FUNCTIONS = {getattr(torch, n): kind for n, kind in _REDUCTIONS.items()}
 _REDUCTION_ATEN = aten_ops(*(n for n in _REDUCTIONS if n != "norm"))
+
+
+def _reduced_dims(node: fx.Node, ndim: int) -> set[int] | None:
+    """The dims `node` reduces (every dim when it names none); None when computed at run time."""
+    dims = arg(node, 2, "dim", None) if op_name(node.target) == "norm" else arg(node, 1, "dim", None)
+    if dims is None:
+        return set(range(ndim))
+    if isinstance(dims, fx.Node):
+        return None
+    return {d % ndim for d in ([dims] if isinstance(dims, int) else dims)}
 
 
 @rule(*_REDUCTIONS, *_REDUCTION_FUNCTIONS, *_REDUCTION_ATEN)
@@ -159,29 +173,44 @@ def reduction(node: fx.Node, ctx: RuleContext) -> None:
     x = node.args[0]
     tx = ctx.info(x)
     name = op_name(node.target)
-    exact = _REDUCTIONS[name]
-    dims = arg(node, 1, "dim", None)
-    if name == "norm":
-        dims = arg(node, 2, "dim", None)
-    keepdim = bool(arg(node, 2 if name != "norm" else 3, "keepdim", False))
+    kind = _REDUCTIONS[name]
+    dims = _reduced_dims(node, tx.ndim)
     if dims is None:
-        if not exact:
+        raise RuleError("reduced dims are computed at run time")
+    if ctx.info(node) is not None and ctx.info(node).ndim == 0:  # over every dim: one number
+        if kind is None:
             ctx.pin_tensor(x, f"{name} over every dim (zeroing channels is not removing them)")
         return
-    if isinstance(dims, fx.Node):
-        raise RuleError("reduced dims are computed at run time")
-    dims = {d % tx.ndim for d in ([dims] if isinstance(dims, int) else dims)}
+    keepdim = bool(arg(node, 2 if name != "norm" else 3, "keepdim", False))
     outputs = [()] if ctx.info(node) is not None else [(0,), (1,)]  # max/min with dim give (values, indices)
     for path in outputs:
         j = 0
         for d in range(tx.ndim):
             if d in dims:
-                if not exact:
+                if kind is None:
                     ctx.pin(ctx.ref(x, d), f"{name} over these channels (zeroing them is not removing them)")
                 j += keepdim
                 continue
             ctx.same(ctx.ref(x, d), ctx.ref(node, j, path))
             j += 1
+
+
+_MEANS = [k for k, kind in {**_REDUCTIONS, **_REDUCTION_FUNCTIONS}.items() if kind == "scaled"]
+
+
+@rewriter(*_MEANS, *(op for op in _REDUCTION_ATEN if op_name(op) == "mean"))
+def mean_rewrite(node: fx.Node, ctx: RewriteContext) -> None:
+    """mean over D channels of which D' are kept = (D'/D) * mean over the D': multiply by it."""
+    x = node.args[0]
+    dims = _reduced_dims(node, tensor_at(x).ndim)
+    old = new = 1
+    for d in dims:
+        old, new = old * ctx.old_size(x, d), new * ctx.new_size(x, d)
+    if old == new:
+        return
+    mul = torch.ops.aten.mul.Tensor if isinstance(node.target, torch._ops.OpOverload) else operator.mul
+    ctx.insert_after(node, mul, (node, new / old))
+    node.meta[RESCALED_KEY] = True
 
 
 @rule(nn.Softmax, nn.LogSoftmax, nn.Softmin, F.softmax, F.log_softmax, F.softmin, torch.softmax,

@@ -4,9 +4,11 @@ embeddings, as modules and as torch.nn.functional calls on plain parameters.
 Grouped convs: a channel cannot leave one conv group alone (every group must keep the same
 width), so the rule couples whole conv groups: removing one removes its input and output
 channels together and `groups` shrinks. Depthwise convs are the case of width one.
-GroupNorm likewise couples whole norm groups (its statistics are per group). LayerNorm and
-RMSNorm normalise over their channels: zeroing a channel there changes the statistics of the
-others, so those channels are pinned.
+GroupNorm likewise couples whole norm groups (its statistics are per group). LayerNorm
+normalises over its channels: zeroing a channel there changes the statistics of the others, so
+those channels are pinned. RMSNorm with a weight is exact once rescaled: with the removed
+channels zero, RMS over D = sqrt(D'/D) x RMS over the D' kept (eps x D/D'), so the rewrite scales
+its weight by sqrt(D/D') and its eps by D/D'.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pcompiler.ir import DimRef, Role, op_name
+from pcompiler.ir import DimRef, Role, op_name, tensor_of
 from pcompiler.passes.rules.base import (
     RewriteContext,
     RuleContext,
@@ -258,15 +260,24 @@ def group_norm_functional_rewrite(node: fx.Node, ctx: RewriteContext) -> None:
     set_arg(node, 1, "num_groups", ctx.new_size(node, 1) // per)
 
 
-def _last_dims_norm(ctx: RuleContext, node: fx.Node, x: fx.Node, k: int, affine: list[list[DimRef]], what: str) -> None:
-    """`affine[i]` lists the k dims of one affine tensor (weight/bias), outer to inner."""
+def _last_dims_norm(ctx: RuleContext, node: fx.Node, x: fx.Node, k: int, affine: list[list[DimRef]], what: str,
+                    exact: bool = False) -> None:
+    """`affine[i]` lists the k dims of one affine tensor (weight/bias), outer to inner. `exact`:
+    removal is exact once rescaled (an RMSNorm with a weight: `_rms_norm_rescale`); else pinned."""
     ctx.same_shape(x, node)
     for d in range(k):
         ref = ctx.ref(node, d - k)
-        ctx.pin(ref, f"{what} normalizes over these channels: removing some changes its statistics")
+        if not exact:
+            ctx.pin(ref, f"{what} normalizes over these channels: removing some changes its statistics")
         for dims in affine:
             ctx.same(ref, dims[d])
             ctx.role(dims[d], Role.PRODUCE)
+
+
+def _is_rms(node: fx.Node, ctx: RuleContext) -> bool:
+    if node.op == "call_module":
+        return type(ctx.module(node)).__name__ == "RMSNorm"
+    return op_name(node.target) == "rms_norm"
 
 
 @rule(nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))
@@ -275,7 +286,7 @@ def last_dims_norm_module(node: fx.Node, ctx: RuleContext) -> None:
     k = len(m.normalized_shape)
     affine = [[ctx.param_ref(f"{node.target}.{name}", d) for d in range(k)]
               for name in ("weight", "bias") if getattr(m, name, None) is not None]
-    _last_dims_norm(ctx, node, node.args[0], k, affine, type(m).__name__)
+    _last_dims_norm(ctx, node, node.args[0], k, affine, type(m).__name__, exact=_is_rms(node, ctx) and bool(affine))
 
 
 @rule(F.layer_norm, *([F.rms_norm] if hasattr(F, "rms_norm") else []), *aten_ops("layer_norm", "rms_norm"))
@@ -286,7 +297,46 @@ def last_dims_norm_functional(node: fx.Node, ctx: RuleContext) -> None:
     names = ("weight", "bias") if name == "layer_norm" else ("weight",)
     tensors = [arg(node, 2 + i, n) for i, n in enumerate(names)]
     affine = [[ctx.ref(t, d) for d in range(k)] for t in tensors if isinstance(t, fx.Node)]
-    _last_dims_norm(ctx, node, arg(node, 0, "input"), k, affine, name)
+    exact = name == "rms_norm" and bool(affine) and tensors[0].op == "get_attr"
+    _last_dims_norm(ctx, node, arg(node, 0, "input"), k, affine, name, exact=exact)
+
+
+def _rms_norm_rescale(node: fx.Node, ctx: RewriteContext, weight: torch.Tensor, eps: float | None) -> tuple[list[int], float | None]:
+    """RMS over D channels of which D' are kept and the rest zero = sqrt(D'/D) x RMS over the D'
+    (with eps x D/D'): scale the weight by sqrt(D/D') in place. Returns the new normalized
+    shape and eps (None: unchanged)."""
+    k = weight.ndim
+    old = [ctx.old_size(node, d - k) for d in range(k)]
+    new = [ctx.new_size(node, d - k) for d in range(k)]
+    ratio = float(np.prod(old)) / float(np.prod(new))
+    if ratio == 1.0:
+        return new, None
+    with torch.no_grad():
+        weight.mul_(ratio ** 0.5)
+    base = eps if eps is not None else torch.finfo(weight.dtype).eps  # torch's default eps
+    return new, base * ratio
+
+
+@rewriter(getattr(nn, "RMSNorm", nn.LayerNorm))
+def rms_norm_module_rewrite(node: fx.Node, ctx: RewriteContext) -> None:
+    m = ctx.module(node)
+    if type(m).__name__ != "RMSNorm" or m.weight is None:
+        return  # LayerNorm, or an RMSNorm without weight: pinned, nothing changed
+    m.normalized_shape, eps = _rms_norm_rescale(node, ctx, m.weight, m.eps)
+    m.normalized_shape = tuple(m.normalized_shape)
+    if eps is not None:
+        m.eps = eps
+
+
+@rewriter(*([F.rms_norm] if hasattr(F, "rms_norm") else []), *aten_ops("rms_norm"))
+def rms_norm_functional_rewrite(node: fx.Node, ctx: RewriteContext) -> None:
+    w = arg(node, 2, "weight")
+    if not isinstance(w, fx.Node) or w.op != "get_attr":
+        return  # pinned by the rule: nothing changed
+    shape, eps = _rms_norm_rescale(node, ctx, tensor_of(ctx.gm, w.target), arg(node, 3, "eps"))
+    set_arg(node, 1, "normalized_shape", shape)
+    if eps is not None:
+        set_arg(node, 3, "eps", eps)
 
 
 @rule(nn.LocalResponseNorm)
