@@ -9,8 +9,9 @@ field of the config, with the same value in every layer. `width_fields` lists th
 hold a layer width independently of the others: the feed-forward widths, and the residual
 stream's `hidden_size` where the stream is RMSNorm'd (`rms_norm_eps`: LLaMA, Qwen2, Mistral).
 The analysis prunes such a stream exactly (a mean over the kept channels, scaled back); the
-folder holds that as RMSNorm weights scaled by sqrt(D/D'), `rms_norm_eps` by D/D', and an
-explicit `head_dim`, which those models' attention reads instead of hidden_size / heads
+folder holds that as RMSNorm weights scaled by sqrt(D/D'), `rms_norm_eps` by D/D' (so every
+RMSNorm must be over the stream and scale with its weight: not Qwen3, Gemma), and an explicit
+`head_dim`, which those models' attention reads instead of hidden_size / heads
 (targets/hf.py). LayerNorm'd streams (BERT, GPT-2, ViT) are pinned by the analysis and stay.
 """
 
@@ -20,6 +21,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from pcompiler.errors import CompileError, one_line
@@ -78,13 +80,37 @@ def load_folder(path: Path) -> nn.Module:
     return model.eval()
 
 
+def _rescalable_norms(model: nn.Module, hidden: int) -> bool:
+    """Whether every RMSNorm of the model normalizes the stream (weight of `hidden`) with an
+    output proportional to its weight, so that weights x sqrt(D/D') and one rms_norm_eps x D/D'
+    hold the pruned stream. Not: Qwen3's per-head q/k norms (the config's one eps serves them
+    too), Gemma's (1 + weight) scale; probed on a random input."""
+    norms = [m for m in model.modules() if type(m).__name__.endswith("RMSNorm")]
+    if not norms or any(p.is_meta for p in model.parameters()):
+        return False
+    x = torch.randn(3, hidden, generator=torch.Generator().manual_seed(0))
+    for m in norms:
+        w = getattr(m, "weight", None)
+        if not isinstance(w, torch.Tensor) or tuple(w.shape) != (hidden,):
+            return False
+        with torch.no_grad():
+            y = m(x.to(w.dtype))
+            w.mul_(2.0)
+            doubled = m(x.to(w.dtype))
+            w.div_(2.0)
+        if not torch.allclose(doubled, 2.0 * y, rtol=1e-3, atol=1e-6):
+            return False
+    return True
+
+
 def width_fields(model: nn.Module) -> dict[str, int]:
     """The widths the model's config holds independently: field -> value (its default where
     None): the feed-forward widths, and hidden_size where the stream is RMSNorm'd."""
     config = model.config
     out = {}
     hidden = getattr(config, "hidden_size", None)
-    if isinstance(hidden, int) and isinstance(getattr(config, "rms_norm_eps", None), float):
+    if isinstance(hidden, int) and isinstance(getattr(config, "rms_norm_eps", None), float) \
+            and _rescalable_norms(model, hidden):
         out["hidden_size"] = hidden
     for name in FFN_FIELDS:
         value = getattr(config, name, None)

@@ -81,3 +81,16 @@ def test_folder_without_safetensors_is_refused(tmp_path):
     torch.save({}, folder / "pytorch_model.bin")
     with pytest.raises(CompileError, match="holds no safetensors weights"):
         load_model(folder)
+
+
+def test_hidden_size_is_held_only_where_the_rmsnorm_weights_can_hold_it():
+    """One rms_norm_eps and weights x sqrt(D/D') hold a pruned stream only where every RMSNorm is
+    over the stream and scales with its weight: not Qwen3 (per-head q/k norms share the eps),
+    not Gemma ((1 + weight) x ...)."""
+    from pcompiler.hf import width_fields
+
+    small = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, vocab_size=64)
+    held = {name: "hidden_size" in width_fields(getattr(T, f"{name}ForCausalLM")(getattr(T, f"{name}Config")(
+        **small, **({"head_dim": 8} if name in ("Qwen3", "Gemma") else {}))))
+        for name in ("Llama", "Qwen2", "Mistral", "Qwen3", "Gemma")}
+    assert held == {"Llama": True, "Qwen2": True, "Mistral": True, "Qwen3": False, "Gemma": False}
