@@ -15,7 +15,8 @@ minutes or hours, and whether it works at all): model construction, `pcompiler.t
 /proc/self/status where there is one: Linux carries ru_maxrss across fork + exec, so the child
 below would otherwise report the parent's peak). The groups found
 are summarized by kind (what produces them: MLP intermediate = gate_proj+up_proj; attention
-head dims = q/k/v_proj; the hidden stream, expected pinned because RMSNorm's mean runs over it),
+heads = q/k/v_proj, whole heads by default; the hidden stream, prunable since a mean over
+channels is rescaled exactly by D'/D, which RMSNorm's mean of squares is),
 with the pin reasons of the pinned ones. rotate_half splits at `x.shape[-1] // 2` as Hugging
 Face's LLaMA does; --static-rotary splits at the constant head_dim // 2 instead (the analysis
 pins a slice whose bounds are computed at run time, so this decides whether the q/k head dims

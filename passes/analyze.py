@@ -9,7 +9,11 @@ together; components that touch the same spaces the same number of times form on
 Reshapes that split one dim into several (heads, channel shuffle) or merge several into one
 (flatten) can carry channels through only one sub-dim. Phase 1 builds every other map and looks
 which sub-dims already reach parameters; each such reshape then carries the sub-dim that does
-(else the largest), the others are pinned, and phase 2 builds the final components.
+(else the largest), the others are pinned, and phase 2 builds the final components. Attention
+heads come first (`heads`, the default): a split of q/k/v projections into (heads, head width)
+carries whole heads, so the group's channels are heads, each spanning its head width in the q,
+k, v and output projections; with grouped-query attention, whole key/value groups with their
+query heads (`_resolve_choices`).
 
 Assumes the trace pass recorded every node's value. Groups without a producing parameter (conv
 output rows, linear rows, norm affine, embeddings) are not reported: nothing could remove them.
@@ -28,6 +32,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 import pcompiler.passes.rules  # noqa: F401  (registers the op rules)
+from pcompiler.errors import CompileError
 from pcompiler.ir import (
     Analysis,
     ChannelGroup,
@@ -45,6 +50,7 @@ from pcompiler.passmanager import ANALYSIS, PassResult, register_pass
 
 log = logging.getLogger("pcompiler")
 
+ATTENTION = ("heads", "head_dim")  # how attention shrinks: whole heads, or every head narrower
 INPUT_REASON = "comes from a model input (the interface stays)"
 OUTPUT_REASON = "reaches a model output (the interface stays)"
 _ROLE_RANK = {Role.PRODUCE: 3, Role.TIED: 2, Role.CONSUME: 1}
@@ -70,6 +76,7 @@ class _State:
         self.pins: list[tuple[int, str]] = []
         self.roles: dict[DimRef, str] = {}
         self.choices: list[Choice] = []
+        self.heads: list[int] = []
 
     def tensor(self, qualname: str) -> torch.Tensor:
         t = self.tensors.get(qualname)
@@ -138,6 +145,9 @@ class _State:
         if old is None or _ROLE_RANK[role] > _ROLE_RANK[old]:
             self.roles[ref] = role
 
+    def add_head(self, ref: DimRef) -> None:
+        self.heads.append(self.space(ref))
+
     def add_choice(self, choice: Choice) -> None:
         for r in (choice.single, *choice.multi):
             self.space(r)
@@ -188,24 +198,70 @@ def _visit(node: fx.Node, prog: Program, ctx: RuleContext, state: _State, notes:
             notes.append((node.name, reason))
 
 
-def _resolve_choices(state: _State, labels: np.ndarray) -> None:
-    """Pick the sub-dim each split/merge carries channels through (see module docstring)."""
+def _component_flags(state: _State, labels: np.ndarray, sids) -> np.ndarray:
+    """Per component: whether it holds an element of one of the spaces `sids`."""
+    flags = np.zeros(labels.max() + 1 if len(labels) else 0, dtype=bool)
+    sids = list(sids)
+    if sids:
+        flags[labels[np.concatenate([np.arange(state.bases[s], state.bases[s] + state.sizes[s]) for s in sids])]] = True
+    return flags
+
+
+def _resolve_choices(state: _State, heads: bool) -> np.ndarray:
+    """Pick the sub-dim each split/merge carries channels through (see module docstring) and
+    link it; returns the final component labels.
+
+    By default the sub-dim whose channels reach a parameter, else the largest. With `heads`,
+    first, in rounds: a sub-dim that holds attention heads (`RuleContext.head`) and is not
+    pinned; where none does but the single dim does (a merge of key/value heads repeated for
+    grouped-query attention: B x Hkv x n_rep -> B x H), its outermost sub-dim that is not pinned
+    (the key/value heads). Each round's links can give heads to the next round's choices (the
+    key/value projection's split sees the heads once the repeat's merge is linked)."""
+    labels = state.components()
+    pending = list(state.choices)
+    while heads and pending and state.heads:
+        marked = _component_flags(state, labels, state.heads)
+        pinned = _component_flags(state, labels, {sid for sid, _ in state.pins})
+
+        def has(flags: np.ndarray, ref: DimRef, labels: np.ndarray = labels) -> bool:
+            return bool(flags[labels[state.elements(ref)]].any())
+
+        decided, rest = [], []
+        for c in pending:
+            free = [i for i, m in enumerate(c.multi) if not has(pinned, m)]
+            k = next((i for i in free if has(marked, c.multi[i])), None)
+            if k is None and free and has(marked, c.single) and not has(pinned, c.single):
+                k = free[0]
+            (decided if k is not None else rest).append((c, k))
+        if not decided:
+            break
+        for c, k in decided:
+            _carry(state, c, k)
+        pending = [c for c, _ in rest]
+        labels = state.components()
+    if not pending:
+        return labels
     param_elems = [state.elements(r) for r in state.refs if r.param is not None]
     reaches = np.zeros(labels.max() + 1 if len(labels) else 0, dtype=bool)
     if param_elems:
         reaches[labels[np.concatenate(param_elems)]] = True
-    for c in state.choices:
+    for c in pending:
         connected = [bool(reaches[labels[state.elements(m)]].any()) for m in c.multi]
         candidates = [i for i, ok in enumerate(connected) if ok] or list(range(len(c.multi)))
-        k = max(candidates, key=lambda i: (c.sizes[i], -i))  # largest; ties: outermost
-        n = state.size_of(c.single)
-        inner = int(np.prod(c.sizes[k + 1 :], dtype=np.int64))
-        coord = (np.arange(n) // inner) % c.sizes[k]
-        state.add_link(c.single, np.arange(n), c.multi[k], coord)
-        shape = "x".join(map(str, c.sizes))
-        for i, m in enumerate(c.multi):
-            if i != k:
-                state.add_pin(m, f"reshape at '{c.node}' splits channels {shape}; they follow the {c.sizes[k]}-wide sub-dim only")
+        _carry(state, c, max(candidates, key=lambda i: (c.sizes[i], -i)))  # largest; ties: outermost
+    return state.components()
+
+
+def _carry(state: _State, c: Choice, k: int) -> None:
+    """Link `c.single` to sub-dim k of `c.multi` and pin the other sub-dims."""
+    n = state.size_of(c.single)
+    inner = int(np.prod(c.sizes[k + 1 :], dtype=np.int64))
+    coord = (np.arange(n) // inner) % c.sizes[k]
+    state.add_link(c.single, np.arange(n), c.multi[k], coord)
+    shape = "x".join(map(str, c.sizes))
+    for i, m in enumerate(c.multi):
+        if i != k:
+            state.add_pin(m, f"reshape at '{c.node}' splits channels {shape}; they follow the {c.sizes[k]}-wide sub-dim only")
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
@@ -322,28 +378,33 @@ def _build_groups(state: _State, labels: np.ndarray) -> tuple[ChannelGroup, ...]
     )
 
 
-def analyze_program(prog: Program) -> Analysis:
+def analyze_program(prog: Program, heads: bool = True) -> Analysis:
+    """The channel groups of `prog`. `heads`: attention shrinks by whole heads where it can
+    (else along the head width, as every split does by default)."""
     state = _State(prog.gm)
     ctx = RuleContext(state, prog.gm)
     notes: list[tuple[str, str]] = []
     for node in prog.gm.graph.nodes:
         _visit(node, prog, ctx, state, notes)
-    if state.choices:
-        _resolve_choices(state, state.components())
-    groups = _build_groups(state, state.components())
+    labels = _resolve_choices(state, heads) if state.choices else state.components()
+    groups = _build_groups(state, labels)
     return Analysis(groups=groups, notes=tuple(notes))
 
 
 @dataclass(frozen=True)
 class Analyze:
-    """Build the channel groups of the program (`prog.analysis`)."""
+    """Build the channel groups of the program (`prog.analysis`). `attention`: "heads" (the
+    default) removes whole attention heads, "head_dim" narrows every head instead."""
 
     name: ClassVar[str] = "analyze"
     requires: ClassVar = ()
     ensures: ClassVar = (ANALYSIS,)
+    attention: str = "heads"
 
     def run(self, prog: Program) -> PassResult:
-        analysis = analyze_program(prog)
+        if self.attention not in ATTENTION:
+            raise CompileError(f"unknown attention mode {self.attention!r}", hint=f"choose one of {', '.join(ATTENTION)}")
+        analysis = analyze_program(prog, heads=self.attention == "heads")
         log.info(
             "analyze: %d groups, %d prunable, %d notes",
             len(analysis.groups), len(analysis.prunable), len(analysis.notes),

@@ -2,8 +2,9 @@
 
 A `save_pretrained` folder rebuilds the model from its config, so every pruned width must be a
 config field with one value for all layers (pcompiler/hf.py, `width_fields`: the feed-forward
-widths). This pass pins every prunable group whose width is none of those fields, with the
-reason, so the method never selects it. The same count per layer then follows from layer-wise
+widths; hidden_size and the head counts of RMSNorm'd models). This pass pins every prunable
+group whose width is none of those fields (`field_of`), with the reason, so the method never
+selects it, and records the field of each other group for the folder target. The same count per layer then follows from layer-wise
 selection (the default), which removes the same number from groups of the same size; the folder
 target checks the widths and the outputs, and says so where a run could not keep to them.
 """
@@ -15,6 +16,7 @@ import logging
 from dataclasses import dataclass
 from typing import ClassVar
 
+from pcompiler.hf import HEAD_FIELDS, field_of
 from pcompiler.ir import Program
 from pcompiler.passmanager import ANALYSIS, PassResult, register_pass
 
@@ -34,16 +36,18 @@ class HfWidths:
     def run(self, prog: Program) -> PassResult:
         analysis = prog.require_analysis(self.name)
         widths = dict(self.fields)
-        shown = ", ".join(f"{k}={v}" for k, v in widths.items()) or "none"
+        shown = ", ".join(f"{k}={v}" for k, v in widths.items() if k not in HEAD_FIELDS) or "none"
         reason = (f"the hf/ folder keeps this width: no field of the model's config holds it (the ones that can "
                   f"change: {shown}); --formats without hf prunes it")
-        groups, kept = [], 0
+        groups, held = [], {}
         for g in analysis.groups:
-            if g.prunable and g.size not in widths.values():
+            field = field_of(g.size, g.block, widths) if g.prunable else None
+            if g.prunable and field is None:
                 g = dataclasses.replace(g, pinned=(*g.pinned, reason))
-            kept += g.prunable
+            elif field is not None:
+                held[g.id] = field
             groups.append(g)
-        log.info("hf_widths: %d groups prunable within the config's widths (%s)", kept, shown)
-        info = {**prog.info, "hf_widths": {"fields": widths, "prunable": kept}}
+        log.info("hf_widths: %d groups prunable within the config's widths (%s)", len(held), shown)
+        info = {**prog.info, "hf_widths": {"fields": widths, "prunable": len(held), "groups": held}}
         return PassResult(prog.replace(analysis=dataclasses.replace(analysis, groups=tuple(groups)), info=info),
                           changed=False)

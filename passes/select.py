@@ -1,7 +1,8 @@
 """Selection: from per-channel scores to the channels each group loses (METHODS.md, "Common").
 
 - Layer-wise (default): every candidate group loses n_g = min(ceil(r*N_g), N_g - min_keep) of its
-  lowest-scored channels; with `round_to=k` the kept count is rounded up to a multiple of k.
+  lowest-scored channels; with `round_to=k` the kept width is rounded up to a multiple of k (a
+  channel that is an attention head of width D counts D wide: 8 | D keeps any head count).
 - Global (`global_ranking`): scores are divided by their group's mean score (so a group's
   channels are ranked against that group's typical channel, whatever the layer's scale), then
   the r-quantile over all candidate channels is the threshold; per-group limits still apply.
@@ -65,12 +66,15 @@ def _max_removable(n: int, opts: SelectOptions) -> int:
     return max(0, n - opts.min_keep)
 
 
-def _round_kept(n: int, remove: int, opts: SelectOptions) -> int:
-    """Adjust a removal count so the kept count is a multiple of round_to (rounding kept up)."""
-    if opts.round_to == 1 or remove == 0:
+def _round_kept(n: int, remove: int, opts: SelectOptions, block: int = 1) -> int:
+    """Adjust a removal count so the kept width is a multiple of round_to (rounding kept up). A
+    channel of `block` positions (an attention head of that width) counts as `block` wide."""
+    unit = opts.round_to // math.gcd(opts.round_to, block)
+    if unit == 1 or remove == 0:
         return remove
-    kept = min(n, math.ceil((n - remove) / opts.round_to) * opts.round_to)
+    kept = min(n, math.ceil((n - remove) / unit) * unit)
     return max(0, n - kept)
+
 
 
 def select(analysis: Analysis, scores: dict[int, np.ndarray], opts: SelectOptions, ratio: float | None = None) -> Selection:
@@ -94,7 +98,7 @@ def select(analysis: Analysis, scores: dict[int, np.ndarray], opts: SelectOption
     selection: Selection = {}
     for g in groups:
         n = min(counts[g.id], _max_removable(g.size, opts))
-        n = _round_kept(g.size, n, opts)
+        n = _round_kept(g.size, n, opts, g.block)
         if n > 0:
             order = np.argsort(scores[g.id], kind="stable")  # lowest score first
             selection[g.id] = tuple(sorted(int(i) for i in order[:n]))

@@ -253,7 +253,8 @@ def trace(
     `frontend`: "fx" is symbolic tracing; "export" is torch.export (exported.py), which reads
     what symbolic tracing cannot (Hugging Face transformers, Ultralytics YOLO, branches on
     shapes) and takes keyword inputs (`kwargs`); "auto" uses symbolic tracing where it reads
-    the whole model and torch.export where it fails or leaves modules opaque.
+    the whole model and torch.export where it fails, leaves modules opaque or keeps a library
+    function whole that no rule reads (torchvision's Swin attention).
 
     If the model's parameters are on the meta device, the example inputs are moved there too
     and shapes are propagated without real memory. Shapes come from meta tensors, so tracing
@@ -290,15 +291,27 @@ def _choose(model: nn.Module, inputs: tuple, frontend: str, leaf_modules: tuple[
                                hint=e.hint) from e2
         log.info("symbolic tracing failed (%s); traced with torch.export", e.message)
         return prog
-    if prog.opaque and frontend == "auto":
+    unread = [*prog.opaque, *_functions_without_rules(prog.gm)] if frontend == "auto" else []
+    if unread:
         try:
             exported = _trace_export(model, inputs, {})
         except CompileError as e:
-            log.info("torch.export failed too (%s); keeping the symbolic trace with opaque modules", e.message)
+            log.info("torch.export failed too (%s); keeping the symbolic trace", e.message)
             return prog
-        log.info("symbolic tracing left %s opaque; traced with torch.export", ", ".join(prog.opaque))
+        log.info("symbolic tracing left %s whole; traced with torch.export", ", ".join(unread))
         return exported
     return prog
+
+
+def _functions_without_rules(gm: fx.GraphModule) -> list[str]:
+    """Functions the symbolic trace kept whole (torch.fx.wrap'ed ones, such as torchvision's
+    Swin attention) that no op rule reads: torch.export traces into them."""
+    from pcompiler.passes.rules.base import lookup, target_name
+
+    return sorted({target_name(n.target) for n in gm.graph.nodes if n.op == "call_function"
+                   and not isinstance(n.target, type)  # a namedtuple of outputs, ...
+                   and getattr(n.target, "__module__", "").split(".")[0] not in ("torch", "_operator", "operator", "builtins", "math")
+                   and lookup(n, gm)[1] is None})
 
 
 def _trace_export(model: nn.Module, inputs: tuple, kwargs: dict[str, Any]) -> Program:

@@ -38,6 +38,7 @@ from pcompiler.input_checks import check_input_memory
 from pcompiler.inputs import parse_inputs, specs_text
 from pcompiler.loading import load_model
 from pcompiler.outdir import claim_out_dir
+from pcompiler.passes.analyze import ATTENTION
 from pcompiler.passes.recalibrate import DEFAULT_BATCHES
 from pcompiler.passes.trace import FRONTENDS
 from pcompiler.pipeline import (
@@ -134,6 +135,9 @@ def _guarded(console: Console, verbose: bool, body: Callable[[], int]) -> int:
 @click.option("--frontend", type=click.Choice(FRONTENDS), default="auto", show_default=True,
               help="How the model is read: fx (symbolic tracing), export (torch.export), auto (fx where it reads "
               "the whole model, else export; keyword inputs always export).")
+@click.option("--attention", type=click.Choice(ATTENTION), default="heads", show_default=True,
+              help="How attention shrinks: heads (whole heads; with grouped-query attention whole key/value heads "
+              "with their query heads) or head_dim (every head narrower).")
 @click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), help="Folder for the exports and report.json.")
 @click.option("--global/--layerwise", "global_ranking", default=None,
               help="Rank channels across groups, or remove --ratio from each group (default: the method's; "
@@ -189,8 +193,8 @@ def _guarded(console: Console, verbose: bool, body: Callable[[], int]) -> int:
 @click.option("--analyze", is_flag=True, help="Print the channel groups and stop.")
 @click.option("--formats", default=",".join(FORMATS), show_default=True,
               help="Exports to write, comma-separated (eager: your model's class with the slim layers in place, "
-                   "where its code allows; hf: a save_pretrained folder OUT/hf, for Hugging Face models, which keeps "
-                   "attention widths: a config cannot change them per layer).")
+                   "where its code allows; hf: a save_pretrained folder OUT/hf, for Hugging Face models, which prunes only "
+                   "the widths its config holds: feed-forward widths, and for RMSNorm'd models hidden size and heads).")
 @click.option("--dump-ir", type=click.Path(path_type=Path), metavar="DIR", help="Write the graph after each pass to DIR.")
 @click.option("-v", "--verbose", is_flag=True, help="Log each pass; print tracebacks on errors.")
 def compile_command(model_path: Path, verbose: bool, **options: Any) -> int:
@@ -216,7 +220,8 @@ def _settings(o: dict[str, Any]) -> Settings:
         finetune_epochs=o["finetune_epochs"], finetune_lr=o["finetune_lr"], distill=distill,
         distill_regularization=o["distill_regularization"],
         recalibrate_batches=0 if o["no_recalibrate"] else o["recalibrate_batches"], compensate=not o["no_compensate"],
-        checkpoints=None if o["out_dir"] is None else str(Path(o["out_dir"]) / "checkpoints"), frontend=o["frontend"])
+        checkpoints=None if o["out_dir"] is None else str(Path(o["out_dir"]) / "checkpoints"), frontend=o["frontend"],
+        attention=o["attention"])
 
 
 def _compile(console: Console, model_path: Path, **o: Any) -> int:
@@ -229,7 +234,7 @@ def _compile(console: Console, model_path: Path, **o: Any) -> int:
                            frontend=o["frontend"])
         from pcompiler.passmanager import make_pass, run
 
-        prog = run(prog, [make_pass("analyze")], instruments=instruments)
+        prog = run(prog, [make_pass("analyze", attention=o["attention"])], instruments=instruments)
         Console().print(_groups_table(prog))
         for node, why in prog.analysis.notes:
             console.print(f"note: {node}: {why}", markup=False, highlight=False)

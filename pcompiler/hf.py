@@ -12,7 +12,10 @@ The analysis prunes such a stream exactly (a mean over the kept channels, scaled
 folder holds that as RMSNorm weights scaled by sqrt(D/D'), `rms_norm_eps` by D/D' (so every
 RMSNorm must be over the stream and scale with its weight: not Qwen3, Gemma), and an explicit
 `head_dim`, which those models' attention reads instead of hidden_size / heads
-(targets/hf.py). LayerNorm'd streams (BERT, GPT-2, ViT) are pinned by the analysis and stay.
+(targets/hf.py). The same models hold their head counts: whole key/value heads go, each with
+its query heads, so num_key_value_heads and num_attention_heads shrink together and the
+grouped-query structure stays. LayerNorm'd streams (BERT, GPT-2, ViT) are pinned by the analysis
+and stay, and so do their heads (their head size is hidden_size / heads).
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from pcompiler.errors import CompileError, one_line
 # Feed-forward widths, by the names configs give them.
 FFN_FIELDS = ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "encoder_ffn_dim", "decoder_ffn_dim",
               "moe_intermediate_size", "hidden_dim")  # hidden_dim: DistilBERT's
+# Attention head counts: held where the attention reads an explicit head_dim (as hidden_size).
+HEAD_FIELDS = ("num_attention_heads", "num_key_value_heads")
 # Fields whose None means a multiple of another (GPT-2: n_inner = 4 * n_embd).
 _DEFAULTS = {"n_inner": ("n_embd", 4)}
 _SAFETENSORS = ("model.safetensors", "model.safetensors.index.json")
@@ -105,13 +110,18 @@ def _rescalable_norms(model: nn.Module, hidden: int) -> bool:
 
 def width_fields(model: nn.Module) -> dict[str, int]:
     """The widths the model's config holds independently: field -> value (its default where
-    None): the feed-forward widths, and hidden_size where the stream is RMSNorm'd."""
+    None): the feed-forward widths, and where the stream is RMSNorm'd (see the module
+    docstring) hidden_size and the head counts (`HEAD_FIELDS`)."""
     config = model.config
     out = {}
     hidden = getattr(config, "hidden_size", None)
+    heads = getattr(config, "num_attention_heads", None)
     if isinstance(hidden, int) and isinstance(getattr(config, "rms_norm_eps", None), float) \
             and _rescalable_norms(model, hidden):
         out["hidden_size"] = hidden
+        if isinstance(heads, int):
+            out["num_attention_heads"] = heads
+            out["num_key_value_heads"] = getattr(config, "num_key_value_heads", None) or heads
     for name in FFN_FIELDS:
         value = getattr(config, name, None)
         if value is None and name in _DEFAULTS:
@@ -120,3 +130,13 @@ def width_fields(model: nn.Module) -> dict[str, int]:
         if isinstance(value, int) and value > 0:
             out[name] = value
     return out
+
+
+def field_of(group_size: int, block: int, widths: dict[str, int]) -> str | None:
+    """The config field a channel group's width is: a group of attention heads (channels of
+    `block` > 1 positions, one per key/value head with its query heads) is num_key_value_heads;
+    any other group (Phi-3's fused gate/up rows have blocks of 2 too) the width field of its size
+    (None: no field holds it)."""
+    if block > 1 and widths.get("num_key_value_heads") == group_size:
+        return "num_key_value_heads"
+    return next((f for f, v in widths.items() if v == group_size and f not in HEAD_FIELDS), None)

@@ -202,6 +202,12 @@ class ChannelGroup:
         return tuple(p for p in self.params if p.role == Role.PRODUCE)
 
     @property
+    def block(self) -> int:
+        """Positions per channel in the narrowest layer the group produces: 1 for plain
+        channels, the head width for a group of attention heads."""
+        return min((p.index.shape[1] for p in self.producers), default=1)
+
+    @property
     def modules(self) -> tuple[str, ...]:
         """Owner names of the member parameters (e.g. 'layer1.0.conv1'), in order, unique."""
         seen: dict[str, None] = {}

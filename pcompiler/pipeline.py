@@ -28,6 +28,7 @@ from pcompiler.errors import CompileError, first_line
 from pcompiler.hf import is_model, width_fields
 from pcompiler.inputs import InputSpec, default_inputs, draw_integers, example_values, specs_text
 from pcompiler.ir import Program
+from pcompiler.passes.analyze import ATTENTION
 from pcompiler.passes.recalibrate import DEFAULT_BATCHES
 from pcompiler.passes.select import SelectOptions
 from pcompiler.passes.trace import FRONTENDS
@@ -71,11 +72,14 @@ class Settings:
     compensate: bool = True
     checkpoints: str | None = None  # folder of the phases' checkpoints (OUT/checkpoints)
     frontend: str = "auto"  # how the model is read: passes/trace.py's FRONTENDS
+    attention: str = "heads"  # how attention shrinks: passes/analyze.py's ATTENTION
 
     def check(self, has_data: bool) -> None:
         """Refuse what cannot run, before anything slow starts."""
         if self.frontend not in FRONTENDS:
             raise CompileError(f"unknown frontend {self.frontend!r}", hint=f"choose from {', '.join(FRONTENDS)}")
+        if self.attention not in ATTENTION:
+            raise CompileError(f"unknown attention mode {self.attention!r}", hint=f"choose from {', '.join(ATTENTION)}")
         known = methods()
         if self.method not in known:
             raise CompileError(f"unknown method '{self.method}'", hint=f"choose from {', '.join(known)}")
@@ -168,7 +172,7 @@ def build(settings: Settings, data: DataSource | None = None, teacher: nn.Module
     def accuracy(key: str) -> list[Pass]:
         return [make_pass("evaluate", data=data, key=key, device=device)] if data is not None else []
 
-    passes = [make_pass("analyze"),
+    passes = [make_pass("analyze", attention=s.attention),
               *([make_pass("hf_widths", fields=tuple(hf_widths.items()))] if hf_widths is not None else []),
               *accuracy("acc_before"), _method_pass(s, data, teacher), make_pass("slim")]
     if s.compensate:

@@ -12,6 +12,10 @@ squares by D'/D, which is the same as RMSNorm weights times sqrt(D/D') and eps t
 (`rms_norm_eps` in the config); `head_dim` is written out, as hidden_size / heads no longer is
 the head size. The comparison with the slim program checks it.
 
+The new widths come from the selection: each group the method shrank holds the config field
+the hf_widths pass found for it (`hf.field_of`); a group of key/value heads also sets
+num_attention_heads (its query heads go with it).
+
 Fails, with the reason, where a width changed that no config field holds (run with the
 `hf_widths` pass, as the pipeline does for Hugging Face models, so the method leaves those
 alone), where one field's layers have different widths (global ranking), or where a weight's
@@ -37,24 +41,25 @@ from pcompiler.targets import ExportResult, compare_outputs, guarded, reference_
 
 
 def new_widths(model: nn.Module, prog: Program) -> dict[str, int]:
-    """Each config width field -> its value in the slim program; raises ValueError where a
-    width changed that no field holds, or where one field's layers differ."""
+    """Each config width field -> its value in the slim program, from the groups the selection
+    shrank and the field the hf_widths pass found for each; raises ValueError where a group
+    shrank that no field holds, or where one field's layers differ."""
     fields = width_fields(model)
-    before = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    held = (prog.info.get("hf_widths") or {}).get("groups")
+    if held is None:
+        raise ValueError("no record of which groups the config's fields hold (prune with the hf_widths pass, as the "
+                         "pipeline does for Hugging Face models, or leave out --formats hf)")
     found: dict[str, set[int]] = {}
     unheld = []
-    for name, t in prog.gm.state_dict().items():
-        old = before.get(name)
-        if old is None or old == tuple(t.shape):
+    for gid, removed in (prog.selection or {}).items():
+        if not removed:
             continue
-        for d, (a, b) in enumerate(zip(old, t.shape)):
-            if a == b:
-                continue
-            held = _held_by(fields, a, b)
-            if held is None:
-                unheld.append(f"{name}[dim {d}] {a} -> {b}")
-            else:
-                found.setdefault(held[0], set()).add(held[1])
+        group = prog.analysis.groups[gid]
+        field = held.get(gid)
+        if field is None:
+            unheld.append(f"group {gid} ({group.label()})")
+        else:
+            found.setdefault(field, set()).add(group.size - len(removed))
     if unheld:
         raise ValueError(f"widths no field of the config holds changed: {', '.join(unheld[:4])}"
                          f"{' ...' if len(unheld) > 4 else ''} (prune with the hf_widths pass, or leave out --formats hf)")
@@ -62,17 +67,11 @@ def new_widths(model: nn.Module, prog: Program) -> dict[str, int]:
     if uneven:
         raise ValueError(f"the config holds one width per field, and the layers differ: {uneven} (use layer-wise "
                          "selection, the default, not --global)")
-    return {f: v.pop() for f, v in found.items()}
-
-
-def _held_by(fields: dict[str, int], old: int, new: int) -> tuple[str, int] | None:
-    """The field a dim of `old` positions (now `new`) is made of, and the field's new value: the
-    field itself (k = 1), or k copies of it side by side (Phi-3's fused gate_up_proj: k = 2)."""
-    for k in (1, 2, 3, 4):
-        for f, v in fields.items():
-            if old == k * v and new % k == 0:
-                return f, new // k
-    return None
+    widths = {f: v.pop() for f, v in found.items()}
+    if "num_key_value_heads" in widths:  # whole key/value heads went, each with its query heads
+        per_group = fields["num_attention_heads"] // fields["num_key_value_heads"]
+        widths["num_attention_heads"] = widths["num_key_value_heads"] * per_group
+    return widths
 
 
 def save_hf(prog: Program, model: nn.Module, path: str | Path) -> ExportResult:
@@ -86,8 +85,9 @@ def save_hf(prog: Program, model: nn.Module, path: str | Path) -> ExportResult:
         for field, value in widths.items():
             setattr(config, field, value)
         stream = _stream_ratio(model.config, widths)
-        if stream != 1.0:  # attention keeps its head size: say it, as hidden_size / heads no longer is
+        if stream != 1.0:
             config.rms_norm_eps = model.config.rms_norm_eps * stream
+        if {"hidden_size", "num_attention_heads"} & set(widths):  # hidden_size / heads no longer is the head size
             old = model.config
             config.head_dim = getattr(old, "head_dim", None) or old.hidden_size // old.num_attention_heads
         slim = type(model)(config)
@@ -109,7 +109,7 @@ def save_hf(prog: Program, model: nn.Module, path: str | Path) -> ExportResult:
             got = flatten_tensors(call_with(loaded, prog.example_inputs, prog.keywords))
         err = compare_outputs(got, want, f"the reloaded {path.name}/ folder")
         before = width_fields(model)
-        changed = ", ".join(f"{f} {before[f]} -> {v}" for f, v in widths.items()) or "no width changed"
+        changed = ", ".join(f"{f} {before[f]} -> {widths[f]}" for f in before if f in widths) or "no width changed"
         if norms:
             changed += f"; rms_norm_eps x {stream:g} and {norms} RMSNorm weights x sqrt({stream:g})"
         return err, f"config: {changed}"

@@ -43,11 +43,11 @@ def index_of(group: ChannelGroup, param: str, dim: int) -> np.ndarray:
     return p.index
 
 
-def prune(model: nn.Module, *inputs: torch.Tensor, method: str = "l1", **options) -> Program:
+def prune(model: nn.Module, *inputs: torch.Tensor, method: str = "l1", attention: str = "heads", **options) -> Program:
     """The whole pipeline on `model`, then `check_slim`. Returns the final Program."""
     original = copy.deepcopy(model).eval()  # trace puts the model in eval mode
     prog = pcompiler.trace(model, inputs)
-    prog = pcompiler.run(prog, [make_pass("analyze"), make_pass(method, **options), make_pass("slim"),
+    prog = pcompiler.run(prog, [make_pass("analyze", attention=attention), make_pass(method, **options), make_pass("slim"),
                                 make_pass("verify")])
     check_slim(prog, original)
     return prog

@@ -267,12 +267,14 @@ def test_model_input_and_output_pin():
 
 
 def test_ops_without_rules_pin_and_are_noted():
+    """Symbolic tracing keeps the fx-wrapped function whole (the auto frontend would export
+    through it: test_export.py)."""
     model = Chain(nn.Conv2d(3, 8, 1), lambda y: wrapped_double(y), nn.Conv2d(8, 2, 1))
-    prog = analyze(model, IMG)
+    prog = pcompiler.run(pcompiler.trace(model, (IMG,), frontend="fx"), [make_pass("analyze")])
     (reason,) = group_with(prog, "a.weight", 0).pinned
     assert reason.startswith("no rule for") and "wrapped_double" in reason and "at node 'wrapped_double'" in reason
     assert prog.analysis.notes == (("wrapped_double", reason),)
-    assert prune(model, IMG, ratio=0.5).selection == {}
+    assert pcompiler.run(prog, [make_pass("l1", ratio=0.5)]).selection == {}
 
 
 class DataDependent(nn.Module):
@@ -315,13 +317,60 @@ class Attention(nn.Module):
         return self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
 
 
+def test_attention_shrinks_by_whole_heads():
+    """The default: a channel is a head, spanning its width in q, k, v and the output projection."""
+    x = torch.randn(2, 5, 16)
+    g = group_with(analyze(Attention(heads=4), x), "qkv.weight", 0)
+    assert g.prunable and g.size == 4
+    assert members(g) == {("qkv.weight", 0, P), ("qkv.bias", 0, P), ("o.weight", 1, C)}
+    assert index_of(g, "qkv.weight", 0).shape == (4, 12) and index_of(g, "o.weight", 1).shape == (4, 4)
+    # Head 1 is rows 4-7 of q, 20-23 of k, 36-39 of v; columns 4-7 of o.
+    assert index_of(g, "qkv.weight", 0)[1].tolist() == [*range(4, 8), *range(20, 24), *range(36, 40)]
+    assert index_of(g, "o.weight", 1)[1].tolist() == [4, 5, 6, 7]
+    prog = prune(Attention(heads=4), x, ratio=0.5, round_to=8)  # 2 heads of 4: 8 wide, kept
+    assert (prog.gm.qkv.out_features, prog.gm.o.in_features) == (24, 8)
+    assert [n.args[3:5] for n in prog.gm.graph.nodes if n.target == "view"] == [(3, 2)]  # q, k, v of 2 heads
+    (sdpa,) = [n for n in prog.gm.graph.nodes if n.target is F.scaled_dot_product_attention]
+    assert "scale" not in sdpa.kwargs  # the head width, and so the scale, are as they were
+
+
+class GQA(nn.Module):
+    """6 query heads over 2 key/value heads, by sdpa's own grouped-query form."""
+
+    def __init__(self, dim=16, heads=6, kv=2, width=4):
+        super().__init__()
+        self.shape = (heads, kv, width)
+        self.q, self.k, self.v = nn.Linear(dim, heads * width), nn.Linear(dim, kv * width), nn.Linear(dim, kv * width)
+        self.o = nn.Linear(heads * width, dim)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        h, kv, w = self.shape
+        q = self.q(x).view(b, n, h, w).transpose(1, 2)
+        k, v = (p(x).view(b, n, kv, w).transpose(1, 2) for p in (self.k, self.v))
+        y = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        return self.o(y.transpose(1, 2).reshape(b, n, h * w))
+
+
+def test_grouped_query_sdpa_loses_key_value_heads_with_their_query_heads():
+    x = torch.randn(2, 5, 16)
+    g = group_with(analyze(GQA(), x), "k.weight", 0)
+    assert g.prunable and g.size == 2 and g.block == 4
+    assert index_of(g, "q.weight", 0)[1].tolist() == list(range(12, 24))  # query heads 3-5 read kv head 1
+    prog = prune(GQA(), x, ratio=0.5)
+    assert (prog.gm.q.out_features, prog.gm.k.out_features, prog.gm.o.in_features) == (12, 4, 12)
+    views = sorted(n.args[3] for n in prog.gm.graph.nodes if n.target == "view")
+    assert views == [1, 1, 3]  # 3 query heads over 1 key/value head: a valid grouped-query layer
+
+
 def test_attention_head_dim_is_prunable():
     x = torch.randn(2, 5, 16)
-    g = group_with(analyze(Attention(), x), "qkv.weight", 0)
+    prog = pcompiler.run(pcompiler.trace(Attention(), x), [make_pass("analyze", attention="head_dim")])
+    g = group_with(prog, "qkv.weight", 0)
     assert g.prunable and g.size == 8  # the head width; q, k, v and both heads lose it together
     assert members(g) == {("qkv.weight", 0, P), ("qkv.bias", 0, P), ("o.weight", 1, C)}
     assert index_of(g, "qkv.weight", 0).shape == (8, 6) and index_of(g, "o.weight", 1).shape == (8, 2)
-    prog = prune(Attention(), x, ratio=0.5)
+    prog = prune(Attention(), x, ratio=0.5, attention="head_dim")
     assert (prog.gm.qkv.out_features, prog.gm.o.in_features) == (24, 8)
     (sdpa,) = [n for n in prog.gm.graph.nodes if n.target is F.scaled_dot_product_attention]
     assert sdpa.kwargs["scale"] == pytest.approx(1 / np.sqrt(8))

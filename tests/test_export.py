@@ -72,6 +72,31 @@ def test_exported_graph_has_flat_named_inputs_and_module_leaves():
     assert not torch.equal(before, prog.gm.bn.running_mean)
 
 
+def _scaled_gelu(x: torch.Tensor) -> torch.Tensor:  # kept whole by symbolic tracing (fx.wrap below)
+    return torch.nn.functional.gelu(x) * 2.0
+
+
+torch.fx.wrap("_scaled_gelu")
+
+
+def test_auto_frontend_uses_export_where_symbolic_tracing_keeps_a_function_no_rule_reads():
+    """torchvision's Swin attention is such a function: 1.2x fewer FLOPs through fx, 1.9x through export."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.b(_scaled_gelu(self.a(x)))
+
+    x = torch.randn(3, 4)
+    fx_prog = pcompiler.run(pcompiler.trace(Net(), (x,), frontend="fx"), [make_pass("analyze")])
+    assert not group_with(fx_prog, "a.weight", 0).prunable  # no rule for the wrapped function
+    prog = pcompiler.run(pcompiler.trace(Net(), (x,)), [make_pass("analyze")])
+    assert prog.frontend == "export" and group_with(prog, "a.weight", 0).prunable
+
+
 def test_auto_frontend_uses_export_where_symbolic_tracing_leaves_modules_opaque():
     class Net(nn.Module):
         def __init__(self):
@@ -336,3 +361,27 @@ def test_a_meta_device_llama_is_analyzed_without_memory():
     labels = [g.label() for g in prog.analysis.prunable]
     assert "model.layers.0.mlp.gate_proj,model.layers.0.mlp.up_proj" in labels
     assert "model.layers.1.mlp.gate_proj,model.layers.1.mlp.up_proj" in labels
+
+
+@pytest.mark.parametrize("kv_heads", [2, 8], ids=["gqa", "mha"])
+def test_attention_loses_whole_key_value_heads_with_their_query_heads(kv_heads):
+    """8 query heads of 8 over `kv_heads` key/value heads (repeated for grouped-query attention):
+    a channel is one key/value head with the query heads that read it, so what is left is again
+    a valid layer (4 query heads per key/value head for GQA)."""
+    T = _transformers()
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(vocab_size=96, hidden_size=64, num_hidden_layers=1, num_attention_heads=8,
+                        num_key_value_heads=kv_heads, intermediate_size=64, use_cache=False)
+    model = T.LlamaForCausalLM(cfg)
+    prog = pcompiler.run(pcompiler.trace(model, (), kwargs=_text_inputs()), [make_pass("analyze")])
+    attn = "model.layers.0.self_attn"
+    g = group_with(prog, f"{attn}.k_proj.weight", 0)
+    per = 8 // kv_heads  # query heads per key/value head
+    assert g.prunable and g.size == kv_heads and g.block == 8
+    assert {p.param for p in g.params} >= {f"{attn}.{n}_proj.weight" for n in "qkvo"}
+    q = next(p.index for p in g.params if p.param == f"{attn}.q_proj.weight")
+    assert q.shape == (kv_heads, 8 * per) and q[1].tolist() == list(range(8 * per, 16 * per))
+    prog = pcompiler.run(prog, [make_pass("l1", ratio=0.5), make_pass("slim"), make_pass("verify")])
+    assert prog.info["verify"]["ok"] and prog.info["verify"]["max_error"] < 1e-5
+    shapes = {n: tuple(prog.gm.get_parameter(f"{attn}.{n}_proj.weight").shape) for n in "qkvo"}
+    assert shapes == {"q": (32, 32), "k": (4 * kv_heads, 32), "v": (4 * kv_heads, 32), "o": (32, 32)}

@@ -37,12 +37,14 @@ def _folder(tmp_path, name):
 
 
 STREAM = "; rms_norm_eps x 2 and 5 RMSNorm weights x sqrt(2)"  # 2 layers x 2 norms and the final one
+# RMSNorm'd models: the stream, whole key/value heads with their query heads, the MLP.
+RMS = {"hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 64}
 
 
 @pytest.mark.parametrize("name, widths, note", [
-    ("qwen2", {"hidden_size": 32, "intermediate_size": 64}, STREAM),  # RMSNorm'd stream: pruned exactly
-    ("phi3", {"hidden_size": 32, "intermediate_size": 64}, STREAM),
-    ("gpt2", {"n_inner": 128}, ""),  # LayerNorm'd streams stay
+    ("qwen2", RMS, STREAM),
+    ("phi3", RMS, STREAM),  # q, k, v in one Linear, gate and up in another
+    ("gpt2", {"n_inner": 128}, ""),  # LayerNorm'd streams stay, and so do heads of hidden_size / heads
     ("bert", {"intermediate_size": 64}, ""),
 ])
 def test_folder_in_folder_out(tmp_path, name, widths, note):
@@ -59,8 +61,8 @@ def test_folder_in_folder_out(tmp_path, name, widths, note):
     assert report["params_after"] < 0.85 * report["params_before"]  # tiny: the embeddings weigh most
     config = json.loads((out / "hf" / "config.json").read_text())
     assert all(config[f] == v // 2 for f, v in widths.items())
-    if "hidden_size" in widths:  # the attention keeps its heads and head size
-        assert (config["head_dim"], config["num_attention_heads"], config["num_key_value_heads"]) == (8, 4, 2)
+    if "hidden_size" in widths:  # the head size stays; still 2 query heads per key/value head
+        assert config["head_dim"] == 8
     # The folder loads with transformers alone and gives model.pt2's outputs.
     slim = getattr(T, config["architectures"][0]).from_pretrained(out / "hf").eval()
     program = torch.export.load(out / "model.pt2").module()
@@ -70,9 +72,9 @@ def test_folder_in_folder_out(tmp_path, name, widths, note):
         want = program(ids, mask)[0]
         got = slim(input_ids=ids, attention_mask=mask)[0]
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-    # Attention widths stay (a config holds one head size for every layer and q, k, v alike).
+    # Where no field holds them, widths stay (BERT's and GPT-2's heads are hidden_size / heads wide).
     reasons = report["groups"]["pinned_reasons"]
-    assert any(r.startswith("the hf/ folder keeps this width") for r in reasons), reasons
+    assert any(r.startswith("the hf/ folder keeps this width") for r in reasons) == ("hidden_size" not in widths), reasons
 
 
 def test_folder_without_safetensors_is_refused(tmp_path):

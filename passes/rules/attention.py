@@ -4,7 +4,9 @@ A contracted dim is exact under removal (a zeroed channel adds nothing to a dot 
 both operands' contracted dims are the same channels. Batch dims broadcast from the right.
 sdpa scales by 1/sqrt(head width) unless told otherwise: when the q/k width shrinks, the rewrite
 pins the old scale so the result stays the same. Attention keys are softmaxed over, so the
-key/value sequence dim is pinned.
+key/value sequence dim is pinned. The batch dim next to the two matrix dims of attention (q, k,
+v of sdpa; 4-d matmuls) holds the heads: marked so that head splits carry whole heads. sdpa's
+grouped-query form (`enable_gqa`) maps query head i to key/value head i // (Hq / Hkv).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import math
 import operator
 
+import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -42,6 +45,9 @@ def matmul(node: fx.Node, ctx: RuleContext) -> None:
     if ta is None or tb is None or ta.ndim < 2 or tb.ndim < 2:
         raise RuleError("matmul with a vector or a constant operand")
     _batch_dims(ctx, node, [a, b])
+    if ta.ndim >= 4 and tb.ndim >= 4:  # (B, heads, T, D) @ (B, heads, D, T): attention
+        for t in (a, b, node):
+            ctx.head(ctx.ref(t, -3))
     ctx.same(ctx.ref(a, -1), ctx.ref(b, -2))
     ctx.same(ctx.ref(a, -2), ctx.ref(node, -2))
     ctx.same(ctx.ref(b, -1), ctx.ref(node, -1))
@@ -70,9 +76,19 @@ def einsum(node: fx.Node, ctx: RuleContext) -> None:
 @rule(F.scaled_dot_product_attention, *aten_ops("scaled_dot_product_attention"))
 def sdpa(node: fx.Node, ctx: RuleContext) -> None:
     q, k, v = (arg(node, i, n) for i, n in enumerate(("query", "key", "value")))
-    if arg(node, 7, "enable_gqa", False):
-        raise RuleError("grouped-query attention")
-    _batch_dims(ctx, node, [q, k, v])
+    if arg(node, 7, "enable_gqa", False):  # key/value head j serves query heads j*r .. j*r + r - 1
+        hq, hkv = ctx.info(q).shape[-3], ctx.info(k).shape[-3]
+        if hq % hkv:
+            raise RuleError(f"grouped-query attention with {hq} query heads over {hkv} key/value heads")
+        _batch_dims(ctx, node, [q, k, v], 3)
+        ctx.same(ctx.ref(q, -3), ctx.ref(node, -3))
+        for t in (k, v):
+            ctx.link(ctx.ref(q, -3), np.arange(hq), ctx.ref(t, -3), np.arange(hq) // (hq // hkv))
+    else:
+        _batch_dims(ctx, node, [q, k, v])
+    for t in (q, k, v, node):
+        if ctx.info(t).ndim >= 3:
+            ctx.head(ctx.ref(t, -3))
     ctx.same(ctx.ref(q, -1), ctx.ref(k, -1))
     ctx.same(ctx.ref(q, -2), ctx.ref(node, -2))
     ctx.same(ctx.ref(k, -2), ctx.ref(v, -2))

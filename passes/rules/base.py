@@ -8,7 +8,8 @@ onto each other. It does so with a few calls on `RuleContext`:
 - `pin(ref, reason)`: these channels may not be removed, and why;
 - `role(ref, Role.X)`: a parameter dimension produces, consumes or rides along with a channel;
 - `choice(...)`: a reshape that splits one dim into several (or merges several into one) can
-  carry channels through only one of the sub-dims; the analysis picks which (see analyze.py).
+  carry channels through only one of the sub-dims; the analysis picks which (see analyze.py);
+- `head(ref)`: this dim holds attention heads; such choices carry whole heads where they can.
 
 A rule may also rewrite the graph after `slim` (`RewriteContext`): module attributes
 (`out_channels`, `groups`, ...) and literal constants (view sizes, split sizes, sdpa scale).
@@ -216,6 +217,11 @@ class RuleContext:
     def role(self, ref: DimRef, role: str) -> None:
         """Declare the role of a parameter dim. `ref` may be a dim of a get_attr node's value."""
         self._s.set_role(ref, role)
+
+    def head(self, ref: DimRef) -> None:
+        """`ref` is a dim of attention heads (batch dims of an attention contraction): a reshape
+        that splits or merges it carries channels by whole heads, where it can (analyze.py)."""
+        self._s.add_head(ref)
 
     def choice(self, node: fx.Node, single: DimRef, multi: list[DimRef]) -> None:
         self._s.add_choice(Choice(node.name, single, tuple(multi), tuple(self.size(m) for m in multi)))
