@@ -22,6 +22,7 @@ output rows, linear rows, norm affine, embeddings) are not reported: nothing cou
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -198,7 +199,7 @@ def _visit(node: fx.Node, prog: Program, ctx: RuleContext, state: _State, notes:
             notes.append((node.name, reason))
 
 
-def _component_flags(state: _State, labels: np.ndarray, sids) -> np.ndarray:
+def _component_flags(state: _State, labels: np.ndarray, sids: Iterable[int]) -> np.ndarray:
     """Per component: whether it holds an element of one of the spaces `sids`."""
     flags = np.zeros(labels.max() + 1 if len(labels) else 0, dtype=bool)
     sids = list(sids)
@@ -241,10 +242,7 @@ def _resolve_choices(state: _State, heads: bool) -> np.ndarray:
         labels = state.components()
     if not pending:
         return labels
-    param_elems = [state.elements(r) for r in state.refs if r.param is not None]
-    reaches = np.zeros(labels.max() + 1 if len(labels) else 0, dtype=bool)
-    if param_elems:
-        reaches[labels[np.concatenate(param_elems)]] = True
+    reaches = _component_flags(state, labels, [sid for sid, r in enumerate(state.refs) if r.param is not None])
     for c in pending:
         connected = [bool(reaches[labels[state.elements(m)]].any()) for m in c.multi]
         candidates = [i for i, ok in enumerate(connected) if ok] or list(range(len(c.multi)))

@@ -34,6 +34,7 @@ from pcompiler.errors import CompileError, one_line
 from pcompiler.ir import INT_KEY, Program, call_with, describe, set_node_value
 from pcompiler.passes.decompose import decompose_multihead_attention
 from pcompiler.passes.exported import export_graph
+from pcompiler.passes.rules.base import lookup, target_name
 
 log = logging.getLogger("pcompiler")
 
@@ -306,8 +307,6 @@ def _choose(model: nn.Module, inputs: tuple, frontend: str, leaf_modules: tuple[
 def _functions_without_rules(gm: fx.GraphModule) -> list[str]:
     """Functions the symbolic trace kept whole (torch.fx.wrap'ed ones, such as torchvision's
     Swin attention) that no op rule reads: torch.export traces into them."""
-    from pcompiler.passes.rules.base import lookup, target_name
-
     return sorted({target_name(n.target) for n in gm.graph.nodes if n.op == "call_function"
                    and not isinstance(n.target, type)  # a namedtuple of outputs, ...
                    and getattr(n.target, "__module__", "").split(".")[0] not in ("torch", "_operator", "operator", "builtins", "math")

@@ -274,19 +274,14 @@ def _last_dims_norm(ctx: RuleContext, node: fx.Node, x: fx.Node, k: int, affine:
             ctx.role(dims[d], Role.PRODUCE)
 
 
-def _is_rms(node: fx.Node, ctx: RuleContext) -> bool:
-    if node.op == "call_module":
-        return type(ctx.module(node)).__name__ == "RMSNorm"
-    return op_name(node.target) == "rms_norm"
-
-
 @rule(nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))
 def last_dims_norm_module(node: fx.Node, ctx: RuleContext) -> None:
     m = ctx.module(node)
     k = len(m.normalized_shape)
     affine = [[ctx.param_ref(f"{node.target}.{name}", d) for d in range(k)]
               for name in ("weight", "bias") if getattr(m, name, None) is not None]
-    _last_dims_norm(ctx, node, node.args[0], k, affine, type(m).__name__, exact=_is_rms(node, ctx) and bool(affine))
+    exact = type(m).__name__ == "RMSNorm" and bool(affine)
+    _last_dims_norm(ctx, node, node.args[0], k, affine, type(m).__name__, exact=exact)
 
 
 @rule(F.layer_norm, *([F.rms_norm] if hasattr(F, "rms_norm") else []), *aten_ops("layer_norm", "rms_norm"))
@@ -322,8 +317,8 @@ def rms_norm_module_rewrite(node: fx.Node, ctx: RewriteContext) -> None:
     m = ctx.module(node)
     if type(m).__name__ != "RMSNorm" or m.weight is None:
         return  # LayerNorm, or an RMSNorm without weight: pinned, nothing changed
-    m.normalized_shape, eps = _rms_norm_rescale(node, ctx, m.weight, m.eps)
-    m.normalized_shape = tuple(m.normalized_shape)
+    shape, eps = _rms_norm_rescale(node, ctx, m.weight, m.eps)
+    m.normalized_shape = tuple(shape)
     if eps is not None:
         m.eps = eps
 
