@@ -60,8 +60,9 @@ _ROLE_RANK = {Role.PRODUCE: 3, Role.TIED: 2, Role.CONSUME: 1}
 class _State:
     """Spaces, element links, pins and roles collected from the rules."""
 
-    def __init__(self, gm: fx.GraphModule):
+    def __init__(self, gm: fx.GraphModule, prune_normalized: bool = False):
         self.gm = gm
+        self.prune_normalized = prune_normalized
         self.nodes = {n.name: n for n in gm.graph.nodes}
         self.tensors: dict[str, torch.Tensor] = {
             **dict(gm.named_parameters(remove_duplicate=False)),
@@ -75,6 +76,7 @@ class _State:
         self.links_a: list[np.ndarray] = []
         self.links_b: list[np.ndarray] = []
         self.pins: list[tuple[int, str]] = []
+        self.approx: list[tuple[int, str]] = []  # removable, but not exactly (DESIGN.md)
         self.roles: dict[DimRef, str] = {}
         self.choices: list[Choice] = []
         self.heads: list[int] = []
@@ -136,6 +138,12 @@ class _State:
 
     def add_pin(self, ref: DimRef, reason: str) -> None:
         self.pins.append((self.space(ref), reason))
+
+    def add_approximate(self, ref: DimRef, reason: str, where: str) -> None:
+        if self.prune_normalized:
+            self.approx.append((self.space(ref), where))
+        else:
+            self.add_pin(ref, f"{reason} (--prune-normalized removes them approximately)")
 
     def set_role(self, ref: DimRef, role: str) -> None:
         ref = self._canonical(ref)
@@ -279,6 +287,34 @@ def _counts(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return keys[first], np.diff(np.r_[first, len(keys)])
 
 
+def _reasons_per_label(state: _State, labels: np.ndarray, interesting: np.ndarray,
+                       items: list[tuple[int, str]]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """The (component label, reason number) pairs of `items` ((space, reason) pairs: pins or
+    approximations) on the interesting components, found at once, and the reasons."""
+    items = list(dict.fromkeys(items))  # the same pin often comes from several rules
+    reasons = list(dict.fromkeys(reason for _, reason in items))
+    if not items:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), reasons
+    n_labels = max(int(labels.max()) + 1, 1)
+    rid_of = {reason: i for i, reason in enumerate(reasons)}
+    sids = np.asarray([sid for sid, _ in items], dtype=np.int64)
+    rids = np.asarray([rid_of[reason] for _, reason in items], dtype=np.int64)
+    n_elem = np.asarray(state.sizes, dtype=np.int64)[sids]
+    item_of_elem = np.repeat(np.arange(len(items)), n_elem)
+    first = np.repeat(np.asarray(state.bases, dtype=np.int64)[sids] - (np.cumsum(n_elem) - n_elem), n_elem)
+    elem_lab = labels[first + np.arange(len(item_of_elem))]
+    keep = interesting[elem_lab]
+    pair = np.unique(item_of_elem[keep] * np.int64(n_labels) + elem_lab[keep])
+    return pair % n_labels, rids[pair // n_labels], reasons
+
+
+def _per_group(group_of_comp: np.ndarray, lab: np.ndarray, rid: np.ndarray, reasons: list[str]) -> dict[int, list[str]]:
+    out: dict[int, list[str]] = {}
+    for g, r in set(zip(group_of_comp[lab].tolist(), rid.tolist())):
+        out.setdefault(g, []).append(reasons[r])
+    return out
+
+
 def _build_groups(state: _State, labels: np.ndarray) -> tuple[ChannelGroup, ...]:
     n_labels = labels.max() + 1 if len(labels) else 0
     sizes = np.asarray(state.sizes, dtype=np.int64)
@@ -289,24 +325,9 @@ def _build_groups(state: _State, labels: np.ndarray) -> tuple[ChannelGroup, ...]
     if produce:
         interesting[labels[np.concatenate(produce)]] = True
 
-    # Pin reasons per component: the (pin, component) pairs of all pins, found at once.
-    pins = list(dict.fromkeys(state.pins))  # the same pin often comes from several rules
-    reasons = list(dict.fromkeys(reason for _, reason in pins))
-    rid_of = {reason: i for i, reason in enumerate(reasons)}
-    pin_labels, pin_reasons = [], []
-    if pins:
-        pin_sids = np.asarray([sid for sid, _ in pins], dtype=np.int64)
-        pin_rid = np.asarray([rid_of[reason] for _, reason in pins], dtype=np.int64)
-        n_elem = sizes[pin_sids]
-        pin_of_elem = np.repeat(np.arange(len(pins)), n_elem)
-        first = np.repeat(np.asarray(state.bases, dtype=np.int64)[pin_sids] - (np.cumsum(n_elem) - n_elem), n_elem)
-        elem_lab = labels[first + np.arange(len(pin_of_elem))]
-        keep = interesting[elem_lab]
-        pair = np.unique(pin_of_elem[keep] * np.int64(max(n_labels, 1)) + elem_lab[keep])
-        pin_labels, pin_reasons = [pair % n_labels], [pin_rid[pair // n_labels]]
+    pin_l, pin_r, reasons = _reasons_per_label(state, labels, interesting, state.pins)
     pinned = np.zeros(n_labels, dtype=bool)
-    if pin_labels:
-        pinned[np.concatenate(pin_labels)] = True
+    pinned[pin_l] = True
 
     # Signature hash: the multiset of spaces a component touches, and whether it is pinned.
     mask = interesting[labels]
@@ -344,11 +365,8 @@ def _build_groups(state: _State, labels: np.ndarray) -> tuple[ChannelGroup, ...]
     cut = np.nonzero((np.diff(g_e) != 0) | (np.diff(sp_e) != 0))[0] + 1
     starts, ends = np.r_[0, cut], np.r_[cut, len(g_e)]
 
-    group_reasons: dict[int, list[str]] = {}
-    if pin_labels:
-        all_l, all_r = np.concatenate(pin_labels), np.concatenate(pin_reasons)
-        for gl, rid in set(zip(group_of_comp[all_l].tolist(), all_r.tolist())):
-            group_reasons.setdefault(gl, []).append(reasons[rid])
+    group_reasons = _per_group(group_of_comp, pin_l, pin_r, reasons)
+    group_approx = _per_group(group_of_comp, *_reasons_per_label(state, labels, interesting, state.approx))
 
     params: dict[int, list[ParamSlice]] = {g: [] for g in range(len(uniq))}
     spaces: dict[int, list[SpaceSlice]] = {g: [] for g in range(len(uniq))}
@@ -371,15 +389,17 @@ def _build_groups(state: _State, labels: np.ndarray) -> tuple[ChannelGroup, ...]
             params=tuple(params[g]),
             spaces=tuple(spaces[g]),
             pinned=tuple(sorted(group_reasons.get(g, ()))),
+            approximate=tuple(sorted(group_approx.get(g, ()))),
         )
         for g in range(len(uniq))
     )
 
 
-def analyze_program(prog: Program, heads: bool = True) -> Analysis:
+def analyze_program(prog: Program, heads: bool = True, prune_normalized: bool = False) -> Analysis:
     """The channel groups of `prog`. `heads`: attention shrinks by whole heads where it can
-    (else along the head width, as every split does by default)."""
-    state = _State(prog.gm)
+    (else along the head width, as every split does by default). `prune_normalized`: channels
+    that a LayerNorm normalizes are prunable, approximately (their groups' `approximate`)."""
+    state = _State(prog.gm, prune_normalized)
     ctx = RuleContext(state, prog.gm)
     notes: list[tuple[str, str]] = []
     for node in prog.gm.graph.nodes:
@@ -392,17 +412,20 @@ def analyze_program(prog: Program, heads: bool = True) -> Analysis:
 @dataclass(frozen=True)
 class Analyze:
     """Build the channel groups of the program (`prog.analysis`). `attention`: "heads" (the
-    default) removes whole attention heads, "head_dim" narrows every head instead."""
+    default) removes whole attention heads, "head_dim" narrows every head instead.
+    `prune_normalized`: channels a LayerNorm normalizes may go, approximately (verify reports
+    the deviation)."""
 
     name: ClassVar[str] = "analyze"
     requires: ClassVar = ()
     ensures: ClassVar = (ANALYSIS,)
     attention: str = "heads"
+    prune_normalized: bool = False
 
     def run(self, prog: Program) -> PassResult:
         if self.attention not in ATTENTION:
             raise CompileError(f"unknown attention mode {self.attention!r}", hint=f"choose one of {', '.join(ATTENTION)}")
-        analysis = analyze_program(prog, heads=self.attention == "heads")
+        analysis = analyze_program(prog, heads=self.attention == "heads", prune_normalized=self.prune_normalized)
         log.info(
             "analyze: %d groups, %d prunable, %d notes",
             len(analysis.groups), len(analysis.prunable), len(analysis.notes),

@@ -22,7 +22,11 @@ reference values restricted to the kept channels, and the error names the first 
 values differ and the groups that pass through it. Exit code 3 in the CLI.
 
 Groups whose channels pass an op where zeroing is not removal (LayerNorm, softmax, a variance
-over them, a divisor) are pinned by the analysis, so they are never removed silently. A node a
+over them, a divisor) are pinned by the analysis, so they are never removed silently. The one
+exception is asked for: `--prune-normalized` removes channels a LayerNorm normalizes. The slim
+LayerNorm normalizes over the kept channels; the reference's LayerNorms do the same
+(`rules.layers.normalize_over_kept`), so the rewrite is still proved exactly, and the slim
+model's deviation from the plain zeroed original is reported under "approximate" with the norms. A node a
 rewrite changed on purpose (a mean over the kept channels, scaled back by the node after it:
 `ir.RESCALED_KEY`) is compared at that next node.
 """
@@ -43,6 +47,7 @@ from pcompiler.compare import VERIFY, Comparison, Tolerance, compare, flatten_te
 from pcompiler.errors import CompileError, VerifyError
 from pcompiler.ir import RESCALED_KEY, DimRef, Fold, Program, Role, iter_tensors, node_value, tensor_of
 from pcompiler.passes.compensate import add_to_bias, inject_constants, slim_delta
+from pcompiler.passes.rules.layers import normalize_over_kept
 from pcompiler.passes.trace import check_program
 from pcompiler.passmanager import SLIMMED, PassResult, register_pass
 
@@ -191,7 +196,9 @@ def _reference_text(folds: tuple[Fold, ...]) -> str:
 def verify_program(prog: Program, tol: Tolerance = VERIFY) -> dict[str, Any]:
     """Compare the slim model with the zeroed original (where `compensate` folded constants, with
     them injected). Approximate folds (zero-padded convs) are taken out of the slim model for
-    the exact comparison, and their own deviation is reported under "approximate"."""
+    the exact comparison, and LayerNorms that lost channels (`--prune-normalized`) normalize over
+    the kept channels in its reference; the slim model's deviation from the zeroed original
+    itself is reported under "approximate"."""
     if prog.reference is None:
         raise CompileError("verify needs a slimmed program: run 'slim' before it")
     if prog.on_meta:
@@ -200,19 +207,23 @@ def verify_program(prog: Program, tol: Tolerance = VERIFY) -> dict[str, Any]:
         check_program(prog, prog.reference)
     folds = prog.compensation.folds if prog.compensation is not None else ()
     exact, approx = tuple(f for f in folds if f.exact), tuple(f for f in folds if not f.exact)
+    reference = constant_reference(prog, exact)
+    norms = normalize_over_kept(reference, prog.removal.removed)
     what = _reference_text(exact) + (f" (the slim model without its {len(approx)} approximate folds)" if approx else "")
+    if norms:
+        what += f", its {len(norms)} LayerNorms that lost channels normalizing over the kept ones"
     checked = prog.replace(gm=_without_folds(prog, approx)) if approx else prog
-    worst, worst_rel = _compare(checked, constant_reference(prog, exact), what, tol)
+    worst, worst_rel = _compare(checked, reference, what, tol)
     result: dict[str, Any] = {"ok": True, "reference": what, "max_error": worst, "max_relative_error": worst_rel,
                               "rtol": tol.rtol, "atol": tol.atol}
-    if approx:
+    if approx or norms:
         full = constant_reference(prog, folds)
         found = [c for inputs in _inputs(prog) for c in _output_comparisons(prog.gm, full, inputs, tol)]
         result["approximate"] = {
             "reference": _reference_text(folds),
             "max_error": max(c.max_error for c in found),
             "max_relative_error": max(c.relative_error for c in found),
-            "where": list(dict.fromkeys(f.module for f in approx)),
+            "where": list(dict.fromkeys(f.module for f in approx)) + norms,
         }
     return result
 

@@ -48,7 +48,7 @@ from pcompiler.pipeline import (
     methods,
     trace_model,
 )
-from pcompiler.report_md import count_text
+from pcompiler.report_md import approximate_text, count_text
 from pcompiler.targets.bench import BACKENDS
 from pcompiler.train import Distillation, TrainConfig
 
@@ -138,6 +138,10 @@ def _guarded(console: Console, verbose: bool, body: Callable[[], int]) -> int:
 @click.option("--attention", type=click.Choice(ATTENTION), default="heads", show_default=True,
               help="How attention shrinks: heads (whole heads; with grouped-query attention whole key/value heads "
               "with their query heads) or head_dim (every head narrower).")
+@click.option("--prune-normalized", is_flag=True,
+              help="Also prune channels a LayerNorm normalizes (a transformer's residual stream). Not exact: the slim "
+              "LayerNorm's statistics cover the kept channels only; verify proves the rest and reports the deviation "
+              "under 'approximate', and fine-tuning recovers it.")
 @click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), help="Folder for the exports and report.json.")
 @click.option("--global/--layerwise", "global_ranking", default=None,
               help="Rank channels across groups, or remove --ratio from each group (default: the method's; "
@@ -221,7 +225,7 @@ def _settings(o: dict[str, Any]) -> Settings:
         distill_regularization=o["distill_regularization"],
         recalibrate_batches=0 if o["no_recalibrate"] else o["recalibrate_batches"], compensate=not o["no_compensate"],
         checkpoints=None if o["out_dir"] is None else str(Path(o["out_dir"]) / "checkpoints"), frontend=o["frontend"],
-        attention=o["attention"])
+        attention=o["attention"], prune_normalized=o["prune_normalized"])
 
 
 def _compile(console: Console, model_path: Path, **o: Any) -> int:
@@ -234,7 +238,8 @@ def _compile(console: Console, model_path: Path, **o: Any) -> int:
                            frontend=o["frontend"])
         from pcompiler.passmanager import make_pass, run
 
-        prog = run(prog, [make_pass("analyze", attention=o["attention"])], instruments=instruments)
+        prog = run(prog, [make_pass("analyze", attention=o["attention"],
+                                                prune_normalized=o["prune_normalized"])], instruments=instruments)
         Console().print(_groups_table(prog))
         for node, why in prog.analysis.notes:
             console.print(f"note: {node}: {why}", markup=False, highlight=False)
@@ -255,7 +260,8 @@ def _compile(console: Console, model_path: Path, **o: Any) -> int:
                            element_bytes=[s.dtype.itemsize for s in specs])
     claim_out_dir(o["out_dir"], overwrite=o["overwrite"], resume=o["resume"], model=model_path,
                   settings={"method": settings.method, "ratio": settings.ratio, "speedup": settings.speedup,
-                            "data": o["data_spec"], "seed": settings.seed, "frontend": settings.frontend})
+                            "data": o["data_spec"], "seed": settings.seed, "frontend": settings.frontend,
+                            "attention": settings.attention, "prune_normalized": settings.prune_normalized})
     data = None
     if o["data_spec"] is not None:
         from pcompiler.data import check_model, load_data
@@ -385,9 +391,7 @@ def _summary(console: Console, report: dict[str, Any], report_path: Path) -> Non
             rows.append(("verify", f"[yellow]skipped[/] {escape(str(verify.get('skipped', '')))}"))
         else:
             state = "[green]ok[/]" if verify.get("ok") else "[red]FAILED[/]"
-            approx = verify.get("approximate")
-            near = f"; approximate folds at {escape(', '.join(approx['where']))} deviate by up to " \
-                   f"{_num(approx['max_error'])}" if approx else ""
+            near = escape(approximate_text(verify.get("approximate")))
             rows.append(("verify", f"{state}, max error {_num(verify.get('max_error'))}{near}"))
     folded = (report.get("compensation") or {}).get("folded")
     if folded:

@@ -185,13 +185,15 @@ class ChannelGroup:
     """A set of coupled channels that must be removed together.
 
     `size` channels; removing channel c removes `index[c]` from every member. `pinned` holds the
-    reasons the group may not be pruned (empty: prunable)."""
+    reasons the group may not be pruned (empty: prunable); `approximate`, the reasons removing
+    its channels is not exactly zeroing them (a LayerNorm's statistics, pruned on request)."""
 
     id: int
     size: int
     params: tuple[ParamSlice, ...]
     spaces: tuple[SpaceSlice, ...]
     pinned: tuple[str, ...] = ()
+    approximate: tuple[str, ...] = ()
 
     @property
     def prunable(self) -> bool:

@@ -73,6 +73,7 @@ class Settings:
     checkpoints: str | None = None  # folder of the phases' checkpoints (OUT/checkpoints)
     frontend: str = "auto"  # how the model is read: passes/trace.py's FRONTENDS
     attention: str = "heads"  # how attention shrinks: passes/analyze.py's ATTENTION
+    prune_normalized: bool = False  # channels a LayerNorm normalizes may go, approximately
 
     def check(self, has_data: bool) -> None:
         """Refuse what cannot run, before anything slow starts."""
@@ -172,7 +173,7 @@ def build(settings: Settings, data: DataSource | None = None, teacher: nn.Module
     def accuracy(key: str) -> list[Pass]:
         return [make_pass("evaluate", data=data, key=key, device=device)] if data is not None else []
 
-    passes = [make_pass("analyze", attention=s.attention),
+    passes = [make_pass("analyze", attention=s.attention, prune_normalized=s.prune_normalized),
               *([make_pass("hf_widths", fields=tuple(hf_widths.items()))] if hf_widths is not None else []),
               *accuracy("acc_before"), _method_pass(s, data, teacher), make_pass("slim")]
     if s.compensate:

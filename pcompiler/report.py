@@ -53,7 +53,8 @@ def _ratio(after: int | None, before: int | None) -> float | None:
 
 
 def _groups_summary(prog: Program) -> dict[str, Any] | None:
-    """Counts of channel groups and, per group, its size, removed channels and pinned reasons."""
+    """Counts of channel groups and, per group, its size, removed channels, pinned reasons and the
+    ops that make removing its channels approximate; "approximate" counts such groups pruned."""
     if prog.analysis is None:
         return None
     selection = prog.selection or {}
@@ -67,6 +68,7 @@ def _groups_summary(prog: Program) -> dict[str, Any] | None:
             "removed": len(selection.get(g.id, ())),
             "prunable": g.prunable,
             "pinned": list(g.pinned),
+            **({"approximate": list(g.approximate)} if g.approximate else {}),
         }
         for g in groups
     ]
@@ -76,6 +78,7 @@ def _groups_summary(prog: Program) -> dict[str, Any] | None:
         "pruned": sum(1 for g in groups if selection.get(g.id)),
         "pinned": sum(1 for g in groups if g.pinned),
         "pinned_reasons": dict(reasons.most_common()),
+        "approximate": sum(1 for g in groups if g.approximate and selection.get(g.id)),
         "channels_prunable": sum(g.size for g in groups if g.prunable),
         "channels_removed": sum(len(selection.get(g.id, ())) for g in groups),
         "items": items,

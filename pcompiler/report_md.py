@@ -77,8 +77,19 @@ def summary_sentence(r: dict[str, Any]) -> str:
     verify = r.get("verify") or {}
     if verify.get("ok") is not None:
         parts.append(("the rewrite is verified" if verify["ok"] else "**verification FAILED**")
-                     + f" (max error {verify.get('max_error', 0):.2g})")
+                     + f" (max error {verify.get('max_error', 0):.2g})" + approximate_text(verify.get("approximate")))
     return "; ".join(parts) + "."
+
+
+def approximate_text(approx: dict[str, Any] | None) -> str:
+    """What verify's "approximate" says, in one clause ('' without one): where removal is not
+    exact (approximate folds, LayerNorms that lost channels) and how far off the zeroed original."""
+    if not approx:
+        return ""
+    where = approx["where"]
+    named = ", ".join(where[:3]) + (f" and {len(where) - 3} more" if len(where) > 3 else "")
+    return (f"; approximate at {named}: off the zeroed original by up to {approx['max_error']:.2g} "
+            f"({approx['max_relative_error']:.1%} relative)")
 
 
 def before_after_rows(r: dict[str, Any]) -> list[list[str]]:

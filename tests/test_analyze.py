@@ -243,6 +243,25 @@ def test_rmsnorm_with_a_weight_is_exact_once_rescaled(norm, frontend):
         assert prog.gm.mid.eps == pytest.approx((norm.eps or torch.finfo(torch.float32).eps) * ratio)
 
 
+def test_layernorm_channels_are_approximate_when_asked():
+    """Pinned by default (the reason names the option); with prune_normalized the group is
+    prunable and names the norm that makes its removal approximate."""
+    model, x = Chain(nn.Linear(3, 8), nn.LayerNorm(8), nn.Linear(8, 2)), torch.randn(5, 3)
+    g = group_with(analyze(model, x), "a.weight", 0)
+    assert g.pinned == ("LayerNorm normalizes over these channels: removing some changes its statistics "
+                        "(--prune-normalized removes them approximately)",) and not g.approximate
+    prog = pcompiler.run(pcompiler.trace(model, (x,)), [make_pass("analyze", prune_normalized=True)])
+    g = group_with(prog, "a.weight", 0)
+    assert g.prunable and g.approximate == ("LayerNorm 'mid'",)
+    assert members(g) == {("a.weight", 0, P), ("a.bias", 0, P), ("mid.weight", 0, P), ("mid.bias", 0, P),
+                          ("h.weight", 1, C)}
+    # Other pins stay pins: a softmax after the norm still holds the channels.
+    model = Chain(nn.Linear(3, 8), nn.Sequential(nn.LayerNorm(8), nn.Softmax(-1)), nn.Linear(8, 2))
+    g = group_with(pcompiler.run(pcompiler.trace(model, (x,)), [make_pass("analyze", prune_normalized=True)]),
+                   "a.weight", 0)
+    assert g.pinned == ("softmax normalizes over these channels",) and g.approximate == ("LayerNorm 'mid.0'",)
+
+
 def test_rmsnorm_without_a_weight_pins():
     model, x = Chain(nn.Linear(3, 8), nn.RMSNorm(8, elementwise_affine=False), nn.Linear(8, 2)), torch.randn(5, 3)
     g = group_with(analyze(model, x), "a.weight", 0)

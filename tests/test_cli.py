@@ -144,7 +144,32 @@ def test_dead_filters_are_compensated_and_the_padded_fold_reported(tmp_path):
     assert report["compensation"]["consumers"]["3"]["folded"] == 8 and report["compensation"]["approximate"] == 8
     assert report["verify"]["ok"] is True and report["verify"]["approximate"]["where"] == ["3"]
     assert "8 constant inputs of removed channels folded" in result.stderr
-    assert "approximate folds at 3 deviate by up to" in result.stderr
+    assert "approximate at 3: off the zeroed original by up to" in result.stderr
+
+
+def test_prune_normalized_prunes_under_layernorms_and_reports_the_deviation(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.LayerNorm(16), nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16),
+                          nn.LayerNorm(16), nn.Linear(16, 3))
+    torch.save(model, tmp_path / "ln.pt")
+    result = invoke(tmp_path / "ln.pt", "--analyze", "--input-shape", "4,6")
+    assert "4 channel groups (1 prunable)" in result.stdout and "--prune-normalized" in result.stdout
+    result = invoke(tmp_path / "ln.pt", "--analyze", "--input-shape", "4,6", "--prune-normalized")
+    assert "4 channel groups (3 prunable)" in result.stdout
+    out = tmp_path / "out"
+    result = invoke(tmp_path / "ln.pt", "--method", "l1", "--ratio", "0.5", "--input-shape", "4,6", "--prune-normalized",
+                    "--formats", "pt2,onnx", "-o", out)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["groups"]["approximate"] == 2 and report["groups"]["channels_removed"] == 8 + 16 + 8
+    v = report["verify"]
+    assert v["ok"] and v["max_relative_error"] < 1e-5 and v["approximate"]["where"] == ["1", "5"]
+    assert v["approximate"]["max_relative_error"] > 0.01
+    assert "approximate at 1, 5: off the zeroed original by up to" in result.stderr
+    assert "approximate at 1, 5" in (out / "report.md").read_text()
+    assert all(e["ok"] for e in report["exports"])
+    slim = torch.export.load(out / "model.pt2").module()
+    assert slim.get_parameter("1.weight").shape == (8,)
 
 
 def test_no_compensate_leaves_the_pass_out(cnn_file, tmp_path):

@@ -11,6 +11,7 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import analyze, conv_bn_stack, group_with, outputs, prune
 from test_analyze import Attention, Chain, Concat, Residual
 from test_slim import Mixed
@@ -233,3 +234,73 @@ def test_a_wrong_channel_the_outputs_hide_is_found_inside(monkeypatch):
                                           r"at node 'b' \(call_module b\)") as err:
         verify_program(prog)
     assert err.value.exit_code == 3
+
+
+class PreNorm(nn.Module):
+    """A pre-norm transformer block on a residual stream under LayerNorms (a module, a functional
+    call, a final norm); the attention splits heads with `c // heads`, c the stream's width."""
+
+    def __init__(self, dim=16, heads=4):
+        super().__init__()
+        self.emb, self.n1, self.att = nn.Linear(6, dim), nn.LayerNorm(dim), Attention(dim, heads)
+        self.n2_w, self.n2_b = nn.Parameter(torch.rand(dim) + 0.5), nn.Parameter(torch.rand(dim) - 0.5)
+        self.mlp = nn.Sequential(nn.Linear(dim, 32), nn.GELU(), nn.Linear(32, dim))
+        self.n, self.head = nn.LayerNorm(dim), nn.Linear(dim, 3)
+
+    def forward(self, x):
+        x = self.emb(x)
+        x = x + self.att(self.n1(x))
+        x = x + self.mlp(F.layer_norm(x, (x.shape[-1],), self.n2_w, self.n2_b, 1e-6))
+        return self.head(self.n(x))
+
+
+def randomize_layernorms(model: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    return model
+
+
+def prune_normalized(model: nn.Module, x: torch.Tensor, frontend: str = "auto", **options) -> pcompiler.Program:
+    prog = pcompiler.trace(model, (x,), frontend=frontend)
+    return pcompiler.run(prog, [make_pass("analyze", prune_normalized=True), make_pass("l1", **options),
+                                make_pass("slim"), make_pass("verify")])
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_pruned_layernorm_stream_is_proved_exactly_and_its_deviation_reported(frontend):
+    """The slim LayerNorms normalize over the kept channels: equal to a reference whose norms do
+    the same (within the usual tolerance), and off from the plain zeroed original by a reported
+    amount, with the norms named."""
+    torch.manual_seed(0)
+    model, x = randomize_layernorms(PreNorm()), torch.randn(2, 5, 6)
+    prog = prune_normalized(model, x, frontend, ratio=0.5)
+    v = prog.info["verify"]
+    assert v["ok"] and v["max_relative_error"] < 1e-5, v
+    assert "its 3 LayerNorms that lost channels normalizing over the kept ones" in v["reference"]
+    n1, functional, n = v["approximate"]["where"]
+    assert (n1, n) == ("n1", "n") and functional.startswith("layer_norm")  # a functional norm by its node
+    assert 0.01 < v["approximate"]["max_relative_error"] < 2.0
+    gm = prog.gm
+    assert (gm.emb.out_features, gm.head.in_features, tuple(gm.n1.normalized_shape)) == (8, 8, (8,))
+    assert (gm.att.qkv.out_features, gm.get_submodule("mlp.0").in_features, gm.get_submodule("mlp.2").out_features) == (24, 8, 8)  # 2 heads of 4
+    with torch.no_grad():
+        want = model(x)
+    assert gm(x).shape == want.shape
+    # The deviation is the norms' alone: the zeroed original with kept-channel norms is what came out.
+    broken = prog.replace(gm=copy.deepcopy(gm))
+    with torch.no_grad():
+        broken.gm.n1.weight[0] += 0.5
+    with pytest.raises(VerifyError, match=r"first difference at node 'n1'"):
+        verify_program(broken)
+
+
+def test_layernorm_over_two_dims_keeps_the_kept_positions():
+    """normalized_shape (C, L): the norm over the kept channels' positions of both dims."""
+    torch.manual_seed(0)
+    model = randomize_layernorms(Chain(nn.Conv1d(3, 8, 1), nn.LayerNorm([8, 5]), nn.Conv1d(8, 2, 1)))
+    prog = prune_normalized(model, torch.randn(2, 3, 5), ratio=0.5)
+    assert prog.gm.mid.normalized_shape == (4, 5) and prog.gm.mid.weight.shape == (4, 5)
+    assert prog.info["verify"]["max_relative_error"] < 1e-5 and prog.info["verify"]["approximate"]["where"] == ["mid"]

@@ -6,6 +6,8 @@ onto each other. It does so with a few calls on `RuleContext`:
 - `same(a, b)`: dimension a and dimension b are the same channels, index for index;
 - `link(a, ia, b, ib)`: element ia[k] of a is element ib[k] of b (concat offsets, blocks, ...);
 - `pin(ref, reason)`: these channels may not be removed, and why;
+- `approximate(ref, reason)`: removing these channels is not exactly zeroing them (a LayerNorm's
+  statistics): pinned, unless the user asked to prune them anyway (`--prune-normalized`);
 - `role(ref, Role.X)`: a parameter dimension produces, consumes or rides along with a channel;
 - `choice(...)`: a reshape that splits one dim into several (or merges several into one) can
   carry channels through only one of the sub-dims; the analysis picks which (see analyze.py);
@@ -195,6 +197,12 @@ class RuleContext:
 
     def pin(self, ref: DimRef, reason: str) -> None:
         self._s.add_pin(ref, reason)
+
+    def approximate(self, ref: DimRef, reason: str, where: str) -> None:
+        """Removing `ref`'s channels is not exactly zeroing them, because of `where` (an op, by
+        the user's name for it): pinned for `reason`, unless the user asked to prune such
+        channels (`--prune-normalized`); then their group lists `where` as approximate."""
+        self._s.add_approximate(ref, reason, where)
 
     def pin_tensor(self, value: Any, reason: str) -> None:
         """Pin every dim of every tensor in a node's value (for non-nodes: nothing)."""

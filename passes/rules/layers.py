@@ -6,13 +6,16 @@ width), so the rule couples whole conv groups: removing one removes its input an
 channels together and `groups` shrinks. Depthwise convs are the case of width one.
 GroupNorm likewise couples whole norm groups (its statistics are per group). LayerNorm
 normalises over its channels: zeroing a channel there changes the statistics of the others, so
-those channels are pinned. RMSNorm with a weight is exact once rescaled: with the removed
+those channels are pinned, unless the user asks to prune them (`--prune-normalized`): then the
+slim LayerNorm normalizes over the kept channels, which is exact against a reference whose
+LayerNorm does the same (`normalize_over_kept`), and approximate against the zeroed one. RMSNorm with a weight is exact once rescaled: with the removed
 channels zero, RMS over D = sqrt(D'/D) x RMS over the D' kept (eps x D/D'), so the rewrite scales
 its weight by sqrt(D/D') and its eps by D/D'.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -21,7 +24,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pcompiler.ir import DimRef, Role, op_name, tensor_of
+from pcompiler.ir import DimRef, Role, node_value, op_name, tensor_of
 from pcompiler.passes.rules.base import (
     RewriteContext,
     RuleContext,
@@ -55,6 +58,9 @@ def _conv(ctx: RuleContext, node: fx.Node, x: fx.Node, nd: int, w: DimRef, w_in:
     if cdim == 1:
         ctx.same(ctx.ref(x, 0), ctx.ref(node, 0))
     cin, cout = ctx.ref(x, cdim), ctx.ref(node, cdim)
+    for d in range(1, nd + 1):  # what pins a position of a spatial dim: a norm's scale over it
+        for t in (x, node):
+            ctx.pin(ctx.ref(t, -d), "a convolution slides over these positions: removing one changes its output size")
     if bias is not None:
         ctx.same(cout, bias)
         ctx.role(bias, Role.PRODUCE)
@@ -261,17 +267,29 @@ def group_norm_functional_rewrite(node: fx.Node, ctx: RewriteContext) -> None:
 
 
 def _last_dims_norm(ctx: RuleContext, node: fx.Node, x: fx.Node, k: int, affine: list[list[DimRef]], what: str,
-                    exact: bool = False) -> None:
+                    exact: bool) -> None:
     """`affine[i]` lists the k dims of one affine tensor (weight/bias), outer to inner. `exact`:
-    removal is exact once rescaled (an RMSNorm with a weight: `_rms_norm_rescale`); else pinned."""
+    removal is exact once rescaled (an RMSNorm with a weight: `_rms_norm_rescale`); a LayerNorm
+    is approximate (`normalize_over_kept`); anything else is pinned."""
     ctx.same_shape(x, node)
+    reason = f"{what} normalizes over these channels: removing some changes its statistics"
     for d in range(k):
         ref = ctx.ref(node, d - k)
-        if not exact:
-            ctx.pin(ref, f"{what} normalizes over these channels: removing some changes its statistics")
+        if what in ("LayerNorm", "layer_norm"):
+            ctx.approximate(ref, reason, f"{what} '{_user_name(node)}'")
+        elif not exact:
+            ctx.pin(ref, reason)
         for dims in affine:
             ctx.same(ref, dims[d])
             ctx.role(dims[d], Role.PRODUCE)
+
+
+def _user_name(node: fx.Node) -> str:
+    """The module a norm node is (or is inside of), by the user's name; else the node's name."""
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack")
+    return (next(reversed(stack.values()))[0] if stack else "") or node.name
 
 
 @rule(nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))
@@ -296,42 +314,98 @@ def last_dims_norm_functional(node: fx.Node, ctx: RuleContext) -> None:
     _last_dims_norm(ctx, node, arg(node, 0, "input"), k, affine, name, exact=exact)
 
 
-def _rms_norm_rescale(node: fx.Node, ctx: RewriteContext, weight: torch.Tensor, eps: float | None) -> tuple[list[int], float | None]:
+def _rms_norm_rescale(node: fx.Node, ctx: RewriteContext, weight: torch.Tensor, eps: float | None) -> float | None:
     """RMS over D channels of which D' are kept and the rest zero = sqrt(D'/D) x RMS over the D'
-    (with eps x D/D'): scale the weight by sqrt(D/D') in place. Returns the new normalized
-    shape and eps (None: unchanged)."""
-    k = weight.ndim
-    old = [ctx.old_size(node, d - k) for d in range(k)]
-    new = [ctx.new_size(node, d - k) for d in range(k)]
-    ratio = float(np.prod(old)) / float(np.prod(new))
+    (with eps x D/D'): scale the weight by sqrt(D/D') in place. Returns the new eps (None:
+    unchanged)."""
+    ratio = float(np.prod(_norm_shape(node, ctx, weight.ndim, old=True))) / float(np.prod(_norm_shape(node, ctx, weight.ndim)))
     if ratio == 1.0:
-        return new, None
+        return None
     with torch.no_grad():
         weight.mul_(ratio ** 0.5)
     base = eps if eps is not None else torch.finfo(weight.dtype).eps  # torch's default eps
-    return new, base * ratio
+    return base * ratio
 
 
-@rewriter(getattr(nn, "RMSNorm", nn.LayerNorm))
-def rms_norm_module_rewrite(node: fx.Node, ctx: RewriteContext) -> None:
+def _norm_shape(node: fx.Node, ctx: RewriteContext, k: int, old: bool = False) -> list[int]:
+    size = ctx.old_size if old else ctx.new_size
+    return [size(node, d - k) for d in range(k)]
+
+
+@rewriter(nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))
+def last_dims_norm_module_rewrite(node: fx.Node, ctx: RewriteContext) -> None:
     m = ctx.module(node)
-    if type(m).__name__ != "RMSNorm" or m.weight is None:
-        return  # LayerNorm, or an RMSNorm without weight: pinned, nothing changed
-    shape, eps = _rms_norm_rescale(node, ctx, m.weight, m.eps)
-    m.normalized_shape = tuple(shape)
-    if eps is not None:
-        m.eps = eps
+    if type(m).__name__ == "RMSNorm" and m.weight is not None:
+        eps = _rms_norm_rescale(node, ctx, m.weight, m.eps)
+        if eps is not None:
+            m.eps = eps
+    m.normalized_shape = tuple(_norm_shape(node, ctx, len(m.normalized_shape)))
 
 
-@rewriter(*([F.rms_norm] if hasattr(F, "rms_norm") else []), *aten_ops("rms_norm"))
-def rms_norm_functional_rewrite(node: fx.Node, ctx: RewriteContext) -> None:
-    w = arg(node, 2, "weight")
-    if not isinstance(w, fx.Node) or w.op != "get_attr":
-        return  # pinned by the rule: nothing changed
-    shape, eps = _rms_norm_rescale(node, ctx, tensor_of(ctx.gm, w.target), arg(node, 3, "eps"))
-    set_arg(node, 1, "normalized_shape", shape)
-    if eps is not None:
-        set_arg(node, 3, "eps", eps)
+@rewriter(F.layer_norm, *([F.rms_norm] if hasattr(F, "rms_norm") else []), *aten_ops("layer_norm", "rms_norm"))
+def last_dims_norm_functional_rewrite(node: fx.Node, ctx: RewriteContext) -> None:
+    shape = arg(node, 1, "normalized_shape")
+    k = len(shape) if isinstance(shape, (list, tuple)) else 1
+    if op_name(node.target) == "rms_norm":
+        w = arg(node, 2, "weight")
+        if not isinstance(w, fx.Node) or w.op != "get_attr":
+            return  # pinned by the rule: nothing changed
+        eps = _rms_norm_rescale(node, ctx, tensor_of(ctx.gm, w.target), arg(node, 3, "eps"))
+        if eps is not None:
+            set_arg(node, 3, "eps", eps)
+    set_arg(node, 1, "normalized_shape", _norm_shape(node, ctx, k))
+
+
+def kept_layer_norm(x: torch.Tensor, keep: tuple[int, ...], k: int, weight: torch.Tensor | None,
+                    bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """LayerNorm of x's last k dims over the flat positions `keep` only; the other positions 0
+    (the removed channels' scale and shift are zero in the reference)."""
+    idx = torch.as_tensor(keep, device=x.device)
+    flat = x.flatten(-k) if k > 1 else x
+    w, b = (None if t is None else t.flatten().index_select(0, idx) for t in (weight, bias))
+    y = F.layer_norm(flat.index_select(-1, idx), (len(keep),), w, b, eps)
+    return torch.zeros_like(flat).index_copy(-1, idx, y).view(x.shape)
+
+
+class _KeptLayerNorm(nn.Module):
+    def __init__(self, norm: nn.LayerNorm, keep: tuple[int, ...]):
+        super().__init__()
+        self.norm, self.keep = norm, keep
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.norm
+        return kept_layer_norm(x, self.keep, len(m.normalized_shape), m.weight, m.bias, m.eps)
+
+
+def normalize_over_kept(gm: fx.GraphModule, removed: Callable[[DimRef], np.ndarray]) -> list[str]:
+    """The reference an approximate LayerNorm removal is exact against: each LayerNorm of `gm`
+    (a pre-slim graph) that lost channels (`removed`, per graph dim) normalizes over its kept
+    ones only, as the slim model's does. Returns those norms' names; recompiles `gm`."""
+    changed = []
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.LayerNorm):
+            k = len(gm.get_submodule(node.target).normalized_shape)
+        elif node.op == "call_function" and op_name(node.target) == "layer_norm":
+            shape = arg(node, 1, "normalized_shape")
+            k = len(shape) if isinstance(shape, (list, tuple)) else 1
+        else:
+            continue
+        shape = node_value(node).shape[-k:]
+        kept = [np.setdiff1d(np.arange(n), removed(DimRef(node_value(node).ndim - k + d, node=node.name)))
+                for d, n in enumerate(shape)]
+        if all(len(kd) == n for kd, n in zip(kept, shape)):
+            continue
+        keep = tuple(int(i) for i in np.ravel_multi_index(np.ix_(*kept), tuple(shape)).ravel())
+        if node.op == "call_module":
+            parent, _, attr = str(node.target).rpartition(".")
+            owner = gm.get_submodule(parent) if parent else gm
+            setattr(owner, attr, _KeptLayerNorm(gm.get_submodule(node.target), keep))
+        else:
+            args = (arg(node, 0, "input"), keep, k, arg(node, 2, "weight"), arg(node, 3, "bias"), arg(node, 4, "eps", 1e-5))
+            node.target, node.args, node.kwargs = kept_layer_norm, args, {}
+        changed.append(_user_name(node))
+    gm.recompile()
+    return changed
 
 
 @rule(nn.LocalResponseNorm)

@@ -5,8 +5,8 @@ Reshapes are read from the recorded shapes, not the arguments: input and output 
 grouped into the smallest blocks with equal products. A 1:1 block is the same channels; a 1:n
 split or n:1 merge is a `choice` the analysis resolves (see analyze.py); anything else pins.
 After slim, literal sizes in the arguments (view sizes, split sizes, slice bounds, expand
-sizes) are rewritten to the new channel counts; sizes computed at run time from `x.size()` need
-nothing.
+sizes) are rewritten to the new channel counts, and so are sizes computed at run time from a
+dim that lost channels (`x.size(-1) // heads`).
 """
 
 from __future__ import annotations
@@ -71,19 +71,59 @@ def reshape(node: fx.Node, ctx: RuleContext) -> None:
 
 
 def _rewrite_sizes(sizes: Any, node: fx.Node, ctx: RewriteContext, first_dim: int = 0) -> Any:
-    """Set the size of every output dim whose channel count changed to its new count.
+    """Set every output size that no longer holds to its new channel count: where the dim's
+    channel count changed, and where a computed size reads a tensor dim that lost channels.
 
-    Literal or computed: a computed size may read another tensor's dim (maxvit merges heads
-    with `reshape(B, G, P, D)`, D read from the attention's input), which no longer matches.
-    Channel counts are static, so a literal is always right; -1 is left to be inferred."""
+    A computed size may read another tensor's dim (maxvit merges heads with `reshape(B, G, P,
+    D)`, D read from the attention's input; a ViT splits heads with `C // heads`, C the pruned
+    residual stream's width), which no longer matches. Channel counts are static, so a literal
+    is always right; -1 is left to be inferred."""
     out = list(sizes)
     for k, s in enumerate(out):
         d = first_dim + k
         if not (isinstance(s, int) and s == -1):
             new = ctx.new_size(node, d)
-            if new != ctx.old_size(node, d):
+            if new != ctx.old_size(node, d) or (isinstance(s, fx.Node) and _reads_a_changed_dim(s, ctx)):
                 out[k] = new
     return type(sizes)(out) if isinstance(sizes, (tuple, list)) else out
+
+
+def _size_read(n: fx.Node) -> tuple[fx.Node, list[int] | None] | None:
+    """(tensor, its dims read; None: all) when `n` reads a tensor's size: x.size(), x.size(d),
+    x.shape, aten.sym_size(x, d), and an item of those."""
+    if n.op == "call_function" and n.target is operator.getitem and isinstance(n.args[1], int):
+        inner = _size_read(n.args[0]) if isinstance(n.args[0], fx.Node) else None
+        if inner is not None and inner[1] is None:
+            return inner[0], [n.args[1]]
+        return None
+    x = n.args[0] if n.args else None
+    if not isinstance(x, fx.Node) or tensor_at(x) is None:
+        return None
+    if (n.op == "call_method" and n.target == "size") or op_name(n.target) == "sym_size":
+        return x, [n.args[1]] if len(n.args) > 1 else None
+    if n.op == "call_function" and n.target is getattr and n.args[1] == "shape":
+        return x, None
+    return None
+
+
+def _reads_a_changed_dim(size: fx.Node, ctx: RewriteContext) -> bool:
+    """Whether the computed `size` reads a dim of a tensor that lost channels (through the
+    arithmetic on sizes between, not through tensors)."""
+    stack, seen = [size], set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        read = _size_read(n)
+        if read is not None:
+            x, dims = read
+            ndim = tensor_at(x).ndim
+            if any(len(ctx.removed(x, d % ndim)) for d in (range(ndim) if dims is None else dims)):
+                return True
+        elif tensor_at(n) is None:
+            stack.extend(n.all_input_nodes)
+    return False
 
 
 @rewriter(*_RESHAPES)
