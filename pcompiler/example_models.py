@@ -1,8 +1,10 @@
-"""The bundled example model: a small residual CNN for 8x8 single-channel images.
+"""The bundled example models for 8x8 single-channel images: a small residual CNN, a plain
+conv stack, and a small vision transformer (2x2 patches: a residual stream under LayerNorms,
+multi-head attention, MLPs).
 
 It lives in the library (not in examples/) so that its pickle loads with the safe loader
 without --trust: the loader allowlists this module's classes as the project's own code.
-examples/train_digits.py trains it on scikit-learn's digits and writes examples/digits_resnet.pt.
+examples/train_digits.py trains them on scikit-learn's digits and writes examples/digits_<arch>.pt.
 """
 
 from __future__ import annotations
@@ -67,3 +69,51 @@ class DigitsVGG(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention as timm writes it: one qkv projection split into heads by the
+    `num_heads` and `head_dim` attributes (what a pruner that rewrites attributes changes)."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1))
+
+
+class Block(nn.Module):
+    """A pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: int = 2):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim), Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class DigitsViT(nn.Module):
+    """A small ViT for 8x8 digits: 2x2 patches (16 tokens), a learned position embedding, `depth`
+    pre-norm blocks, a final LayerNorm and mean pooling over the tokens."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, dim: int = 64, depth: int = 4,
+                 num_heads: int = 4, patch: int = 2, image: int = 8):
+        super().__init__()
+        self.patch_embed = nn.Conv2d(in_channels, dim, patch, stride=patch)
+        self.pos_embed = nn.Parameter(torch.randn(1, (image // patch) ** 2, dim) * 0.02)
+        self.blocks = nn.Sequential(*(Block(dim, num_heads) for _ in range(depth)))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed
+        return self.head(self.norm(self.blocks(x)).mean(1))

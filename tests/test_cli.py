@@ -360,6 +360,18 @@ def test_tpp_on_digits_trains_finetunes_and_reports(tmp_path):
     assert "accuracy, fine-tuned" in result.stderr and "99.44%" in result.stderr
 
 
+def test_the_vit_example_loads_safely_and_prunes_its_stream(tmp_path):
+    out = tmp_path / "out"
+    result = invoke(EXAMPLE.with_name("digits_vit.pt"), "--method", "l1", "--ratio", "0.5", "--data", "digits",
+                    "--prune-normalized", "--finetune-epochs", "0", "--no-progress", "--formats", "pt2", "-o", out)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["acc_before"] == pytest.approx(351 / 360) and report["flops_ratio"] < 1 / 3.9
+    assert report["groups"]["approximate"] == 1  # the residual stream, under 9 LayerNorms
+    approx = report["verify"]["approximate"]
+    assert len(approx["where"]) == 9 and approx["max_relative_error"] < 0.2  # the rescaled norms stay close
+
+
 def test_no_recalibrate(tmp_path):
     out = tmp_path / "out"
     result = invoke(EXAMPLE, "--method", "l1", "--ratio", "0.5", "--data", "digits", "--finetune-epochs", "0",

@@ -303,4 +303,8 @@ def test_layernorm_over_two_dims_keeps_the_kept_positions():
     model = randomize_layernorms(Chain(nn.Conv1d(3, 8, 1), nn.LayerNorm([8, 5]), nn.Conv1d(8, 2, 1)))
     prog = prune_normalized(model, torch.randn(2, 3, 5), ratio=0.5)
     assert prog.gm.mid.normalized_shape == (4, 5) and prog.gm.mid.weight.shape == (4, 5)
+    # Rescaled as an RMSNorm is (exact where the kept channels' mean is zero): weight x sqrt(D/D'), eps x D/D'.
+    kept = [c for c in range(8) if c not in prog.selection[group_with(prog, "a.weight", 0).id]]
+    assert torch.allclose(prog.gm.mid.weight, model.mid.weight[kept] * 2 ** 0.5)
+    assert prog.gm.mid.eps == pytest.approx(2 * model.mid.eps) and torch.equal(prog.gm.mid.bias, model.mid.bias[kept])
     assert prog.info["verify"]["max_relative_error"] < 1e-5 and prog.info["verify"]["approximate"]["where"] == ["mid"]

@@ -7,8 +7,9 @@ channels together and `groups` shrinks. Depthwise convs are the case of width on
 GroupNorm likewise couples whole norm groups (its statistics are per group). LayerNorm
 normalises over its channels: zeroing a channel there changes the statistics of the others, so
 those channels are pinned, unless the user asks to prune them (`--prune-normalized`): then the
-slim LayerNorm normalizes over the kept channels, which is exact against a reference whose
-LayerNorm does the same (`normalize_over_kept`), and approximate against the zeroed one. RMSNorm with a weight is exact once rescaled: with the removed
+slim LayerNorm normalizes over the kept channels with its weight rescaled as an RMSNorm's (below:
+exact where the kept channels' mean is zero), which is exact against a reference whose LayerNorm
+does the same (`normalize_over_kept`), and approximate against the zeroed one. RMSNorm with a weight is exact once rescaled: with the removed
 channels zero, RMS over D = sqrt(D'/D) x RMS over the D' kept (eps x D/D'), so the rewrite scales
 its weight by sqrt(D/D') and its eps by D/D'.
 """
@@ -269,7 +270,7 @@ def group_norm_functional_rewrite(node: fx.Node, ctx: RewriteContext) -> None:
 def _last_dims_norm(ctx: RuleContext, node: fx.Node, x: fx.Node, k: int, affine: list[list[DimRef]], what: str,
                     exact: bool) -> None:
     """`affine[i]` lists the k dims of one affine tensor (weight/bias), outer to inner. `exact`:
-    removal is exact once rescaled (an RMSNorm with a weight: `_rms_norm_rescale`); a LayerNorm
+    removal is exact once rescaled (an RMSNorm with a weight: `_norm_rescale`); a LayerNorm
     is approximate (`normalize_over_kept`); anything else is pinned."""
     ctx.same_shape(x, node)
     reason = f"{what} normalizes over these channels: removing some changes its statistics"
@@ -314,16 +315,18 @@ def last_dims_norm_functional(node: fx.Node, ctx: RuleContext) -> None:
     _last_dims_norm(ctx, node, arg(node, 0, "input"), k, affine, name, exact=exact)
 
 
-def _rms_norm_rescale(node: fx.Node, ctx: RewriteContext, weight: torch.Tensor, eps: float | None) -> float | None:
+def _norm_rescale(node: fx.Node, ctx: RewriteContext, weight: torch.Tensor, eps: float | None) -> float | None:
     """RMS over D channels of which D' are kept and the rest zero = sqrt(D'/D) x RMS over the D'
-    (with eps x D/D'): scale the weight by sqrt(D/D') in place. Returns the new eps (None:
+    (with eps x D/D'): scale the weight by sqrt(D/D') in place. Exact for an RMSNorm; for a
+    LayerNorm exact where the kept channels' mean is zero, and closer than no rescale elsewhere
+    (the variance over D is mostly D'/D times the variance over D'). Returns the new eps (None:
     unchanged)."""
     ratio = float(np.prod(_norm_shape(node, ctx, weight.ndim, old=True))) / float(np.prod(_norm_shape(node, ctx, weight.ndim)))
     if ratio == 1.0:
         return None
     with torch.no_grad():
         weight.mul_(ratio ** 0.5)
-    base = eps if eps is not None else torch.finfo(weight.dtype).eps  # torch's default eps
+    base = eps if eps is not None else torch.finfo(weight.dtype).eps  # torch's default eps of rms_norm
     return base * ratio
 
 
@@ -335,8 +338,8 @@ def _norm_shape(node: fx.Node, ctx: RewriteContext, k: int, old: bool = False) -
 @rewriter(nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))
 def last_dims_norm_module_rewrite(node: fx.Node, ctx: RewriteContext) -> None:
     m = ctx.module(node)
-    if type(m).__name__ == "RMSNorm" and m.weight is not None:
-        eps = _rms_norm_rescale(node, ctx, m.weight, m.eps)
+    if m.weight is not None:
+        eps = _norm_rescale(node, ctx, m.weight, m.eps)
         if eps is not None:
             m.eps = eps
     m.normalized_shape = tuple(_norm_shape(node, ctx, len(m.normalized_shape)))
@@ -346,23 +349,28 @@ def last_dims_norm_module_rewrite(node: fx.Node, ctx: RewriteContext) -> None:
 def last_dims_norm_functional_rewrite(node: fx.Node, ctx: RewriteContext) -> None:
     shape = arg(node, 1, "normalized_shape")
     k = len(shape) if isinstance(shape, (list, tuple)) else 1
-    if op_name(node.target) == "rms_norm":
-        w = arg(node, 2, "weight")
-        if not isinstance(w, fx.Node) or w.op != "get_attr":
-            return  # pinned by the rule: nothing changed
-        eps = _rms_norm_rescale(node, ctx, tensor_of(ctx.gm, w.target), arg(node, 3, "eps"))
+    w = arg(node, 2, "weight")
+    if isinstance(w, fx.Node) and w.op == "get_attr":
+        eps_at, default = (3, None) if op_name(node.target) == "rms_norm" else (4, 1e-5)
+        eps = _norm_rescale(node, ctx, tensor_of(ctx.gm, w.target), arg(node, eps_at, "eps", default))
         if eps is not None:
-            set_arg(node, 3, "eps", eps)
+            set_arg(node, eps_at, "eps", eps)
+    elif op_name(node.target) == "rms_norm":
+        return  # pinned by the rule: nothing changed
     set_arg(node, 1, "normalized_shape", _norm_shape(node, ctx, k))
 
 
 def kept_layer_norm(x: torch.Tensor, keep: tuple[int, ...], k: int, weight: torch.Tensor | None,
                     bias: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """LayerNorm of x's last k dims over the flat positions `keep` only; the other positions 0
-    (the removed channels' scale and shift are zero in the reference)."""
+    """LayerNorm of x's last k dims over the flat positions `keep` only, rescaled as the slim one
+    is (`_norm_rescale`: weight x sqrt(D/D'), eps x D/D'); the other positions 0 (the removed
+    channels' scale and shift are zero in the reference)."""
     idx = torch.as_tensor(keep, device=x.device)
     flat = x.flatten(-k) if k > 1 else x
     w, b = (None if t is None else t.flatten().index_select(0, idx) for t in (weight, bias))
+    ratio = flat.shape[-1] / len(keep)
+    if w is not None:
+        w, eps = w * ratio ** 0.5, eps * ratio
     y = F.layer_norm(flat.index_select(-1, idx), (len(keep),), w, b, eps)
     return torch.zeros_like(flat).index_copy(-1, idx, y).view(x.shape)
 
