@@ -1,5 +1,6 @@
 """What the benchmark scripts share: the torchvision import workaround, the environment record,
-medians, markdown tables and JSON output.
+medians, markdown tables and JSON output, and the accuracy benchmarks' fine-tune-and-score step
+and Torch-Pruning training hooks.
 
 Import this module before torchvision: on CPU-only torch builds `import torchvision` fails while
 registering fake kernels for torchvision::nms (pytorch/vision#9085); the benchmarks do not need
@@ -135,3 +136,34 @@ def prune_only(method: str, ratio: float, seed: int, steps: int) -> Any:
 
     return Settings(method=method, ratio=ratio, seed=seed, reg_steps=steps, round_to=1, compensate=False,
                     recalibrate_batches=0, finetune_epochs=0, train=TrainConfig(progress=False))
+
+
+def finetune_and_score(model: torch.nn.Module, data: Any, seed: int, steps: int, lr: float = 1e-3) -> dict:
+    """Accuracy right after pruning (recalibrated), then after `steps` fine-tuning steps (SGD,
+    cosine from `lr`)."""
+    from pcompiler.passes.recalibrate import DEFAULT_BATCHES
+    from pcompiler.train import TrainConfig, evaluate, recalibrate_norms, train
+
+    raw = evaluate(model, data.val)
+    recalibrate_norms(model, data.train, batches=DEFAULT_BATCHES, seed=seed)
+    pruned = evaluate(model, data.val)
+    train(model, data, TrainConfig(steps=steps, lr=lr, schedule="cosine", seed=seed, progress=False))
+    return {"acc_uncalibrated": raw, "acc_pruned": pruned, "acc_final": evaluate(model, data.val),
+            "params": sum(p.numel() for p in model.parameters()), "finetune_steps": steps}
+
+
+def tp_hooks(pruner: Any, grow_every: int | None) -> Any:
+    """Training hooks that run a Torch-Pruning pruner's regularizer after each backward (and its
+    `update_reg` every `grow_every` steps, as GReg's K_u)."""
+    from pcompiler.train import Hooks
+
+    class TPHooks(Hooks):
+        def after_backward(self, model, step):
+            pruner.regularize(model)
+
+        def after_step(self, model, step):
+            if grow_every and step % grow_every == 0:
+                pruner.update_reg()
+            return {}
+
+    return TPHooks()

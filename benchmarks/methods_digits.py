@@ -29,13 +29,12 @@ import time
 
 import _common  # noqa: F401  (torchvision workaround, paths)
 import torch
-from _common import prune_only
+from _common import finetune_and_score, prune_only, tp_hooks
 
 from pcompiler.data import load_data
 from pcompiler.loading import load_model
-from pcompiler.passes.recalibrate import DEFAULT_BATCHES
 from pcompiler.pipeline import compile_model
-from pcompiler.train import Hooks, TrainConfig, evaluate, recalibrate_norms, train
+from pcompiler.train import TrainConfig, train
 
 OURS = ("l1", "random", "slimming", "greg1", "greg2", "tpp", "receding")
 ONE_SHOT = ("l1", "random")
@@ -55,29 +54,6 @@ def ours(arch: str, method: str, ratio: float, seed: int, data, steps: int, ft_s
     return finetune_and_score(prog.gm, data, seed, ft_steps + steps - used)
 
 
-def finetune_and_score(model: torch.nn.Module, data, seed: int, steps: int) -> dict:
-    """Accuracy right after pruning (recalibrated), then after `steps` fine-tuning steps."""
-    raw = evaluate(model, data.val)
-    recalibrate_norms(model, data.train, batches=DEFAULT_BATCHES, seed=seed)
-    pruned = evaluate(model, data.val)
-    train(model, data, TrainConfig(steps=steps, lr=1e-3, schedule="cosine", seed=seed, progress=False))
-    return {"acc_uncalibrated": raw, "acc_pruned": pruned, "acc_final": evaluate(model, data.val),
-            "params": sum(p.numel() for p in model.parameters()), "finetune_steps": steps}
-
-
-class TPHooks(Hooks):
-    def __init__(self, pruner, grow_every: int | None):
-        self.pruner, self.grow_every = pruner, grow_every
-
-    def after_backward(self, model, step):
-        self.pruner.regularize(model)
-
-    def after_step(self, model, step):
-        if self.grow_every and step % self.grow_every == 0:
-            self.pruner.update_reg()
-        return {}
-
-
 def torch_pruning(arch: str, method: str, ratio: float, seed: int, data, steps: int, ft_steps: int) -> dict:
     import torch_pruning as tp
 
@@ -91,7 +67,7 @@ def torch_pruning(arch: str, method: str, ratio: float, seed: int, data, steps: 
     cls, imp, grow = kinds[method]
     pruner = cls(model, example, importance=imp, pruning_ratio=ratio, ignored_layers=[model.fc])
     cfg = TrainConfig(seed=seed, progress=False, steps=steps)
-    train(model, data, cfg, TPHooks(pruner, grow))
+    train(model, data, cfg, tp_hooks(pruner, grow))
     model.eval()
     pruner.step()
     return finetune_and_score(model, data, seed, ft_steps)

@@ -325,6 +325,27 @@ def test_channel_shuffle_stays_prunable():
     assert (slim.a.out_channels, slim.h.in_channels) == (4, 4)
 
 
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_unfold_into_patches_carries_channels_through_the_outer_dims(frontend):
+    """MobileViT's unfold: (C, H) regrouped into (C x H/2, 2), and folded back. Channel c is the
+    block 2c, 2c + 1 of the outer output dim; the inner dims (positions) are pinned."""
+    def unfold_fold(y):
+        b, c, h, w = y.shape
+        patches = y.reshape(b * c * h // 2, 2, w // 2, 2).transpose(1, 2) * 2.0
+        return patches.transpose(1, 2).reshape(b, c, h, w)
+
+    model, x = Chain(nn.Conv2d(3, 8, 1), unfold_fold, nn.Conv2d(8, 2, 1)), torch.randn(1, 3, 4, 4)
+    g = group_with(pcompiler.run(pcompiler.trace(model, (x,), frontend=frontend), [make_pass("analyze")]),
+                   "a.weight", 0)
+    assert g.prunable and g.size == 8 and (index_of(g, "h.weight", 1) == np.arange(8)[:, None]).all()
+    slim = prune(model, x, ratio=0.5).gm
+    assert (slim.a.out_channels, slim.h.in_channels) == (4, 4)
+    # Neither outer size divides the other: pinned, with the shapes.
+    model = Chain(nn.Linear(4, 6), lambda y: y.reshape(6, 4).relu().reshape(4, 6), nn.Linear(6, 2))
+    g = group_with(analyze(model, torch.randn(4, 4)), "a.weight", 0)
+    assert "reshape at 'reshape' regroups [4, 6] into [6, 4]" in g.pinned, g.pinned
+
+
 class Attention(nn.Module):
     def __init__(self, dim=16, heads=2):
         super().__init__()

@@ -3,7 +3,9 @@ permute/transpose, cat/stack, split/chunk/unbind, indexing, expand/repeat, roll/
 
 Reshapes are read from the recorded shapes, not the arguments: input and output dims are
 grouped into the smallest blocks with equal products. A 1:1 block is the same channels; a 1:n
-split or n:1 merge is a `choice` the analysis resolves (see analyze.py); anything else pins.
+split or n:1 merge is a `choice` the analysis resolves (see analyze.py); an n:m regroup carries
+channels through its outer dims where one's size divides the other's (`_regroup`), and pins the
+rest.
 After slim, literal sizes in the arguments (view sizes, split sizes, slice bounds, expand
 sizes) are rewritten to the new channel counts, and so are sizes computed at run time from a
 dim that lost channels (`x.size(-1) // heads`).
@@ -66,8 +68,27 @@ def reshape(node: fx.Node, ctx: RuleContext) -> None:
         elif len(b) == 1:
             ctx.choice(node, ctx.ref(node, b[0]), [ctx.ref(x, d) for d in a])
         else:
-            for ref in [ctx.ref(x, d) for d in a] + [ctx.ref(node, d) for d in b]:
-                ctx.pin(ref, f"reshape at '{node.name}' regroups {[si[d] for d in a]} into {[so[d] for d in b]}")
+            _regroup(ctx, node, x, a, b)
+
+
+def _regroup(ctx: RuleContext, node: fx.Node, x: fx.Node, a: list[int], b: list[int]) -> None:
+    """Input dims `a` become output dims `b`, neither one dim (MobileViT's unfold: C x H into
+    (C x H/p) x p). Where one side's outermost size divides the other's, its channel c is the
+    block c*r .. c*r + r - 1 of the other's outermost dim (row-major order); the inner dims are
+    pinned, and so is everything where neither divides."""
+    si, so = ctx.info(x).shape, ctx.info(node).shape
+    what = f"reshape at '{node.name}' regroups {[si[d] for d in a]} into {[so[d] for d in b]}"
+    outer_in, outer_out = ctx.ref(x, a[0]), ctx.ref(node, b[0])
+    small, big = sorted((outer_in, outer_out), key=ctx.size)
+    n, m = ctx.size(small), ctx.size(big)
+    inner = [ctx.ref(x, d) for d in a[1:]] + [ctx.ref(node, d) for d in b[1:]]
+    if m % n:
+        inner += [outer_in, outer_out]
+    else:
+        ctx.link(small, np.arange(m) // (m // n), big, np.arange(m))
+        what += f"; channels follow the outer dims only ({n} into {m} in blocks of {m // n})"
+    for ref in inner:
+        ctx.pin(ref, what)
 
 
 def _rewrite_sizes(sizes: Any, node: fx.Node, ctx: RewriteContext, first_dim: int = 0) -> Any:
