@@ -8,18 +8,23 @@ Cases (torchvision models with random weights: latency depends on the widths, no
   not rounded (`round_to=1`), to show what rounding buys;
 - the same resnet50 pruned by Torch-Pruning (BasePruner, L1 magnitude, its default: no rounding)
   at the per-group ratio pcompiler's 2x search found, as the baseline;
-- vit_b_16 at 224x224, pcompiler's l1 at 2x and 3x fewer FLOPs (widths rounded to 8).
+- vit_b_16 at 224x224, pcompiler's l1 at 2x and 3x fewer FLOPs (widths rounded to 8), with the
+  residual stream kept (the default) and pruned (`--prune-normalized`, "stream" in the table);
+- a LLaMA-shaped decoder (transformers' LlamaForCausalLM: hidden 512, 4 layers, 8 query heads
+  over 4 key/value heads, MLP 1408, vocabulary 8000) on 128 tokens, l1 at 2x fewer FLOPs.
 
 Every case is timed with `pcompiler.targets.bench.bench`: original and slim alternately, at each
 batch size, on every backend this machine has (`--backends` narrows it): p50/p90, the median
 per-round speedup, and efficiency = speedup / FLOPs reduction. Writes docs/bench_latency.{json,md,png}.
 Run it alone: the timings share the cores with nothing else. `--quick`: a small input and few
-repetitions, to check the script (writes to /tmp).
+repetitions, to check the script (writes to /tmp). `--models vit_b_16,llama` re-runs those
+models' cases and keeps the other models' results in the JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 import warnings
 from pathlib import Path
@@ -37,20 +42,31 @@ from pcompiler.targets.bench import LatencySettings, bench
 def case_list(quick: bool) -> list[dict]:
     r50 = [{"model": "resnet50", "pruner": "pcompiler", "speedup": s, "round_to": r} for s in (2, 3) for r in (8, 1)]
     tp = [{"model": "resnet50", "pruner": "torch-pruning", "speedup": 2, "round_to": None}]
-    vit = [{"model": "vit_b_16", "pruner": "pcompiler", "speedup": s, "round_to": 8} for s in (2, 3)]
-    return (r50[:2] + tp) if quick else (r50 + tp + vit)
+    vit = [{"model": "vit_b_16", "pruner": "pcompiler", "speedup": s, "round_to": 8, "stream": stream}
+           for stream in (False, True) for s in (2, 3)]
+    llama = [{"model": "llama", "pruner": "pcompiler", "speedup": 2, "round_to": 8}]
+    return (r50[:2] + tp) if quick else (r50 + tp + vit + llama)
 
 
-def build(name: str, size: int) -> tuple[torch.nn.Module, torch.Tensor]:
+def build(name: str, size: int) -> tuple[torch.nn.Module, torch.Tensor, InputSpec]:
     torch.manual_seed(0)
+    if name == "llama":
+        import transformers as T
+
+        config = T.LlamaConfig(vocab_size=8000, hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
+                               num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=256,
+                               use_cache=False)
+        x = torch.randint(0, config.vocab_size, (1, 128))
+        return T.LlamaForCausalLM(config).eval(), x, InputSpec(tuple(x.shape), torch.int64, "input_ids")
+    x = torch.randn(1, 3, size, size)
     if name == "vit_b_16":
-        return torchvision.models.vit_b_16(image_size=size).eval(), torch.randn(1, 3, size, size)
-    return getattr(torchvision.models, name)().eval(), torch.randn(1, 3, size, size)
+        return torchvision.models.vit_b_16(image_size=size).eval(), x, InputSpec(tuple(x.shape))
+    return getattr(torchvision.models, name)().eval(), x, InputSpec(tuple(x.shape))
 
 
-def prune_ours(model, x, speedup: float, round_to: int):
-    settings = Settings(method="l1", speedup=speedup, round_to=round_to, compensate=False)
-    prog, _ = compile_model(model, settings, inputs=[InputSpec(tuple(x.shape))])
+def prune_ours(model, spec: InputSpec, speedup: float, round_to: int, stream: bool):
+    settings = Settings(method="l1", speedup=speedup, round_to=round_to, compensate=False, prune_normalized=stream)
+    prog, _ = compile_model(model, settings, inputs=[spec], formats=())
     return prog.reference, prog.gm, prog.info["method_settings"]["ratio_used"]
 
 
@@ -69,16 +85,17 @@ def prune_tp(model, x, ratio: float):
 
 
 def run_case(case: dict, size: int, settings: LatencySettings, ratios: dict) -> dict:
-    model, x = build(case["model"], size)
+    model, x, spec = build(case["model"], size)
     t0 = time.perf_counter()
     if case["pruner"] == "pcompiler":
-        original, slim, ratio = prune_ours(model, x, case["speedup"], case["round_to"])
+        original, slim, ratio = prune_ours(model, spec, case["speedup"], case["round_to"], case.get("stream", False))
         ratios[(case["model"], case["speedup"])] = ratio
     else:  # Torch-Pruning at the ratio our search found for the same target
         ratio = ratios[(case["model"], case["speedup"])]
         original, slim = prune_tp(model, x, ratio)
     prune_s = time.perf_counter() - t0
-    label = f"{case['model']} {case['pruner']} {case['speedup']}x round_to={case['round_to']}"
+    label = f"{case['model']} {case['pruner']} {case['speedup']}x round_to={case['round_to']}" + (
+        " stream" if case.get("stream") else "")
     print(f"{label}: ratio {ratio:.3f}, pruned in {prune_s:.1f} s; timing", flush=True)
     result = bench({"original": original, "slim": slim}, (x,), settings)
     for row in result["latency"]:
@@ -110,10 +127,12 @@ def markdown(results: list[dict], env: dict, settings: LatencySettings) -> str:
     for r in results:
         for row in r["latency"]:
             if "error" in row:
-                rows.append([r["model"], r["pruner"], r["round_to"], f"{r['ratio']:.3f}", "-", row["backend"],
+                rows.append([r["model"] + (" (stream)" if r.get("stream") else ""), r["pruner"], r["round_to"],
+                         f"{r['ratio']:.3f}", "-", row["backend"],
                              row["batch"], "-", "-", "-", f"failed: {row['error']}"])
                 continue
-            rows.append([r["model"], r["pruner"], r["round_to"] or "-", f"{r['ratio']:.3f}",
+            rows.append([r["model"] + (" (stream)" if r.get("stream") else ""), r["pruner"], r["round_to"] or "-",
+                         f"{r['ratio']:.3f}",
                          f"{row['flops_reduction']:.2f}x", row["backend"], row["batch"],
                          f"{seconds_text(row['original']['p50'])} / {seconds_text(row['original']['p90'])}",
                          f"{seconds_text(row['slim']['p50'])} / {seconds_text(row['slim']['p90'])}",
@@ -139,7 +158,8 @@ def plot(results: list[dict], path: Path) -> None:
             if not rows:
                 continue
             red = rows[0]["flops_reduction"]
-            name = f"{r['model']}\n{red:.1f}x, {'TP' if r['pruner'] == 'torch-pruning' else 'ours'}" + (
+            name = f"{r['model']}{' stream' if r.get('stream') else ''}\n{red:.1f}x, " \
+                f"{'TP' if r['pruner'] == 'torch-pruning' else 'ours'}" + (
                 f" r{r['round_to']}" if r["round_to"] else "")
             labels.append(name)
             for row in rows:
@@ -162,7 +182,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--backends", help="comma-separated (default: every backend this machine has)")
     ap.add_argument("--threads", type=int)
-    ap.add_argument("--vit-batches", default="1,8", help="batch sizes for vit_b_16 (64 takes minutes per call on 2 cores)")
+    ap.add_argument("--vit-batches", default="1,8",
+                    help="batch sizes for vit_b_16 and the decoder (64 takes minutes per call on 2 cores)")
+    ap.add_argument("--models", help="comma-separated: run only these models' cases, keep the others' results")
     ap.add_argument("--out", type=Path, help="folder for bench_latency.{json,md,png} (default: docs/)")
     args = ap.parse_args()
     _common.set_threads(args.threads)
@@ -172,10 +194,16 @@ def main() -> None:
     base = dict(backends=backends, threads=args.threads, warmup=1 if args.quick else 2,
                 min_reps=2 if args.quick else 5, min_seconds=0.0 if args.quick else 2.0)
     results, ratios = [], {}
+    cases = case_list(args.quick)
+    if args.models:
+        chosen = args.models.split(",")
+        cases = [c for c in cases if c["model"] in chosen]
+        old = out / "bench_latency.json"
+        results = [r for r in json.loads(old.read_text())["results"] if r["model"] not in chosen] if old.exists() else []
     env = _common.environment()
-    for case in case_list(args.quick):
+    for case in cases:
         batches = (1, 8) if args.quick else (
-            tuple(int(b) for b in args.vit_batches.split(",")) if case["model"] == "vit_b_16" else (1, 8, 64))
+            tuple(int(b) for b in args.vit_batches.split(",")) if case["model"] in ("vit_b_16", "llama") else (1, 8, 64))
         results.append(run_case(case, size, LatencySettings(batch_sizes=batches, **base), ratios))
         _common.write_json(out / "bench_latency.json", {"environment": env, "results": results})
     settings = LatencySettings(**base)
