@@ -5,13 +5,16 @@ place its heads cannot shrink. Each call whose attention weights are unused is r
 
     q = q_proj(query); k = k_proj(key); v = v_proj(value)          # nn.Linear, weights copied
     q = q.view(B, L, heads, head_dim).transpose(1, 2)   (k, v likewise)
-    o = F.scaled_dot_product_attention(q, k, v, is_causal=...)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mha_mask(...), is_causal=...)
     out = out_proj(o.transpose(1, 2).reshape(B, L, heads * head_dim))
 
 held by a plain nn.Module at the same name (children q_proj, k_proj, v_proj, out_proj), so
-the graph stays made of standard modules. Calls that need what this does not model (returned
-attention weights, masks, bias_k/bias_v, add_zero_attn) are left as they are; the analysis then pins them. The trace pass runs this before it checks that
-the graph reproduces the model, so the lowering is checked too.
+the graph stays made of standard modules. Masks (attn_mask, key_padding_mask) become one
+additive mask as MHA combines them (`rules.attention.mha_mask`). Calls that need what this does
+not model are left as they are and pinned with the reason (`rules.layers.multihead_attention`):
+returned attention weights (an average over heads, which removing a head changes), bias_k/bias_v,
+add_zero_attn. The trace pass runs this before it checks that the graph reproduces the model,
+so the lowering is checked too.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+
+from pcompiler.ir import MHA_KEPT_KEY
+from pcompiler.passes.rules.attention import mha_mask
 
 log = logging.getLogger("pcompiler")
 
@@ -61,14 +67,23 @@ def _call_args(node: fx.Node) -> dict:
 
 def _why_not(m: nn.MultiheadAttention, node: fx.Node, args: dict) -> str | None:
     if m.bias_k is not None or m.add_zero_attn:
-        return "bias_k/bias_v or add_zero_attn"
-    if args.get("key_padding_mask") is not None or args.get("attn_mask") is not None:
-        return "a mask (MHA's boolean masks mean the opposite of sdpa's)"
+        return "it has bias_k/bias_v or add_zero_attn, which the lowering to projections and sdpa does not model"
     if any(u.op != "call_function" or u.target is not operator.getitem for u in node.users):
-        return "its output tuple is used as a whole"
+        return "its output tuple is used as a whole; take [0] (with need_weights=False) to let its heads go"
     if any(u.args[1] != 0 and u.users for u in node.users):
-        return "the attention weights are used"
+        return ("its attention weights are used (averaged over heads, which removing a head changes); "
+                "need_weights=False lets its heads go")
     return None
+
+
+def _mask_kwargs(g: fx.Graph, m: nn.MultiheadAttention, args: dict, q: fx.Node) -> dict:
+    """sdpa's attn_mask / is_causal for MHA's masks: is_causal alone when MHA would use it so
+    (a causal hint and no key padding mask), else the masks combined (`mha_mask`)."""
+    attn_mask, padding, causal = args.get("attn_mask"), args.get("key_padding_mask"), bool(args.get("is_causal", False))
+    if (attn_mask is None and padding is None) or (causal and padding is None):
+        return {"is_causal": causal}
+    batch = g.call_method("size", (q, 0))
+    return {"attn_mask": g.call_function(mha_mask, (attn_mask, padding, batch, m.num_heads, m.out_proj.weight.dtype))}
 
 
 def decompose_multihead_attention(gm: fx.GraphModule) -> list[str]:
@@ -82,6 +97,7 @@ def decompose_multihead_attention(gm: fx.GraphModule) -> list[str]:
         why = _why_not(m, node, args)
         if why is not None:
             log.info("keeping %s as nn.MultiheadAttention: %s", node.target, why)
+            node.meta[MHA_KEPT_KEY] = why
             continue
         holder = _split_projections(m)
         gm.add_submodule(node.target, holder)
@@ -96,7 +112,7 @@ def decompose_multihead_attention(gm: fx.GraphModule) -> list[str]:
                 b, n = g.call_method("size", (y, 0)), g.call_method("size", (y, 1))
                 y = g.call_method("view", (y, b, n, heads, head_dim))
                 proj.append(g.call_method("transpose", (y, 1, 2)))
-            o = g.call_function(F.scaled_dot_product_attention, tuple(proj), {"is_causal": bool(args.get("is_causal", False))})
+            o = g.call_function(F.scaled_dot_product_attention, tuple(proj), _mask_kwargs(g, m, args, proj[0]))
             o = g.call_method("transpose", (o, 1, 2))
             b, n = g.call_method("size", (o, 0)), g.call_method("size", (o, 1))
             o = g.call_method("reshape", (o, b, n, heads * head_dim))

@@ -28,6 +28,7 @@ INT_KEY = "pcompiler.int"  # the value of nodes that compute a Python int (sizes
 # Set by a slim rewrite on a node whose value it changes on purpose (a mean over kept channels,
 # which the next node scales back): verify compares the node that restores it instead.
 RESCALED_KEY = "pcompiler.rescaled"
+MHA_KEPT_KEY = "pcompiler.mha_kept"  # node.meta: why an nn.MultiheadAttention call stays whole (decompose)
 
 ValuePath = tuple[int, ...]
 

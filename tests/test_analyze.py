@@ -346,6 +346,46 @@ def test_unfold_into_patches_carries_channels_through_the_outer_dims(frontend):
     assert "reshape at 'reshape' regroups [4, 6] into [6, 4]" in g.pinned, g.pinned
 
 
+class MaskedMHA(nn.Module):
+    """nn.MultiheadAttention with a causal (L, S) or per-head mask and a key padding mask."""
+
+    def __init__(self, per_head: bool = False, weights: bool = False):
+        super().__init__()
+        self.inp, self.attn = nn.Linear(16, 16), nn.MultiheadAttention(16, 4, batch_first=True)
+        self.o, self.weights = nn.Linear(16, 2), weights
+        causal = torch.triu(torch.full((5, 5), float("-inf")), 1)
+        self.register_buffer("mask", causal.repeat(2 * 4, 1, 1) if per_head else causal)
+
+    def forward(self, x, pad):
+        x = self.inp(x)
+        out, w = self.attn(x, x, x, key_padding_mask=pad, attn_mask=self.mask)
+        return (self.o(out), w) if self.weights else self.o(out)
+
+
+def test_multihead_attention_with_masks_loses_whole_heads():
+    x, pad = torch.randn(2, 5, 16), torch.zeros(2, 5, dtype=torch.bool)
+    pad[1, 3:] = True  # the second sequence's last two keys are padding
+    prog = analyze(MaskedMHA(), x, pad)
+    assert not any(isinstance(m, nn.MultiheadAttention) for m in prog.gm.modules())  # lowered, masks and all
+    g = group_with(prog, "attn.q_proj.weight", 0)
+    assert g.prunable and g.size == 4 and index_of(g, "attn.q_proj.weight", 0).shape == (4, 4)
+    prog = pcompiler.run(prog, [make_pass("l1", ratio=0.5), make_pass("slim"), make_pass("verify")])
+    assert prog.info["verify"]["ok"] and prog.info["verify"]["max_relative_error"] < 1e-5
+    assert (prog.gm.attn.q_proj.out_features, prog.gm.attn.out_proj.in_features) == (8, 8)
+
+
+@pytest.mark.parametrize("kind, reason", [
+    ("per_head", "a per-head attention mask (batch x heads, L, S) from the caller fixes the head count"),
+    ("weights", "nn.MultiheadAttention ties its inner width to embed_dim and stays whole: its attention weights "
+                "are used (averaged over heads, which removing a head changes); need_weights=False lets its heads go"),
+])
+def test_multihead_attention_that_cannot_lose_heads_says_why(kind, reason):
+    x, pad = torch.randn(2, 5, 16), torch.zeros(2, 5, dtype=torch.bool)
+    prog = analyze(MaskedMHA(per_head=kind == "per_head", weights=kind == "weights"), x, pad)
+    g = group_with(prog, "attn.q_proj.weight" if kind == "per_head" else "inp.weight", 0)
+    assert not g.prunable and any(r.startswith(reason) for r in g.pinned), g.pinned
+
+
 class Attention(nn.Module):
     def __init__(self, dim=16, heads=2):
         super().__init__()

@@ -7,6 +7,8 @@ pins the old scale so the result stays the same. Attention keys are softmaxed ov
 key/value sequence dim is pinned. The batch dim next to the two matrix dims of attention (q, k,
 v of sdpa; 4-d matmuls) holds the heads: marked so that head splits carry whole heads. sdpa's
 grouped-query form (`enable_gqa`) maps query head i to key/value head i // (Hq / Hkv).
+`mha_mask` is nn.MultiheadAttention's masks as one sdpa mask (decompose.py lowers MHA with it);
+a per-head mask from the caller fixes the head count.
 """
 
 from __future__ import annotations
@@ -101,6 +103,30 @@ def sdpa(node: fx.Node, ctx: RuleContext) -> None:
         ctx.same(ctx.ref(mask, -1), ctx.ref(k, -2))
         for d in range(3, tm.ndim + 1):
             ctx.same(ctx.ref(mask, -d), ctx.ref(node, -d))
+
+
+def mha_mask(attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | None, batch: int, heads: int,
+             dtype: torch.dtype) -> torch.Tensor:
+    """nn.MultiheadAttention's masks as one additive mask for sdpa over (batch, heads, L, S), as
+    MHA itself combines them: a boolean True means "not attended" (-inf), a float mask adds.
+    attn_mask is (L, S) or (batch * heads, L, S); key_padding_mask (batch, S)."""
+    def additive(m: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(m, dtype=dtype).masked_fill(m, float("-inf")) if m.dtype == torch.bool else m.to(dtype)
+
+    out = torch.zeros((), dtype=dtype)
+    if attn_mask is not None:
+        m = additive(attn_mask)
+        out = out + (m.view(batch, heads, *m.shape[-2:]) if m.dim() == 3 else m)
+    if key_padding_mask is not None:
+        out = out + additive(key_padding_mask).view(batch, 1, 1, -1)
+    return out
+
+
+@rule(mha_mask)
+def mha_mask_rule(node: fx.Node, ctx: RuleContext) -> None:
+    if ctx.info(node).ndim == 4 and ctx.info(node).shape[1] > 1:
+        ctx.pin(ctx.ref(node, 1), "a per-head attention mask (batch x heads, L, S) from the caller fixes the head "
+                "count; a 2-d (L, S) mask lets heads go")
 
 
 @rewriter(F.scaled_dot_product_attention, *aten_ops("scaled_dot_product_attention"))

@@ -25,7 +25,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pcompiler.ir import DimRef, Role, node_value, op_name, tensor_of
+from pcompiler.ir import MHA_KEPT_KEY, DimRef, Role, node_value, op_name, tensor_of
 from pcompiler.passes.rules.base import (
     RewriteContext,
     RuleContext,
@@ -456,7 +456,8 @@ def embedding_aten(node: fx.Node, ctx: RuleContext) -> None:
 
 @rule(nn.MultiheadAttention)
 def multihead_attention(node: fx.Node, ctx: RuleContext) -> None:
-    ctx.pin_node(node, "nn.MultiheadAttention ties its inner width to embed_dim, so its channels stay")
+    why = node.meta.get(MHA_KEPT_KEY, "it was not lowered to projections and sdpa")
+    ctx.pin_node(node, f"nn.MultiheadAttention ties its inner width to embed_dim and stays whole: {why}")
 
 
 @rule(nn.PReLU)
