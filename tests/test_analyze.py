@@ -346,6 +346,43 @@ def test_unfold_into_patches_carries_channels_through_the_outer_dims(frontend):
     assert "reshape at 'reshape' regroups [4, 6] into [6, 4]" in g.pinned, g.pinned
 
 
+class BiasedAttention(nn.Module):
+    """Swin's window attention: a per-head relative position bias gathered from a table by an
+    index buffer, and a mask broadcast over the heads, added to the logits before the softmax."""
+
+    def __init__(self, dim=16, heads=4, n=5, leak=False):
+        super().__init__()
+        self.heads, self.qkv, self.o, self.leak = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim), leak
+        self.table = nn.Parameter(torch.randn(2 * n - 1, heads))
+        self.register_buffer("index", (torch.arange(n)[:, None] - torch.arange(n)[None, :] + n - 1).flatten())
+        self.register_buffer("mask", torch.triu(torch.full((n, n), -100.0), 1))
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        bias = self.table[self.index].view(n, n, -1).permute(2, 0, 1)
+        p = (q @ k.transpose(-2, -1) + bias + self.mask).softmax(-1)
+        out = p @ v + (p.amax(-1, keepdim=True) if self.leak else 0.0)  # leak: p reaches past v
+        return self.o(out.transpose(1, 2).reshape(b, n, c))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_heads_go_with_their_gathered_bias_under_a_mask(frontend):
+    """A removed head's logits are its bias plus the mask, not zero; its softmax multiplies its
+    zero values, so the head still goes (the bias table's column with it)."""
+    model, x = BiasedAttention(), torch.randn(2, 5, 16)
+    prog = pcompiler.run(pcompiler.trace(model, (x,), frontend=frontend), [make_pass("analyze")])
+    g = group_with(prog, "qkv.weight", 0)
+    assert g.prunable and g.size == 4 and ("table", 1, T) in members(g)
+    prog = pcompiler.run(prog, [make_pass("l1", ratio=0.5), make_pass("slim"), make_pass("verify")])
+    assert prog.info["verify"]["ok"] and prog.info["verify"]["max_relative_error"] < 1e-5
+    assert prog.gm.get_parameter("table").shape == (9, 2) and prog.gm.get_submodule("qkv").out_features == 24
+    # Where the probabilities also reach something other than the values, the heads stay.
+    g = group_with(pcompiler.run(pcompiler.trace(BiasedAttention(leak=True), (x,), frontend=frontend),
+                                 [make_pass("analyze")]), "qkv.weight", 0)
+    assert not g.prunable and any("not zeroed with it" in r for r in g.pinned), g.pinned
+
+
 class MaskedMHA(nn.Module):
     """nn.MultiheadAttention with a causal (L, S) or per-head mask and a key padding mask."""
 

@@ -154,21 +154,39 @@ def at_zero(node: fx.Node, zeroed: fx.Node | Collection[fx.Node], gm: fx.GraphMo
 
 
 _MULTIPLY = ("mul", "mul_", "imul")  # operator.mul, torch.mul, Tensor.mul, aten.mul.Tensor, ... by op_name
+_PRODUCTS = ("matmul", "bmm")  # attention's p @ v: a finite p times a zero v is zero
+# On the way to such a product: reshapes, a further added mask, dropout, the softmax over keys
+# (finite values, each row its own).
+_PASS_THROUGH = ("view", "reshape", "_unsafe_view", "permute", "transpose", "contiguous", "clone", "softmax",
+                 "_softmax", "add", "add_", "dropout")
 
 
-def gates_only(node: fx.Node, gm: fx.GraphModule) -> bool:
+def gates_only(node: fx.Node, gm: fx.GraphModule, seen: set[fx.Node] | None = None) -> bool:
     """Whether every user of `node` multiplies it with another tensor that is zero where the
-    channel is removed (a gate: x * sigmoid(...)), so a finite f(0) never reaches further.
-    The other factor must not itself be an element-wise op with f(0) != 0 (verify checks the rest)."""
-    if not node.users:
-        return False
+    channel is removed, so a finite f(0) never reaches further: a gate (x * sigmoid(...)), or
+    attention's p @ v reached through reshapes, added masks, dropout and the softmax (a removed
+    head's logits plus a bias or mask give some distribution over the keys, which multiplies
+    that head's zero values). The other factor must not itself be an element-wise op with
+    f(0) != 0 (verify checks the rest)."""
+    seen = set() if seen is None else seen
+    if not node.users or node in seen:
+        return bool(node.users)
+    seen.add(node)
     for user in node.users:
-        if user.op == "call_module" or op_name(user.target) not in _MULTIPLY:
-            return False
-        others = [a for a in user.all_input_nodes if a is not node and tensor_at(a) is not None]
-        if not others or any(_carries_constant(a, gm) for a in others):
+        kind = _kind(user, gm)
+        if kind in _MULTIPLY or kind in _PRODUCTS:
+            others = [a for a in user.all_input_nodes if a is not node and tensor_at(a) is not None]
+            if not others or any(_carries_constant(a, gm) for a in others):
+                return False
+        elif kind not in _PASS_THROUGH or not gates_only(user, gm, seen):
             return False
     return True
+
+
+def _kind(node: fx.Node, gm: fx.GraphModule) -> str | None:
+    if node.op == "call_module":
+        return "dropout" if isinstance(gm.get_submodule(node.target), (torch.nn.Dropout, torch.nn.Identity)) else None
+    return op_name(node.target) if node.op in ("call_function", "call_method") else None
 
 
 def _carries_constant(value: fx.Node, gm: fx.GraphModule) -> bool:

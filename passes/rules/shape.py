@@ -1,5 +1,6 @@
 """Rules for ops that move channels between dims: reshape/view/flatten/unflatten/squeeze,
-permute/transpose, cat/stack, split/chunk/unbind, indexing, expand/repeat, roll/flip.
+permute/transpose, cat/stack, split/chunk/unbind, indexing (slices, constants, one integer index
+tensor), expand/repeat, roll/flip.
 
 Reshapes are read from the recorded shapes, not the arguments: input and output dims are
 grouped into the smallest blocks with equal products. A 1:1 block is the same channels; a 1:n
@@ -291,7 +292,12 @@ def getitem(node: fx.Node, ctx: RuleContext) -> None:
                 ctx.same(ctx.ref(x, d, (idx, *path)), ctx.ref(node, d, path))
         return
     tx = ctx.info(x)
-    for in_d, out_d, item in _index_items(idx, tx.ndim):
+    items = _index_items(idx, tx.ndim)
+    tensors = [(d, it) for d, _, it in items if isinstance(it, fx.Node) and ctx.info(it) is not None]
+    if len(tensors) == 1 and all(it == slice(None) for _, _, it in items if it is not tensors[0][1]):
+        _gather(ctx, node, x, *tensors[0])
+        return
+    for in_d, out_d, item in items:
         if item is None:
             continue
         if isinstance(item, int):
@@ -300,6 +306,32 @@ def getitem(node: fx.Node, ctx: RuleContext) -> None:
             _link_slice(ctx, x, in_d, node, out_d, item)
         else:
             raise RuleError(f"index item {item!r} (a tensor or a computed index)")
+
+
+def _gather(ctx: RuleContext, node: fx.Node, x: fx.Node, dim: int, index: fx.Node) -> None:
+    """x[..., index, ...]: one integer index tensor at `dim` (Swin's relative position bias,
+    `table[index]`). The other dims of x pass; the gathered dim, and the output dims the index
+    puts in its place, are positions picked by value: pinned."""
+    tx, ti = ctx.info(x), ctx.info(index)
+    if ti.dtype in (torch.bool, torch.uint8):
+        raise RuleError("indexed by a mask (the output size depends on the values)")
+    why = "gathered by an index tensor (positions picked by value)"
+    ctx.pin(ctx.ref(x, dim), why)
+    for j in range(ti.ndim):
+        ctx.pin(ctx.ref(node, dim + j), why)
+    for d in range(tx.ndim):
+        if d != dim:
+            ctx.same(ctx.ref(x, d), ctx.ref(node, d if d < dim else d - 1 + ti.ndim))
+
+
+@rule(torch.ops.aten.index.Tensor, torch.ops.aten.index.Tensor_hacked_twin)
+def index_tensor(node: fx.Node, ctx: RuleContext) -> None:
+    """aten.index.Tensor(x, [None, ..., index, None, ...]): one index tensor, the rest whole."""
+    x, indices = node.args[0], node.args[1]
+    given = [(d, i) for d, i in enumerate(indices) if i is not None]
+    if len(given) != 1:
+        raise RuleError(f"indexed by {len(given)} tensors at once")
+    _gather(ctx, node, x, *given[0])
 
 
 def _link_slice(ctx: RuleContext, x: fx.Node, in_d: int, node: fx.Node, out_d: int, item: slice) -> None:
