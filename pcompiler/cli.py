@@ -359,6 +359,9 @@ def _groups_table(prog) -> Table:
         names = list(g.modules)
         members = ", ".join(names[:4]) + (f" (+{len(names) - 4} more)" if len(names) > 4 else "")
         status = "[green]prunable[/]" if g.prunable else escape("; ".join(g.pinned) or "no producer to remove")
+        if g.prunable and g.approximate:
+            norms = ", ".join(g.approximate[:2]) + (f" (+{len(g.approximate) - 2} more)" if len(g.approximate) > 2 else "")
+            status = f"[yellow]prunable, approximately[/] ({escape(norms)})"
         table.add_row(str(g.id), str(g.size), escape(members), status)
     return table
 

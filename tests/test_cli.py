@@ -156,6 +156,7 @@ def test_prune_normalized_prunes_under_layernorms_and_reports_the_deviation(tmp_
     assert "4 channel groups (1 prunable)" in result.stdout and "--prune-normalized" in result.stdout
     result = invoke(tmp_path / "ln.pt", "--analyze", "--input-shape", "4,6", "--prune-normalized")
     assert "4 channel groups (3 prunable)" in result.stdout
+    assert "prunable, approximately (LayerNorm '1')" in result.stdout
     out = tmp_path / "out"
     result = invoke(tmp_path / "ln.pt", "--method", "l1", "--ratio", "0.5", "--input-shape", "4,6", "--prune-normalized",
                     "--formats", "pt2,onnx", "-o", out)
