@@ -365,6 +365,9 @@ def _build_groups(state: _State, labels: np.ndarray) -> tuple[ChannelGroup, ...]
     cut = np.nonzero((np.diff(g_e) != 0) | (np.diff(sp_e) != 0))[0] + 1
     starts, ends = np.r_[0, cut], np.r_[cut, len(g_e)]
 
+    heads = np.zeros(len(uniq), dtype=bool)  # groups whose channels are attention heads
+    marked = comps[_component_flags(state, labels, state.heads)[comps]] if state.heads else comps[:0]
+    heads[group_of_comp[marked]] = True
     group_reasons = _per_group(group_of_comp, pin_l, pin_r, reasons)
     group_approx = _per_group(group_of_comp, *_reasons_per_label(state, labels, interesting, state.approx))
 
@@ -390,6 +393,7 @@ def _build_groups(state: _State, labels: np.ndarray) -> tuple[ChannelGroup, ...]
             spaces=tuple(spaces[g]),
             pinned=tuple(sorted(group_reasons.get(g, ()))),
             approximate=tuple(sorted(group_approx.get(g, ()))),
+            heads=bool(heads[g]),
         )
         for g in range(len(uniq))
     )

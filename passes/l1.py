@@ -2,8 +2,10 @@
 
 The L1 score of channel c (METHODS.md): the mean over the group's conv/linear producers p of
 mean(|W_p[c]|), the mean absolute value of the filter. Groups whose only producers are vectors
-(norm scales, biases, embeddings added to a stream) fall back to those. `l1_scores` is shared
-with the regularization methods, which rank by the same score.
+(norm scales, biases, embeddings added to a stream) fall back to those. A group of whole
+attention heads also counts its consumers' slices, the output projection's columns of each head
+(a head's q, k, v rows alone miss how much it adds downstream). `l1_scores` is shared with the
+regularization methods, which rank by the same score.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from pcompiler.ir import ChannelGroup, ParamSlice, Program, tensor_of
+from pcompiler.ir import ChannelGroup, ParamSlice, Program, Role, tensor_of
 from pcompiler.passes.select import MethodPass
 from pcompiler.passmanager import register_pass
 
@@ -29,6 +31,8 @@ def slice_magnitude(w: torch.Tensor, p: ParamSlice) -> np.ndarray:
 def group_l1(gm: fx.GraphModule, group: ChannelGroup) -> np.ndarray:
     producers = group.producers
     filters = [p for p in producers if tensor_of(gm, p.param).ndim >= 2]
+    if group.heads:  # a head's q, k, v rows and its output projection's columns (what it adds downstream)
+        filters += [p for p in group.params if p.role == Role.CONSUME and tensor_of(gm, p.param).ndim >= 2]
     use = filters or list(producers)
     return np.mean([slice_magnitude(tensor_of(gm, p.param), p) for p in use], axis=0)
 

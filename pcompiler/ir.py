@@ -195,6 +195,7 @@ class ChannelGroup:
     spaces: tuple[SpaceSlice, ...]
     pinned: tuple[str, ...] = ()
     approximate: tuple[str, ...] = ()
+    heads: bool = False  # its channels are whole attention heads (`block` positions wide)
 
     @property
     def prunable(self) -> bool:

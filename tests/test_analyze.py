@@ -438,7 +438,7 @@ def test_attention_shrinks_by_whole_heads():
     """The default: a channel is a head, spanning its width in q, k, v and the output projection."""
     x = torch.randn(2, 5, 16)
     g = group_with(analyze(Attention(heads=4), x), "qkv.weight", 0)
-    assert g.prunable and g.size == 4
+    assert g.prunable and g.size == 4 and g.heads
     assert members(g) == {("qkv.weight", 0, P), ("qkv.bias", 0, P), ("o.weight", 1, C)}
     assert index_of(g, "qkv.weight", 0).shape == (4, 12) and index_of(g, "o.weight", 1).shape == (4, 4)
     # Head 1 is rows 4-7 of q, 20-23 of k, 36-39 of v; columns 4-7 of o.

@@ -94,6 +94,22 @@ def test_l1_removes_the_lowest_l1_filters():
     assert torch.equal(prog.gm.h.bias, before["h.bias"])
 
 
+def test_l1_score_of_a_head_counts_its_output_projection():
+    """A head is scored over its q, k, v rows and its columns of the output projection: a head
+    with the largest q, k, v but no output weight is the least important."""
+    from test_analyze import Attention
+
+    model, x = Attention(dim=16, heads=4), torch.randn(2, 5, 16)
+    with torch.no_grad():
+        model.qkv.weight.fill_(0.1)
+        model.qkv.weight[[*range(0, 4), *range(16, 20), *range(32, 36)]] = 0.15  # head 0's q, k, v rows
+        model.o.weight.fill_(0.1)
+        model.o.weight[:, 0:4] = 0.0  # ... and nothing of it reaches the output
+    prog = prune(model, x, ratio=0.25)
+    assert prog.analysis.groups[next(iter(prog.selection))].heads
+    assert list(prog.selection.values()) == [(0,)]  # q, k, v alone would keep head 0 and drop head 2
+
+
 def test_l1_score_averages_the_producers_of_a_group():
     class TwoProducers(nn.Module):
         def __init__(self):
