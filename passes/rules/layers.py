@@ -361,15 +361,15 @@ def last_dims_norm_functional_rewrite(node: fx.Node, ctx: RewriteContext) -> Non
 
 
 def kept_layer_norm(x: torch.Tensor, keep: tuple[int, ...], k: int, weight: torch.Tensor | None,
-                    bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+                    bias: torch.Tensor | None, eps: float, rescale: bool = True) -> torch.Tensor:
     """LayerNorm of x's last k dims over the flat positions `keep` only, rescaled as the slim one
-    is (`_norm_rescale`: weight x sqrt(D/D'), eps x D/D'); the other positions 0 (the removed
-    channels' scale and shift are zero in the reference)."""
+    is where it is (`_norm_rescale`: weight x sqrt(D/D'), eps x D/D'); the other positions 0
+    (the removed channels' scale and shift are zero in the reference)."""
     idx = torch.as_tensor(keep, device=x.device)
     flat = x.flatten(-k) if k > 1 else x
     w, b = (None if t is None else t.flatten().index_select(0, idx) for t in (weight, bias))
     ratio = flat.shape[-1] / len(keep)
-    if w is not None:
+    if w is not None and rescale:
         w, eps = w * ratio ** 0.5, eps * ratio
     y = F.layer_norm(flat.index_select(-1, idx), (len(keep),), w, b, eps)
     return torch.zeros_like(flat).index_copy(-1, idx, y).view(x.shape)
@@ -409,7 +409,9 @@ def normalize_over_kept(gm: fx.GraphModule, removed: Callable[[DimRef], np.ndarr
             owner = gm.get_submodule(parent) if parent else gm
             setattr(owner, attr, _KeptLayerNorm(gm.get_submodule(node.target), keep))
         else:
-            args = (arg(node, 0, "input"), keep, k, arg(node, 2, "weight"), arg(node, 3, "bias"), arg(node, 4, "eps", 1e-5))
+            w = arg(node, 2, "weight")
+            rescale = isinstance(w, fx.Node) and w.op == "get_attr"  # as the rewrite rescales
+            args = (arg(node, 0, "input"), keep, k, w, arg(node, 3, "bias"), arg(node, 4, "eps", 1e-5), rescale)
             node.target, node.args, node.kwargs = kept_layer_norm, args, {}
         changed.append(_user_name(node))
     gm.recompile()
