@@ -14,8 +14,9 @@ RMSNorm must be over the stream and scale with its weight: not Qwen3, Gemma), an
 `head_dim`, which those models' attention reads instead of hidden_size / heads
 (targets/hf.py). The same models hold their head counts: whole key/value heads go, each with
 its query heads, so num_key_value_heads and num_attention_heads shrink together and the
-grouped-query structure stays. LayerNorm'd streams (BERT, GPT-2, ViT) are pinned by the analysis
-and stay, and so do their heads (their head size is hidden_size / heads).
+grouped-query structure stays. LayerNorm'd streams (BERT, GPT-2, ViT) stay in the folder, and so
+do their heads (their head size is hidden_size / heads): the analysis pins such a stream, and
+with --prune-normalized the hf_widths pass does, since no field here holds it.
 """
 
 from __future__ import annotations
