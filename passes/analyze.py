@@ -366,8 +366,7 @@ def _build_groups(state: _State, labels: np.ndarray) -> tuple[ChannelGroup, ...]
     starts, ends = np.r_[0, cut], np.r_[cut, len(g_e)]
 
     heads = np.zeros(len(uniq), dtype=bool)  # groups whose channels are attention heads
-    marked = comps[_component_flags(state, labels, state.heads)[comps]] if state.heads else comps[:0]
-    heads[group_of_comp[marked]] = True
+    heads[group_of_comp[comps[_component_flags(state, labels, state.heads)[comps]]]] = True
     group_reasons = _per_group(group_of_comp, pin_l, pin_r, reasons)
     group_approx = _per_group(group_of_comp, *_reasons_per_label(state, labels, interesting, state.approx))
 

@@ -4,9 +4,10 @@ A `save_pretrained` folder rebuilds the model from its config, so every pruned w
 config field with one value for all layers (pcompiler/hf.py, `width_fields`: the feed-forward
 widths; hidden_size and the head counts of RMSNorm'd models). This pass pins every prunable
 group whose width is none of those fields (`field_of`), with the reason, so the method never
-selects it, and records the field of each other group for the folder target. The same count per layer then follows from layer-wise
-selection (the default), which removes the same number from groups of the same size; the folder
-target checks the widths and the outputs, and says so where a run could not keep to them.
+selects it, and records the field of each other group for the folder target. The same count
+per layer then follows from layer-wise selection (the default), which removes the same number
+from groups of the same size; the folder target checks the widths and the outputs, and says so
+where a run could not keep to them.
 """
 
 from __future__ import annotations

@@ -76,7 +76,6 @@ def _round_kept(n: int, remove: int, opts: SelectOptions, block: int = 1) -> int
     return max(0, n - kept)
 
 
-
 def select(analysis: Analysis, scores: dict[int, np.ndarray], opts: SelectOptions, ratio: float | None = None) -> Selection:
     """Channels to remove per group (indices within the group, sorted)."""
     opts.check()

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -349,6 +349,11 @@ def _bench_settings(batches: str, backends: str | None, **more: Any):
 # Output and parsing
 
 
+def _first(names: Sequence[str], k: int) -> str:
+    """The first k names, and how many more: 'a, b (+3 more)'."""
+    return ", ".join(names[:k]) + (f" (+{len(names) - k} more)" if len(names) > k else "")
+
+
 def _groups_table(prog) -> Table:
     table = Table(title=f"{len(prog.analysis.groups)} channel groups ({len(prog.analysis.prunable)} prunable)")
     table.add_column("id", justify="right")
@@ -356,12 +361,10 @@ def _groups_table(prog) -> Table:
     table.add_column("members")
     table.add_column("prunable / pinned because")
     for g in prog.analysis.groups:
-        names = list(g.modules)
-        members = ", ".join(names[:4]) + (f" (+{len(names) - 4} more)" if len(names) > 4 else "")
+        members = _first(g.modules, 4)
         status = "[green]prunable[/]" if g.prunable else escape("; ".join(g.pinned) or "no producer to remove")
         if g.prunable and g.approximate:
-            norms = ", ".join(g.approximate[:2]) + (f" (+{len(g.approximate) - 2} more)" if len(g.approximate) > 2 else "")
-            status = f"[yellow]prunable, approximately[/] ({escape(norms)})"
+            status = f"[yellow]prunable, approximately[/] ({escape(_first(g.approximate, 2))})"
         table.add_row(str(g.id), str(g.size), escape(members), status)
     return table
 

@@ -6,8 +6,9 @@ onto each other. It does so with a few calls on `RuleContext`:
 - `same(a, b)`: dimension a and dimension b are the same channels, index for index;
 - `link(a, ia, b, ib)`: element ia[k] of a is element ib[k] of b (concat offsets, blocks, ...);
 - `pin(ref, reason)`: these channels may not be removed, and why;
-- `approximate(ref, reason)`: removing these channels is not exactly zeroing them (a LayerNorm's
-  statistics): pinned, unless the user asked to prune them anyway (`--prune-normalized`);
+- `approximate(ref, reason, where)`: removing these channels is not exactly zeroing them (a
+  LayerNorm's statistics): pinned, unless the user asked to prune them anyway
+  (`--prune-normalized`);
 - `role(ref, Role.X)`: a parameter dimension produces, consumes or rides along with a channel;
 - `choice(...)`: a reshape that splits one dim into several (or merges several into one) can
   carry channels through only one of the sub-dims; the analysis picks which (see analyze.py);

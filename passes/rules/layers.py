@@ -388,7 +388,7 @@ class _KeptLayerNorm(nn.Module):
 def normalize_over_kept(gm: fx.GraphModule, removed: Callable[[DimRef], np.ndarray]) -> list[str]:
     """The reference an approximate LayerNorm removal is exact against: each LayerNorm of `gm`
     (a pre-slim graph) that lost channels (`removed`, per graph dim) normalizes over its kept
-    ones only, as the slim model's does. Returns those norms' names; recompiles `gm`."""
+    ones only, as the slim model's does. Returns those norms' names; recompiles `gm` if any."""
     changed = []
     for node in gm.graph.nodes:
         if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.LayerNorm):
@@ -414,7 +414,8 @@ def normalize_over_kept(gm: fx.GraphModule, removed: Callable[[DimRef], np.ndarr
             args = (arg(node, 0, "input"), keep, k, w, arg(node, 3, "bias"), arg(node, 4, "eps", 1e-5), rescale)
             node.target, node.args, node.kwargs = kept_layer_norm, args, {}
         changed.append(_user_name(node))
-    gm.recompile()
+    if changed:
+        gm.recompile()
     return changed
 
 
