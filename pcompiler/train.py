@@ -54,6 +54,7 @@ from pcompiler.costs import device_of
 from pcompiler.data import DataSource
 from pcompiler.errors import CompileError
 from pcompiler.outdir import atomic_write
+from pcompiler.precision import subnormals_flushed
 
 log = logging.getLogger("pcompiler")
 
@@ -390,56 +391,58 @@ def train(model: nn.Module, data: DataSource, cfg: TrainConfig, hooks: Hooks | N
     try:
         if bar is not None:
             bar.start()
-        for x, y in loader:
-            if step >= cfg.steps or hooks.finished(step):
-                break
-            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-            if data.augment is not None:
-                g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 64 + rank)
-                x = data.augment(x, g)
-            with autocast():
-                out = net(x)
-                loss = F.cross_entropy(out.float(), y)
-                total, kd = loss, None
-                if teacher is not None:
-                    with torch.no_grad():
-                        z_t = teacher(x)
-                    kd = distill_term(out.float(), z_t.float(), cfg.distill.temperature)
-                    total = (1 - cfg.distill.alpha) * loss + cfg.distill.alpha * kd
-                extra = hooks.loss_term(model, step)
-                total = total if extra is None else total + extra
-            opt.zero_grad(set_to_none=True)
-            (scaler.scale(total) if scaler is not None else total).backward()
-            if scaler is not None:
-                scaler.unscale_(opt)
-            hooks.after_backward(model, step)
-            if scaler is not None:
-                scaler.step(opt)
-                scaler.update()
-            else:
-                opt.step()
-            sched.step()
-            step += 1
-            logged = hooks.after_step(model, step)
-            acc = (out.detach().argmax(1) == y).float().mean().item()
-            terms = {"loss": loss.item()} if kd is None else {"loss": loss.item(), "distill": kd.item()}
-            for k, v in {**terms, "acc": acc, **logged}.items():
-                if callable(v):
-                    window[k] = v
+        # The penalties drive weights through float32's subnormals, slow on many CPUs: flushed to 0.
+        with subnormals_flushed(dev):
+            for x, y in loader:
+                if step >= cfg.steps or hooks.finished(step):
+                    break
+                x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+                if data.augment is not None:
+                    g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 64 + rank)
+                    x = data.augment(x, g)
+                with autocast():
+                    out = net(x)
+                    loss = F.cross_entropy(out.float(), y)
+                    total, kd = loss, None
+                    if teacher is not None:
+                        with torch.no_grad():
+                            z_t = teacher(x)
+                        kd = distill_term(out.float(), z_t.float(), cfg.distill.temperature)
+                        total = (1 - cfg.distill.alpha) * loss + cfg.distill.alpha * kd
+                    extra = hooks.loss_term(model, step)
+                    total = total if extra is None else total + extra
+                opt.zero_grad(set_to_none=True)
+                (scaler.scale(total) if scaler is not None else total).backward()
+                if scaler is not None:
+                    scaler.unscale_(opt)
+                hooks.after_backward(model, step)
+                if scaler is not None:
+                    scaler.step(opt)
+                    scaler.update()
                 else:
-                    window.setdefault(k, []).append(float(v))
-            if step % cfg.log_every == 0 or step == cfg.steps or hooks.finished(step):
-                point = {"step": step, "lr": sched.get_last_lr()[0], **{k: _logged(v) for k, v in window.items()}}
-                result.curve.append(point)
-                window.clear()
-                if bar is not None:
-                    bar.update(0, completed=step, stats=f"loss {point['loss']:.3f} acc {point['acc']:.3f}")
-            elif bar is not None:
-                bar.update(0, completed=step)
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                checkpoint(step)
-        if cfg.checkpoint_every and step % cfg.checkpoint_every:
-            checkpoint(step)  # the phase's end, so a resume after it skips straight past it
+                    opt.step()
+                sched.step()
+                step += 1
+                logged = hooks.after_step(model, step)
+                acc = (out.detach().argmax(1) == y).float().mean().item()
+                terms = {"loss": loss.item()} if kd is None else {"loss": loss.item(), "distill": kd.item()}
+                for k, v in {**terms, "acc": acc, **logged}.items():
+                    if callable(v):
+                        window[k] = v
+                    else:
+                        window.setdefault(k, []).append(float(v))
+                if step % cfg.log_every == 0 or step == cfg.steps or hooks.finished(step):
+                    point = {"step": step, "lr": sched.get_last_lr()[0], **{k: _logged(v) for k, v in window.items()}}
+                    result.curve.append(point)
+                    window.clear()
+                    if bar is not None:
+                        bar.update(0, completed=step, stats=f"loss {point['loss']:.3f} acc {point['acc']:.3f}")
+                elif bar is not None:
+                    bar.update(0, completed=step)
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                    checkpoint(step)
+            if cfg.checkpoint_every and step % cfg.checkpoint_every:
+                checkpoint(step)  # the phase's end, so a resume after it skips straight past it
     finally:
         give_back_teacher()
         if bar is not None:

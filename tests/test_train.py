@@ -16,6 +16,7 @@ from torch import nn
 
 from pcompiler.data import DataSource, random_crop_flip
 from pcompiler.errors import CompileError
+from pcompiler.precision import FLOAT32_TINY, flushing_subnormals
 from pcompiler.train import Distillation, Hooks, TrainConfig, _lr_factor, evaluate, train
 
 torch.set_num_threads(1)
@@ -115,6 +116,44 @@ def test_gradient_penalty_and_param_groups_take_effect():
     train(a, data(augment=False), CFG)
     train(b, data(augment=False), CFG, Recorder())
     assert b[0].weight.norm() < a[0].weight.norm()  # the extra L2 shrank it
+
+
+class Subnormals(Hooks):
+    """Each step: halves the first conv's weights (as a growing penalty drives a pruned filter to 0)
+    and records how many subnormal results a kernel split over torch's intra-op threads kept."""
+
+    def __init__(self):
+        self.kept: list[int] = []
+
+    def after_step(self, model, step):
+        with torch.no_grad():
+            model[0].weight.mul_(0.5)
+        self.kept.append(int(torch.full((1 << 20,), FLOAT32_TINY).mul_(0.5).count_nonzero()))
+        return {}
+
+
+def subnormal_count(*tensors: torch.Tensor) -> int:
+    return sum(int(((t != 0) & (t.abs() < FLOAT32_TINY)).sum()) for t in tensors if t.is_floating_point())
+
+
+def test_training_flushes_subnormals_in_every_thread_and_restores_the_setting():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # one parallel kernel spans the calling thread and an OpenMP worker
+    try:
+        # the worker exists before training (threads started later would inherit the flags)
+        assert int(torch.full((1 << 20,), FLOAT32_TINY).mul_(0.5).count_nonzero()) == 1 << 20
+        model, hooks = net(dropout=False), Subnormals()
+        with torch.no_grad():
+            model[0].weight.mul_(1e-36)  # 200 halvings reach the subnormals, and then 0
+        train(model, data(), TrainConfig(steps=200, lr=0.0, momentum=0.0, weight_decay=0.0, batch_size=8,
+                                         progress=False), hooks)
+        assert hooks.kept == [0] * 200  # no thread kept a subnormal result during training
+        assert subnormal_count(*model.state_dict().values()) == 0 and not model[0].weight.any()
+        # after it the flags are as before, on the calling thread and the workers alike
+        assert not flushing_subnormals()
+        assert int(torch.full((1 << 20,), FLOAT32_TINY).mul_(0.5).count_nonzero()) == 1 << 20
+    finally:
+        torch.set_num_threads(threads)
 
 
 class Killed(Exception):
