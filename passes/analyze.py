@@ -76,7 +76,7 @@ class _State:
         self.links_a: list[np.ndarray] = []
         self.links_b: list[np.ndarray] = []
         self.pins: list[tuple[int, str]] = []
-        self.approx: list[tuple[int, str]] = []  # removable, but not exactly (DESIGN.md)
+        self.approx: list[tuple[int, str]] = []  # removable, but not exactly (docs/design.md, "The rewrite and its proof")
         self.roles: dict[DimRef, str] = {}
         self.choices: list[Choice] = []
         self.heads: list[int] = []

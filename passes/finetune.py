@@ -1,7 +1,7 @@
 """finetune: train the slim model on the data for a few epochs (the one loop, no hooks).
 
 Runs after `slim` (and `verify`): the weights change, the structure does not. Its own lr
-(METHODS.md: start at the regularization lr or lower; a 10x higher start undoes the work) with a
+(docs/methods.md, "Fine-tuning and distillation": start at the regularization lr or lower; a 10x higher start undoes the work) with a
 cosine schedule by default. With a `teacher` (the user's input model, never the Program being
 trained) it distills: `train.distill` sets temperature and alpha, the defaults of
 `pcompiler.train.Distillation` when it is None. The curve and the settings go to

@@ -1,6 +1,6 @@
 """greg1: growing regularization with a fixed selection (GReg-1; Wang et al., ICLR 2021).
 
-METHODS.md, "GReg-1":
+docs/methods.md, "GReg-1":
 1. S_g by L1 score once, before training.
 2. Every K_u steps lambda_c += delta for c in S_g of every group still growing (kept channels
    stay at 0); L2 with lambda on the producer conv/linear rows of S_g (`ChannelPenalty`).

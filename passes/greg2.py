@@ -1,6 +1,6 @@
 """greg2: growing regularization that picks by curvature first (GReg-2; Wang et al., ICLR 2021).
 
-METHODS.md, "GReg-2":
+docs/methods.md, "GReg-2":
 1. Picking: lambda_c += pick_delta for every channel of every prunable group each K_u steps
    until lambda >= pick_ceiling (L2 on all producer conv/linear rows). The growing penalty
    shrinks weights in flat directions of the loss more than in sharp ones; S_g is then chosen

@@ -1,6 +1,6 @@
 """l1 (Li et al., 2017): one-shot selection by filter magnitude.
 
-The L1 score of channel c (METHODS.md): the mean over the group's conv/linear producers p of
+The L1 score of channel c (docs/methods.md, "The L1 score"): the mean over the group's conv/linear producers p of
 mean(|W_p[c]|), the mean absolute value of the filter. Groups whose only producers are vectors
 (norm scales, biases, embeddings added to a stream) fall back to those. A group of whole
 attention heads also counts its consumers' slices, the output projection's columns of each head

@@ -1,6 +1,6 @@
 """recalibrate: after `slim`, re-estimate the running statistics of the norms on training batches.
 
-METHODS.md, "After selection": removing channels changes what every later norm sees. A channel
+docs/methods.md, "After selection": removing channels changes what every later norm sees. A channel
 that a BatchNorm renormalized while its filter shrank still outputs a constant until it is
 removed; removing it shifts the next layer's input by a constant that the next norm's running
 mean does not know. Recalibrating (forward passes in train mode for the norms, no gradients,

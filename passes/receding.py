@@ -1,6 +1,6 @@
 """receding: receding neuron importances with bounded BatchNorm (RNI; Suteu & Guo, 2022).
 
-METHODS.md, "Receding neuron importances". A bounded BN scales each normalized channel by
+docs/methods.md, "Receding neuron importances". A bounded BN scales each normalized channel by
 s = sigmoid(w) in (0, 1), and the regularizer lam * sum s'(1 - ln s') with s' = sigmoid(w + b)
 pushes unimportant channels to 0 while leaving those near 1 alone, so importances become bimodal.
 

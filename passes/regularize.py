@@ -8,7 +8,7 @@
   constants (delta lambda every K_u steps up to tau, then K_s steps of stabilization) describe a
   run of L0 = K_u * tau / delta + K_s steps; a budget of N steps keeps K_u and tau and scales the
   increments by L0 / N and K_s by N / L0, so N = L0 gives the papers' numbers exactly.
-- `ChannelPenalty`: "apply L2 with lambda" (METHODS.md): grad(w) += lambda_c * w on the chosen
+- `ChannelPenalty`: "apply L2 with lambda" (docs/methods.md, "ChannelPenalty"): grad(w) += lambda_c * w on the chosen
   producer slices of each channel, after backward, before the optimizer step; its size (a
   logged number) on demand, so that hooks pay for it only on the steps the loop logs.
 """
@@ -40,7 +40,7 @@ log = logging.getLogger("pcompiler")
 
 NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 DEFAULT_EPOCH_CAP = 100  # with no step budget: the paper's schedule, or this many epochs if shorter
-PAPER_LR = 1e-3  # the SGD lr of the GReg and TPP schedules (METHODS.md)
+PAPER_LR = 1e-3  # the SGD lr of the GReg and TPP schedules (docs/methods.md, "Step budgets")
 
 
 def is_norm_param(gm: nn.Module, p: ParamSlice) -> bool:

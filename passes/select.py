@@ -1,4 +1,4 @@
-"""Selection: from per-channel scores to the channels each group loses (METHODS.md, "Common").
+"""Selection: from per-channel scores to the channels each group loses (docs/methods.md, "Selection").
 
 - Layer-wise (default): every candidate group loses n_g = min(ceil(r*N_g), N_g - min_keep) of its
   lowest-scored channels; with `round_to=k` the kept width is rounded up to a multiple of k (a

@@ -1,6 +1,6 @@
 """slimming: sparsify BatchNorm scales, then remove the smallest (Liu et al., 2017, Network Slimming).
 
-METHODS.md, "slimming": train with loss += s * sum |gamma| over every BatchNorm scale, applied as
+docs/methods.md, "slimming": train with loss += s * sum |gamma| over every BatchNorm scale, applied as
 its subgradient (grad(gamma) += s * sign(gamma)) after backward, as the authors' code does; then
 select by |gamma|, per group the mean over the group's norms. s defaults to 1e-4, or 1e-5 for
 nets with residual adds (ResNets). A group with no norm falls back to its L1 filter score.

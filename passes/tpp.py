@@ -1,6 +1,6 @@
 """tpp: trainability-preserving pruning (Wang & Fu, ICLR 2023).
 
-METHODS.md, "TPP":
+docs/methods.md, "TPP":
 1. S_g by L1 score once, before training.
 2. lambda(t): delta every K_u steps up to tau, one value shared by all groups.
 3. Gram decorrelation: for every conv/linear producer weight W (N x K after moving the

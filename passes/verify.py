@@ -1,4 +1,4 @@
-"""verify: the rewrite invariant (DESIGN.md, "The rewrite and its proof").
+"""verify: the rewrite invariant (docs/design.md, "The rewrite and its proof").
 
 First, the traced graph must reproduce the user's model (tracing itself runs nothing). Then:
 take the model as it was before `slim`, set the producer slices of the removed channels to zero

@@ -1,4 +1,4 @@
-"""Imports go one way (DESIGN.md, "Layout"): the core's leaf modules <- the rest of the core <-
+"""Imports go one way (docs/design.md, "Import direction"): the core's leaf modules <- the rest of the core <-
 passes and targets <- the pipeline builder and the CLI. Checked on the source, every import
 statement including those inside functions; and the declared dependencies are the used ones."""
 

@@ -1,4 +1,4 @@
-"""The regularizing methods' mathematics (METHODS.md), checked against hand computations on
+"""The regularizing methods' mathematics (docs/methods.md), checked against hand computations on
 tiny models: the TPP Gram term, GReg's lambda schedule and stopping, which slices a penalty
 touches, GReg-2's picking, the receding regularizer's gradient and BN conversion, slimming's
 subgradient; and each method end to end on a few steps of real data."""
@@ -77,7 +77,7 @@ def test_gram_term_vanishes_only_when_pruned_filters_are_uncorrelated_and_zero()
 
 
 def gram_term_reference(w: torch.Tensor, dim: int, pruned: torch.Tensor) -> torch.Tensor:
-    """METHODS.md's formula as written: the whole N x N Gram matrix and its target."""
+    """docs/methods.md, "TPP": the formula as written: the whole N x N Gram matrix and its target."""
     rows = w.movedim(dim, 0).reshape(w.shape[dim], -1)
     gram = rows @ rows.t()
     target = gram.detach().clone()

@@ -1,6 +1,6 @@
 """What an element-wise node gives when its channel input is zero: f(0), evaluated from the op.
 
-Removing a channel equals zeroing it only where f(0) = 0 (DESIGN.md, "The IR"). The element-wise
+Removing a channel equals zeroing it only where f(0) = 0 (docs/design.md, "Op rules"). The element-wise
 rule asks `at_zero` instead of trusting a list of ops: it runs the node's own op (the module for
 call_module, the function or the tensor method otherwise) on a small zeros tensor standing for
 its first argument, with the node's constant arguments as they are. Other tensor arguments are
