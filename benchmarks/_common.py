@@ -141,8 +141,9 @@ def prune_only(method: str, ratio: float, seed: int, steps: int) -> Any:
 def finetune_and_score(model: torch.nn.Module, data: Any, seed: int, steps: int, lr: float = 1e-3) -> dict:
     """Accuracy right after pruning (recalibrated), then after `steps` fine-tuning steps (SGD,
     cosine from `lr`)."""
+    from pcompiler.inference import evaluate, recalibrate_norms
     from pcompiler.passes.recalibrate import DEFAULT_BATCHES
-    from pcompiler.train import TrainConfig, evaluate, recalibrate_norms, train
+    from pcompiler.train import TrainConfig, train
 
     raw = evaluate(model, data.val)
     recalibrate_norms(model, data.train, batches=DEFAULT_BATCHES, seed=seed)

@@ -27,11 +27,13 @@ from _common import prune_only
 
 import pcompiler
 from pcompiler.data import DataSource, load_data
+from pcompiler.distill import Distillation
+from pcompiler.inference import evaluate
 from pcompiler.ir import Program
 from pcompiler.loading import load_model
 from pcompiler.passmanager import make_pass
 from pcompiler.pipeline import compile_model
-from pcompiler.train import Distillation, TrainConfig, evaluate
+from pcompiler.train import TrainConfig
 
 METHODS = ("l1", "tpp")
 

@@ -40,9 +40,10 @@ from _common import finetune_and_score, prune_only, tp_hooks
 from pcompiler.costs import count_flops
 from pcompiler.data import load_data
 from pcompiler.example_models import Attention
+from pcompiler.inference import evaluate
 from pcompiler.loading import load_model
 from pcompiler.pipeline import compile_model
-from pcompiler.train import TrainConfig, evaluate, train
+from pcompiler.train import TrainConfig, train
 
 MODEL = _common.ROOT / "examples" / "digits_vit.pt"
 EXAMPLE = (torch.zeros(1, 1, 8, 8),)

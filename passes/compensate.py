@@ -39,11 +39,11 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from pcompiler.costs import device_of
 from pcompiler.data import DataSource
 from pcompiler.errors import CompileError
 from pcompiler.ir import Compensation, DimRef, Fold, Program, Removal, Role
 from pcompiler.passmanager import SLIMMED, PassResult, register_pass
+from pcompiler.runtime import CPU, Runtime, placed
 
 log = logging.getLogger("pcompiler")
 
@@ -277,6 +277,7 @@ class Compensate:
     batch_size: int = 64
     tol: float = 1e-2
     seed: int = 0
+    runtime: Runtime = CPU  # where the reference runs on the calibration batches (a copy there if needed)
 
     def run(self, prog: Program) -> PassResult:
         if prog.reference is None or prog.removal is None:
@@ -290,12 +291,14 @@ class Compensate:
             raise CompileError(f"compensate: batches ({self.batches}) and batch_size ({self.batch_size}) must be at "
                                "least 1", hint="or pass data=None to fold only exactly constant channels")
         targets, skipped = consumers(prog)
+        device = self.runtime.device
         if self.data is None:
-            source, tol, batches = "exact constants on the example inputs and a random draw", None, _random_draws(prog)
+            source, tol = "exact constants on the example inputs and a random draw", None
+            batches = [tuple(t.to(device) for t in draw) for draw in _random_draws(prog)]
         else:
             source, tol = f"{self.batches} batches of {self.batch_size} from the training data, tol {self.tol:g}", self.tol
-            batches = _data_batches(self.data, self.batches, self.batch_size, self.seed, device_of(prog.reference))
-        stats = _measure(prog.reference, targets, batches) if targets else {}
+            batches = _data_batches(self.data, self.batches, self.batch_size, self.seed, device)
+        stats = _measure(placed(prog.reference, device), targets, batches) if targets else {}
         folds, per_consumer = [], {}
         for module, positions in targets.items():
             f, per_consumer[module] = _choose(module, prog.reference.get_submodule(module), positions, stats[module], tol)

@@ -1,5 +1,6 @@
 """evaluate: top-1 accuracy of the current model on the validation data, stored as info[key].
 
+It runs on the runtime's device without moving the model (a copy runs there where needed).
 The CLI runs it three times: `acc_before` (the user's model), `acc_pruned` (right after slim,
 before fine-tuning) and `acc_final`. It changes nothing.
 """
@@ -11,9 +12,10 @@ from typing import ClassVar
 
 from pcompiler.data import DataSource
 from pcompiler.errors import CompileError
+from pcompiler.inference import evaluate
 from pcompiler.ir import Program
 from pcompiler.passmanager import DATA, WEIGHTS, PassResult, register_pass
-from pcompiler.train import evaluate
+from pcompiler.runtime import CPU, Runtime
 
 
 @register_pass
@@ -24,10 +26,10 @@ class Evaluate:
     ensures: ClassVar = ()
     data: DataSource | None = None
     key: str = "accuracy"
-    device: str = "cpu"
+    runtime: Runtime = CPU
 
     def run(self, prog: Program) -> PassResult:
         if self.data is None:
             raise CompileError("evaluate needs data", hint="pass --data, or data=... in the pass API")
-        acc = evaluate(prog.gm, self.data.val, device=self.device)
+        acc = evaluate(prog.gm, self.data.val, device=self.runtime.device)
         return PassResult(prog.replace(info={**prog.info, self.key: acc}), changed=False)

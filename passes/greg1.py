@@ -62,6 +62,7 @@ class GrowingHooks(MethodHooks):
             lam = torch.full((self.groups[gid].size,), kept_lambda)
             lam[list(chans)] = start_lambda
             self.lam[gid] = lam
+        self.penalty.set_lambda(self.lam)
 
     def penalized(self, p: ParamSlice) -> bool:
         """Filter rows; with `l2_norm` also the scale and shift of the norms the channel passes."""
@@ -70,9 +71,12 @@ class GrowingHooks(MethodHooks):
         return self.l2_norm and p.role == "produce" and not p.is_buffer and is_norm_param(self.gm, p)
 
     def after_backward(self, model, step: int) -> None:
-        self.penalty.add_grad(self.lam)
+        self.penalty.add_grad()
 
     def grow(self, step: int) -> None:
+        """Every K_u steps: each group still growing gets delta more on its selected channels, unless
+        its magnitude ratio (read from the weights: a device-to-host copy per group) says it is done."""
+        grown = False
         for gid, chans in self.selection.items():
             if gid in self.done:
                 continue
@@ -84,6 +88,9 @@ class GrowingHooks(MethodHooks):
                 continue
             lam[list(chans)] += self.growth.delta
             self.level[gid] += self.growth.delta
+            grown = True
+        if grown:
+            self.penalty.set_lambda(self.lam)
         if self.stabilize_from is None and len(self.done) == len(self.selection):
             self.stabilize_from = step
 
@@ -94,7 +101,7 @@ class GrowingHooks(MethodHooks):
         if self.stabilize_from is None and step % self.growth.interval == 0:
             self.grow(step)
         mags = [min(v, 1e6) for v in self.mag.values()]
-        return {"penalty": lambda: self.penalty.size(self.lam), "lambda": self.pruned_lambda,
+        return {"penalty": self.penalty.size, "lambda": self.pruned_lambda,
                 "mag_ratio": min(mags) if mags else 0.0}
 
     def pruned_lambda(self) -> float:
@@ -110,6 +117,7 @@ class GrowingHooks(MethodHooks):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.lam = state["lam"]
+        self.penalty.set_lambda(self.lam)
         self.mag, self.done = dict(state["mag"]), dict(state["done"])
         self.stabilize_from, self.selection = state["stabilize_from"], dict(state["selection"])
         self.level = {g: float(self.lam[g][c[0]]) for g, c in self.selection.items()}

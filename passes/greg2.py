@@ -51,16 +51,14 @@ class PickingHooks(GrowingHooks):
         self.picking = True
         self.picked_at: int | None = None
         self.all_groups = candidates(prog.require_analysis("greg2"), method.skip)
+        # The picking phase's lambda: pick_lambda on every channel of every prunable group.
         self.all_penalty = ChannelPenalty(prog.gm, self.all_groups, lambda p: is_filter(prog.gm, p))
+        self.all_penalty.set_lambda({g.id: torch.ones(g.size) for g in self.all_groups})
         self.pick_lambda = 0.0
-
-    def pick_lam(self) -> dict[int, torch.Tensor]:
-        """The picking phase's lambda: pick_lambda on every channel of every prunable group."""
-        return {g.id: torch.full((g.size,), self.pick_lambda) for g in self.all_groups}
 
     def after_backward(self, model, step: int) -> None:
         if self.picking:
-            self.all_penalty.add_grad(self.pick_lam())
+            self.all_penalty.add_grad(self.pick_lambda)
         else:
             super().after_backward(model, step)
 
@@ -81,7 +79,7 @@ class PickingHooks(GrowingHooks):
                 self.pick_lambda += self.pick_delta
                 if self.pick_lambda >= self.pick_ceiling * (1 - 1e-9):
                     self._pick(step)
-            return {"penalty": lambda: self.all_penalty.size(self.pick_lam()), "lambda": self.pick_lambda,
+            return {"penalty": lambda: self.all_penalty.size(self.pick_lambda), "lambda": self.pick_lambda,
                     "mag_ratio": 0.0}
         return super().after_step(model, step)
 

@@ -12,15 +12,16 @@ Assumes data; changes only buffers (`running_mean`, `running_var`, `num_batches_
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import ClassVar
 
+from pcompiler.costs import device_of
 from pcompiler.data import DataSource
 from pcompiler.errors import CompileError
+from pcompiler.inference import recalibrate_norms
 from pcompiler.ir import Program
 from pcompiler.passmanager import DATA, WEIGHTS, PassResult, register_pass
-from pcompiler.train import recalibrate_norms
+from pcompiler.runtime import CPU, Runtime, copy_to
 
 # Batches of the training data used by default. On the digits benchmark the accuracy after
 # recalibration stops changing from about 10 batches of 64 on (docs/benchmarks.md); 50 leaves a
@@ -40,7 +41,7 @@ class Recalibrate:
     batches: int = DEFAULT_BATCHES
     batch_size: int = 64
     seed: int = 0
-    device: str = "cpu"
+    runtime: Runtime = CPU
 
     def run(self, prog: Program) -> PassResult:
         if self.data is None:
@@ -49,8 +50,11 @@ class Recalibrate:
         if self.batches < 0 or self.batch_size < 1:
             raise CompileError(f"recalibrate: batches must be >= 0 and batch size >= 1, got {self.batches}, "
                                f"{self.batch_size}")
-        gm = copy.deepcopy(prog.gm)
+        home, device = device_of(prog.gm), self.runtime.device
+        gm = copy_to(prog.gm, device)  # its own copy, on the runtime's device
         norms = recalibrate_norms(gm, self.data.train, batches=self.batches, batch_size=self.batch_size,
-                                  seed=self.seed, device=self.device)
+                                  seed=self.seed, device=device)
+        if device != home:
+            gm = copy_to(gm, home)
         record = {"norms": norms, "batches": self.batches, "batch_size": self.batch_size}
         return PassResult(prog.replace(gm=gm, info={**prog.info, "recalibration": record}), changed=norms > 0)

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pcompiler.errors import CompileError
-from pcompiler.ir import Program, Selection
+from pcompiler.ir import Program, Selection, tensor_of
 from pcompiler.passes.regularize import MethodHooks, RegMethod, has_residual_add
 from pcompiler.passes.select import candidates, select
 from pcompiler.passmanager import register_pass
@@ -66,7 +66,8 @@ class BoundedBatchNorm(nn.modules.batchnorm._BatchNorm):
     """y = sigmoid(weight) * (scale * x_hat + bias); `scale` a buffer. Any BatchNorm dimension."""
 
     def __init__(self, bn: nn.modules.batchnorm._BatchNorm, start: float = START_MAX):
-        super().__init__(bn.num_features, bn.eps, bn.momentum, True, bn.track_running_stats)
+        super().__init__(bn.num_features, bn.eps, bn.momentum, True, bn.track_running_stats,
+                         device=bn.weight.device, dtype=bn.weight.dtype)
         self.standard = type(bn)
         gamma, beta = bn.weight.detach(), bn.bias.detach()
         top = gamma.abs().max().clamp_min(1e-12)
@@ -78,7 +79,6 @@ class BoundedBatchNorm(nn.modules.batchnorm._BatchNorm):
         for name in ("running_mean", "running_var", "num_batches_tracked"):
             if getattr(bn, name) is not None:
                 getattr(self, name).copy_(getattr(bn, name))
-        self.to(bn.weight.device)
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
         pass
@@ -96,7 +96,8 @@ class BoundedBatchNorm(nn.modules.batchnorm._BatchNorm):
         return torch.sigmoid(self.weight.detach())
 
     def to_standard(self) -> nn.modules.batchnorm._BatchNorm:
-        bn = self.standard(self.num_features, self.eps, self.momentum, True, self.track_running_stats)
+        bn = self.standard(self.num_features, self.eps, self.momentum, True, self.track_running_stats,
+                           device=self.weight.device, dtype=self.weight.dtype)
         s = torch.sigmoid(self.weight.detach())
         with torch.no_grad():
             bn.weight.copy_(s * self.scale)
@@ -104,7 +105,7 @@ class BoundedBatchNorm(nn.modules.batchnorm._BatchNorm):
             for name in ("running_mean", "running_var", "num_batches_tracked"):
                 if getattr(self, name) is not None:
                     getattr(bn, name).copy_(getattr(self, name))
-        return bn.to(self.weight.device).train(self.training)
+        return bn.train(self.training)
 
 
 def _swap(gm: nn.Module, find: type, make) -> list[str]:
@@ -202,7 +203,7 @@ class RecedingHooks(MethodHooks):
             self.masks = self.rank_masks(self.group_importance())
         masks = self.masks or [None] * len(self.bounded)
         term = self.lam * sum(rni_penalty(m.weight, self.b, mask) for m, mask in zip(self.bounded, masks))
-        self.size = float(term.detach())
+        self.size = term.detach()  # a tensor on the device: the loop reads it at log points
         return term
 
     def after_step(self, model, step: int) -> dict[str, float]:
@@ -291,8 +292,8 @@ class Receding(RegMethod):
             (n, m) for n, m in prog.gm.named_modules() if isinstance(m, BoundedBatchNorm))}
         out = {}
         for g in candidates(prog.require_analysis(self.name), self.skip):
-            members = [(position[p.param], torch.as_tensor(p.index[:, 0])) for p in g.producers
-                       if p.param in position]
+            members = [(position[p.param], torch.as_tensor(p.index[:, 0], device=tensor_of(prog.gm, p.param).device))
+                       for p in g.producers if p.param in position]
             if members:
                 out[g.id] = members
         return out

@@ -15,12 +15,11 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import logging
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -28,13 +27,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from pcompiler.costs import device_of
 from pcompiler.data import DataSource
+from pcompiler.distill import with_teacher
 from pcompiler.errors import CompileError
 from pcompiler.ir import ChannelGroup, ParamSlice, Program, Selection, owner_of, tensor_of
 from pcompiler.passes.l1 import group_l1, l1_scores
 from pcompiler.passes.select import MethodPass, _search_ratio, select
 from pcompiler.passmanager import ANALYSIS, DATA, PassResult
-from pcompiler.train import Hooks, TrainConfig, lr_at, train, with_teacher
+from pcompiler.runtime import CPU, Runtime, copy_to
+from pcompiler.train import Hooks, TrainConfig, lr_at, train
 
 log = logging.getLogger("pcompiler")
 
@@ -134,12 +136,14 @@ class Budget:
 
 
 class ChannelPenalty:
-    """grad(w) += lambda_c * w for the slices of channel c of each group that `which` accepts.
+    """grad(w) += scale * lambda_c * w for the slices of channel c of each group that `which` accepts.
 
-    Each slice's positions and broadcast shape are fixed at construction; a step spreads lambda
-    over the positions (a vector as long as the dimension) and adds the gradient in one fused
-    pass per parameter (`add_grad`). The penalty's size costs another pass and is computed only
-    when asked (`size`)."""
+    Each slice's positions and broadcast shape are fixed at construction, on its weight's device.
+    `set_lambda` spreads each group's per-channel lambda over the positions (a vector as long as the
+    dimension, made once per change of the lambdas, on the weights' device); a step then adds the
+    gradient in one fused pass per slice (`add_grad`), with a Python number as `scale` (a lambda
+    that grows uniformly): no tensor crosses devices in a step. The penalty's size costs another
+    pass and is computed only when asked (`size`)."""
 
     def __init__(self, gm: nn.Module, groups: Iterable[ChannelGroup], which: Callable[[ParamSlice], bool]):
         self.slices: dict[int, list[tuple[torch.Tensor, int, torch.Tensor, int, tuple[int, ...]]]] = {}
@@ -153,36 +157,32 @@ class ChannelPenalty:
                                   p.index.shape[1], shape))
             if items:
                 self.slices[g.id] = items
+        self.spread: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def _scaled(self, lam: dict[int, torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(w, lambda per position of w's dim, shaped to broadcast against w) for every slice
-        of a group in `lam` whose parameter has a gradient."""
+    @torch.no_grad()
+    def set_lambda(self, lam: dict[int, torch.Tensor]) -> None:
+        """lambda per channel (a vector per group; groups not in `lam` carry none) from now on."""
+        self.spread = []
         for gid, items in self.slices.items():
             lg = lam.get(gid)
             if lg is None:
                 continue
             for w, dim, flat, mult, shape in items:
-                if w.grad is None:
-                    continue
                 pos = torch.zeros(w.shape[dim], device=w.device, dtype=w.dtype)
                 pos[flat] = lg.to(w.device, w.dtype).repeat_interleave(mult)
-                yield w, pos.view(shape)
+                self.spread.append((w, pos.view(shape)))
 
     @torch.no_grad()
-    def add_grad(self, lam: dict[int, torch.Tensor]) -> None:
-        """Add the penalty's gradient lambda_c * w_c (one pass over each parameter)."""
-        for w, pos in self._scaled(lam):
-            w.grad.addcmul_(pos, w)
+    def add_grad(self, scale: float = 1.0) -> None:
+        """Add the penalty's gradient scale * lambda_c * w_c (one pass over each slice's parameter)."""
+        for w, pos in self.spread:
+            if w.grad is not None:
+                w.grad.addcmul_(pos, w, value=scale)
 
     @torch.no_grad()
-    def size(self, lam: dict[int, torch.Tensor]) -> float:
-        """sum(lambda_c * |w_c|^2) / 2 at the current weights."""
-        return sum(0.5 * float((pos * w.square()).sum()) for w, pos in self._scaled(lam))
-
-    def apply(self, lam: dict[int, torch.Tensor]) -> float:
-        """Add the penalty's gradient; return its size sum(lambda_c * |w_c|^2) / 2."""
-        self.add_grad(lam)
-        return self.size(lam)
+    def size(self, scale: float = 1.0) -> float:
+        """scale * sum(lambda_c * |w_c|^2) / 2 at the current weights."""
+        return scale * sum(0.5 * float((pos * w.square()).sum()) for w, pos in self.spread)
 
 
 def magnitude_ratio(gm: nn.Module, group: ChannelGroup, pruned: tuple[int, ...]) -> float:
@@ -221,6 +221,7 @@ class RegMethod(MethodPass):
     # Distill from it during regularization (train.distill's settings; the defaults when None). The
     # user's input model: the Program trained here is a copy of the graph, not a teacher.
     teacher: nn.Module | None = None
+    runtime: Runtime = CPU  # where the copy trains; it comes back to where the given model lives
 
     # S_g is chosen by L1 (before training, or after GReg-2's picking): the ratio, searched for a
     # --speedup on the starting L1 scores, is fixed before training.
@@ -249,6 +250,7 @@ class RegMethod(MethodPass):
         out["data"] = None if self.data is None else self.data.spec
         out["train"] = dataclasses.asdict(with_teacher(self.train, self.teacher))
         out["teacher"] = None if self.teacher is None else type(self.teacher).__name__
+        out["runtime"] = self.runtime.describe()
         return out
 
     def run(self, prog: Program) -> PassResult:
@@ -261,8 +263,11 @@ class RegMethod(MethodPass):
             from pcompiler.passes.trace import check_program
 
             check_program(prog, prog.gm)
-        # Train a copy: the input Program stays as it was. The trained graph is its own source.
-        prog = prog.replace(gm=copy.deepcopy(prog.gm), source=None)
+        # Train a copy made on the training device: the input Program stays as it was. The hooks
+        # are built on it there (their index tensors live beside the weights). The trained graph is
+        # its own source.
+        home = device_of(prog.gm)
+        prog = prog.replace(gm=copy_to(prog.gm, self.runtime.device), source=None)
         ratio = None
         if self.selects_by_l1:
             ratio = self.ratio if self.speedup is None else _search_ratio(prog, analysis, l1_scores(prog), self)
@@ -270,9 +275,11 @@ class RegMethod(MethodPass):
         cfg = dataclasses.replace(with_teacher(self.train, self.teacher), steps=budget, label=f"{self.name} regularization")
         hooks = self.make_hooks(prog, budget, ratio)
         hooks.lr_at = functools.partial(lr_at, cfg)
-        result = train(prog.gm, self.data, cfg, hooks, teacher=self.teacher)
+        result = train(prog.gm, self.data, cfg, hooks, teacher=self.teacher, runtime=self.runtime)
         prog.gm.eval()
         prog = self.after_training(prog, hooks)
+        if self.runtime.device != home:
+            prog = prog.replace(gm=copy_to(prog.gm, home))
         scores = self.scores(prog)
         if hooks.selection is not None:
             selection = hooks.selection

@@ -56,14 +56,14 @@ from pcompiler.train import TrainConfig
 
 def gram_term(w: torch.Tensor, dim: int, pruned: torch.Tensor) -> torch.Tensor:
     """mean((G - T)^2) over the N x N Gram matrix G = W W^T of `w`, whose rows along `dim` are
-    its N filters; T = G.detach() with the rows and columns of `pruned` (row indices) set to zero.
+    its N filters; T = G.detach() with the rows and columns of `pruned` (distinct row indices, on
+    `w`'s device) set to zero.
 
     G - T is G on the pruned rows and columns and identically 0 (value and gradient) elsewhere, so
     with A = W_S W^T (|S| x N) the sum is 2 sum(A^2) - sum(A[:, S]^2) (the S x S block lies in both
     the rows and the columns): |S| / N of the N x N product's cost, the same loss and gradient."""
     n = w.shape[dim]
     rows = w.movedim(dim, 0).reshape(n, -1)
-    pruned = pruned.unique()
     a = rows[pruned] @ rows.t()
     return (2 * a.square().sum() - a[:, pruned].square().sum()) / (n * n)
 
@@ -101,25 +101,31 @@ class TPPHooks(MethodHooks):
                 return False
             return method.l2_norm if is_norm_param(gm, p) else method.l2_weights
 
-        self.penalty = ChannelPenalty(gm, groups, l2_on)
-        self.pruned_lam = {g.id: self._mask(g.size, self.selection[g.id]) for g in groups}
+        self.penalty = ChannelPenalty(gm, groups, l2_on)  # lambda(t) times 1 on the pruned channels
+        self.penalty.set_lambda({g.id: self._mask(g.size, self.selection[g.id]) for g in groups})
         # Per producer weight: its pruned rows, united over the groups that own rows of it.
         order = {name: i for i, (name, _) in enumerate(gm.named_parameters())}
         rows: dict[tuple[str, int], list[np.ndarray]] = defaultdict(list)
+        owners: dict[tuple[str, int], set[int]] = defaultdict(set)  # the layers that own pruned rows of a weight
         self.layers = []  # per group, in graph order: its pruned producer slices, zeroed together
         for g in sorted(groups, key=lambda g: min(order.get(p.param, 0) for p in g.producers)):
             ch = list(self.selection[g.id])
             slices = []
             for p in g.producers:
                 if not p.is_buffer:
-                    slices.append((tensor_of(gm, p.param), p.dim, torch.as_tensor(p.index[ch].ravel())))
+                    t = tensor_of(gm, p.param)
+                    slices.append((t, p.dim, torch.as_tensor(p.index[ch].ravel(), device=t.device)))
                     if is_filter(gm, p):
                         rows[(p.param, p.dim)].append(p.index[ch].ravel())
+                        owners[(p.param, p.dim)].add(len(self.layers))
             self.layers.append(slices)
-        self.grams = [(tensor_of(gm, k[0]), k[1], torch.as_tensor(np.unique(np.concatenate(v))))
+        # (weight, dim, its pruned rows on its device, the last layer that owns some of them)
+        self.grams = [(tensor_of(gm, k[0]), k[1],
+                       torch.as_tensor(np.unique(np.concatenate(v)), device=tensor_of(gm, k[0]).device), max(owners[k]))
                       for k, v in sorted(rows.items(), key=lambda kv: order.get(kv[0][0], 0))]
+        self.zeroed = 0  # layers whose pruned slices stabilization has set to 0 (self.layers[:zeroed])
         # Each weight's Gram term uses min(lambda(t), its stability cap); keyed by the tensor's id.
-        self.gram_caps = {id(w): gram_lambda_cap(w, dim, method.lw, method.train) for w, dim, _ in self.grams}
+        self.gram_caps = {id(w): gram_lambda_cap(w, dim, method.lw, method.train) for w, dim, _, _ in self.grams}
         self.lam = 0.0
         self.stabilize_from: int | None = None if self.selection else 0
         self.gram_size = 0.0
@@ -136,7 +142,7 @@ class TPPHooks(MethodHooks):
         k = self.method.gram_every
         if step % k:
             return None
-        self.gram_size = 0.0
+        self.gram_size = 0.0  # the term's size: a tensor on the device, read by the loop at log points
         if self.lam == 0.0:
             return None
         grams = self.live_grams()
@@ -144,24 +150,18 @@ class TPPHooks(MethodHooks):
             return None
         # every k-th step, k times as heavy; the stability cap then applies to the heavier term
         terms = [(k * min(self.lam, self.gram_caps[id(w)] / k), gram_term(w, dim, idx)) for w, dim, idx in grams]
-        self.gram_size = float(sum(t.detach() for _, t in terms))
+        self.gram_size = sum(t.detach() for _, t in terms)
         return self.method.lw * sum(lam * t for lam, t in terms)
 
     def live_grams(self) -> list[tuple[torch.Tensor, int, torch.Tensor]]:
-        """The Gram terms to compute, indices on their weight's device. Once stabilization zeroes
-        layers, a weight whose pruned rows are all exactly 0 is left out: its G - T is 0, and so is
-        its gradient (proportional to (G - T) W): the loss and the gradient are the same without it."""
-        grams = [(w, dim, idx.to(w.device)) for w, dim, idx in self.grams]
-        if self.stabilize_from is None:
-            return grams
-        return [(w, dim, idx) for w, dim, idx in grams if w.detach().index_select(dim, idx).any()]
-
-    def channel_lam(self) -> dict[int, torch.Tensor]:
-        """lambda(t) on each group's pruned channels, 0 on its kept ones."""
-        return {g: m * self.lam for g, m in self.pruned_lam.items()}
+        """The Gram terms to compute. Once stabilization zeroes layers, a weight whose pruned rows
+        all belong to zeroed layers (exactly 0 since the last step) is left out: its G - T is 0, and
+        so is its gradient (proportional to (G - T) W): the loss and the gradient are the same
+        without it. Known from the schedule, not read from the weights (no device sync)."""
+        return [(w, dim, idx) for w, dim, idx, last in self.grams if last >= self.zeroed]
 
     def after_backward(self, model, step: int) -> None:
-        self.penalty.add_grad(self.channel_lam())
+        self.penalty.add_grad(self.lam)
 
     def after_step(self, model, step: int) -> dict[str, Any]:
         self.push += self.lr_at(step - 1) * self.lam
@@ -172,15 +172,16 @@ class TPPHooks(MethodHooks):
                 self.lam = min(self.growth.ceiling, self.lam + self.growth.delta)
         if self.stabilize_from is not None:
             self._zero_out(step - self.stabilize_from)
-        return {"penalty": lambda: self.penalty.size(self.channel_lam()), "gram": self.gram_size, "lambda": self.lam}
+        return {"penalty": lambda: self.penalty.size(self.lam), "gram": self.gram_size, "lambda": self.lam}
 
     @torch.no_grad()
     def _zero_out(self, since: int) -> None:
         """Zero the pruned slices of the first since // zero_interval layers. A zeroed slice is
         zeroed again every step: momentum and weight decay would move it off 0."""
-        for slices in self.layers[:max(0, since // self.zero_interval)]:
+        self.zeroed = min(len(self.layers), max(0, since // self.zero_interval))
+        for slices in self.layers[:self.zeroed]:
             for w, dim, idx in slices:
-                w.index_fill_(dim, idx.to(w.device), 0.0)
+                w.index_fill_(dim, idx, 0.0)
 
     def finished(self, step: int) -> bool:
         return self.stabilize_from is not None and step >= self.stabilize_from + self.growth.stabilize

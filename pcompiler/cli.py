@@ -22,17 +22,17 @@ from __future__ import annotations
 import logging
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
-from rich import box
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
-from rich.table import Table
 
+from pcompiler.console import error_line, groups_table, latency_table, summary
+from pcompiler.distill import Distillation
 from pcompiler.errors import EXIT_BUG, EXIT_OK, CompileError, InternalError, first_line, one_line
 from pcompiler.input_checks import check_input_memory
 from pcompiler.inputs import parse_inputs, specs_text
@@ -48,19 +48,15 @@ from pcompiler.pipeline import (
     methods,
     trace_model,
 )
-from pcompiler.report_md import approximate_text, count_text
+from pcompiler.report_md import count_text
+from pcompiler.runtime import Runtime
 from pcompiler.targets.bench import BACKENDS
-from pcompiler.train import Distillation, TrainConfig
+from pcompiler.train import TrainConfig
 
 __all__ = ["main"]
 
 log = logging.getLogger("pcompiler")
 _CONTEXT = {"help_option_names": ["-h", "--help"]}
-
-
-def _error_line(console: Console, text: str) -> None:
-    """One line on stderr, never wrapped and never read as markup."""
-    console.print(f"error: {first_line(text)}", style="red", markup=False, highlight=False, soft_wrap=True)
 
 
 class _Pcompile(click.Group):
@@ -78,10 +74,10 @@ class _Pcompile(click.Group):
         try:
             rv = super().main(argv, prog_name or "pcompile", complete_var, standalone_mode=False, **extra)
         except click.exceptions.Abort:
-            _error_line(Console(stderr=True), "aborted")
+            error_line(Console(stderr=True), "aborted")
             sys.exit(EXIT_BUG)
         except click.ClickException as e:
-            _error_line(Console(stderr=True), f"{e.format_message()} (see pcompile --help)")
+            error_line(Console(stderr=True), f"{e.format_message()} (see pcompile --help)")
             sys.exit(e.exit_code)
         sys.exit(rv if isinstance(rv, int) else EXIT_OK)
 
@@ -96,23 +92,26 @@ main = pcompile  # the console script's entry point
 
 
 def _guarded(console: Console, verbose: bool, body: Callable[[], int]) -> int:
-    """Run body(); a CompileError is one `error:` line and its exit code, anything else a bug (1)."""
-    from pcompiler.train import finish_distributed
+    """Run body(); a CompileError is one `error:` line and its exit code, anything else a bug (1).
+    Under torchrun a rank that fails leaves its process group at once, so its peers stop too."""
+    from pcompiler import distributed
 
     try:
         code = body()
-        finish_distributed()
+        distributed.finish()
         return code
     except (CompileError, InternalError) as e:
+        distributed.abort()
         if verbose:
             console.print(traceback.format_exc(), markup=False, highlight=False)
         more = " (run with -v for the traceback)" if isinstance(e, InternalError) and not verbose else ""
-        _error_line(console, f"{first_line(str(e))}{more}")
+        error_line(console, f"{first_line(str(e))}{more}")
         return e.exit_code
     except Exception as e:  # noqa: BLE001 - a bug outside any pass: say so in one line
+        distributed.abort()
         if verbose:
             console.print(traceback.format_exc(), markup=False, highlight=False)
-        _error_line(console, f"internal error: {one_line(e)} (run with -v for the traceback)")
+        error_line(console, f"internal error: {one_line(e)} (run with -v for the traceback)")
         return EXIT_BUG
 
 
@@ -178,7 +177,8 @@ def _guarded(console: Console, verbose: bool, body: Callable[[], int]) -> int:
 @click.option("--distill-regularization", is_flag=True, help="With --distill, also distill during the regularization "
               "phase of a trained method.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N] for training and evaluation.")
-@click.option("--amp", is_flag=True, help="Mixed precision (bfloat16, or float16 with loss scaling) on CUDA.")
+@click.option("--amp", is_flag=True, help="Mixed-precision training on CUDA: bfloat16 on Ampere and later, float16 with "
+              "loss scaling before (T4, V100).")
 @click.option("--workers", type=int, default=0, show_default=True, help="Data loader worker processes.")
 @click.option("--checkpoint-every", type=int, default=0, show_default=True,
               help="Write OUT/checkpoints/<phase>.pt every N steps (0: never).")
@@ -211,12 +211,37 @@ def compile_command(model_path: Path, verbose: bool, **options: Any) -> int:
     return _guarded(console, verbose, lambda: _compile(console, model_path, **options))
 
 
+# Options that do something only with another one: given without it, they are refused, not ignored.
+# (option, what it needs, whether the options given have it)
+_NEEDS: tuple[tuple[str, str, Callable[[dict[str, Any]], bool]], ...] = (
+    ("distill_temperature", "--distill", lambda o: o["distill"]),
+    ("distill_alpha", "--distill", lambda o: o["distill"]),
+    ("bench_batches", "--bench", lambda o: o["run_bench"]),
+    ("bench_backends", "--bench", lambda o: o["run_bench"]),
+    ("image_size", "--data imagefolder:DIR", lambda o: (o["data_spec"] or "").startswith("imagefolder:")),
+    ("finetune_epochs", "--data", lambda o: o["data_spec"] is not None),
+    ("finetune_lr", "--data", lambda o: o["data_spec"] is not None),
+    ("recalibrate_batches", "--data", lambda o: o["data_spec"] is not None),
+    ("workers", "--data", lambda o: o["data_spec"] is not None),
+    ("checkpoint_every", "--data", lambda o: o["data_spec"] is not None),
+    ("reg_steps", "a method that trains (--method tpp, greg1, ...)", lambda o: methods().get(o["method"], False)),
+)
+
+
+def _refuse_orphans(o: dict[str, Any]) -> None:
+    ctx = click.get_current_context()
+    for name, needs, has in _NEEDS:
+        if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE and not has(o):
+            flag = "--" + name.replace("_", "-")
+            raise CompileError(f"{flag} does nothing without {needs}", hint=f"add {needs}, or leave out {flag}")
+
+
 def _settings(o: dict[str, Any]) -> Settings:
     """The Settings the options say (parsed, not yet checked against the data)."""
     distill = Distillation(o["distill_temperature"], o["distill_alpha"]) if o["distill"] else None
     train = TrainConfig(lr=o["lr"], schedule=o["lr_schedule"], batch_size=o["batch_size"], momentum=o["momentum"],
-                        weight_decay=o["weight_decay"], device=o["device"], amp=o["amp"], workers=o["workers"],
-                        checkpoint_every=o["checkpoint_every"], resume=o["resume"], progress=not o["no_progress"])
+                        weight_decay=o["weight_decay"], workers=o["workers"], checkpoint_every=o["checkpoint_every"],
+                        resume=o["resume"], progress=not o["no_progress"])
     return Settings(
         method=o["method"], ratio=o["ratio"], speedup=o["speedup"], global_ranking=o["global_ranking"],
         round_to=o["round_to"], min_keep=o["min_keep"], skip=tuple(o["skip"]), seed=o["seed"],
@@ -225,7 +250,7 @@ def _settings(o: dict[str, Any]) -> Settings:
         distill_regularization=o["distill_regularization"],
         recalibrate_batches=0 if o["no_recalibrate"] else o["recalibrate_batches"], compensate=not o["no_compensate"],
         checkpoints=None if o["out_dir"] is None else str(Path(o["out_dir"]) / "checkpoints"), frontend=o["frontend"],
-        attention=o["attention"], prune_normalized=o["prune_normalized"])
+        attention=o["attention"], prune_normalized=o["prune_normalized"], device=o["device"], amp=o["amp"])
 
 
 def _compile(console: Console, model_path: Path, **o: Any) -> int:
@@ -240,7 +265,7 @@ def _compile(console: Console, model_path: Path, **o: Any) -> int:
 
         prog = run(prog, [make_pass("analyze", attention=o["attention"],
                                                 prune_normalized=o["prune_normalized"])], instruments=instruments)
-        Console().print(_groups_table(prog))
+        Console().print(groups_table(prog))
         for node, why in prog.analysis.notes:
             console.print(f"note: {node}: {why}", markup=False, highlight=False)
         return EXIT_OK
@@ -251,8 +276,10 @@ def _compile(console: Console, model_path: Path, **o: Any) -> int:
         raise CompileError("--ratio is required (the fraction of channels to remove, e.g. 0.5)")
     if o["out_dir"] is None:
         raise CompileError("-o/--out is required: the folder for the exports and report.json")
+    _refuse_orphans(o)
     settings = _settings(o)
     settings.check(has_data=o["data_spec"] is not None)
+    runtime = Runtime.resolve(settings.device, settings.amp)  # the process group joined before any pass
     formats = _parse_list("--formats", o["formats"], FORMATS)
     bench = _bench_settings(o["bench_batches"], o["bench_backends"]) if o["run_bench"] else None
     if bench is not None and specs:
@@ -271,9 +298,9 @@ def _compile(console: Console, model_path: Path, **o: Any) -> int:
     if data is not None:
         check_model(data, model)
     prog, report = compile_model(model, settings, data=data, inputs=specs, out_dir=o["out_dir"], formats=formats,
-                                 bench=bench, model_path=model_path, instruments=instruments)
+                                 bench=bench, model_path=model_path, instruments=instruments, runtime=runtime)
     if report is not None:
-        _summary(console, report, Path(o["out_dir"]) / "report.json")
+        summary(console, report, Path(o["out_dir"]) / "report.json")
     return EXIT_OK
 
 
@@ -326,7 +353,7 @@ def _bench(console: Console, model_path: Path, *, slim_path: Path | None, input_
     for name, c in result["costs"].items():
         console.print(f"[bold]{name:<10}[/]  {count_text(c['params'])} params, {count_text(c['flops'])} FLOPs "
                       f"at input {specs_text(specs)}", highlight=False)
-    Console(width=None if sys.stdout.isatty() else 160).print(_latency_table(result))
+    Console(width=None if sys.stdout.isatty() else 160).print(latency_table(result))
     if json_path is not None:
         write_report(result, json_path)
         console.print(f"[bold]{'json':<10}[/]  {escape(str(json_path))}", soft_wrap=True, highlight=False)
@@ -347,83 +374,6 @@ def _bench_settings(batches: str, backends: str | None, **more: Any):
 
 # ---------------------------------------------------------------------------------------------
 # Output and parsing
-
-
-def _first(names: Sequence[str], k: int) -> str:
-    """The first k names, and how many more: 'a, b (+3 more)'."""
-    return ", ".join(names[:k]) + (f" (+{len(names) - k} more)" if len(names) > k else "")
-
-
-def _groups_table(prog) -> Table:
-    table = Table(title=f"{len(prog.analysis.groups)} channel groups ({len(prog.analysis.prunable)} prunable)")
-    table.add_column("id", justify="right")
-    table.add_column("size", justify="right")
-    table.add_column("members")
-    table.add_column("prunable / pinned because")
-    for g in prog.analysis.groups:
-        members = _first(g.modules, 4)
-        status = "[green]prunable[/]" if g.prunable else escape("; ".join(g.pinned) or "no producer to remove")
-        if g.prunable and g.approximate:
-            status = f"[yellow]prunable, approximately[/] ({escape(_first(g.approximate, 2))})"
-        table.add_row(str(g.id), str(g.size), escape(members), status)
-    return table
-
-
-def _num(x: Any) -> str:
-    return f"{x:.3g}" if isinstance(x, float) else str(x)
-
-
-def _summary(console: Console, report: dict[str, Any], report_path: Path) -> None:
-    """The numbers before and after as a table, then one line per check and file."""
-    from pcompiler.report_md import before_after_rows
-
-    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
-    for name, justify in (("", "left"), ("before", "right"), ("after", "right"), ("change", "right")):
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
-    for row in before_after_rows(report):
-        table.add_row(*(escape(c) for c in row))
-    console.print(table)
-
-    rows: list[tuple[str, str]] = []
-    reg = report.get("regularization") or {}
-    if reg:
-        rows.append(("training", f"{reg.get('steps')} regularization steps in {reg.get('seconds', 0):.1f}s"))
-    groups = report.get("groups") or {}
-    if groups:
-        rows.append(("channels", f"{groups.get('channels_removed')} removed in {groups.get('pruned')} of {groups.get('total')} groups"))
-    verify = report.get("verify") or {}
-    if verify:
-        if verify.get("ok") is None:
-            rows.append(("verify", f"[yellow]skipped[/] {escape(str(verify.get('skipped', '')))}"))
-        else:
-            state = "[green]ok[/]" if verify.get("ok") else "[red]FAILED[/]"
-            near = escape(approximate_text(verify.get("approximate")))
-            rows.append(("verify", f"{state}, max error {_num(verify.get('max_error'))}{near}"))
-    folded = (report.get("compensation") or {}).get("folded")
-    if folded:
-        rows.append(("compensate", f"{folded} constant inputs of removed channels folded into biases"))
-    for e in report.get("exports") or []:
-        state = "[green]ok[/]" if e.get("ok") else f"[red]FAILED[/] {escape(str(e.get('error')))}"
-        err = f", max error {_num(e.get('max_error'))}" if e.get("ok") and e.get("max_error") is not None else ""
-        rows.append((f"{e.get('format')}", f"{escape(str(e.get('path')))} {state}{err}"))
-    rows.append(("report", f"{escape(str(report_path))}, {escape(str(report_path.with_suffix('.md')))}"))
-    # Plain soft-wrapped lines, not a table: paths stay whole for scripts that read them.
-    for label, text in rows:
-        console.print(f"[bold]{label:<10}[/]  {text}", soft_wrap=True, highlight=False)
-
-
-def _latency_table(result: dict[str, Any]) -> Table:
-    from pcompiler.report_md import latency_rows
-
-    header, *rows = latency_rows(result)
-    m = result.get("machine") or {}
-    where = f"{m.get('cpu')}, {result['settings']['threads']} threads" + (f"; {m['gpu']}" if m.get("gpu") else "")
-    table = Table(title=f"latency, p50 / p90 ({escape(where)})", box=box.SIMPLE_HEAD)
-    for i, name in enumerate(header):
-        table.add_column(name, justify="left" if i == 0 else "right")
-    for row in rows:
-        table.add_row(*(escape(c) for c in row))
-    return table
 
 
 def _parse_list(option: str, text: str, choices: tuple[str, ...] | None = None) -> tuple[str, ...]:

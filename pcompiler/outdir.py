@@ -17,7 +17,7 @@ output (ONNX's external data `model.onnx.data`): it yields `path`'s name inside 
 folder beside it and moves every file of that folder out, companions first, `path` last.
 
 Under torchrun only rank 0 writes OUT, so only rank 0 claims it (other ranks read the rank as
-`pcompiler.train.world` does). A leaf of the core: it imports nothing from pcompiler but errors.
+`pcompiler.distributed.world` does). A leaf of the core: it imports nothing from pcompiler but errors.
 """
 
 from __future__ import annotations

@@ -27,6 +27,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import types
+import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,7 +106,8 @@ def registered_passes() -> dict[str, type]:
     return dict(_REGISTRY)
 
 
-def make_pass(name: str, **options) -> Pass:
+def check_options(name: str, options: dict[str, Any]) -> type:
+    """The pass class `name`, once `options` are known fields of it of the declared types."""
     passes = registered_passes()
     if name not in passes:
         raise CompileError(f"no pass named '{name}'", hint=f"known passes: {', '.join(sorted(passes))}")
@@ -113,7 +116,34 @@ def make_pass(name: str, **options) -> Pass:
     unknown = sorted(set(options) - known)
     if unknown:
         raise CompileError(f"pass '{name}' has no option {', '.join(unknown)}", hint=f"its options: {', '.join(sorted(known)) or 'none'}")
-    return cls(**options)
+    if dataclasses.is_dataclass(cls):
+        _check_types(name, cls, options)
+    return cls
+
+
+def make_pass(name: str, **options) -> Pass:
+    return check_options(name, options)(**options)
+
+
+_SCALARS = (bool, int, float, str, type(None))
+
+
+def _check_types(name: str, cls: type, options: dict[str, Any]) -> None:
+    """Options declared as numbers, flags, strings (or None) must be given as such: -p delta=abc
+    is the user's error, named, not a crash inside the pass. Other declared types are not checked."""
+    hints = typing.get_type_hints(cls)
+    for key, value in options.items():
+        want = hints.get(key)
+        allowed = typing.get_args(want) if typing.get_origin(want) in (typing.Union, types.UnionType) else (want,)
+        if not allowed or not all(t in _SCALARS for t in allowed):
+            continue
+        ok = any(isinstance(value, t) and not (t in (int, float) and isinstance(value, bool)) for t in allowed)
+        ok = ok or (float in allowed and isinstance(value, int) and not isinstance(value, bool))
+        if not ok:
+            expected = " or ".join("none" if t is type(None) else t.__name__ for t in allowed)
+            raise CompileError(f"pass '{name}': option {key}={value!r} has the wrong type ({expected} expected)",
+                               hint=f"e.g. -p {key}=" + {"bool": "true", "int": "10", "float": "1e-4", "str": "text",
+                                                          "none": "none"}["none" if allowed[0] is type(None) else allowed[0].__name__])
 
 
 Instrument = Callable[[Pass, Program, float], None]

@@ -23,7 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from pcompiler import distributed
 from pcompiler.data import DataSource
+from pcompiler.distill import Distillation
 from pcompiler.errors import CompileError, first_line
 from pcompiler.hf import is_model, width_fields
 from pcompiler.inputs import InputSpec, default_inputs, draw_integers, example_values, specs_text
@@ -32,8 +34,18 @@ from pcompiler.passes.analyze import ATTENTION
 from pcompiler.passes.recalibrate import DEFAULT_BATCHES
 from pcompiler.passes.select import SelectOptions
 from pcompiler.passes.trace import FRONTENDS
-from pcompiler.passmanager import DATA, SELECTION, Instrument, Pass, make_pass, registered_passes, run
-from pcompiler.train import Distillation, TrainConfig, is_main_process
+from pcompiler.passmanager import (
+    DATA,
+    SELECTION,
+    Instrument,
+    Pass,
+    check_options,
+    make_pass,
+    registered_passes,
+    run,
+)
+from pcompiler.runtime import Runtime
+from pcompiler.train import TrainConfig
 
 log = logging.getLogger("pcompiler")
 
@@ -51,7 +63,8 @@ def methods() -> dict[str, bool]:
 class Settings:
     """Everything a compilation is told. `train` holds the SGD settings of both training phases
     (its lr and schedule are the regularization's; fine-tuning is cosine from `finetune_lr`, or
-    from `train.lr`); its seed is replaced by `seed`. `round_to` None: what suits `train.device`."""
+    from `train.lr`); its seed is replaced by `seed`. `device` and `amp` are what the runtime is
+    resolved from (`Runtime.resolve`). `round_to` None: what suits `device`."""
 
     method: str = "l1"
     ratio: float | None = None  # None: 0.5, or searched for `speedup`
@@ -74,6 +87,8 @@ class Settings:
     frontend: str = "auto"  # how the model is read: passes/trace.py's FRONTENDS
     attention: str = "heads"  # how attention shrinks: passes/analyze.py's ATTENTION
     prune_normalized: bool = False  # channels a LayerNorm normalizes may go, approximately
+    device: str = "cpu"  # cpu, cuda or cuda:N
+    amp: bool = False  # mixed-precision training (CUDA)
 
     def check(self, has_data: bool) -> None:
         """Refuse what cannot run, before anything slow starts."""
@@ -94,9 +109,10 @@ class Settings:
         if self.recalibrate_batches < 0:
             raise CompileError(f"--recalibrate-batches must be >= 0, got {self.recalibrate_batches}",
                                hint="0 (or --no-recalibrate) turns recalibration off")
-        unknown = set(self.method_options) & ({f.name for f in dataclasses.fields(SelectOptions)} | {"data", "steps", "train", "teacher", "seed"})
+        unknown = set(self.method_options) & ({f.name for f in dataclasses.fields(SelectOptions)} | {"data", "steps", "train", "teacher", "seed", "runtime"})
         if unknown:
             raise CompileError(f"-p {', '.join(sorted(unknown))}: set that with its own option", hint="see pcompile --help")
+        check_options(self.method, dict(self.method_options))
         self._check_distill(has_data, known[self.method])
 
     def _check_distill(self, has_data: bool, trained: bool) -> None:
@@ -120,7 +136,7 @@ class Settings:
         from pcompiler.targets.bench import default_round_to
 
         ratio = 0.5 if self.ratio is None and self.speedup is None else self.ratio
-        round_to = default_round_to(self.train.device) if self.round_to is None else self.round_to
+        round_to = default_round_to(self.device) if self.round_to is None else self.round_to
         return dataclasses.replace(self, ratio=ratio, round_to=round_to)
 
     def train_config(self, phase: str, **changes: Any) -> TrainConfig:
@@ -141,7 +157,7 @@ class Settings:
         return out
 
 
-def _method_pass(settings: Settings, data: DataSource | None, teacher: nn.Module | None) -> Pass:
+def _method_pass(settings: Settings, data: DataSource | None, teacher: nn.Module | None, runtime: Runtime) -> Pass:
     s = settings.resolved()
     options: dict[str, Any] = {"ratio": s.ratio if s.ratio is not None else 0.5, "skip": tuple(s.skip),
                                "speedup": s.speedup, "round_to": s.round_to}
@@ -152,43 +168,44 @@ def _method_pass(settings: Settings, data: DataSource | None, teacher: nn.Module
     if s.method == "random":
         options["seed"] = s.seed
     if methods()[s.method]:
-        options.update(data=data, steps=s.reg_steps, train=s.train_config("regularization"))
+        options.update(data=data, steps=s.reg_steps, train=s.train_config("regularization"), runtime=runtime)
         if s.distill_regularization:  # the teacher: the input model, not the copy trained
             options.update(teacher=teacher, train=s.train_config("regularization", distill=s.distill))
     return make_pass(s.method, **options, **s.method_options)
 
 
 def build(settings: Settings, data: DataSource | None = None, teacher: nn.Module | None = None,
-          hf_widths: dict[str, int] | None = None) -> list[Pass]:
+          hf_widths: dict[str, int] | None = None, runtime: Runtime | None = None) -> list[Pass]:
     """The passes of a compilation: analyze, the method, slim, compensate, verify, and with data
     the accuracy checks, recalibration and fine-tuning. `teacher`: the input model, for --distill.
     `hf_widths`: the widths a Hugging Face config holds, for the hf/ folder output (the method
-    then prunes only those: passes/hf_widths.py)."""
+    then prunes only those: passes/hf_widths.py). `runtime`: where the passes that run the model
+    run it (default: resolved from the settings' device and amp)."""
     s = settings
     s.check(data is not None)
     if s.distill is not None and teacher is None:
         raise CompileError("distillation needs the input model as teacher", hint="pass teacher=model")
-    device = s.train.device
+    runtime = runtime if runtime is not None else Runtime.resolve(s.device, s.amp)
 
     def accuracy(key: str) -> list[Pass]:
-        return [make_pass("evaluate", data=data, key=key, device=device)] if data is not None else []
+        return [make_pass("evaluate", data=data, key=key, runtime=runtime)] if data is not None else []
 
     passes = [make_pass("analyze", attention=s.attention, prune_normalized=s.prune_normalized),
               *([make_pass("hf_widths", fields=tuple(hf_widths.items()))] if hf_widths is not None else []),
-              *accuracy("acc_before"), _method_pass(s, data, teacher), make_pass("slim")]
+              *accuracy("acc_before"), _method_pass(s, data, teacher, runtime), make_pass("slim")]
     if s.compensate:
-        passes.append(make_pass("compensate", data=data))
+        passes.append(make_pass("compensate", data=data, runtime=runtime))
     passes.append(make_pass("verify"))
     if data is not None and s.recalibrate_batches > 0:
         passes += [*accuracy("acc_before_recalibration"),
                    make_pass("recalibrate", data=data, batches=s.recalibrate_batches, batch_size=s.train.batch_size,
-                             seed=s.seed, device=device)]
+                             seed=s.seed, runtime=runtime)]
     passes += accuracy("acc_pruned")
     if data is not None and s.finetune_epochs > 0:
         ft = s.train_config("finetune", lr=s.finetune_lr if s.finetune_lr is not None else s.train.lr,
                             schedule="cosine", distill=s.distill)
         passes += [make_pass("finetune", data=data, epochs=s.finetune_epochs, train=ft,
-                             teacher=teacher if s.distill is not None else None), *accuracy("acc_final")]
+                             teacher=teacher if s.distill is not None else None, runtime=runtime), *accuracy("acc_final")]
     return passes
 
 
@@ -223,22 +240,27 @@ def trace_model(model: nn.Module, specs: Sequence[InputSpec] | None = None,
 def compile_model(model: nn.Module, settings: Settings, *, data: DataSource | None = None,
                   inputs: Sequence[InputSpec] | None = None, out_dir: str | Path | None = None,
                   formats: Sequence[str] = FORMATS, bench: Any = None, model_path: str | Path | None = None,
-                  instruments: Iterable[Instrument] = ()) -> tuple[Program, dict[str, Any] | None]:
-    """Trace `model`, run `build(settings, ...)`, then (on rank 0, with `out_dir`) export, time with
-    `bench` (a targets.bench.LatencySettings) and write report.json and report.md. Returns the
-    final Program and the report (None without `out_dir`, and on the other ranks)."""
+                  instruments: Iterable[Instrument] = (), runtime: Runtime | None = None,
+                  ) -> tuple[Program, dict[str, Any] | None]:
+    """Trace `model`, run `build(settings, ...)` on `runtime` (default: resolved from the settings),
+    then (on rank 0, with `out_dir`) export, time with `bench` (a targets.bench.LatencySettings)
+    and write report.json and report.md. Returns the final Program and the report (None without
+    `out_dir`, and on the other ranks, which leave the process group once the passes are done)."""
     settings = settings.resolved()
+    runtime = runtime if runtime is not None else Runtime.resolve(settings.device, settings.amp)
     formats = [f for f in formats if f != "hf" or is_model(model)]  # hf: only for Hugging Face models
     passes = build(settings, data, teacher=model.eval() if settings.distill is not None else None,
-                   hf_widths=width_fields(model) if "hf" in formats else None)
+                   hf_widths=width_fields(model) if "hf" in formats else None, runtime=runtime)
     prog = trace_model(model, inputs, data, settings.seed, settings.frontend)
     if bench is not None and prog.on_meta:
         raise CompileError("--bench needs real weights, and the model is on the meta device",
                            hint="load a checkpoint with weights, or leave out --bench")
     prog = run(prog, passes, instruments=instruments)
+    prog.info["runtime"] = runtime.describe()
     if data is not None:
         prog.info["data"] = data.info()
-    if out_dir is None or not is_main_process():
+    distributed.release()  # the collective work is done: no rank waits for rank 0's exports
+    if out_dir is None or not runtime.is_main:
         return prog, None  # under torchrun, rank 0 writes the results
     from pcompiler.report import build_report, write_report
     from pcompiler.report_md import write_markdown

@@ -1,4 +1,5 @@
-"""Floating-point settings of a training run: subnormal numbers flushed to zero on CPU.
+"""Floating-point settings of a training run: subnormal numbers flushed to zero on CPU, and the
+mixed-precision dtype a device trains in (`amp_dtype`).
 
 Why: the regularizing methods drive the pruned filters, their norm scales and their momentum
 buffers geometrically towards zero, through float32's subnormal range (below 1.18e-38). Many
@@ -96,3 +97,12 @@ def subnormals_flushed(device: torch.device | str) -> Iterator[bool]:
     finally:
         torch.set_flush_denormal(before)
         _restart_intra_op_threads()
+
+
+def amp_dtype(device: torch.device) -> torch.dtype:
+    """The mixed-precision dtype `device` trains in natively: bfloat16 on CUDA devices of compute
+    capability 8.0 and later (Ampere on), float16 before (T4, V100: bfloat16 would be emulated;
+    float16 then trains with a GradScaler). Asked of `device` itself, not the current device."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
+    return torch.bfloat16

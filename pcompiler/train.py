@@ -2,59 +2,59 @@
 
 Methods do not write loops; they pass `Hooks`:
 - `param_groups(model)`: optimizer groups of their own (e.g. 10x lr, no weight decay);
-- `loss_term(model, step)`: added to the cross-entropy loss before backward;
+- `loss_term(model, step)`: added to the loss before backward;
 - `after_backward(model, step)`: a gradient penalty (grad += lambda * w), after DDP's all-reduce
   and AMP's unscale, before the optimizer step;
 - `after_step(model, step)`: the schedule update; returns numbers to log (the penalty's size),
-  averaged over the steps between two log points. A value may instead be a zero-argument callable,
-  for a number that costs a pass over the weights: the loop calls it only on the steps it logs
-  (every `log_every` steps and the last) and logs what it returns then;
+  averaged over the steps between two log points. A value may be a tensor (on the training
+  device: the loop reads it only at log points, so a step waits for no device) or a
+  zero-argument callable, for a number that costs a pass over the weights: the loop calls it only
+  on the steps it logs (every `log_every` steps and the last) and logs what it returns then;
 - `finished(step)`: stop early (GReg stops when every group has grown and stabilized);
 - `state_dict` / `load_state_dict`: what `--resume` must restore besides model and optimizer.
 
+Where it runs is the `Runtime`'s to say (`pcompiler.runtime`): the model must already live on
+`runtime.device` (a pass places its own copy there before it builds its hooks, so that the hooks'
+index tensors live there too); under torchrun (`runtime.world_size` > 1) it trains as DDP.
+
 What the loop guarantees:
 - Data order: the global batch of step t is a slice of a permutation seeded by (seed, epoch);
-  under DDP (started by torchrun: WORLD_SIZE > 1) rank r takes every W-th sample of it, so the
-  global batch is the same at any world size. Augmentation draws from a generator seeded by
-  (seed, step, rank), never from the global RNG.
-- Same seed, same device, same world size: the same weights (on CUDA with deterministic cuDNN). A checkpoint (model, optimizer,
+  rank r takes every W-th sample of it, so the global batch is the same at any world size.
+  Augmentation draws from a generator seeded by (seed, step, rank), never from the global RNG.
+- Same seed, same device, same world size: the same weights (on CUDA with deterministic cuDNN,
+  set for the run and restored after). A checkpoint (`pcompiler.checkpoint`: model, optimizer,
   scheduler, hooks, RNG states, curve) is written every `checkpoint_every` steps; `resume`
   continues from it and ends with the weights an uninterrupted run ends with.
-- AMP (CUDA only): bfloat16 autocast where supported, else float16 with a GradScaler whose
-  gradients are unscaled before `after_backward`.
+- Precision: autocast to `runtime.amp` (float16 with a GradScaler whose gradients are unscaled
+  before `after_backward`); on CPU subnormal floats are flushed to zero in every thread during
+  the run (`pcompiler.precision`).
+- No host sync per step: the loss and accuracy stay on the device until a log point.
 
 The loss is cross-entropy: the data are (x, class) pairs (see `pcompiler.data`). With a teacher
-(`train(..., teacher=...)`, settings in `TrainConfig.distill`) it is the distillation loss
-(1 - alpha) * CE(z_s, y) + alpha * T^2 * KL(softmax(z_t / T) || softmax(z_s / T)) of Hinton et al.
-(2015). The teacher sees the student's (augmented) batch, in eval mode under no_grad, on the
-training device and inside autocast; under DDP each rank runs it on its own share of the batch.
-It is never trained; its mode and device are restored after. The curve's "loss" stays the
-cross-entropy (comparable with a run without teacher); "distill" is the T^2 * KL term.
+(`train(..., teacher=...)`, settings in `TrainConfig.distill`) it is the distillation loss of
+`pcompiler.distill`; the curve's "loss" stays the cross-entropy (comparable with a run without
+teacher); "distill" is the T^2 * KL term.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from pcompiler.costs import device_of
+import pcompiler.checkpoint as checkpoint
 from pcompiler.data import DataSource
+from pcompiler.distill import Distillation, check_teacher, distill_term, lent
 from pcompiler.errors import CompileError
-from pcompiler.outdir import atomic_write
 from pcompiler.precision import subnormals_flushed
+from pcompiler.runtime import CPU, Runtime, lives_on
 
 log = logging.getLogger("pcompiler")
 
@@ -62,26 +62,9 @@ SCHEDULES = ("constant", "cosine", "step")
 
 
 @dataclass(frozen=True)
-class Distillation:
-    """How a teacher's logits z_t join the loss: temperature T (> 0) softens both distributions,
-    alpha (in [0, 1]) weighs the T^2 * KL term against the cross-entropy (0: cross-entropy only).
-    The defaults are a common choice in the distillation literature; docs/bench_distill.md compares others."""
-
-    temperature: float = 4.0
-    alpha: float = 0.9
-
-    def check(self, label: str) -> None:
-        if not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise CompileError(f"{label}: distillation temperature must be > 0, got {self.temperature}",
-                               hint="e.g. --distill-temperature 4; 1 leaves the teacher's probabilities as they are")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise CompileError(f"{label}: distillation alpha must be in [0, 1], got {self.alpha}",
-                               hint="e.g. --distill-alpha 0.9; 0 is cross-entropy only, 1 the teacher only")
-
-
-@dataclass(frozen=True)
 class TrainConfig:
-    """One training phase. `steps` counts optimizer steps (global batches)."""
+    """One training phase's settings. `steps` counts optimizer steps (global batches). Where it
+    runs (device, processes, precision) is the Runtime's, not this."""
 
     steps: int = 1000
     lr: float = 1e-3
@@ -89,8 +72,6 @@ class TrainConfig:
     weight_decay: float = 5e-4
     batch_size: int = 64
     schedule: str = "constant"  # constant | cosine (to 0) | step (x0.1 at 50% and 75%)
-    device: str = "cpu"
-    amp: bool = False  # CUDA only; ignored on CPU
     seed: int = 0
     workers: int = 0  # DataLoader worker processes
     checkpoint_every: int = 0  # 0: no checkpoints
@@ -108,17 +89,8 @@ class TrainConfig:
             raise CompileError(f"{self.label}: unknown lr schedule '{self.schedule}'", hint=f"one of {', '.join(SCHEDULES)}")
         if self.checkpoint_every and not self.checkpoint:
             raise CompileError(f"{self.label}: checkpoint_every needs a checkpoint path")
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise CompileError("--device cuda: no CUDA device is available here", hint="use --device cpu")
         if self.distill is not None:
             self.distill.check(self.label)
-
-
-def with_teacher(cfg: TrainConfig, teacher: nn.Module | None) -> TrainConfig:
-    """`cfg` for a run with `teacher`: the default `Distillation` when it sets none; unchanged without one."""
-    if teacher is None or cfg.distill is not None:
-        return cfg
-    return dataclasses.replace(cfg, distill=Distillation())
 
 
 class Hooks:
@@ -153,40 +125,6 @@ class TrainResult:
     seconds: float = 0.0
     resumed_from: int | None = None
     world_size: int = 1
-
-
-# ---------------------------------------------------------------------------------------------
-# Distributed
-
-
-def world() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) otherwise."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    return int(os.environ.get("RANK", "0")), size, int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def init_distributed(device: str) -> torch.device:
-    """Join torchrun's process group when there is one (gloo on CPU, NCCL on CUDA) and return this
-    process's device."""
-    rank, size, local = world()
-    dev = torch.device(device)
-    if dev.type == "cuda" and size > 1:
-        dev = torch.device("cuda", local)
-        torch.cuda.set_device(dev)
-    if size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return dev
-
-
-def finish_distributed() -> None:
-    """Leave the process group (if this process joined one) once every rank is done."""
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def is_main_process() -> bool:
-    return world()[0] == 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,16 +182,8 @@ def _optimizer(model: nn.Module, cfg: TrainConfig, hooks: Hooks) -> torch.optim.
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-def _amp(cfg: TrainConfig, dev: torch.device) -> tuple[Any, torch.amp.GradScaler | None]:
-    if not cfg.amp or dev.type != "cuda":
-        return contextlib.nullcontext, None
-    if torch.cuda.is_bf16_supported():
-        return (lambda: torch.autocast("cuda", dtype=torch.bfloat16)), None
-    return (lambda: torch.autocast("cuda", dtype=torch.float16)), torch.amp.GradScaler("cuda")
-
-
-def _progress(cfg: TrainConfig, total: int, start: int):
-    if not cfg.progress or not is_main_process():
+def _progress(cfg: TrainConfig, total: int, start: int, main: bool):
+    if not cfg.progress or not main:
         return None
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -265,69 +195,19 @@ def _progress(cfg: TrainConfig, total: int, start: int):
     return bar
 
 
-def _save(path: str, state: dict[str, Any]) -> None:
-    """Write atomically: a kill while writing leaves the previous checkpoint intact."""
-    with atomic_write(path) as tmp:
-        torch.save(state, tmp)
+Logged = list[float | torch.Tensor] | Callable[[], float]
 
 
-_RESUME_KEYS = ("steps", "lr", "batch_size", "seed", "schedule", "momentum", "weight_decay", "distill")
-
-
-def _load_checkpoint(cfg: TrainConfig, size: int) -> dict[str, Any] | None:
-    if not (cfg.resume and cfg.checkpoint and Path(cfg.checkpoint).exists()):
-        return None
-    state = torch.load(cfg.checkpoint, map_location="cpu", weights_only=False)
-    saved, now = state.get("config", {}), asdict(cfg)
-    differ = [k for k in _RESUME_KEYS if saved.get(k) != now[k]]
-    if differ or state.get("world_size") != size:
-        what = ", ".join(f"{k} {saved.get(k)} -> {now[k]}" for k in differ) or "world size"
-        raise CompileError(f"cannot resume from {cfg.checkpoint}: it was written with other settings ({what})",
-                           hint="resume with the options of the interrupted run, or delete the checkpoint")
-    return state
-
-
-# ---------------------------------------------------------------------------------------------
-# Distillation
-
-
-def distill_term(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T^2 * KL(softmax(teacher / T) || softmax(student / T)), averaged over the batch."""
-    t = temperature
-    return t * t * F.kl_div(F.log_softmax(student / t, dim=1), F.log_softmax(teacher / t, dim=1),
-                            reduction="batchmean", log_target=True)
-
-
-def _check_teacher(model: nn.Module, teacher: nn.Module | None, cfg: TrainConfig) -> None:
-    if (teacher is None) != (cfg.distill is None):
-        given, missing = ("a teacher", "TrainConfig.distill") if cfg.distill is None else ("distill", "teacher")
-        raise CompileError(f"{cfg.label}: {given} is set but {missing} is not",
-                           hint="pass both (teacher=the input model, distill=Distillation(...)), or neither")
-    if teacher is None:
-        return
-
-    def storages(m: nn.Module) -> set[int]:
-        return {t.untyped_storage().data_ptr() for t in (*m.parameters(), *m.buffers())
-                if t.device.type != "meta" and t.numel()}
-
-    if storages(model) & storages(teacher):
-        raise CompileError(f"{cfg.label}: the teacher shares weights with the model being trained",
-                           hint="pass the input model (or a copy of it) as teacher, not the model being trained")
-
-
-def _lend_teacher(teacher: nn.Module | None, dev: torch.device) -> Callable[[], None]:
-    """Put the teacher in eval mode on `dev`; return what restores every module's mode and its device."""
-    if teacher is None:
-        return lambda: None
-    modes, home = [m.training for m in teacher.modules()], device_of(teacher)
-    teacher.to(dev).eval()
-
-    def give_back() -> None:
-        teacher.to(home)
-        for m, mode in zip(teacher.modules(), modes, strict=True):
-            m.training = mode
-
-    return give_back
+def _logged(values: Logged) -> float:
+    """A log point's value: the mean of a number's values since the last point (one host sync for
+    the tensors among them), or a lazy one's value now."""
+    if callable(values):
+        return float(values())
+    tensors = [v.detach().float().reshape(()) for v in values if isinstance(v, torch.Tensor)]
+    total = sum(float(v) for v in values if not isinstance(v, torch.Tensor))
+    if tensors:
+        total += float(torch.stack(tensors).sum())
+    return total / len(values)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,26 +215,26 @@ def _lend_teacher(teacher: nn.Module | None, dev: torch.device) -> Callable[[], 
 
 
 def train(model: nn.Module, data: DataSource, cfg: TrainConfig, hooks: Hooks | None = None,
-          teacher: nn.Module | None = None) -> TrainResult:
+          teacher: nn.Module | None = None, runtime: Runtime = CPU) -> TrainResult:
     """Train `model` in place on `data.train` for `cfg.steps` steps (fewer if the hooks finish),
-    distilling from `teacher` (which `cfg.distill` then configures) when one is given."""
+    on `runtime`, where `model` must already live; with `teacher` (which `cfg.distill` then
+    configures) it distills. The model's training flag is restored after."""
     cfg.check()
-    _check_teacher(model, teacher, cfg)
+    check_teacher(model, teacher, cfg)
+    if not lives_on(model, runtime.device):
+        raise ValueError(f"{cfg.label}: the model to train must live on {runtime.device} "
+                         "(place a copy there first: pcompiler.runtime.copy_to)")
     hooks = hooks or Hooks()
-    rank, size, _ = world()
-    dev = init_distributed(cfg.device)
+    rank, size, dev = runtime.rank, runtime.world_size, runtime.device
     was_training = model.training
-    home = device_of(model)
-    model.to(dev).train()
+    model.train()
     opt = _optimizer(model, cfg, hooks)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(cfg.schedule, cfg.steps))
-    autocast, scaler = _amp(cfg, dev)
+    scaler = runtime.grad_scaler()
     torch.manual_seed(cfg.seed + rank)
-    if dev.type == "cuda":  # same seed, same result: cuDNN must not pick kernels by timing
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
 
     result = TrainResult(steps=0, world_size=size)
-    state = _load_checkpoint(cfg, size)
+    state = checkpoint.load(cfg, size)
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -362,7 +242,7 @@ def train(model: nn.Module, data: DataSource, cfg: TrainConfig, hooks: Hooks | N
         hooks.load_state_dict(state["hooks"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        _set_rng(state["rng"][rank], dev)
+        checkpoint.set_rng(state["rng"][rank], dev)
         result.steps, result.curve, result.resumed_from = state["step"], state["curve"], state["step"]
         log.info("%s: resumed from %s at step %d", cfg.label, cfg.checkpoint, state["step"])
 
@@ -373,26 +253,26 @@ def train(model: nn.Module, data: DataSource, cfg: TrainConfig, hooks: Hooks | N
     # Its own generator: creating the iterator must not draw from the global RNG (resume restores that).
     loader = torch.utils.data.DataLoader(
         data.train, batch_sampler=_Sampler(len(data.train), cfg, result.steps, rank, size), num_workers=cfg.workers,
-        generator=torch.Generator().manual_seed(cfg.seed))
-    def checkpoint(step: int) -> None:
-        rng = _gather_rng(size, dev)  # every rank takes part in the gather
+        generator=torch.Generator().manual_seed(cfg.seed), pin_memory=dev.type == "cuda")
+
+    def write_checkpoint(step: int) -> None:
+        rng = checkpoint.gather_rng(size, dev)  # every rank takes part in the gather
         if rank == 0:
-            _save(cfg.checkpoint, {
+            checkpoint.save(cfg.checkpoint, {
                 "step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "hooks": hooks.state_dict(), "curve": result.curve,
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "rng": rng, "config": asdict(cfg), "world_size": size})
 
-    window: dict[str, list[float] | Callable[[], float]] = {}
-    bar = _progress(cfg, cfg.steps, result.steps)
+    window: dict[str, Logged] = {}
+    bar = _progress(cfg, cfg.steps, result.steps, runtime.is_main)
     t0 = time.perf_counter()
     step = result.steps
-    give_back_teacher = _lend_teacher(teacher, dev)
     try:
         if bar is not None:
             bar.start()
         # The penalties drive weights through float32's subnormals, slow on many CPUs: flushed to 0.
-        with subnormals_flushed(dev):
+        with runtime.training_flags(), subnormals_flushed(dev), lent(teacher, dev) as tutor:
             for x, y in loader:
                 if step >= cfg.steps or hooks.finished(step):
                     break
@@ -400,13 +280,13 @@ def train(model: nn.Module, data: DataSource, cfg: TrainConfig, hooks: Hooks | N
                 if data.augment is not None:
                     g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 64 + rank)
                     x = data.augment(x, g)
-                with autocast():
+                with runtime.autocast():
                     out = net(x)
                     loss = F.cross_entropy(out.float(), y)
                     total, kd = loss, None
-                    if teacher is not None:
+                    if tutor is not None:
                         with torch.no_grad():
-                            z_t = teacher(x)
+                            z_t = tutor(x)
                         kd = distill_term(out.float(), z_t.float(), cfg.distill.temperature)
                         total = (1 - cfg.distill.alpha) * loss + cfg.distill.alpha * kd
                     extra = hooks.loss_term(model, step)
@@ -424,13 +304,13 @@ def train(model: nn.Module, data: DataSource, cfg: TrainConfig, hooks: Hooks | N
                 sched.step()
                 step += 1
                 logged = hooks.after_step(model, step)
-                acc = (out.detach().argmax(1) == y).float().mean().item()
-                terms = {"loss": loss.item()} if kd is None else {"loss": loss.item(), "distill": kd.item()}
+                acc = (out.detach().argmax(1) == y).float().mean()
+                terms = {"loss": loss.detach()} if kd is None else {"loss": loss.detach(), "distill": kd.detach()}
                 for k, v in {**terms, "acc": acc, **logged}.items():
                     if callable(v):
                         window[k] = v
                     else:
-                        window.setdefault(k, []).append(float(v))
+                        window.setdefault(k, []).append(v)
                 if step % cfg.log_every == 0 or step == cfg.steps or hooks.finished(step):
                     point = {"step": step, "lr": sched.get_last_lr()[0], **{k: _logged(v) for k, v in window.items()}}
                     result.curve.append(point)
@@ -440,98 +320,13 @@ def train(model: nn.Module, data: DataSource, cfg: TrainConfig, hooks: Hooks | N
                 elif bar is not None:
                     bar.update(0, completed=step)
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                    checkpoint(step)
+                    write_checkpoint(step)
             if cfg.checkpoint_every and step % cfg.checkpoint_every:
-                checkpoint(step)  # the phase's end, so a resume after it skips straight past it
+                write_checkpoint(step)  # the phase's end, so a resume after it skips straight past it
     finally:
-        give_back_teacher()
         if bar is not None:
             bar.stop()
     result.steps = step
     result.seconds = time.perf_counter() - t0
-    model.to(home).train(was_training)
+    model.train(was_training)
     return result
-
-
-def _logged(values: list[float] | Callable[[], float]) -> float:
-    """A log point's value: the mean of a number's values since the last point, or a lazy one's value now."""
-    return float(values()) if callable(values) else sum(values) / len(values)
-
-
-def _gather_rng(size: int, dev: torch.device) -> list[dict[str, torch.Tensor]]:
-    """Every rank's RNG states (dropout draws from them), indexed by rank."""
-    mine = {"cpu": torch.get_rng_state()}
-    if dev.type == "cuda":
-        mine["cuda"] = torch.cuda.get_rng_state(dev)
-    if size == 1:
-        return [mine]
-    states: list = [None] * size
-    dist.all_gather_object(states, mine)
-    return states
-
-
-def _set_rng(state: dict[str, torch.Tensor], dev: torch.device) -> None:
-    torch.set_rng_state(state["cpu"])
-    if dev.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], dev)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, dataset: torch.utils.data.Dataset, *, device: str | torch.device = "cpu",
-             batch_size: int = 256) -> float:
-    """Top-1 accuracy of `model` on `dataset` (eval mode on `device`; mode and device are restored after)."""
-    was_training = model.training
-    home = device_of(model)
-    model.eval()
-    model.to(device)
-    correct = total = 0
-    for x, y in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
-        pred = model(x.to(device)).argmax(1).cpu()
-        correct += int((pred == y).sum())
-        total += len(y)
-    model.to(home).train(was_training)
-    return correct / max(total, 1)
-
-
-RUNNING_STAT_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
-
-
-def norms_with_running_stats(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, RUNNING_STAT_NORMS) and m.track_running_stats
-            and m.running_mean is not None]
-
-
-@torch.no_grad()
-def recalibrate_norms(model: nn.Module, dataset: torch.utils.data.Dataset, *, batches: int, batch_size: int = 64,
-                      seed: int = 0, device: str | torch.device = "cpu") -> int:
-    """Re-estimate the running statistics of every norm that keeps them, on `batches` batches of
-    `dataset` (no augmentation, no gradients); returns the number of norms.
-
-    The statistics are reset and then averaged over the batches with equal weight (momentum None),
-    so the result does not depend on what they were. The batches are a seeded draw, the same in
-    every process: under DDP every rank computes the same statistics without communicating.
-    Parameters are untouched; mode and device are restored after."""
-    norms = norms_with_running_stats(model)
-    if not norms or batches <= 0:
-        return len(norms)
-    was_training, home = model.training, device_of(model)
-    saved = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average
-    model.eval()
-    for m in norms:
-        m.train()
-    model.to(device)
-    g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(dataset), generator=g)[:batches * batch_size].tolist()
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, order), batch_size=batch_size)
-    try:
-        for x, _ in loader:
-            if len(x) > 1:  # a batch of one has no variance to estimate
-                model(x.to(device))
-    finally:
-        for m, momentum in zip(norms, saved):
-            m.momentum = momentum
-        model.to(home).train(was_training)
-    return len(norms)

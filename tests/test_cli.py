@@ -16,6 +16,8 @@ from pcompiler.errors import CompileError
 from pcompiler.inputs import default_input_shape
 from pcompiler.passmanager import registered_passes
 
+pytestmark = pytest.mark.usefixtures("moves_allocate")  # every move allocates, as on a GPU: no pass may move what it was given
+
 torch.set_num_threads(1)
 
 REPORT_KEYS = {"model", "method", "settings", "params_before", "params_after", "param_ratio", "flops_before",
@@ -438,3 +440,14 @@ def test_selection_options_are_checked_before_the_model_is_read(tmp_path, option
     result = invoke(tmp_path / "missing.pt", "--method", "l1", option, value, "--ratio", "0.5", "-o", tmp_path / "o")
     assert_one_line_error(result, 2, option)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_run_with_data_survives_moves_that_allocate(tmp_path, moves_allocate):
+    """As on a GPU, where a move gives every tensor new storage: no pass may move a model it was given."""
+    result = invoke(Path(__file__).parents[1] / "examples" / "digits_resnet.pt", "--method", "l1", "--ratio", "0.5",
+                    "--data", "digits", "--finetune-epochs", "0.2", "--formats", "pt", "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    probe = nn.Linear(2, 2)
+    before = probe.weight.data_ptr()
+    probe.to("cpu")  # the fixture is on: a move would have been seen by the pass contract
+    assert probe.weight.data_ptr() != before and moves_allocate["count"] == 1

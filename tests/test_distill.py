@@ -12,8 +12,11 @@ from torch import nn
 import pcompiler
 from pcompiler.cli import main
 from pcompiler.data import DataSource
+from pcompiler.distill import Distillation
 from pcompiler.passmanager import make_pass
-from pcompiler.train import Distillation, TrainConfig
+from pcompiler.train import TrainConfig
+
+pytestmark = pytest.mark.usefixtures("moves_allocate")  # every move allocates, as on a GPU: no pass may move what it was given
 
 torch.set_num_threads(1)
 

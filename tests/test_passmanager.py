@@ -18,6 +18,8 @@ import pcompiler.train
 from pcompiler.errors import CompileError, InternalError, PassError
 from pcompiler.passmanager import Pass, PassResult, dump_instrument, make_pass, registered_passes
 
+pytestmark = pytest.mark.usefixtures("moves_allocate")  # every move allocates, as on a GPU: no pass may move what it was given
+
 X = torch.randn(2, 3, 8, 8)
 
 

@@ -9,8 +9,10 @@ from torch import nn
 
 import pcompiler
 from pcompiler.data import DataSource
+from pcompiler.inference import recalibrate_norms
 from pcompiler.passmanager import make_pass
-from pcompiler.train import recalibrate_norms
+
+pytestmark = pytest.mark.usefixtures("moves_allocate")  # every move allocates, as on a GPU: no pass may move what it was given
 
 
 def data(n: int = 128) -> DataSource:

@@ -15,9 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from pcompiler.data import DataSource, random_crop_flip
+from pcompiler.distill import Distillation
 from pcompiler.errors import CompileError
+from pcompiler.inference import evaluate
 from pcompiler.precision import FLOAT32_TINY, flushing_subnormals
-from pcompiler.train import Distillation, Hooks, TrainConfig, _lr_factor, evaluate, train
+from pcompiler.runtime import Runtime, copy_to
+from pcompiler.train import Hooks, TrainConfig, _lr_factor, train
 
 torch.set_num_threads(1)
 
@@ -385,13 +388,131 @@ def test_torchrun_two_processes_match_one(tmp_path, frontend):
     assert not (tmp_path / "two" / "report.json.tmp").exists()
 
 
+@pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16])
+def test_mixed_precision_trains_through_autocast_and_float16_through_a_grad_scaler(amp, monkeypatch):
+    """Both AMP branches on CPU autocast, as --amp takes them on CUDA (bfloat16 from Ampere on,
+    float16 with loss scaling before): the scaler's unscale comes before the hooks' penalty."""
+    scalers = []
+    make = Runtime.grad_scaler
+    monkeypatch.setattr(Runtime, "grad_scaler", lambda self: scalers.append(make(self)) or scalers[-1])
+    seen = []
+
+    class Dtypes(Recorder):
+        def loss_term(self, model, step):
+            seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+            return super().loss_term(model, step)
+
+        def after_backward(self, model, step):
+            super().after_backward(model, step)
+            # unscaled: a scaled gradient would be 2**16 times as large (an overflow is inf, and skipped)
+            grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+            assert grads[grads.isfinite()].abs().max() < 100
+
+    runtime = Runtime(amp=amp)
+    model, hooks = net(), Dtypes()
+    result = train(model, data(), CFG, hooks, runtime=runtime)
+    assert result.steps == 30 and set(seen) == {amp} and hooks.calls["after_backward"] == 30
+    assert all(np.isfinite(p["loss"]) for p in result.curve) and result.curve[-1]["loss"] < result.curve[0]["loss"]
+    assert (scalers[0] is not None) == (amp == torch.float16)
+    if amp == torch.float16:
+        assert scalers[0].get_scale() > 0 and scalers[0]._enabled
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast keeps float32 master weights
+
+
+def test_amp_and_devices_are_decided_by_the_runtime():
+    assert Runtime.resolve("cpu") == Runtime()
+    with pytest.raises(CompileError, match="--amp needs a CUDA device"):
+        Runtime.resolve("cpu", amp=True)
+    with pytest.raises(CompileError, match="not a device"):
+        Runtime.resolve("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(CompileError, match="no CUDA device"):
+            Runtime.resolve("cuda")
+    with pytest.raises(ValueError, match="must live on meta"):
+        train(net(), data(), CFG, runtime=Runtime(device=torch.device("meta")))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_amp_training_with_hooks_is_deterministic_and_returns_the_model_home():
-    cfg = TrainConfig(**{**CFG.__dict__, "device": "cuda", "amp": True})
-    a, b = net(), net()
-    ra = train(a, data(), cfg, Recorder())
-    train(b, data(), cfg, Recorder())
-    assert next(a.parameters()).device.type == "cpu" and ra.steps == 30
+def test_cuda_amp_training_with_hooks_is_deterministic_and_leaves_cudnn_as_it_was():
+    runtime = Runtime.resolve("cuda", amp=True)
+    flags = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = False, True
+    a, b = copy_to(net(), runtime.device), copy_to(net(), runtime.device)
+    ra = train(a, data(), CFG, Recorder(), runtime=runtime)
+    train(b, data(), CFG, Recorder(), runtime=runtime)
+    assert next(a.parameters()).device == runtime.device and ra.steps == 30
     assert same(a, b)
     assert all(np.isfinite(p["loss"]) for p in ra.curve)
+    assert (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) == flags
+
+
+FLAKY_DATA = '''
+import os
+import torch
+
+class Flaky(torch.utils.data.Dataset):
+    """Rank 1 fails on its 40th sample (its third step of 16): rank 0 then waits in an all-reduce."""
+
+    def __init__(self, x, y, fail):
+        self.x, self.y, self.fail, self.reads = x, y, fail, 0
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        if self.fail and self.reads > 40 and os.environ.get("RANK") == "1":
+            raise RuntimeError("rank 1's data went away")
+        return self.x[i], int(self.y[i])
+
+def data():
+    g = torch.Generator().manual_seed(1)
+    y = torch.arange(96) % 3
+    x = torch.randn(96, 1, 6, 6, generator=g) + y.view(-1, 1, 1, 1).float()
+    return Flaky(x, y, True), Flaky(x, y, False)
+'''
+
+
+@pytest.mark.slow
+def test_torchrun_a_failing_rank_stops_the_others_promptly_with_its_error(tmp_path):
+    model, _ = _files(tmp_path, bn=False)
+    (tmp_path / "flaky.py").write_text(FLAKY_DATA)
+    env = {**ENV, "PYTHONPATH": str(tmp_path), "PCOMPILER_DIST_TIMEOUT": "600"}
+    t0 = time.time()
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          *_cli(model, "py:flaky:data", tmp_path / "out", "--reg-steps", "200")],
+                         env=env, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert run.returncode != 0
+    assert "rank 1's data went away" in run.stderr
+    assert time.time() - t0 < 120  # the collective timeout is 600 s: nobody waited for it
+
+
+SLOW_MAIN = '''
+import sys, time, torch
+from torch import nn
+from pcompiler import distributed
+from pcompiler.data import DataSource
+from pcompiler.runtime import Runtime
+from pcompiler.train import TrainConfig, train
+
+runtime = Runtime.resolve("cpu")
+x, y = torch.randn(64, 4), torch.arange(64) % 2
+ds = torch.utils.data.TensorDataset(x, y)
+model = nn.Linear(4, 2)
+train(model, DataSource("t", ds, ds, 2, (4,), None), TrainConfig(steps=5, batch_size=16, progress=False), runtime=runtime)
+distributed.release()  # as compile_model does once the passes are done
+if runtime.is_main:
+    time.sleep(float(sys.argv[1]))  # exports and a benchmark of a large model
+distributed.finish()
+print("rank", runtime.rank, "done")
+'''
+
+
+@pytest.mark.slow
+def test_torchrun_the_other_ranks_do_not_wait_for_rank_0s_exports(tmp_path):
+    (tmp_path / "slow_main.py").write_text(SLOW_MAIN)
+    env = {**ENV, "PCOMPILER_DIST_TIMEOUT": "3"}  # rank 0's exports take longer than a collective may wait
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(tmp_path / "slow_main.py"), "8"], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "rank 0 done" in run.stdout and "rank 1 done" in run.stdout
