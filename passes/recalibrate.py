@@ -23,9 +23,8 @@ from pcompiler.ir import Program
 from pcompiler.passmanager import DATA, WEIGHTS, PassResult, register_pass
 from pcompiler.runtime import CPU, Runtime, copy_to
 
-# Batches of the training data used by default. On the digits benchmark the accuracy after
-# recalibration stops changing from about 10 batches of 64 on (docs/benchmarks.md); 50 leaves a
-# margin for models with more, smaller norms and is still a few seconds on a CPU.
+# Batches of the training data used by default: enough that the statistics stop changing on the
+# bundled examples, with a margin for models with more, smaller norms (docs/benchmarks.md measures it).
 DEFAULT_BATCHES = 50
 
 

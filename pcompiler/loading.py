@@ -1,27 +1,10 @@
 """Safe loading of model files: `load_model(path)`.
 
 A model file is what `torch.save(model)` writes: a pickle that names the classes to rebuild. A
-plain `pickle.load` of it runs whatever those names point to, so a file from elsewhere is read
-with PyTorch's weights-only unpickler instead, which rebuilds only allowlisted classes. The
-allowlist (`allowlist()`) holds what the supported libraries' own models pickle:
-
-- every `nn.Module` subclass defined in `torch.nn.modules`;
-- torchvision's model classes and the `torchvision.ops` blocks they use (Conv2dNormActivation,
-  SqueezeExcitation, StochasticDepth, Permute, MLP, ...), when torchvision imports;
-- timm's model and layer classes, and what its models keep besides modules (the `Format` enum,
-  `FeatureInfo`, the activation functions of `timm.layers.activations`), when timm imports;
-- `functools.partial`, which models keep for norm/activation factories (harmless: what it wraps
-  must be allowlisted too).
-
-Before loading, `get_unsafe_globals_in_checkpoint` lists every name the pickle refers to; a
-file naming anything else is refused by name, and `trust=True` (the CLI's `--trust`) reads it
-with full pickle. Not allowlisted on purpose: `builtins.getattr` (which reaches anything from
-anything; timm's fasternet pickles a bound method with it, so it needs --trust) and every
-function that is not pure tensor math.
-
-torchvision and timm are imported lazily, only when a file names one of their classes: where
-one is missing or fails to import, its classes are simply not allowlisted, and the refusal says
-why.
+file from elsewhere is read with PyTorch's weights-only unpickler, which rebuilds only the classes
+of `pcompiler.allowlist`: every name the pickle refers to is listed first
+(`get_unsafe_globals_in_checkpoint`), a file naming anything else is refused by name, and
+`trust=True` (the CLI's `--trust`) reads it with full pickle.
 
 A `torch.export` archive (`.pt2`, what pcompiler's own export writes) holds a graph and weights
 and no pickled code: it is read with `torch.export.load` and its `.module()` is the model.
@@ -34,27 +17,28 @@ Every failure a user can fix is a `CompileError` with one line that says what an
 
 from __future__ import annotations
 
-import enum
-import functools
 import importlib
-import inspect
 import logging
 import operator
 import os
 import pickle
-import pkgutil
 import re
 import sys
-import warnings
 import zipfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import torch
 from torch import nn
 
+from pcompiler.allowlist import (
+    OPTIONAL_LIBRARIES,
+    allowed_by_name,
+    allowlist,
+    optional_import_failures,
+    refresh_allowlist,
+)
 from pcompiler.errors import CompileError, one_line
 from pcompiler.hf import is_folder, load_folder
 from pcompiler.input_checks import check_finite
@@ -63,132 +47,7 @@ log = logging.getLogger("pcompiler")
 
 __all__ = ["allowlist", "load_model", "optional_import_failures", "refresh_allowlist"]
 
-# Libraries whose model classes are allowlisted when they import: (package, subpackages walked).
-_OPTIONAL_LIBRARIES = {
-    "torchvision": ("torchvision.models", "torchvision.ops"),
-    "timm": ("timm.models", "timm.layers"),
-}
-_optional_failures: dict[str, str] = {}
-
 _TRUST_HINT = "if you trust this file, pass --trust to load it with full pickle, which can run any code"
-
-
-# ---------------------------------------------------------------------------------------------
-# The allowlist
-
-
-def _walk(package: ModuleType) -> Iterable[ModuleType]:
-    """The package and every submodule that imports (one that does not is skipped and logged)."""
-    yield package
-    for info in pkgutil.walk_packages(getattr(package, "__path__", []), package.__name__ + "."):
-        try:
-            with warnings.catch_warnings():  # deprecated alias modules warn on import
-                warnings.simplefilter("ignore")
-                module = importlib.import_module(info.name)
-        except Exception as e:  # noqa: BLE001 - an optional submodule that fails is just not walked
-            log.debug("allowlist: skipping %s (%s)", info.name, one_line(e))
-            continue
-        yield module
-
-
-def _classes_defined_in(module: ModuleType, prefix: str) -> Iterable[type]:
-    """nn.Module subclasses defined under `prefix` (timm: also the enums its layers keep)."""
-    for obj in vars(module).values():
-        if inspect.isclass(obj) and obj.__module__.startswith(prefix):
-            if issubclass(obj, nn.Module) or (prefix == "timm." and issubclass(obj, enum.Enum)):
-                yield obj
-
-
-# Beyond modules: plain functions some timm models keep as their activation (pure tensor math),
-# and the record of feature stages hybrid models keep.
-_TIMM_FUNCTION_MODULES = ("timm.layers.activations",)
-_TIMM_EXTRA = ("timm.models._features.FeatureInfo",)
-
-
-def _timm_extras() -> Iterable[Any]:
-    for name in _TIMM_FUNCTION_MODULES:
-        module = sys.modules.get(name)
-        for obj in vars(module).values() if module else ():
-            if inspect.isfunction(obj) and obj.__module__ == name:
-                yield obj
-    for qualified in _TIMM_EXTRA:
-        module_name, _, attr = qualified.rpartition(".")
-        obj = getattr(sys.modules.get(module_name), attr, None)
-        if obj is not None:
-            yield obj
-
-
-def _import_optional(name: str) -> ModuleType | None:
-    try:
-        return importlib.import_module(name)
-    except Exception as e:  # noqa: BLE001 - absent or broken: its classes are not allowlisted
-        _optional_failures[name] = one_line(e)
-        log.debug("allowlist: %s is not importable (%s)", name, one_line(e))
-        return None
-
-
-def _names(objects: Iterable[Any]) -> dict[str, Any]:
-    """Pickle name (module.qualname, as the unpickler spells it) -> object."""
-    return {f"{obj.__module__}.{obj.__qualname__}": obj for obj in objects}
-
-
-@functools.cache
-def _torch_allowed() -> dict[str, Any]:
-    import torch.nn.modules
-
-    import pcompiler.example_models
-
-    found = [functools.partial]
-    for module in _walk(torch.nn.modules):
-        found.extend(_classes_defined_in(module, "torch.nn"))
-    # The bundled example model is pcompiler's own code, as safe to name as torch's.
-    found.extend(_classes_defined_in(pcompiler.example_models, "pcompiler.example_models"))
-    return _names(found)
-
-
-@functools.cache
-def _library_allowed(library: str) -> dict[str, Any]:
-    """The allowlist part of one optional library; empty (and the reason kept) if it fails to import."""
-    _optional_failures.pop(library, None)
-    if _import_optional(library) is None:
-        return {}
-    found: list[Any] = []
-    for sub in _OPTIONAL_LIBRARIES[library]:
-        package = _import_optional(sub)
-        for module in _walk(package) if package is not None else ():
-            found.extend(_classes_defined_in(module, library + "."))
-    if library == "timm":
-        found.extend(_timm_extras())
-    return _names(found)
-
-
-def _allowed_by_name(names: Iterable[str] | None = None) -> dict[str, Any]:
-    """The allowlist as a name -> object map. With `names`, only the libraries those names come
-    from are imported (a plain torch.nn pickle never imports torchvision or timm)."""
-    names = None if names is None else list(names)
-    allowed = dict(_torch_allowed())
-    for library in _OPTIONAL_LIBRARIES:
-        if names is None or any(n.startswith(library + ".") for n in names):
-            allowed.update(_library_allowed(library))
-    return allowed
-
-
-def allowlist() -> tuple[Any, ...]:
-    """Everything a model pickle may name without --trust (computed once, on first use)."""
-    return tuple(_allowed_by_name().values())
-
-
-def refresh_allowlist() -> None:
-    """Forget the computed allowlist (after torchvision or timm became importable in this process)."""
-    _torch_allowed.cache_clear()
-    _library_allowed.cache_clear()
-    _optional_failures.clear()
-
-
-def optional_import_failures() -> dict[str, str]:
-    """Optional libraries whose classes are not allowlisted because they failed to import."""
-    allowlist()
-    return dict(_optional_failures)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,10 +67,11 @@ def _refusal(path: Path, names: Sequence[str]) -> CompileError:
     names = sorted(set(names))
     shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
     why = ""
-    broken = [lib for lib in _OPTIONAL_LIBRARIES if lib in _optional_failures]
+    failures = optional_import_failures()
+    broken = [lib for lib in OPTIONAL_LIBRARIES if lib in failures]
     broken = [lib for lib in broken if any(n.startswith(lib + ".") for n in names)]
     if broken:
-        why = "; " + "; ".join(f"{lib} is not allowlisted because it failed to import ({_optional_failures[lib]})" for lib in broken)
+        why = "; " + "; ".join(f"{lib} is not allowlisted because it failed to import ({failures[lib]})" for lib in broken)
     return CompileError(
         f"'{path}' refers to classes pcompiler does not load without --trust: {shown}{why}",
         hint=_TRUST_HINT,
@@ -221,16 +81,26 @@ def _refusal(path: Path, names: Sequence[str]) -> CompileError:
 _RESAVE_HINT = "copy the whole file again, or save it again with torch.save(model, path)"
 _REEXPORT_HINT = ("export it again: torch.export.save(torch.export.export(model, example_inputs), path), "
                   "and copy the whole file")
-_END_MISSING = "its end (the zip's central directory) is missing"
+_END_MISSING = "its end (the zip's central directory) is missing or damaged"
 _UNSAFE_GLOBAL = re.compile(r"GLOBAL ([\w.]+) was not an allowed global")
 _ZIP_MAGIC = b"PK\x03\x04"
 _PICKLE_PROTO = b"\x80"
 
 
+def _zip_names(path: Path) -> list[str] | None:
+    """The entries of the zip archive `path`; None when it is not one or its directory is unreadable."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return z.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return None
+
+
 def _is_truncated_zip(path: Path) -> bool:
-    """Starts like a zip archive, but the directory at its end is missing (a cut-off copy)."""
+    """Starts like a zip archive, but the directory at its end is missing or damaged (a cut-off
+    or corrupted copy)."""
     with path.open("rb") as f:
-        return f.read(4).startswith(_ZIP_MAGIC) and not zipfile.is_zipfile(path)
+        return f.read(4).startswith(_ZIP_MAGIC) and _zip_names(path) is None
 
 
 def _first_sentence(e: BaseException) -> str:
@@ -245,13 +115,13 @@ def _not_a_checkpoint(path: Path, e: BaseException) -> CompileError:
             f"'{path}' is a TorchScript archive, not a torch.save file",
             hint="save the nn.Module itself with torch.save(model, path), or its state dict and use --arch",
         )
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as z:
-            if not any(n == "data.pkl" or n.endswith("/data.pkl") for n in z.namelist()):
-                return CompileError(
-                    f"'{path}' is a zip archive but not a torch.save file (a torch.export .pt2?)",
-                    hint="pcompiler reads files written by torch.save(model), or a state dict with --arch",
-                )
+    names = _zip_names(path)
+    if names is not None:
+        if not any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+            return CompileError(
+                f"'{path}' is a zip archive but not a torch.save file (a torch.export .pt2?)",
+                hint="pcompiler reads files written by torch.save(model), or a state dict with --arch",
+            )
     if _is_truncated_zip(path):
         return CompileError(f"'{path}' is truncated or corrupt: it starts as a torch.save zip archive but {_END_MISSING}",
                             hint=_RESAVE_HINT)
@@ -268,13 +138,13 @@ def _read_safely(path: Path) -> Any:
         raise CompileError(f"'{path}' is not a torch.save file (neither a zip archive nor a pickle): corrupt, or "
                            "another format", hint=_RESAVE_HINT)
     if legacy:  # no way to list the globals first: the unpickler checks each as it goes
-        needed = list(_allowed_by_name().values())
+        needed = list(allowed_by_name().values())
     else:  # name every global before unpickling anything
         try:
             names = torch.serialization.get_unsafe_globals_in_checkpoint(path)  # beyond torch's defaults
         except Exception as e:  # noqa: BLE001 - any failure to parse means a broken file
             raise _not_a_checkpoint(path, e) from e
-        allowed = _allowed_by_name(names)
+        allowed = allowed_by_name(names)
         unknown = [n for n in names if n not in allowed]
         if unknown:
             raise _refusal(path, unknown)
@@ -312,7 +182,7 @@ def _read_trusted(path: Path) -> Any:
             hint="define the model in an importable module, or save a state dict and use --arch module:callable",
         ) from e
     except Exception as e:  # noqa: BLE001
-        if zipfile.is_zipfile(path):  # a sound archive: the failure came from the code it ran
+        if _zip_names(path) is not None:  # a sound archive: the failure came from the code it ran
             raise CompileError(f"loading '{path}' with full pickle failed: {_first_sentence(e)}") from e
         raise _not_a_checkpoint(path, e) from e
 
@@ -400,20 +270,18 @@ def _fill(model: nn.Module, state: Mapping[str, Any], path: Path, spec: str) -> 
 
 
 def _is_export_archive(path: Path) -> bool:
-    if not path.is_file() or not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as z:
-        return any(n.endswith("/archive_format") for n in z.namelist())
+    names = _zip_names(path) if path.is_file() else None
+    return names is not None and any(n.endswith("/archive_format") for n in names)
 
 
 def _not_an_export_archive(path: Path) -> CompileError | None:
     """Why a `.pt2` file is not a torch.export archive; None when it is a torch.save file after all."""
     with path.open("rb") as f:
         head = f.read(4)
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as z:
-            if any(n == "data.pkl" or n.endswith("/data.pkl") for n in z.namelist()):
-                return None  # torch.save under a .pt2 name
+    names = _zip_names(path)
+    if names is not None:
+        if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+            return None  # torch.save under a .pt2 name
         what = "a zip archive without the entries torch.export.save writes"
     elif _is_truncated_zip(path):
         what = f"truncated or corrupt: it starts as a zip archive but {_END_MISSING}"

@@ -87,6 +87,16 @@ def test_truncated_and_random_torch_save_files(saved, tmp_path):
     assert f"'{noise}' is not a torch.save file" in line and "torch.save(model, path)" in line
 
 
+def test_a_damaged_zip_directory_is_a_user_error(saved, tmp_path):
+    data = bytearray(saved[".pt"])
+    at = data.find(b"PK\x01\x02")  # the first entry of the central directory: zipfile reads it as BadZipFile
+    data[at:at + 2] = b"XX"
+    path = tmp_path / "damaged.pt"
+    path.write_bytes(bytes(data))
+    line = _compile(path, tmp_path / "out")  # exit 2 (asserted by _compile), not an internal error
+    assert f"'{path}' is truncated or corrupt" in line and "central directory" in line
+
+
 def test_torch_save_file_named_pt2_still_loads(saved, tmp_path):
     from pcompiler.loading import load_model
 
