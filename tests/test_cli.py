@@ -393,6 +393,17 @@ def test_no_recalibrate(tmp_path):
     (("--method", "tpp", "--ratio", "0.5", "--data", "digits", "-p", "nonsense=1"), ("no option nonsense",)),
     (("--method", "tpp", "--ratio", "0.5", "--data", "digits", "-p", "novalue"), ("KEY=VALUE",)),
     (("--method", "tpp", "--ratio", "0.5", "--data", "digits", "-p", "ratio=0.1"), ("its own option",)),
+    (("--method", "tpp", "--ratio", "0.5", "--data", "digits", "-p", "delta=abc"), ("delta='abc'", "float expected")),
+    (("--method", "tpp", "--ratio", "0.5", "--data", "digits", "-p", "gram_every=2.5"), ("int expected",)),
+    (("--method", "l1", "--ratio", "0.5", "--data", "digits", "--distill-temperature", "2"),
+     ("--distill-temperature does nothing without --distill",)),
+    (("--method", "l1", "--ratio", "0.5", "--bench-batches", "1,8"), ("--bench-batches does nothing without --bench",)),
+    (("--method", "l1", "--ratio", "0.5", "--finetune-epochs", "3"), ("--finetune-epochs does nothing without --data",)),
+    (("--method", "l1", "--ratio", "0.5", "--data", "digits", "--reg-steps", "30"), ("--reg-steps", "trains")),
+    (("--method", "l1", "--ratio", "0.5", "--data", "digits", "--image-size", "32"), ("imagefolder",)),
+    (("--method", "l1", "--ratio", "0.5", "--amp"), ("--amp needs a CUDA device",)),
+    (("--method", "l1", "--ratio", "0.5", "--device", "tpu"), ("--device tpu: not a device",)),
+    (("--method", "l1", "--ratio", "0.5", "--device", "mps"), ("pcompiler runs on cpu or cuda",)),
 ])
 def test_training_option_errors(tmp_path, args, fragments):
     assert_one_line_error(invoke(EXAMPLE, *args, "-o", tmp_path / "o"), 2, *fragments)
