@@ -44,35 +44,40 @@ def flushing_subnormals() -> bool:
 
 
 @cache
-def _openmp() -> ctypes.CDLL | None:
-    """The OpenMP runtime torch's CPU kernels run on, if it can restart its thread pool."""
+def _openmp_runtimes() -> tuple[ctypes.CDLL, ...]:
+    """Every OpenMP runtime loaded in this process that can restart its thread pool. torch's CPU
+    wheel brings its own libgomp, and others may be loaded beside it (scikit-learn bundles one):
+    all are restarted, which costs nothing to those not in use."""
     if "OpenMP" not in torch.__config__.parallel_info():
-        return None
-    candidates: list[str | None] = []
+        return ()
+    paths: list[str | None] = []
     maps = Path("/proc/self/maps")
-    if maps.exists():  # Linux: the runtime already loaded (torch's wheel brings its own copy)
+    if maps.exists():  # Linux: the runtimes already loaded
         for line in maps.read_text().splitlines():
             path = line.split(maxsplit=5)[-1]
-            if _OPENMP_LIBRARY.search(path) and path not in candidates:
-                candidates.append(path)
-    candidates.append(None)  # the symbols visible to the whole process
-    for name in candidates:
+            if _OPENMP_LIBRARY.search(path) and path not in paths:
+                paths.append(path)
+    if not paths:
+        paths.append(None)  # elsewhere: the symbols visible to the whole process
+    found = []
+    for path in paths:
         try:
-            lib = ctypes.CDLL(name)
+            lib = ctypes.CDLL(path)
             lib.omp_pause_resource_all.argtypes = [ctypes.c_int]
-            return lib
         except (OSError, AttributeError):
             continue
-    return None
+        found.append(lib)
+    return tuple(found)
 
 
 def _restart_intra_op_threads() -> bool:
-    """End torch's OpenMP worker threads; the next parallel kernel starts new ones, which inherit
-    the calling thread's floating-point flags. False where that is not possible here."""
+    """End the OpenMP worker threads of the calling thread; the next parallel kernel starts new
+    ones, which inherit the calling thread's floating-point flags. False where that is not
+    possible here."""
     if torch.get_num_threads() <= 1:
         return True
-    lib = _openmp()
-    return lib is not None and lib.omp_pause_resource_all(_OMP_PAUSE_SOFT) == 0
+    results = [lib.omp_pause_resource_all(_OMP_PAUSE_SOFT) for lib in _openmp_runtimes()]
+    return bool(results) and all(r == 0 for r in results)
 
 
 @contextlib.contextmanager

@@ -140,6 +140,7 @@ def subnormal_count(*tensors: torch.Tensor) -> int:
 
 
 def test_training_flushes_subnormals_in_every_thread_and_restores_the_setting():
+    pytest.importorskip("sklearn.utils._openmp_helpers")  # a second OpenMP runtime beside torch's, as --data digits loads
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # one parallel kernel spans the calling thread and an OpenMP worker
     try:
