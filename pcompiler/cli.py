@@ -19,6 +19,7 @@ are the commands' results, go to stdout.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import traceback
@@ -281,7 +282,8 @@ def _compile(console: Console, model_path: Path, **o: Any) -> int:
     settings.check(has_data=o["data_spec"] is not None)
     runtime = Runtime.resolve(settings.device, settings.amp)  # the process group joined before any pass
     formats = _parse_list("--formats", o["formats"], FORMATS)
-    bench = _bench_settings(o["bench_batches"], o["bench_backends"]) if o["run_bench"] else None
+    bench = (_bench_settings(o["bench_batches"], o["bench_backends"], device=_cuda_bench_device(runtime))
+             if o["run_bench"] else None)
     if bench is not None and specs:
         check_input_memory([s.shape for s in specs], largest_batch=max(bench.batch_sizes), option="--bench-batches",
                            element_bytes=[s.dtype.itemsize for s in specs])
@@ -315,6 +317,8 @@ def _compile(console: Console, model_path: Path, **o: Any) -> int:
 @click.option("--batches", default="1,8,64", show_default=True, help="Batch sizes, comma-separated.")
 @click.option("--backends", help=f"Comma-separated, from {','.join(BACKENDS)} (default: all this machine has).")
 @click.option("--threads", type=int, help="CPU threads for torch and onnxruntime (default: torch's setting).")
+@click.option("--device", default="cuda", show_default=True,
+              help="The GPU of the CUDA backends, cuda or cuda:N (the CPU backends need none).")
 @click.option("--warmup", type=int, default=3, show_default=True, help="Untimed calls per model before timing.")
 @click.option("--min-reps", type=int, default=10, show_default=True, help="Timed calls per model, at least.")
 @click.option("--min-time", type=float, default=1.0, show_default=True,
@@ -333,15 +337,15 @@ def bench_command(model_path: Path, verbose: bool, **options: Any) -> int:
 
 
 def _bench(console: Console, model_path: Path, *, slim_path: Path | None, input_shapes: tuple[str, ...], trust: bool,
-           arch: str | None, batches: str, backends: str | None, threads: int | None, warmup: int, min_reps: int,
-           min_time: float, json_path: Path | None) -> int:
+           arch: str | None, batches: str, backends: str | None, threads: int | None, device: str, warmup: int,
+           min_reps: int, min_time: float, json_path: Path | None) -> int:
     from pcompiler.pipeline import measure
     from pcompiler.report import write_report
 
     if (threads is not None and threads < 1) or warmup < 0 or min_reps < 1 or min_time < 0:
         raise CompileError("--threads and --min-reps must be at least 1, --warmup and --min-time at least 0")
     specs = parse_inputs(input_shapes)
-    settings = _bench_settings(batches, backends, threads=threads, warmup=warmup, min_reps=min_reps,
+    settings = _bench_settings(batches, backends, device=device, threads=threads, warmup=warmup, min_reps=min_reps,
                                min_seconds=min_time)
     if specs:
         check_input_memory([s.shape for s in specs], largest_batch=max(settings.batch_sizes), option="--batches",
@@ -360,16 +364,24 @@ def _bench(console: Console, model_path: Path, *, slim_path: Path | None, input_
     return EXIT_OK  # a backend that failed is a row of the table, and a warning
 
 
-def _bench_settings(batches: str, backends: str | None, **more: Any):
-    from pcompiler.targets.bench import LatencySettings, available_backends
+def _bench_settings(batches: str, backends: str | None, device: str, **more: Any):
+    from pcompiler.targets.backends import unavailable_backends
+    from pcompiler.targets.bench import LatencySettings
 
+    settings = LatencySettings(batch_sizes=_parse_batches("--batches", batches), device=device, **more)
     chosen = None if backends is None else _parse_list("--backends", backends, BACKENDS)
-    have = available_backends()
-    missing = [b for b in chosen or () if b not in have]
+    lacking = unavailable_backends(device)
+    missing = [b for b in chosen or () if b in lacking]
     if missing:
-        raise CompileError(f"backend {', '.join(missing)} is not available on this machine",
-                           hint=f"this machine has {','.join(have)}")
-    return LatencySettings(batch_sizes=_parse_batches("--batches", batches), backends=chosen, **more)
+        raise CompileError(f"backend {missing[0]} is not available on this machine: {lacking[missing[0]]}",
+                           hint=f"this machine has {','.join(b for b in BACKENDS if b not in lacking)}")
+    return dataclasses.replace(settings, backends=chosen)
+
+
+def _cuda_bench_device(runtime: Runtime) -> str:
+    """The GPU the bench's CUDA backends use: the training device where it is one (cuda:LOCAL_RANK
+    under torchrun), else the current CUDA device."""
+    return str(runtime.device) if runtime.device.type == "cuda" else "cuda"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@
   that loads with plain torch and no pickle, a state dict, and `export_all` that writes them all.
 - `onnx`: `torch.onnx.export`, then onnxruntime runs the file and its outputs are compared with
   torch's.
-- `bench`: static costs (parameters, FLOPs) and latency of original against slim.
+- `bench`: static costs (parameters, FLOPs) and latency of original against slim; `backends`:
+  how each latency backend runs a model, and which this machine has.
 
 Every export function returns an `ExportResult` and never raises for a failed export: a model
 that one backend cannot take still gets the others written. Each export reloads what it wrote

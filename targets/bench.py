@@ -6,16 +6,24 @@ models are timed *alternately* (A B, then B A, ...) in one loop, so that drift o
 (other load, clocks, thermal state) hits them alike. Per model: p50, p90, mean and min of the
 timed calls; the speedup is the median of the per-round ratios original / slim (paired, so it
 is robust to drift), and the efficiency is that speedup divided by the FLOPs reduction (1.0:
-the latency falls exactly as much as the FLOPs). Backends (`BACKENDS`):
+the latency falls exactly as much as the FLOPs). Backends (`BACKENDS`, run by `targets/backends.py`):
 
 - `torch-cpu`: eager fp32 under inference_mode, `threads` intra-op threads.
 - `onnxruntime-cpu`: the model exported to ONNX (static shapes, one file per batch size, in a
   temporary folder) and run by the CPU provider with `threads` intra-op threads.
-- on CUDA, when torch sees a GPU: `torch-cuda-fp32` and `torch-cuda-bf16` (eager, weights and
-  inputs in channels_last, bf16 weights and inputs), `torch-cuda-compile` (bf16 channels_last,
-  `torch.compile` with static shapes; its compilation happens in the warm-up).
-- `onnxruntime-cuda`, when onnxruntime-gpu provides the CUDA provider: fp32 with inputs and
-  outputs bound on the GPU (IOBinding), so no host copies are timed.
+- on CUDA, when torch sees a GPU: `torch-cuda-fp32` and `torch-cuda-bf16` (eager; bf16: floating
+  weights, buffers and inputs cast to bfloat16), `torch-cuda-compile` (bf16, `torch.compile` with
+  static shapes; its compilation happens in the warm-up). The model is copied onto the device
+  with `runtime.copy_to` and keeps the memory format it has (no channels_last: the model is timed
+  as the user runs it, and a model that `.view()`s a conv's output would fail in channels_last).
+- `onnxruntime-cuda`, when a session on onnxruntime's CUDA provider really runs there (a
+  one-node model is tried: onnxruntime-gpu installed and its CUDA libraries loading): fp32 with
+  inputs and outputs bound on the GPU (IOBinding), so no host copies are timed.
+
+The CUDA backends run on `LatencySettings.device` ("cuda": the current device, or "cuda:N"),
+which each row records. Each onnxruntime row records the provider its sessions ran on; a
+session that onnxruntime put on another provider than the backend's (it falls back to the CPU
+with a warning only) makes the row an error saying so, not CPU timings under a CUDA name.
 
 A CUDA call is timed to the end of its work (`torch.cuda.synchronize`). Repetitions: `warmup`
 untimed calls per model, then enough rounds that each model runs for at least `min_seconds`,
@@ -26,12 +34,9 @@ export, out of memory) gives a row with `error` instead of timings; the others s
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import logging
 import math
-import os
-import platform
 import statistics
 import tempfile
 import time
@@ -43,25 +48,34 @@ from typing import Any
 import torch
 
 from pcompiler.costs import eval_mode, static_costs
-from pcompiler.errors import one_line
+from pcompiler.errors import CompileError, one_line
 from pcompiler.input_checks import check_input_memory
+from pcompiler.targets.backends import (
+    BACKENDS,
+    PROVIDERS,
+    RUNNERS,
+    available_backends,
+    cuda_device,
+    machine,
+    unavailable_backends,
+)
+from pcompiler.targets.onnx import ProviderFallback
 
 log = logging.getLogger("pcompiler")
+
+__all__ = ["BACKENDS", "RUNNERS", "LatencySettings", "Timing", "alternate", "available_backends", "bench",
+           "default_round_to", "machine", "make_inputs", "measure_latency", "unavailable_backends"]
 
 
 # ---------------------------------------------------------------------------------------------
 # Latency
 
-BACKENDS = ("torch-cpu", "onnxruntime-cpu", "torch-cuda-fp32", "torch-cuda-bf16", "torch-cuda-compile",
-            "onnxruntime-cuda")
 BATCH_SIZES = (1, 8, 64)
 
 # Channel multiple whose widths the device's kernels run at full speed (`--round-to`'s default).
-# CPU: oneDNN and onnxruntime's MLAS block channels by 8 (AVX2) or 16 (AVX-512). Measured on a
-# 2-core AVX-512 EPYC, resnet50 pruned to 2x fewer FLOPs, onnxruntime at batch 64 (see
-# docs/benchmarks.md): speedup 1.46 with widths not rounded, 1.97 rounded to 8; 16 measured the
-# same as 8 (1.96x both, one run), so 8 (the finer choice). CUDA: tensor cores take fp16/bf16 channels in multiples of 8 (NVIDIA's
-# performance guide); not measured here (no GPU was lent).
+# CPU: oneDNN and onnxruntime's MLAS block channels by 8 (AVX2) or 16 (AVX-512); docs/benchmarks.md
+# ("Latency") measures what rounding to 8 and to 16 buys against not rounding. CUDA: tensor cores
+# take fp16/bf16 channels in multiples of 8 (NVIDIA's performance guide).
 ROUND_TO = {"cpu": 8, "cuda": 8}
 
 
@@ -73,7 +87,8 @@ def default_round_to(device: str | torch.device) -> int:
 @dataclass(frozen=True)
 class LatencySettings:
     """How latency is measured (see the module docstring). backends: None = every available one.
-    threads: CPU intra-op threads (None: torch's current setting)."""
+    threads: CPU intra-op threads (None: torch's current setting). device: where the CUDA
+    backends run ("cuda": the current CUDA device; "cuda:N")."""
 
     batch_sizes: tuple[int, ...] = BATCH_SIZES
     backends: tuple[str, ...] | None = None
@@ -82,6 +97,16 @@ class LatencySettings:
     max_reps: int = 200
     min_seconds: float = 1.0
     threads: int | None = None
+    device: str = "cuda"
+
+    def __post_init__(self) -> None:
+        try:
+            kind = torch.device(self.device).type
+        except RuntimeError:
+            kind = None
+        if kind != "cuda":
+            raise CompileError(f"bench device {self.device!r}: the device of the CUDA backends must be a CUDA device",
+                               hint="cuda or cuda:N (the CPU backends need no device)")
 
 
 @dataclass(frozen=True)
@@ -107,44 +132,6 @@ def _percentile(ordered: Sequence[float], q: float) -> float:
     lo, hi = math.floor(pos), math.ceil(pos)
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
-
-def available_backends() -> tuple[str, ...]:
-    """The backends this machine can run, in BACKENDS order."""
-    names = ["torch-cpu"]
-    ort = _onnxruntime()
-    if ort is not None:
-        names.append("onnxruntime-cpu")
-    if torch.cuda.is_available():
-        names += ["torch-cuda-fp32", "torch-cuda-bf16", "torch-cuda-compile"]
-        if ort is not None and "CUDAExecutionProvider" in ort.get_available_providers():
-            names.append("onnxruntime-cuda")
-    return tuple(names)
-
-
-def _onnxruntime():
-    try:
-        import onnxruntime
-    except ImportError:
-        return None
-    return onnxruntime
-
-
-def machine() -> dict[str, Any]:
-    """What the timings were measured on."""
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    ort = _onnxruntime()
-    return {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "torch": torch.__version__,
-        "onnxruntime": getattr(ort, "__version__", None),
-    }
 
 
 def make_inputs(example_inputs: Sequence[torch.Tensor], batch: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -174,85 +161,6 @@ def _threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-# A runner turns (model, inputs) into a no-argument callable that does one forward pass and
-# returns when its work is done. Each gets its own copy of the model (they move and cast it).
-Runner = Callable[[torch.nn.Module, tuple[torch.Tensor, ...], int, Path], Callable[[], Any]]
-
-
-def _torch_cpu(model, inputs, threads, workdir):
-    def call():
-        with torch.inference_mode():
-            return model(*inputs)
-
-    return call
-
-
-def _channels_last(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
-
-
-def _torch_cuda(dtype: torch.dtype, compile: bool) -> Runner:
-    def runner(model, inputs, threads, workdir):
-        # The copy keeps the eval flags measure_latency set (no .eval(): torch.export modules refuse it).
-        model = copy.deepcopy(model).to("cuda", dtype=dtype, memory_format=torch.channels_last)
-        xs = tuple(_channels_last(t.to("cuda", dtype=dtype if t.is_floating_point() else t.dtype)) for t in inputs)
-        fn = torch.compile(model, dynamic=False) if compile else model
-
-        def call():
-            with torch.inference_mode():
-                out = fn(*xs)
-            torch.cuda.synchronize()
-            return out
-
-        return call
-
-    return runner
-
-
-def _onnxruntime_runner(cuda: bool) -> Runner:
-    def runner(model, inputs, threads, workdir):
-        from pcompiler.targets.onnx import session, write_onnx
-
-        path = workdir / f"b{inputs[0].shape[0] if inputs and inputs[0].dim() else 0}.onnx"
-        names = [f"input_{i}" for i in range(len(inputs))]
-        write_onnx(model, inputs, path, names=names)
-        # Not spinning: idle pool threads of one model would take the cores from the other
-        # model's call that follows (measured: a small model's p90 8x its p50).
-        sess = session(path, threads, "CUDAExecutionProvider" if cuda else "CPUExecutionProvider", spinning=False)
-        wanted = [i.name for i in sess.get_inputs()]
-        feed = {n: t.numpy() for n, t in zip(names, inputs) if n in wanted}
-        if not cuda:
-            return lambda: sess.run(None, feed)
-        # Inputs and outputs stay on the GPU: time the model, not host <-> device copies.
-        on_gpu = {n: torch.from_numpy(a).to("cuda") for n, a in feed.items()}
-        binding = sess.io_binding()
-        for n, t in on_gpu.items():
-            binding.bind_input(n, "cuda", 0, _numpy_dtype(t.dtype), tuple(t.shape), t.data_ptr())
-        for o in sess.get_outputs():
-            binding.bind_output(o.name, "cuda")
-
-        def call():
-            sess.run_with_iobinding(binding)
-            binding.synchronize_outputs()
-
-        return call
-
-    return runner
-
-
-def _numpy_dtype(dtype: torch.dtype):
-    return torch.empty((), dtype=dtype).numpy().dtype
-
-
-RUNNERS: dict[str, tuple[str, str, Runner]] = {  # name -> (device, dtype, runner)
-    "torch-cpu": ("cpu", "float32", _torch_cpu),
-    "onnxruntime-cpu": ("cpu", "float32", _onnxruntime_runner(cuda=False)),
-    "torch-cuda-fp32": ("cuda", "float32", _torch_cuda(torch.float32, compile=False)),
-    "torch-cuda-bf16": ("cuda", "bfloat16", _torch_cuda(torch.bfloat16, compile=False)),
-    "torch-cuda-compile": ("cuda", "bfloat16", _torch_cuda(torch.bfloat16, compile=True)),
-    "onnxruntime-cuda": ("cuda", "float32", _onnxruntime_runner(cuda=True)),
-}
-
 
 def _timed(fn: Callable[[], Any]) -> float:
     t0 = time.perf_counter()
@@ -278,57 +186,72 @@ def alternate(calls: Mapping[str, Callable[[], Any]], settings: LatencySettings)
     return samples
 
 
-def _row(backend: str, batch: int, threads: int, settings: LatencySettings) -> dict[str, Any]:
-    device, dtype, _ = RUNNERS[backend]
-    return {"backend": backend, "batch": batch, "device": device, "dtype": dtype,
-            "threads": threads if device == "cpu" else None, "warmup": settings.warmup}
+def _row(backend: str, batch: int, threads: int, settings: LatencySettings, cuda: torch.device | None) -> dict[str, Any]:
+    kind, dtype, _ = RUNNERS[backend]
+    row = {"backend": backend, "batch": batch, "device": "cpu" if kind == "cpu" else str(cuda), "dtype": dtype,
+           "threads": threads if kind == "cpu" else None, "warmup": settings.warmup}
+    if backend in PROVIDERS:
+        row["provider"] = None  # the provider the sessions ran on, once known
+    return row
 
 
 def measure_latency(models: Mapping[str, torch.nn.Module], example_inputs: Sequence[torch.Tensor],
                     settings: LatencySettings = LatencySettings()) -> list[dict[str, Any]]:
     """Latency of each model (e.g. {"original": a, "slim": b}) on each backend and batch size,
-    timed alternately. One row per (backend, batch): {"backend", "batch", "device", "dtype",
-    "threads", "warmup", "reps", "<name>": Timing as a dict, ..., "speedup" (when there are
-    "original" and "slim": the median per-round ratio original/slim)} or {..., "error"}."""
-    backends = settings.backends if settings.backends is not None else available_backends()
+    timed alternately. One row per (backend, batch): {"backend", "batch", "device" ("cpu" or
+    "cuda:N"), "dtype", "threads", "warmup", ["provider": onnxruntime's, on onnxruntime rows],
+    "reps", "<name>": Timing as a dict, ..., "speedup" (when there are "original" and "slim": the
+    median per-round ratio original/slim)} or {..., "error"}."""
+    backends = settings.backends if settings.backends is not None else available_backends(settings.device)
     unknown = [b for b in backends if b not in RUNNERS]
     if unknown:
         raise ValueError(f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(BACKENDS)}")
     threads = settings.threads or torch.get_num_threads()
+    cuda = cuda_device(settings.device) if any(RUNNERS[b][0] == "cuda" for b in backends) else None
     rows = []
     with contextlib.ExitStack() as stack:
         stack.enter_context(_threads(threads))
-        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="pcompiler-bench-"))
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pcompiler-bench-")))
         for model in models.values():
             stack.enter_context(eval_mode(model))
         for backend in backends:
             for batch in settings.batch_sizes:
-                row = _row(backend, batch, threads, settings)
-                rows.append(row)
-                try:
-                    inputs = make_inputs(example_inputs, batch)
-                    calls = {}
-                    for name, model in models.items():
-                        workdir = Path(tmp) / backend / name
-                        workdir.mkdir(parents=True, exist_ok=True)
-                        calls[name] = RUNNERS[backend][2](model, inputs, threads, workdir)
-                    samples = alternate(calls, settings)
-                except Exception as e:  # noqa: BLE001 - one backend failing is a result, not a crash
-                    row["error"] = one_line(e)
-                    log.warning("bench %s at batch %d failed: %s", backend, batch, row["error"])
-                    log.debug("bench traceback", exc_info=True)
-                    continue
-                finally:
-                    if torch.cuda.is_available():
-                        torch.cuda.empty_cache()
-                row["reps"] = len(next(iter(samples.values())))
-                for name, s in samples.items():
-                    row[name] = dataclasses.asdict(Timing.of(s))
-                if "original" in samples and "slim" in samples:
-                    row["speedup"] = statistics.median(a / b for a, b in zip(samples["original"], samples["slim"]))
-                log.info("bench %s batch %d: %s", backend, batch,
-                         ", ".join(f"{n} p50 {row[n]['p50'] * 1e3:.3g} ms" for n in samples))
+                rows.append(_row(backend, batch, threads, settings, cuda))
+                _measure(rows[-1], models, example_inputs, settings, tmp / backend, cuda)
     return rows
+
+
+def _measure(row: dict[str, Any], models: Mapping[str, torch.nn.Module], example_inputs: Sequence[torch.Tensor],
+             settings: LatencySettings, workdir: Path, cuda: torch.device | None) -> None:
+    """Time `models` on the row's backend and batch size into `row`, or write why not into it."""
+    backend, batch, threads = row["backend"], row["batch"], settings.threads or torch.get_num_threads()
+    try:
+        inputs = make_inputs(example_inputs, batch)
+        calls = {}
+        for name, model in models.items():
+            (workdir / name).mkdir(parents=True, exist_ok=True)
+            calls[name] = RUNNERS[backend][2](model, inputs, threads, workdir / name, cuda)
+        samples = alternate(calls, settings)
+    except Exception as e:  # noqa: BLE001 - one backend failing is a result, not a crash
+        # A session onnxruntime put on another provider is an error, not a note beside timings:
+        # they would be the CPU's under a CUDA backend's name (and in the speedup headline).
+        if isinstance(e, ProviderFallback):
+            row["provider"] = e.used
+        row["error"] = one_line(e)
+        log.warning("bench %s at batch %d failed: %s", backend, batch, row["error"])
+        log.debug("bench traceback", exc_info=True)
+        return
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    if backend in PROVIDERS:
+        row["provider"] = PROVIDERS[backend]  # session() refuses a session on any other
+    row["reps"] = len(next(iter(samples.values())))
+    for name, s in samples.items():
+        row[name] = dataclasses.asdict(Timing.of(s))
+    if "original" in samples and "slim" in samples:
+        row["speedup"] = statistics.median(a / b for a, b in zip(samples["original"], samples["slim"]))
+    log.info("bench %s batch %d: %s", backend, batch, ", ".join(f"{n} p50 {row[n]['p50'] * 1e3:.3g} ms" for n in samples))
 
 
 def bench(models: Mapping[str, torch.nn.Module], example_inputs: Sequence[torch.Tensor],
@@ -345,5 +268,5 @@ def bench(models: Mapping[str, torch.nn.Module], example_inputs: Sequence[torch.
                 row["flops_reduction"] = reduction
                 row["efficiency"] = row["speedup"] / reduction
     threads = settings.threads or torch.get_num_threads()
-    return {"machine": machine(), "settings": {**dataclasses.asdict(settings), "threads": threads},
+    return {"machine": machine(settings.device), "settings": {**dataclasses.asdict(settings), "threads": threads},
             "costs": costs, "latency": rows}

@@ -2,15 +2,12 @@
 
 Exporter: the torch.export-based ("dynamo") exporter, torch's default since 2.9, is tried first;
 if it raises, the legacy TorchScript exporter (`dynamo=False`) is tried, and `note` says which
-one wrote the file and why. Measured on torch 2.13 CPU (1 thread, no network) on fx-traced
-models: both give outputs within 3e-7 of torch on a ResNet-18-shaped convnet (11.7M params), a
-hand-written attention block and nn.TransformerEncoder. The dynamo exporter is slower (ResNet-18:
-4.0-4.5 s in a fresh process, 1.6-2.0 s after; small transformers 0.7-1.4 s) than the legacy
-one (0.6-0.9 s; 0.02-0.13 s) but was not fragile on any of them, while the legacy one warns that
-it "will be removed" and fails on nn.TransformerEncoder's fused fast path (taken under no_grad;
-the export therefore runs with grad on). Hence dynamo first,
-legacy as the fallback (`exporter=` forces one). When the legacy exporter fails, torch itself
-writes the TorchScript graph to stderr (its ONNX log cannot be switched off in 2.13).
+one wrote the file and why. On fx-traced convnets and attention blocks both give outputs that
+match torch to float32 rounding; the dynamo exporter is slower but was not fragile on any of
+them, while the legacy one warns that it "will be removed" and fails on nn.TransformerEncoder's
+fused fast path (taken under no_grad; the export therefore runs with grad on). Hence dynamo
+first, legacy as the fallback (`exporter=` forces one). When the legacy exporter fails, torch
+itself writes the TorchScript graph to stderr (its ONNX log cannot be switched off in 2.13).
 
 Files: the weights are stored inside the .onnx file (`external_data=False`) unless they exceed
 ONNX's 2 GB protobuf limit, when they go to `<path>.data` beside it. Both are written in a
@@ -18,11 +15,19 @@ temporary folder and moved in complete, so a failed or killed export leaves no h
 GraphModule's placeholders; outputs that are tuples/lists/dicts are flattened in order. The
 export runs in eval mode. Assumes real weights (not the meta device) and tensor inputs that
 numpy can hold (no bfloat16).
+
+onnxruntime is an optional dependency with two alternative packages that install the same
+`onnxruntime` module: `onnxruntime` (CPU; `pip install 'pcompiler[cpu]'`) and `onnxruntime-gpu`
+(the CUDA provider too; `pip install 'pcompiler[gpu]'`). Without either, running a file is a
+CompileError that says how to install one. A session asked for a provider that onnxruntime
+does not give it (onnxruntime falls back to the CPU with only a warning when the provider is
+missing or fails to load) is refused with `ProviderFallback`, which names the provider used.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import io
 import logging
 import warnings
@@ -33,7 +38,7 @@ import numpy as np
 import torch
 
 from pcompiler.costs import eval_mode
-from pcompiler.errors import one_line
+from pcompiler.errors import CompileError, first_line, one_line
 from pcompiler.ir import Program
 from pcompiler.outdir import atomic_files
 from pcompiler.targets import ExportResult, compare_outputs, guarded, reference_outputs, require_weights
@@ -127,20 +132,94 @@ def _export_with_fallback(module: torch.nn.Module, inputs: Sequence[torch.Tensor
         return f"exporter: legacy (TorchScript), because dynamo failed: {one_line(e, 160)}"
 
 
-def session(path: str | Path, threads: int | None = None, provider: str = "CPUExecutionProvider",
-            spinning: bool = True):
-    """An onnxruntime InferenceSession on `provider` (`threads`: intra-op threads, default
-    torch's current setting, so tests that set one thread get one). spinning=False: idle pool
-    threads sleep instead of spinning after a call (the bench times two sessions in turn, and a
-    spinning one takes the cores from the other's call)."""
-    import onnxruntime as ort
+INSTALL_HINT = "pip install 'pcompiler[cpu]', or 'pcompiler[gpu]' for the CUDA provider"
+CPU_PROVIDER = "CPUExecutionProvider"
 
+
+def import_onnxruntime():
+    """The onnxruntime module; a CompileError saying how to install it when it is missing."""
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise CompileError(f"onnxruntime, which runs ONNX files, is not installed ({first_line(str(e))})",
+                           hint=INSTALL_HINT) from e
+    return onnxruntime
+
+
+class ProviderFallback(CompileError):
+    """onnxruntime made a session on another provider than the one asked for. `asked` and `used`
+    name the providers; the message says why (the reason) and the hint how to fix it."""
+
+    def __init__(self, asked: str, used: str, reason: str, hint: str):
+        self.asked, self.used = asked, used
+        super().__init__(f"asked for {asked}, onnxruntime ran {used} ({reason})", hint=hint)
+
+
+def session(model: str | Path | bytes, threads: int | None = None, provider: str = CPU_PROVIDER,
+            spinning: bool = True, device_id: int = 0):
+    """An onnxruntime InferenceSession of `model` (a file, or the model's bytes) on `provider`
+    (`threads`: intra-op threads, default torch's current setting, so tests that set one thread
+    get one; `device_id`: the GPU of a CUDA provider). spinning=False: idle pool threads sleep
+    instead of spinning after a call (the bench times two sessions in turn, and a spinning one
+    takes the cores from the other's call). Raises ProviderFallback when onnxruntime put the
+    session on another provider than `provider`."""
+    ort = import_onnxruntime()
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads if threads is not None else torch.get_num_threads()
     options.log_severity_level = 3  # errors only
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), options, providers=[provider])
+    providers = [provider if provider == CPU_PROVIDER else (provider, {"device_id": device_id})]
+    with warnings.catch_warnings():  # the fallback is refused below, with the reason
+        warnings.filterwarnings("ignore", message="Specified provider .* is not in available provider names")
+        sess = ort.InferenceSession(model if isinstance(model, bytes) else str(model), options, providers=providers)
+    used = sess.get_providers()[0]
+    if used != provider:
+        raise ProviderFallback(provider, used, *_why_not(ort, provider))
+    return sess
+
+
+def _why_not(ort, provider: str) -> tuple[str, str]:
+    """(reason, hint) for a session that did not get `provider`."""
+    name = provider.removesuffix("ExecutionProvider")
+    if provider in ort.get_available_providers():
+        return (f"the {name} provider did not load",
+                f"onnxruntime's log names the library it could not load; onnxruntime-gpu {ort.__version__} "
+                "needs the CUDA and cuDNN versions it was built for ('pcompiler[gpu]' installs them)")
+    if _installed("onnxruntime") and _installed("onnxruntime-gpu"):
+        return ("onnxruntime and onnxruntime-gpu are both installed and share one module; the CPU one's files won",
+                "pip uninstall -y onnxruntime onnxruntime-gpu, then pip install 'pcompiler[gpu]'")
+    return (f"this onnxruntime {ort.__version__} has no {name} provider",
+            "pip uninstall -y onnxruntime, then pip install 'pcompiler[gpu]'")
+
+
+def _installed(distribution: str) -> bool:
+    try:
+        importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def provider_problem(provider: str, device_id: int = 0) -> str | None:
+    """None when a session on `provider` (device `device_id`) really runs there, tried on a
+    one-node model; else one line saying why not."""
+    try:
+        ort = import_onnxruntime()
+        if provider not in ort.get_available_providers():
+            raise ProviderFallback(provider, CPU_PROVIDER, *_why_not(ort, provider))
+        session(_identity_model(), 1, provider, device_id=device_id)
+    except Exception as e:  # noqa: BLE001 - any failure means the provider cannot be used
+        return one_line(e)
+    return None
+
+
+def _identity_model() -> bytes:
+    from onnx import TensorProto, helper
+
+    x, y = (helper.make_tensor_value_info(n, TensorProto.FLOAT, [1]) for n in ("x", "y"))
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [x], [y])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8).SerializeToString()
 
 
 def run_onnx(sess, names: Sequence[str], inputs: Sequence[torch.Tensor]) -> list[np.ndarray]:
@@ -170,6 +249,7 @@ def export_onnx(
 
     def body() -> tuple[float | None, str | None]:
         require_weights(prog, f"ONNX to {path}")
+        import_onnxruntime()  # before writing: a file that cannot be checked is not written
         note = write_onnx(prog.gm, prog.example_inputs, path, names=input_names(prog), opset=opset, exporter=exporter)
         want = reference_outputs(prog)
         got = run_onnx(session(path), input_names(prog), prog.example_inputs)

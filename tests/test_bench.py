@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import struct
+import sys
 
 import numpy as np
 import pytest
@@ -13,9 +14,13 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
+import pcompiler.targets.backends as backends_mod
 import pcompiler.targets.bench as bench_mod
 from pcompiler.cli import main
+from pcompiler.errors import EXIT_USER, CompileError
 from pcompiler.loading import load_model
+from pcompiler.report_md import latency_rows
+from pcompiler.targets.backends import on_device
 from pcompiler.targets.bench import (
     LatencySettings,
     Timing,
@@ -23,8 +28,10 @@ from pcompiler.targets.bench import (
     available_backends,
     bench,
     default_round_to,
+    machine,
     make_inputs,
     measure_latency,
+    unavailable_backends,
 )
 
 torch.set_num_threads(1)
@@ -94,7 +101,7 @@ def test_measure_latency_times_every_backend_and_batch():
 
 
 def test_a_failing_backend_is_a_row_with_the_reason(monkeypatch):
-    def broken(model, inputs, threads, workdir):
+    def broken(model, inputs, threads, workdir, device):
         raise RuntimeError("exporter cannot handle this\nmore detail")
 
     monkeypatch.setitem(bench_mod.RUNNERS, "onnxruntime-cpu", ("cpu", "float32", broken))
@@ -128,7 +135,106 @@ def test_cuda_backends_run():
     assert len(rows) == 2 * len(backends)
     for r in rows:
         assert "error" not in r, r
-        assert r["device"] == "cuda" and r["threads"] is None and r["speedup"] > 0
+        assert r["device"].startswith("cuda:") and r["threads"] is None and r["speedup"] > 0
+        assert r.get("provider", "CUDAExecutionProvider") == "CUDAExecutionProvider"
+
+
+# ---------------------------------------------------------------------------------------------
+# The GPU path, checked without a GPU
+
+
+class ViewsConv(nn.Module):
+    """Flattens a conv's output with .view(), which fails on a channels_last tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 4 * 4, 2)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.fc(y.view(y.shape[0], -1))
+
+
+def test_cuda_models_are_copied_and_cast_but_not_made_channels_last():
+    model, x = ViewsConv().eval(), torch.randn(2, 3, 4, 4)
+    model.scale = torch.tensor(2.0)  # a tensor constant kept as a plain attribute
+    moved, (xs,) = on_device(model, (x,), "cpu", torch.bfloat16)
+    assert xs.dtype == torch.bfloat16 and xs.is_contiguous()
+    assert moved.conv.weight.dtype == torch.bfloat16 and moved.conv.weight.is_contiguous()
+    assert moved.scale.dtype == torch.bfloat16 and not moved.training
+    assert moved(xs).shape == (2, 2)  # runs as the user runs it
+    # The user's model is untouched: its own tensors, in float32.
+    assert model.conv.weight.dtype == torch.float32 and model.scale.dtype == torch.float32
+    assert moved.conv.weight.data_ptr() != model.conv.weight.data_ptr()
+    # What the runner did before: in channels_last this model cannot run.
+    last = ViewsConv().to(dtype=torch.bfloat16, memory_format=torch.channels_last)
+    with pytest.raises(RuntimeError, match="view size is not compatible"):
+        last(xs.contiguous(memory_format=torch.channels_last))
+
+
+def _no_cuda_provider():
+    ort = pytest.importorskip("onnxruntime")
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has a CUDA provider: nothing falls back")
+    return ort
+
+
+def test_onnxruntime_rows_name_the_provider_and_a_fallback_is_an_error(monkeypatch):
+    _no_cuda_provider()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # no real CUDA call, GPU or not
+    asked = []
+    real_session = backends_mod.session
+    monkeypatch.setattr(backends_mod, "session", lambda *a, **k: asked.append(k["device_id"]) or real_session(*a, **k))
+    rows = measure_latency({"original": convnet(8)}, (torch.randn(1, 3, 8, 8),),
+                           LatencySettings(batch_sizes=(1,), backends=("torch-cpu", "onnxruntime-cpu", "onnxruntime-cuda"),
+                                           device="cuda:1", **QUICK))
+    cpu, ort_cpu, ort_cuda = rows
+    assert "provider" not in cpu and "error" not in ort_cpu
+    assert (ort_cpu["provider"], ort_cpu["device"]) == ("CPUExecutionProvider", "cpu")
+    # Asked on the second GPU, onnxruntime (CPU only here) ran its CPU provider: said, not timed.
+    assert asked[-1] == 1 and ort_cuda["device"] == "cuda:1"
+    assert ort_cuda["provider"] == "CPUExecutionProvider" and "original" not in ort_cuda
+    assert ort_cuda["error"].startswith("asked for CUDAExecutionProvider, onnxruntime ran CPUExecutionProvider (")
+    assert "pcompiler[gpu]" in ort_cuda["error"]
+    table = {r[0]: r for r in latency_rows({"latency": rows})[1:]}
+    assert table["onnxruntime-cuda"][2] == f"failed: {ort_cuda['error']}"
+
+
+def test_a_cuda_provider_that_does_not_load_is_named_and_not_available(monkeypatch):
+    ort = _no_cuda_provider()
+    # As onnxruntime-gpu whose CUDA libraries are missing: the provider is listed, the session falls back.
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    missing = unavailable_backends()
+    assert missing["onnxruntime-cuda"].startswith(
+        "asked for CUDAExecutionProvider, onnxruntime ran CPUExecutionProvider (the CUDA provider did not load)")
+    assert available_backends() == ("torch-cpu", "onnxruntime-cpu", "torch-cuda-fp32", "torch-cuda-bf16",
+                                    "torch-cuda-compile")
+
+
+def test_bench_device_is_a_cuda_device_and_names_its_gpu(monkeypatch):
+    with pytest.raises(CompileError, match="must be a CUDA device") as e:
+        LatencySettings(device="cpu")
+    assert e.value.exit_code == EXIT_USER
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d: f"GPU {d}")
+    assert machine("cuda:1")["gpu"] == "GPU cuda:1"
+    with pytest.raises(CompileError, match="this machine has 2 CUDA device"):
+        machine("cuda:2")
+
+
+def test_without_onnxruntime_the_error_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime raises ImportError
+    assert "onnxruntime-cpu" not in available_backends()
+    assert "pip install 'pcompiler[cpu]'" in unavailable_backends()["onnxruntime-cpu"]
+    (row,) = measure_latency({"original": convnet(8)}, (torch.randn(1, 3, 8, 8),),
+                             LatencySettings(batch_sizes=(1,), backends=("onnxruntime-cpu",), **QUICK))
+    assert row["error"].startswith("onnxruntime, which runs ONNX files, is not installed")
+    assert "pip install 'pcompiler[cpu]', or 'pcompiler[gpu]'" in row["error"] and row["provider"] is None
+    assert machine()["onnxruntime"] is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,12 +302,15 @@ def test_bench_command_alone_and_its_errors(tmp_path):
     assert "original p50 / p90" in result.stdout and "speedup" not in result.stdout
     for args, fragment in [(("--batches", "1,x"), "positive integers"),
                            (("--backends", "tpu"), "unknown tpu"),
-                           (("--input-shape", "1,5,8,8"), "does not run on example inputs 1,5,8,8")]:
+                           (("--input-shape", "1,5,8,8"), "does not run on example inputs 1,5,8,8"),
+                           (("--device", "cpu"), "must be a CUDA device")]:
         result = invoke("bench", tmp_path / "cnn.pt", *args)
         assert result.exit_code == 2 and result.stderr.startswith("error: ") and fragment in result.stderr, result.output
     if not torch.cuda.is_available():
         result = invoke("bench", tmp_path / "cnn.pt", "--backends", "torch-cuda-fp32")
-        assert result.exit_code == 2 and "not available on this machine" in result.stderr
+        assert result.exit_code == 2, result.output
+        assert "torch-cuda-fp32 is not available on this machine: torch sees no CUDA device" in result.stderr
+        assert "this machine has torch-cpu,onnxruntime-cpu" in result.stderr
 
 
 def test_pt2_export_has_a_dynamic_batch_and_loads(tmp_path, compiled):

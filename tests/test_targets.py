@@ -221,6 +221,34 @@ def test_onnx_mismatch_is_reported(tmp_path, monkeypatch):
     assert r.max_error == pytest.approx(1.0, abs=1e-5)
 
 
+def test_onnx_without_onnxruntime_says_how_to_install_it(tmp_path, monkeypatch):
+    from pcompiler.errors import EXIT_USER, CompileError
+    from pcompiler.targets.onnx import session
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime raises ImportError
+    r = export_onnx(mlp(), tmp_path / "model.onnx")
+    assert not r.ok and r.error.startswith("onnxruntime, which runs ONNX files, is not installed")
+    assert "pip install 'pcompiler[cpu]', or 'pcompiler[gpu]' for the CUDA provider" in r.error
+    assert not (tmp_path / "model.onnx").exists()  # a file that cannot be checked is not written
+    with pytest.raises(CompileError, match=r"pcompiler\[cpu\]") as e:
+        session(tmp_path / "model.onnx")
+    assert e.value.exit_code == EXIT_USER
+
+
+def test_onnx_session_refuses_a_provider_it_did_not_get(tmp_path):
+    from pcompiler.targets.onnx import ProviderFallback, session
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has a CUDA provider")
+    prog = mlp()
+    assert_ok(export_onnx(prog, tmp_path / "model.onnx"), "onnx")
+    assert session(tmp_path / "model.onnx").get_providers()[0] == "CPUExecutionProvider"
+    with pytest.raises(ProviderFallback) as e:
+        session(tmp_path / "model.onnx", provider="CUDAExecutionProvider")
+    assert (e.value.asked, e.value.used) == ("CUDAExecutionProvider", "CPUExecutionProvider")
+    assert "has no CUDA provider" in str(e.value) or "both installed" in str(e.value)
+
+
 def test_failed_export_does_not_stop_the_others(tmp_path, monkeypatch):
     prog = cnn()
 
