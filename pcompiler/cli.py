@@ -19,7 +19,6 @@ are the commands' results, go to stdout.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import sys
 import traceback
@@ -368,14 +367,15 @@ def _bench_settings(batches: str, backends: str | None, device: str, **more: Any
     from pcompiler.targets.backends import unavailable_backends
     from pcompiler.targets.bench import LatencySettings
 
-    settings = LatencySettings(batch_sizes=_parse_batches("--batches", batches), device=device, **more)
     chosen = None if backends is None else _parse_list("--backends", backends, BACKENDS)
+    settings = LatencySettings(batch_sizes=_parse_batches("--batches", batches), backends=chosen, device=device,
+                               **more)  # checks the device before unavailable_backends reads it
     lacking = unavailable_backends(device)
     missing = [b for b in chosen or () if b in lacking]
     if missing:
         raise CompileError(f"backend {missing[0]} is not available on this machine: {lacking[missing[0]]}",
                            hint=f"this machine has {','.join(b for b in BACKENDS if b not in lacking)}")
-    return dataclasses.replace(settings, backends=chosen)
+    return settings
 
 
 def _cuda_bench_device(runtime: Runtime) -> str:
