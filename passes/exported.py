@@ -11,9 +11,10 @@ the graph module of ATen ops it makes, in the form every later pass reads:
   guard module: `check_guards=False`) and its metadata assertions are dropped: they check the
   shapes slim changes.
 - A dynamic batch. Where every input has the same first dimension, the model is exported with
-  it dynamic (on a batch of 2 where the example's is 1), so sizes the model computes from its
-  input's batch stay computed, and model.pt2 takes any batch; where export cannot, the batch is
-  the example's.
+  it dynamic (on a batch of 2 where the example's is 1), and for token ids the sequence length
+  too (`inputs.dynamic_dims`), so sizes the model computes from its input's batch and length
+  stay computed, and model.pt2 takes any batch and length; where export cannot, they are the
+  example's.
 - Standard torch.nn layers as leaves. Where the nodes of one call of a torch.nn module that has
   an op rule (Conv2d, Linear, BatchNorm2d, LayerNorm, Embedding, ReLU, ...) read one tensor and
   make one, they are replaced by one `call_module` node of the module itself, keeping its
@@ -40,6 +41,8 @@ import torch.fx as fx
 from torch import nn
 
 from pcompiler.errors import CompileError, one_line
+from pcompiler.hf import cache_off
+from pcompiler.inputs import dynamic_dims, widened
 from pcompiler.passes.rules.base import lookup
 
 log = logging.getLogger("pcompiler")
@@ -57,7 +60,7 @@ def export_graph(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     """The exported graph of `model` called as `model(*args, **kwargs)` (module docstring)."""
     name = type(model).__name__
     try:
-        with _attributes_kept(model), warnings.catch_warnings():
+        with _attributes_kept(model), cache_off(model), warnings.catch_warnings():
             # That is what _attributes_kept undoes; the user has nothing to change.
             warnings.filterwarnings("ignore", message="The tensor attributes .* were assigned during export")
             ep = _export_dynamic_batch(model, args, kwargs) or torch.export.export(model, args, kwargs, strict=False)
@@ -137,20 +140,16 @@ def _export_dynamic_batch(model: nn.Module, args: tuple, kwargs: dict[str, Any])
     reads the batch size where the model's code does (views, expands), and the slim program
     takes any batch."""
     tensors = [*args, *kwargs.values()]
-    if not tensors or (args and kwargs) or not all(isinstance(t, torch.Tensor) and t.dim() for t in tensors):
-        return None
-    if len({t.shape[0] for t in tensors}) != 1:
+    dims = dynamic_dims(tensors)
+    if not dims or (args and kwargs):
         return None
 
-    def widen(t: torch.Tensor) -> torch.Tensor:
-        return t if t.shape[0] > 1 else t.expand(2, *t.shape[1:]).clone()
-
-    batch = {0: torch.export.Dim.AUTO}
+    batch = dict.fromkeys(dims, torch.export.Dim.AUTO)
     try:
         if kwargs:
-            return torch.export.export(model, (), {k: widen(v) for k, v in kwargs.items()},
+            return torch.export.export(model, (), dict(zip(kwargs, widened(list(kwargs.values())))),
                                        dynamic_shapes={k: batch for k in kwargs}, strict=False)
-        return torch.export.export(model, tuple(widen(t) for t in args),
+        return torch.export.export(model, widened(args),
                                    dynamic_shapes=tuple(batch for _ in args), strict=False)
     except Exception as e:  # noqa: BLE001 - the static export below says its own error, if any
         log.debug("export with a dynamic batch failed (%s); exporting with the example's", one_line(e))

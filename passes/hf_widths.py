@@ -8,6 +8,10 @@ selects it, and records the field of each other group for the folder target. The
 per layer then follows from layer-wise selection (the default), which removes the same number
 from groups of the same size; the folder target checks the widths and the outputs, and says so
 where a run could not keep to them.
+
+With `pin` off (the default formats, where hf/ is written only if it can be) nothing is pinned:
+the pass only records which field holds each group, and the folder target skips hf/ where the
+method changed a width no field holds.
 """
 
 from __future__ import annotations
@@ -27,12 +31,14 @@ log = logging.getLogger("pcompiler")
 @register_pass
 @dataclass(frozen=True)
 class HfWidths:
-    """Pin the groups whose width no field of the Hugging Face config holds (`fields`: name -> value)."""
+    """Pin the groups whose width no field of the Hugging Face config holds (`fields`: name ->
+    value); with `pin` off, only record the field of each group."""
 
     name: ClassVar[str] = "hf_widths"
     requires: ClassVar = (ANALYSIS,)
     ensures: ClassVar = (ANALYSIS,)
     fields: tuple[tuple[str, int], ...] = ()
+    pin: bool = True
 
     def run(self, prog: Program) -> PassResult:
         analysis = prog.require_analysis(self.name)
@@ -43,12 +49,13 @@ class HfWidths:
         groups, held = [], {}
         for g in analysis.groups:
             field = field_of(g.size, g.block, widths) if g.prunable else None
-            if g.prunable and field is None:
+            if g.prunable and field is None and self.pin:
                 g = dataclasses.replace(g, pinned=(*g.pinned, reason))
             elif field is not None:
                 held[g.id] = field
             groups.append(g)
-        log.info("hf_widths: %d groups prunable within the config's widths (%s)", len(held), shown)
+        log.info("hf_widths: %d groups %s the config's widths (%s)", len(held),
+                 "prunable within" if self.pin else "of", shown)
         info = {**prog.info, "hf_widths": {"fields": widths, "prunable": len(held), "groups": held}}
         return PassResult(prog.replace(analysis=dataclasses.replace(analysis, groups=tuple(groups)), info=info),
                           changed=False)

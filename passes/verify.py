@@ -42,8 +42,10 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 import torch.fx as fx
+from torch import nn
 
 from pcompiler.compare import VERIFY, Comparison, Tolerance, compare, flatten_tensors
+from pcompiler.dtypes import HALF, dtype_name, promoted
 from pcompiler.errors import CompileError, VerifyError
 from pcompiler.ir import RESCALED_KEY, DimRef, Fold, Program, Role, iter_tensors, node_value, tensor_of
 from pcompiler.passes.compensate import add_to_bias, inject_constants, slim_delta
@@ -78,22 +80,63 @@ def _inputs(prog: Program) -> list[tuple[torch.Tensor, ...]]:
     return [prog.example_inputs, second]
 
 
+PROOF_DTYPE = torch.float32
+
+
+def proof_dtype(gm: nn.Module) -> torch.dtype | None:
+    """The dtype verify runs `gm` in: float32 where its weights are half precision (the rewrite
+    is proved on the same values, exactly representable, without half precision's rounding, whose
+    order differs between a zeroed and a removed channel); None: its own dtype."""
+    found = {t.dtype for t in (*gm.parameters(), *gm.buffers()) if t.is_floating_point()}
+    return PROOF_DTYPE if found & set(HALF) else None
+
+
 class _Recorder(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule):
+    """Runs a graph and keeps every node's value; with `dtype`, in that dtype: each module's
+    half-precision parameters and buffers are read as `dtype` copies while it runs (one module
+    at a time, the model itself unchanged), and so are attributes, and the graph's casts to a
+    half dtype cast to `dtype` instead."""
+
+    def __init__(self, gm: fx.GraphModule, dtype: torch.dtype | None = None):
         super().__init__(gm)
         self.values: dict[str, Any] = {}
+        self.dtype = dtype
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
         self.values[n.name] = out
         return out
 
+    def get_attr(self, target: Any, args: Any, kwargs: Any) -> Any:
+        value = super().get_attr(target, args, kwargs)
+        return value if self.dtype is None else promoted(value, self.dtype)
 
-def _recorded(gm: fx.GraphModule, inputs: tuple) -> tuple[dict[str, Any], list[torch.Tensor]]:
-    """Run `gm` once on `inputs`: every node's value by name, and the flat outputs."""
-    rec = _Recorder(gm)
+    def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
+        if self.dtype is not None:
+            args, kwargs = promoted(args, self.dtype), promoted(kwargs, self.dtype)
+        return super().call_function(target, args, kwargs)
+
+    def call_method(self, target: Any, args: Any, kwargs: Any) -> Any:
+        if self.dtype is not None:
+            args, kwargs = promoted(args, self.dtype), promoted(kwargs, self.dtype)
+        return super().call_method(target, args, kwargs)
+
+    def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
+        if self.dtype is None:
+            return super().call_module(target, args, kwargs)
+        module = self.fetch_attr(target)
+        half = {k: t.to(self.dtype) for k, t in (*module.named_parameters(), *module.named_buffers())
+                if t.is_floating_point() and t.dtype in HALF}
+        args, kwargs = promoted(args, self.dtype), promoted(kwargs, self.dtype)
+        return torch.func.functional_call(module, half, args, kwargs, strict=False)
+
+
+def _recorded(gm: fx.GraphModule, inputs: tuple, dtype: torch.dtype | None = None,
+              ) -> tuple[dict[str, Any], list[torch.Tensor]]:
+    """Run `gm` once on `inputs` (in `dtype`, see _Recorder): every node's value by name, and the flat outputs."""
+    rec = _Recorder(gm, dtype)
     with torch.no_grad():
-        out = rec.run(*inputs)
+        out = rec.run(*(inputs if dtype is None else promoted(tuple(inputs), dtype)))
     return rec.values, flatten_tensors(out)
 
 
@@ -125,10 +168,9 @@ def _first_node_difference(prog: Program, ref_values: dict[str, Any], slim_value
 
 
 def _output_comparisons(gm: fx.GraphModule, reference: fx.GraphModule, inputs: tuple,
-                        tol: Tolerance) -> list[Comparison]:
-    """`compare` of each of `gm`'s outputs with the reference's, in order."""
-    with torch.no_grad():
-        return _compare_flat(flatten_tensors(gm(*inputs)), flatten_tensors(reference(*inputs)), tol)
+                        tol: Tolerance, dtype: torch.dtype | None) -> list[Comparison]:
+    """`compare` of each of `gm`'s outputs with the reference's, in order (both run in `dtype`)."""
+    return _compare_flat(_recorded(gm, inputs, dtype)[1], _recorded(reference, inputs, dtype)[1], tol)
 
 
 def _compare_flat(got: list[torch.Tensor], want: list[torch.Tensor], tol: Tolerance) -> list[Comparison]:
@@ -137,13 +179,14 @@ def _compare_flat(got: list[torch.Tensor], want: list[torch.Tensor], tol: Tolera
     return [compare(g, w, tol) for g, w in zip(got, want)]
 
 
-def _compare(prog: Program, reference: fx.GraphModule, what: str, tol: Tolerance) -> tuple[float, float]:
+def _compare(prog: Program, reference: fx.GraphModule, what: str, tol: Tolerance,
+             dtype: torch.dtype | None) -> tuple[float, float]:
     """Max abs and relative error of `prog.gm` against `reference` on the check inputs; a
     VerifyError naming the first differing node when an output does not match (a NaN or an
     infinity that the other side does not have included)."""
     worst, worst_rel, finite, values, inputs_tried = 0.0, 0.0, 0, 0, _inputs(prog)
     for inputs in inputs_tried:
-        (ref_values, want), (slim_values, got) = _recorded(reference, inputs), _recorded(prog.gm, inputs)
+        (ref_values, want), (slim_values, got) = _recorded(reference, inputs, dtype), _recorded(prog.gm, inputs, dtype)
         values += sum(t.numel() for t in want)
         # Every node, not only the outputs: a wrong channel the outputs barely react to (a layer
         # scale of 1e-6, a saturated activation) still shows where it is made.
@@ -193,6 +236,14 @@ def _reference_text(folds: tuple[Fold, ...]) -> str:
     return f"original with the removed channels zeroed and {n} compensated channel inputs (at {where}) replaced by their constants"
 
 
+def _precision_text(gm: nn.Module, dtype: torch.dtype | None) -> str:
+    """What the proof ran in, for the report: the dtype, and the model's where that differs."""
+    own = ", ".join(sorted({dtype_name(t.dtype) for t in gm.parameters() if t.is_floating_point()}))
+    if dtype is None:
+        return own or "no floating-point weights"
+    return f"{dtype_name(dtype)} (the model's {own} weights, read exactly as {dtype_name(dtype)})"
+
+
 def verify_program(prog: Program, tol: Tolerance = VERIFY) -> dict[str, Any]:
     """Compare the slim model with the zeroed original (where `compensate` folded constants, with
     them injected). Approximate folds (zero-padded convs) are taken out of the slim model for
@@ -213,12 +264,13 @@ def verify_program(prog: Program, tol: Tolerance = VERIFY) -> dict[str, Any]:
     if norms:
         what += f", its {len(norms)} LayerNorms that lost channels normalizing over the kept ones"
     checked = prog.replace(gm=_without_folds(prog, approx)) if approx else prog
-    worst, worst_rel = _compare(checked, reference, what, tol)
+    dtype = proof_dtype(prog.gm)
+    worst, worst_rel = _compare(checked, reference, what, tol, dtype)
     result: dict[str, Any] = {"ok": True, "reference": what, "max_error": worst, "max_relative_error": worst_rel,
-                              "rtol": tol.rtol, "atol": tol.atol}
+                              "rtol": tol.rtol, "atol": tol.atol, "precision": _precision_text(prog.gm, dtype)}
     if approx or norms:
         full = constant_reference(prog, folds)
-        found = [c for inputs in _inputs(prog) for c in _output_comparisons(prog.gm, full, inputs, tol)]
+        found = [c for inputs in _inputs(prog) for c in _output_comparisons(prog.gm, full, inputs, tol, dtype)]
         result["approximate"] = {
             "reference": _reference_text(folds),
             "max_error": max(c.max_error for c in found),

@@ -33,7 +33,7 @@ from rich.markup import escape
 
 from pcompiler.console import error_line, groups_table, latency_table, summary
 from pcompiler.distill import Distillation
-from pcompiler.errors import EXIT_BUG, EXIT_OK, CompileError, InternalError, first_line, one_line
+from pcompiler.errors import EXIT_BUG, EXIT_EXPORT, EXIT_OK, CompileError, InternalError, first_line, one_line
 from pcompiler.input_checks import check_input_memory
 from pcompiler.inputs import parse_inputs, specs_text
 from pcompiler.loading import load_model
@@ -51,6 +51,7 @@ from pcompiler.pipeline import (
 from pcompiler.report_md import count_text
 from pcompiler.runtime import Runtime
 from pcompiler.targets.bench import BACKENDS
+from pcompiler.targets.onnx import ONNX_DTYPES
 from pcompiler.train import TrainConfig
 
 __all__ = ["main"]
@@ -195,10 +196,14 @@ def _guarded(console: Console, verbose: bool, body: Callable[[], int]) -> int:
 @click.option("--no-compensate", is_flag=True, help="Do not fold the constant values of removed channels into "
               "the consumers' biases (default: fold them; with --data, near-constant ones too).")
 @click.option("--analyze", is_flag=True, help="Print the channel groups and stop.")
-@click.option("--formats", default=",".join(FORMATS), show_default=True,
-              help="Exports to write, comma-separated (eager: your model's class with the slim layers in place, "
-                   "where its code allows; hf: a save_pretrained folder OUT/hf, for Hugging Face models, which prunes only "
-                   "the widths its config holds: feed-forward widths, and for RMSNorm'd models hidden size and heads).")
+@click.option("--formats", help=f"Exports to write, comma-separated (default: {','.join(FORMATS)}, of which eager and hf "
+              "only where they apply). eager: your model's class with the slim layers in place; hf: a save_pretrained "
+              "folder OUT/hf, for Hugging Face models. Named here, each must be written (else exit 4), and hf "
+              "prunes only the widths its config holds (feed-forward widths, and for RMSNorm'd models hidden size and "
+              "heads).")
+@click.option("--onnx-dtype", type=click.Choice(ONNX_DTYPES), default="auto", show_default=True,
+              help="The dtype of model.onnx. auto: the model's, but a bfloat16 or float16 model is written in float32 "
+              "for onnxruntime's CPU provider, in float16 where its CUDA provider runs.")
 @click.option("--dump-ir", type=click.Path(path_type=Path), metavar="DIR", help="Write the graph after each pass to DIR.")
 @click.option("-v", "--verbose", is_flag=True, help="Log each pass; print tracebacks on errors.")
 def compile_command(model_path: Path, verbose: bool, **options: Any) -> int:
@@ -280,7 +285,7 @@ def _compile(console: Console, model_path: Path, **o: Any) -> int:
     settings = _settings(o)
     settings.check(has_data=o["data_spec"] is not None)
     runtime = Runtime.resolve(settings.device, settings.amp)  # the process group joined before any pass
-    formats = _parse_list("--formats", o["formats"], FORMATS)
+    formats = None if o["formats"] is None else _parse_list("--formats", o["formats"], FORMATS)
     bench = (_bench_settings(o["bench_batches"], o["bench_backends"], device=_cuda_bench_device(runtime))
              if o["run_bench"] else None)
     if bench is not None and specs:
@@ -299,9 +304,16 @@ def _compile(console: Console, model_path: Path, **o: Any) -> int:
     if data is not None:
         check_model(data, model)
     prog, report = compile_model(model, settings, data=data, inputs=specs, out_dir=o["out_dir"], formats=formats,
-                                 bench=bench, model_path=model_path, instruments=instruments, runtime=runtime)
-    if report is not None:
-        summary(console, report, Path(o["out_dir"]) / "report.json")
+                                 bench=bench, model_path=model_path, instruments=instruments, runtime=runtime,
+                                 onnx_dtype=o["onnx_dtype"])
+    if report is None:
+        return EXIT_OK
+    summary(console, report, Path(o["out_dir"]) / "report.json")
+    failed = [e["format"] for e in report.get("exports") or [] if not e["ok"] and not e.get("skipped")]
+    if failed:
+        error_line(console, f"the {', '.join(failed)} export{'s' if len(failed) > 1 else ''} asked for failed (see the "
+                   f"lines above; what was written stays, marked in report.json)")
+        return EXIT_EXPORT
     return EXIT_OK
 
 

@@ -39,6 +39,16 @@ class Tolerance:
 TRACE = Tolerance(rtol=1e-4, atol=1e-5)  # the traced graph against the user's model
 VERIFY = Tolerance(rtol=1e-4, atol=1e-5)  # the slim model against the zeroed original
 EXPORT = Tolerance(rtol=1e-3, atol=1e-4)  # a written file (pt, pt2, ONNX) against the Program
+# A file in half precision against the Program: each computes in that dtype, and rounds in
+# another order (hf/'s rescaled RMSNorm weights, a runtime's kernels): 4 units of the dtype's
+# precision (machine epsilon) of the output's scale.
+HALF_EXPORT = {torch.bfloat16: Tolerance(rtol=4 * 2**-7, atol=2**-7 / 16),
+               torch.float16: Tolerance(rtol=4 * 2**-10, atol=2**-10 / 16)}
+
+
+def export_tolerance(dtype: torch.dtype) -> Tolerance:
+    """The tolerance an exported file's outputs of `dtype` are held to."""
+    return HALF_EXPORT.get(dtype, EXPORT)
 
 
 @dataclass(frozen=True)
@@ -111,4 +121,5 @@ def _as_real(t: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(t.resolve_conj()) if t.is_complex() else t
 
 
-__all__ = ["EXPORT", "TRACE", "VERIFY", "Comparison", "Tolerance", "compare", "flatten_tensors"]
+__all__ = ["EXPORT", "HALF_EXPORT", "TRACE", "VERIFY", "Comparison", "Tolerance", "compare", "export_tolerance",
+           "flatten_tensors"]

@@ -76,7 +76,8 @@ def summary(console: Console, report: dict[str, Any], report_path: Path) -> None
     if folded:
         rows.append(("compensate", f"{folded} constant inputs of removed channels folded into biases"))
     for e in report.get("exports") or []:
-        state = "[green]ok[/]" if e.get("ok") else f"[red]FAILED[/] {escape(str(e.get('error')))}"
+        state = ("[green]ok[/]" if e.get("ok") else f"[yellow]skipped[/] {escape(str(e.get('error')))}"
+                 if e.get("skipped") else f"[red]FAILED[/] {escape(str(e.get('error')))}")
         err = f", max error {_num(e.get('max_error'))}" if e.get("ok") and e.get("max_error") is not None else ""
         rows.append((f"{e.get('format')}", f"{escape(str(e.get('path')))} {state}{err}"))
     rows.append(("report", f"{escape(str(report_path))}, {escape(str(report_path.with_suffix('.md')))}"))

@@ -9,6 +9,7 @@ pcompiler: the pass manager wraps it in `InternalError`, which names the pass (e
 from __future__ import annotations
 
 EXIT_OK, EXIT_BUG, EXIT_USER, EXIT_VERIFY = 0, 1, 2, 3
+EXIT_EXPORT = 4  # the run finished, and an export it was asked for failed
 
 
 def first_line(text: str) -> str:

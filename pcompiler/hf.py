@@ -21,14 +21,18 @@ with --prune-normalized the hf_widths pass does, since no field here holds it.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from pcompiler.errors import CompileError, one_line
+from pcompiler.errors import CompileError, first_line, one_line
+from pcompiler.ir import Program
 
 # Feed-forward widths, by the names configs give them.
 FFN_FIELDS = ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "encoder_ffn_dim", "decoder_ffn_dim",
@@ -81,9 +85,22 @@ def load_folder(path: Path) -> nn.Module:
         model = cls.from_pretrained(path, local_files_only=True, use_safetensors=True, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - transformers' message says what is wrong with the folder
         raise CompileError(f"cannot load the Hugging Face folder '{path}' as {archs[0]}: {one_line(e)}") from e
-    if hasattr(model.config, "use_cache"):
-        model.config.use_cache = False  # export traces the forward without a cache
     return model.eval()
+
+
+@contextlib.contextmanager
+def cache_off(model: nn.Module) -> Iterator[None]:
+    """A Hugging Face model's KV cache off for the block (export traces the forward without one:
+    a cache object is no tensor output), then as it was, so the config written out keeps it."""
+    config = getattr(model, "config", None)
+    if not is_model(model) or not getattr(config, "use_cache", False):
+        yield
+        return
+    config.use_cache = False
+    try:
+        yield
+    finally:
+        config.use_cache = True
 
 
 def _rescalable_norms(model: nn.Module, hidden: int) -> bool:
@@ -99,11 +116,9 @@ def _rescalable_norms(model: nn.Module, hidden: int) -> bool:
         w = getattr(m, "weight", None)
         if not isinstance(w, torch.Tensor) or tuple(w.shape) != (hidden,):
             return False
-        with torch.no_grad():
+        with torch.no_grad():  # the weight doubled in a call, not in place: the model is shared
             y = m(x.to(w.dtype))
-            w.mul_(2.0)
-            doubled = m(x.to(w.dtype))
-            w.div_(2.0)
+            doubled = torch.func.functional_call(m, {"weight": w * 2.0}, (x.to(w.dtype),))
         if not torch.allclose(doubled, 2.0 * y, rtol=1e-3, atol=1e-6):
             return False
     return True
@@ -141,3 +156,87 @@ def field_of(group_size: int, block: int, widths: dict[str, int]) -> str | None:
     if block > 1 and widths.get("num_key_value_heads") == group_size:
         return "num_key_value_heads"
     return next((f for f, v in widths.items() if v == group_size and f not in HEAD_FIELDS), None)
+
+
+def slim_widths(model: nn.Module, prog: Program) -> dict[str, int]:
+    """Each config width field -> its value in the slim program, from the groups the selection
+    shrank and the field the hf_widths pass found for each; raises ValueError where a group
+    shrank that no field holds, or where one field's layers differ."""
+    held = (prog.info.get("hf_widths") or {}).get("groups")
+    if held is None:
+        raise ValueError("no record of which groups the config's fields hold (prune with the hf_widths pass, as the "
+                         "pipeline does for --formats hf, or leave out --formats hf)")
+    found: dict[str, set[int]] = {}
+    unheld = []
+    for gid, removed in (prog.selection or {}).items():
+        if not removed:
+            continue
+        group = prog.analysis.groups[gid]
+        field = held.get(gid)
+        if field is None:
+            unheld.append(group.label())
+        else:
+            found.setdefault(field, set()).add(group.size - len(removed))
+    if unheld:
+        raise ValueError(f"the config holds none of the {len(unheld)} widths pruned in {', '.join(unheld[:2])}"
+                         f"{' ...' if len(unheld) > 2 else ''}; --formats hf prunes only the widths it holds")
+    uneven = {f: sorted(v) for f, v in found.items() if len(v) > 1}
+    if uneven:
+        raise ValueError(f"the config holds one width per field, and the layers differ: {uneven} (use layer-wise "
+                         "selection, the default, not --global)")
+    widths = {f: v.pop() for f, v in found.items()}
+    if "num_key_value_heads" in widths:  # whole key/value heads went, each with its query heads
+        config = model.config
+        per_group = config.num_attention_heads // (getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+        widths["num_attention_heads"] = widths["num_key_value_heads"] * per_group
+    return widths
+
+
+def stream_ratio(config: Any, widths: dict[str, int]) -> float:
+    """D/D' of the residual stream (1.0 where hidden_size kept); a ValueError where it changed
+    and the config has no rms_norm_eps (a stream normalized some other way cannot be held)."""
+    new = widths.get("hidden_size")
+    if new is None or new == config.hidden_size:
+        return 1.0
+    if not isinstance(getattr(config, "rms_norm_eps", None), float):
+        raise ValueError(f"hidden_size changed ({config.hidden_size} -> {new}) but the config has no rms_norm_eps to "
+                         "rescale (prune with the hf_widths pass, or leave out --formats hf)")
+    return config.hidden_size / new
+
+
+def slim_config(model: nn.Module, widths: dict[str, int]) -> Any:
+    """A copy of the model's config holding `widths` (`slim_widths`): each field set, where the
+    stream shrank rms_norm_eps x D/D', and where hidden_size or the heads changed an explicit
+    head_dim (hidden_size / heads no longer is the head size). Every other setting stays
+    (use_cache, rope, dtype). A ValueError with transformers' reason where the config class
+    refuses the widths (LLaMA's hidden_size must divide by the head count)."""
+    old = model.config
+    ratio = stream_ratio(old, widths)
+    config = copy.deepcopy(old)
+    try:
+        for field, value in widths.items():
+            setattr(config, field, value)
+        if ratio != 1.0:
+            config.rms_norm_eps = old.rms_norm_eps * ratio
+        if {"hidden_size", "num_attention_heads"} & set(widths):
+            config.head_dim = getattr(old, "head_dim", None) or old.hidden_size // old.num_attention_heads
+        validate = getattr(config, "validate", None)  # transformers' strict configs check their architecture
+        if callable(validate):
+            validate()
+    except Exception as e:  # noqa: BLE001 - the config class's own validation error
+        cause = e
+        while cause.__cause__ is not None or cause.__context__ is not None:  # the validator's own words
+            cause = cause.__cause__ or cause.__context__
+        shown = ", ".join(f"{k} {v}" for k, v in widths.items())
+        raise ValueError(f"{type(old).__name__} refuses the widths {shown}: {first_line(str(cause))}") from e
+    return config
+
+
+def config_problem(model: nn.Module, widths: dict[str, int]) -> str | None:
+    """Why the model's config cannot hold `widths` (None: it can)."""
+    try:
+        slim_config(model, widths)
+    except ValueError as e:
+        return first_line(str(e))
+    return None
+

@@ -182,3 +182,23 @@ def _embedding_rows(gm: fx.GraphModule, node: fx.Node) -> int | None:
 
 __all__ = ["DTYPES", "InputSpec", "default_input_shape", "default_inputs", "draw_integers", "example_values",
            "parse_inputs", "specs_text"]
+
+
+def dynamic_dims(tensors: Sequence[torch.Tensor]) -> tuple[int, ...]:
+    """The dimensions an export may make dynamic for these inputs: none where they do not share
+    a first (batch) dimension; the batch; and for token ids (integer (batch, sequence) inputs of
+    one shape, the sequence longer than 1, as export specializes size-1 dimensions) the sequence."""
+    if not tensors or not all(isinstance(t, torch.Tensor) and t.dim() for t in tensors):
+        return ()
+    if len({t.shape[0] for t in tensors}) != 1:
+        return ()
+    tokens = (all(t.dim() == 2 and not t.is_floating_point() for t in tensors)
+              and len({tuple(t.shape) for t in tensors}) == 1 and tensors[0].shape[1] > 1)
+    return (0, 1) if tokens else (0,)
+
+
+def widened(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """The inputs on a batch of 2 where theirs is 1: export specializes size-1 dimensions, so a
+    dynamic batch is exported on 2."""
+    return tuple(t if t.shape[0] > 1 else t.expand(2, *t.shape[1:]).clone() for t in tensors)
+

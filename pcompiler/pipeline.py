@@ -51,6 +51,9 @@ log = logging.getLogger("pcompiler")
 
 # hf: a save_pretrained folder, for Hugging Face models; eager: the user's class slimmed in place.
 FORMATS = ("pt", "pt2", "onnx", "eager", "hf")
+# Of the default formats, those written where they apply: the model's code (eager) or its config
+# (hf) may not hold the slim widths; they are skipped then, with the reason, not a failure.
+OPTIONAL_FORMATS = ("eager", "hf")
 
 
 def methods() -> dict[str, bool]:
@@ -175,11 +178,13 @@ def _method_pass(settings: Settings, data: DataSource | None, teacher: nn.Module
 
 
 def build(settings: Settings, data: DataSource | None = None, teacher: nn.Module | None = None,
-          hf_widths: dict[str, int] | None = None, runtime: Runtime | None = None) -> list[Pass]:
+          hf_model: nn.Module | None = None, runtime: Runtime | None = None, hf_exact: bool = True) -> list[Pass]:
     """The passes of a compilation: analyze, the method, slim, compensate, verify, and with data
     the accuracy checks, recalibration and fine-tuning. `teacher`: the input model, for --distill.
-    `hf_widths`: the widths a Hugging Face config holds, for the hf/ folder output (the method
-    then prunes only those: passes/hf_widths.py). `runtime`: where the passes that run the model
+    `hf_model`: a Hugging Face model whose hf/ folder is wanted. With `hf_exact` (the folder asked
+    for) the method then prunes only the widths its config holds (passes/hf_widths.py), and ones
+    its config class accepts (passes/hf_config.py); without, the fields are only recorded, and the
+    folder is written where the widths chosen fit. `runtime`: where the passes that run the model
     run it (default: resolved from the settings' device and amp)."""
     s = settings
     s.check(data is not None)
@@ -190,9 +195,12 @@ def build(settings: Settings, data: DataSource | None = None, teacher: nn.Module
     def accuracy(key: str) -> list[Pass]:
         return [make_pass("evaluate", data=data, key=key, runtime=runtime)] if data is not None else []
 
+    hf = hf_model is not None
     passes = [make_pass("analyze", attention=s.attention, prune_normalized=s.prune_normalized),
-              *([make_pass("hf_widths", fields=tuple(hf_widths.items()))] if hf_widths is not None else []),
-              *accuracy("acc_before"), _method_pass(s, data, teacher, runtime), make_pass("slim")]
+              *([make_pass("hf_widths", fields=tuple(width_fields(hf_model).items()), pin=hf_exact)] if hf else []),
+              *accuracy("acc_before"), _method_pass(s, data, teacher, runtime),
+              *([make_pass("hf_config", model=hf_model, round_to=s.resolved().round_to)] if hf and hf_exact else []),
+              make_pass("slim")]
     if s.compensate:
         passes.append(make_pass("compensate", data=data, runtime=runtime))
     passes.append(make_pass("verify"))
@@ -239,18 +247,23 @@ def trace_model(model: nn.Module, specs: Sequence[InputSpec] | None = None,
 
 def compile_model(model: nn.Module, settings: Settings, *, data: DataSource | None = None,
                   inputs: Sequence[InputSpec] | None = None, out_dir: str | Path | None = None,
-                  formats: Sequence[str] = FORMATS, bench: Any = None, model_path: str | Path | None = None,
-                  instruments: Iterable[Instrument] = (), runtime: Runtime | None = None,
+                  formats: Sequence[str] | None = None, bench: Any = None, model_path: str | Path | None = None,
+                  instruments: Iterable[Instrument] = (), runtime: Runtime | None = None, onnx_dtype: str = "auto",
                   ) -> tuple[Program, dict[str, Any] | None]:
     """Trace `model`, run `build(settings, ...)` on `runtime` (default: resolved from the settings),
     then (on rank 0, with `out_dir`) export, time with `bench` (a targets.bench.LatencySettings)
     and write report.json and report.md. Returns the final Program and the report (None without
-    `out_dir`, and on the other ranks, which leave the process group once the passes are done)."""
+    `out_dir`, and on the other ranks, which leave the process group once the passes are done).
+
+    `formats` None: the defaults (`FORMATS`), of which eager and hf are written where they apply
+    (`OPTIONAL_FORMATS`) and never cost pruning; named, each must be written, and hf keeps the
+    pruning to the widths the model's config holds. `onnx_dtype`: targets/onnx.py's `onnx_dtype`."""
     settings = settings.resolved()
     runtime = runtime if runtime is not None else Runtime.resolve(settings.device, settings.amp)
-    formats = [f for f in formats if f != "hf" or is_model(model)]  # hf: only for Hugging Face models
+    optional = OPTIONAL_FORMATS if formats is None else ()
+    formats = [f for f in (FORMATS if formats is None else formats) if f != "hf" or is_model(model)]  # hf: HF models
     passes = build(settings, data, teacher=model.eval() if settings.distill is not None else None,
-                   hf_widths=width_fields(model) if "hf" in formats else None, runtime=runtime)
+                   hf_model=model if "hf" in formats else None, hf_exact="hf" not in optional, runtime=runtime)
     prog = trace_model(model, inputs, data, settings.seed, settings.frontend)
     if bench is not None and prog.on_meta:
         raise CompileError("--bench needs real weights, and the model is on the meta device",
@@ -266,7 +279,7 @@ def compile_model(model: nn.Module, settings: Settings, *, data: DataSource | No
     from pcompiler.report_md import write_markdown
     from pcompiler.targets.pytorch import export_all
 
-    export_all(prog, out_dir, formats=formats, model=model)
+    export_all(prog, out_dir, formats=formats, model=model, optional=optional, onnx_dtype=onnx_dtype)
     if bench is not None:
         from pcompiler.targets.bench import bench as measure
 

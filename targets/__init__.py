@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from pcompiler.compare import EXPORT, compare, flatten_tensors
+from pcompiler.compare import compare, export_tolerance, flatten_tensors
 from pcompiler.costs import eval_mode
 from pcompiler.errors import CompileError, one_line
 from pcompiler.ir import Program
@@ -38,11 +38,15 @@ log = logging.getLogger("pcompiler")
 class ExportResult:
     """What one export wrote and whether it reproduces the model.
 
-    format: "pt", "pt2", "onnx" or "state_dict". ok: the file was written and (where it can be
-    run) gives the model's outputs within tolerance. error: one line saying why not, when not ok.
-    max_error: the largest absolute output difference found by the check (None: not run).
-    seconds: time to write and check. note: anything worth knowing that is not an error (which
-    ONNX exporter was used, modules that need the user's code to unpickle, ...)."""
+    format: "pt", "pt2", "onnx", "state_dict", "eager" or "hf". ok: the file was written and
+    (where it can be run) gives the model's outputs within tolerance. error: one line saying why
+    not, when not ok. skipped: not ok because the format does not apply to this model (the
+    model's code holds its sizes, its config cannot hold the widths), and it was among the
+    default formats rather than asked for: not a failure of the run. max_error: the largest
+    absolute output difference found by the check (None: not run). seconds: time to write and
+    check. note: anything worth knowing that is not an error (which ONNX exporter was used,
+    modules that need the user's code to unpickle, ...). dtype: the floating-point dtype the
+    file holds (None: not written)."""
 
     format: str
     path: str
@@ -51,6 +55,13 @@ class ExportResult:
     max_error: float | None = None
     seconds: float = 0.0
     note: str | None = None
+    skipped: bool = False
+    dtype: str | None = None
+
+
+class NotApplicable(CompileError):
+    """The format cannot hold this model (not a fault of the export): a skip where the format
+    was only among the defaults, a failure where it was asked for."""
 
 
 class ExportCheckFailed(CompileError):
@@ -61,21 +72,25 @@ class ExportCheckFailed(CompileError):
         self.max_error = max_error
 
 
-def guarded(fmt: str, path: str | Path, body: Callable[[], tuple[float | None, str | None]]) -> ExportResult:
-    """Run `body` (which writes and checks, returning (max_error, note)) and wrap the outcome.
+def guarded(fmt: str, path: str | Path, body: Callable[[], tuple[float | None, str | None]],
+            dtype: str | None = None) -> ExportResult:
+    """Run `body` (which writes and checks, returning (max_error, note)) and wrap the outcome
+    (`dtype`: what the file holds).
 
-    Any exception becomes ok=False with a one-line reason; the full traceback goes to the log."""
+    Any exception becomes ok=False with a one-line reason; the full traceback goes to the log.
+    `NotApplicable` marks the result skipped (export_all keeps that only for default formats)."""
     t0 = time.perf_counter()
     try:
         max_error, note = body()
     except Exception as e:  # noqa: BLE001 - an export failure is a result, not a crash
-        log.warning("export %s to %s failed: %s", fmt, path, one_line(e))
+        skipped = isinstance(e, NotApplicable)
+        (log.info if skipped else log.warning)("export %s to %s %s: %s", fmt, path,
+                                               "does not apply" if skipped else "failed", one_line(e))
         log.debug("export %s traceback", fmt, exc_info=True)
-        return ExportResult(
-            fmt, str(path), False, one_line(e), getattr(e, "max_error", None), time.perf_counter() - t0
-        )
+        return ExportResult(fmt, str(path), False, one_line(e), getattr(e, "max_error", None),
+                            time.perf_counter() - t0, skipped=skipped)
     log.info("export %s: wrote %s (max error %s)", fmt, path, max_error)
-    return ExportResult(fmt, str(path), True, None, max_error, time.perf_counter() - t0, note)
+    return ExportResult(fmt, str(path), True, None, max_error, time.perf_counter() - t0, note, dtype=dtype)
 
 
 def require_weights(prog: Program, what: str) -> None:
@@ -88,9 +103,10 @@ def require_weights(prog: Program, what: str) -> None:
 
 
 def compare_outputs(got: list[Any], want: list[torch.Tensor], what: str) -> float:
-    """Max abs difference between two flat output lists (`pcompiler.compare` with the EXPORT
-    tolerance, each on the CPU); raises ExportCheckFailed if the count, a shape, a NaN or an
-    infinity, or a finite value differs. The max error is inf when a NaN or an infinity differs."""
+    """Max abs difference between two flat output lists (`pcompiler.compare` with the export
+    tolerance of each reference output's dtype, `export_tolerance`, on the CPU); raises
+    ExportCheckFailed if the count, a shape, a NaN or an infinity, or a finite value differs. The
+    max error is inf when a NaN or an infinity differs."""
     if len(got) != len(want):
         raise ExportCheckFailed(f"{what} gives {len(got)} outputs, torch gives {len(want)}")
     worst, failures = 0.0, []
@@ -98,7 +114,7 @@ def compare_outputs(got: list[Any], want: list[torch.Tensor], what: str) -> floa
         g, w = torch.as_tensor(g).detach().cpu(), w.detach().cpu()
         if g.shape != w.shape:
             raise ExportCheckFailed(f"{what} output {i} has shape {tuple(g.shape)} against {tuple(w.shape)} (torch's)")
-        c = compare(g, w, EXPORT)
+        c = compare(g, w, export_tolerance(w.dtype))
         worst = max(worst, c.max_error)
         if not c.ok:
             failures.append(f"output {i}: {c.reason}")
@@ -113,4 +129,4 @@ def reference_outputs(prog: Program) -> list[torch.Tensor]:
         return flatten_tensors(prog.gm(*prog.example_inputs))
 
 
-__all__ = ["ExportResult", "compare_outputs"]
+__all__ = ["ExportResult", "NotApplicable", "compare_outputs"]

@@ -35,71 +35,52 @@ from torch import nn
 
 from pcompiler.compare import flatten_tensors
 from pcompiler.costs import eval_mode
-from pcompiler.hf import width_fields
+from pcompiler.dtypes import dtype_name, dtype_of
+from pcompiler.hf import slim_config, slim_widths, stream_ratio, width_fields
 from pcompiler.ir import Program, call_with
-from pcompiler.targets import ExportResult, compare_outputs, guarded, reference_outputs, require_weights
+from pcompiler.targets import (
+    ExportResult,
+    NotApplicable,
+    compare_outputs,
+    guarded,
+    reference_outputs,
+    require_weights,
+)
 
-
-def new_widths(model: nn.Module, prog: Program) -> dict[str, int]:
-    """Each config width field -> its value in the slim program, from the groups the selection
-    shrank and the field the hf_widths pass found for each; raises ValueError where a group
-    shrank that no field holds, or where one field's layers differ."""
-    fields = width_fields(model)
-    held = (prog.info.get("hf_widths") or {}).get("groups")
-    if held is None:
-        raise ValueError("no record of which groups the config's fields hold (prune with the hf_widths pass, as the "
-                         "pipeline does for Hugging Face models, or leave out --formats hf)")
-    found: dict[str, set[int]] = {}
-    unheld = []
-    for gid, removed in (prog.selection or {}).items():
-        if not removed:
-            continue
-        group = prog.analysis.groups[gid]
-        field = held.get(gid)
-        if field is None:
-            unheld.append(f"group {gid} ({group.label()})")
-        else:
-            found.setdefault(field, set()).add(group.size - len(removed))
-    if unheld:
-        raise ValueError(f"widths no field of the config holds changed: {', '.join(unheld[:4])}"
-                         f"{' ...' if len(unheld) > 4 else ''} (prune with the hf_widths pass, or leave out --formats hf)")
-    uneven = {f: sorted(v) for f, v in found.items() if len(v) > 1}
-    if uneven:
-        raise ValueError(f"the config holds one width per field, and the layers differ: {uneven} (use layer-wise "
-                         "selection, the default, not --global)")
-    widths = {f: v.pop() for f, v in found.items()}
-    if "num_key_value_heads" in widths:  # whole key/value heads went, each with its query heads
-        per_group = fields["num_attention_heads"] // fields["num_key_value_heads"]
-        widths["num_attention_heads"] = widths["num_key_value_heads"] * per_group
-    return widths
+# Files of the input folder that a slim folder needs as they are: the tokenizer's and processor's.
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+              "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "spiece.model", "chat_template.jinja",
+              "chat_template.json", "preprocessor_config.json", "processor_config.json")
 
 
 def save_hf(prog: Program, model: nn.Module, path: str | Path) -> ExportResult:
-    """Write the slim model as a `save_pretrained` folder at `path`, reload it and compare."""
+    """Write the slim model as a `save_pretrained` folder at `path` in the model's dtype, with its
+    generation config and the input folder's tokenizer files, reload it and compare."""
     path = Path(path)
 
     def body() -> tuple[float | None, str | None]:
         require_weights(prog, f"a Hugging Face folder to {path}")
-        widths = new_widths(model, prog)
-        config = copy.deepcopy(model.config)
-        for field, value in widths.items():
-            setattr(config, field, value)
-        stream = _stream_ratio(model.config, widths)
-        if stream != 1.0:
-            config.rms_norm_eps = model.config.rms_norm_eps * stream
-        if {"hidden_size", "num_attention_heads"} & set(widths):  # hidden_size / heads no longer is the head size
-            old = model.config
-            config.head_dim = getattr(old, "head_dim", None) or old.hidden_size // old.num_attention_heads
-        slim = type(model)(config)
+        try:
+            widths = slim_widths(model, prog)
+            config = slim_config(model, widths)
+        except ValueError as e:
+            raise NotApplicable(str(e)) from e
+        stream = stream_ratio(model.config, widths)
+        dtype = dtype_of(prog.gm)
+        slim = type(model)._from_config(config, dtype=dtype)
         missing, unexpected = slim.load_state_dict(prog.gm.state_dict(), strict=False)
         tied = {k for k in missing if k in _tied_keys(slim)}
         if set(missing) - tied or unexpected:
             raise ValueError(f"the slim weights do not fit {type(model).__name__}: missing {sorted(set(missing) - tied)[:4]}, "
                              f"unexpected {sorted(unexpected)[:4]}")
         norms = _rescale_stream_norms(slim, widths.get("hidden_size"), stream)
+        if getattr(model, "generation_config", None) is not None:
+            slim.generation_config = copy.deepcopy(model.generation_config)
         # Written beside, then renamed: a run killed halfway leaves the old folder (or none).
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
         slim.save_pretrained(tmp, safe_serialization=True)
+        copied = _copy_side_files(model, tmp)
+        del slim
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -112,21 +93,25 @@ def save_hf(prog: Program, model: nn.Module, path: str | Path) -> ExportResult:
         changed = ", ".join(f"{f} {before[f]} -> {widths[f]}" for f in before if f in widths) or "no width changed"
         if norms:
             changed += f"; rms_norm_eps x {stream:g} and {norms} RMSNorm weights x sqrt({stream:g})"
+        if copied:
+            changed += f"; {', '.join(copied)} copied"
         return err, f"config: {changed}"
 
-    return guarded("hf", path, body)
+    return guarded("hf", path, body, dtype=dtype_name(dtype_of(prog.gm)))
 
 
-def _stream_ratio(config: object, widths: dict[str, int]) -> float:
-    """D/D' of the residual stream (1.0 where hidden_size kept); a ValueError where it changed
-    and the config has no rms_norm_eps (a stream normalized some other way cannot be held)."""
-    new = widths.get("hidden_size")
-    if new is None or new == config.hidden_size:
-        return 1.0
-    if not isinstance(getattr(config, "rms_norm_eps", None), float):
-        raise ValueError(f"hidden_size changed ({config.hidden_size} -> {new}) but the config has no rms_norm_eps to "
-                         "rescale (prune with the hf_widths pass, or leave out --formats hf)")
-    return config.hidden_size / new
+def _copy_side_files(model: nn.Module, folder: Path) -> list[str]:
+    """Copy the tokenizer's and processor's files of the folder the model was read from (its
+    config's name_or_path, where that is a local folder) into `folder`; their names."""
+    source = Path(str(getattr(model.config, "_name_or_path", "") or ""))
+    if not str(source) or not source.is_dir():
+        return []
+    copied = []
+    for name in SIDE_FILES:
+        if (source / name).is_file() and not (folder / name).exists():
+            shutil.copy2(source / name, folder / name)
+            copied.append(name)
+    return copied
 
 
 def _rescale_stream_norms(slim: nn.Module, hidden: int | None, ratio: float) -> int:

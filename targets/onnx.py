@@ -38,7 +38,9 @@ import numpy as np
 import torch
 
 from pcompiler.costs import eval_mode
+from pcompiler.dtypes import cast_copy, dtype_name, dtype_of
 from pcompiler.errors import CompileError, first_line, one_line
+from pcompiler.inputs import dynamic_dims, widened
 from pcompiler.ir import Program
 from pcompiler.outdir import atomic_files
 from pcompiler.targets import ExportResult, compare_outputs, guarded, reference_outputs, require_weights
@@ -71,11 +73,17 @@ def _quiet_loggers(*names: str) -> Iterator[None]:
 
 
 def _torch_onnx_export(module: torch.nn.Module, inputs: Sequence[torch.Tensor], path: Path, opset: int | None,
-                       dynamo: bool, names: Sequence[str] | None) -> None:
+                       dynamo: bool, names: Sequence[str] | None, dynamic: Sequence[int] = ()) -> None:
     size = sum(p.numel() * p.element_size() for p in module.parameters())
     kwargs = {"dynamo": dynamo, "opset_version": opset, "input_names": list(names) if names else None, "verbose": False}
+    if dynamic:  # traced on a batch of 2 (export specializes size-1 dimensions)
+        inputs = widened(inputs)
     if dynamo:
         kwargs["external_data"] = size > _EXTERNAL_DATA_BYTES
+        if dynamic:
+            kwargs["dynamic_shapes"] = tuple(dict.fromkeys(dynamic, torch.export.Dim.AUTO) for _ in inputs)
+    elif dynamic and names:
+        kwargs["dynamic_axes"] = {n: {d: ("batch", "sequence")[d] for d in dynamic} for n in names}
     # Not under no_grad: with grad off, nn.TransformerEncoder(Layer) in eval mode takes its fused
     # fast path (aten::_transformer_encoder_layer_fwd), which the legacy exporter cannot convert.
     # The exporters chatter (progress lines on stdout, deprecation warnings); keep it in the log.
@@ -95,36 +103,52 @@ def _torch_onnx_export(module: torch.nn.Module, inputs: Sequence[torch.Tensor], 
 
 
 def write_onnx(module: torch.nn.Module, inputs: Sequence[torch.Tensor], path: str | Path, *,
-               names: Sequence[str] | None = None, opset: int | None = None, exporter: str = "auto") -> str:
+               names: Sequence[str] | None = None, opset: int | None = None, exporter: str = "auto",
+               dynamic: Sequence[int] = ()) -> str:
     """Write `module` (any nn.Module, in eval mode) traced on `inputs` to `path`; return a note
     saying which exporter wrote it. exporter: "auto" (dynamo, then legacy if dynamo fails),
-    "dynamo" or "legacy". Raises when the export fails, leaving what `path` held before.
+    "dynamo" or "legacy". dynamic: the input dimensions left dynamic (0: batch, 1: sequence;
+    `inputs.dynamic_dims`). Raises when the export fails, leaving what `path` held before.
 
     The exporter writes into a temporary folder beside `path` (`outdir.atomic_files`), which is
     moved in whole: the .onnx file and its external data file, if any, arrive complete."""
     if exporter not in EXPORTERS:
         raise ValueError(f"exporter must be one of {EXPORTERS}, not {exporter!r}")
     with atomic_files(path) as tmp:
-        return _export_with_fallback(module, inputs, tmp, names, opset, exporter)
+        if not dynamic:
+            return _export_with_fallback(module, inputs, tmp, names, opset, exporter, ())
+        try:
+            note = _export_with_fallback(module, inputs, tmp, names, opset, exporter, dynamic)
+            return note + "; dynamic " + " and ".join(("batch", "sequence length")[d] for d in dynamic)
+        except Exception as e:  # noqa: BLE001 - the static export below may still work
+            log.info("dynamic ONNX export failed (%s); exporting with the example's shapes", one_line(e))
+            _clear(tmp)
+            why = one_line(e, 120)
+        return _export_with_fallback(module, inputs, tmp, names, opset, exporter, ()) + f"; static shapes ({why})"
+
+
+def _clear(path: Path) -> None:
+    """Remove what a failed exporter left in the temporary folder of `path` (`atomic_files`)."""
+    for partial in path.parent.iterdir():
+        if partial.is_file():
+            partial.unlink()
 
 
 def _export_with_fallback(module: torch.nn.Module, inputs: Sequence[torch.Tensor], path: Path,
-                          names: Sequence[str] | None, opset: int | None, exporter: str) -> str:
+                          names: Sequence[str] | None, opset: int | None, exporter: str, dynamic: Sequence[int]) -> str:
     if exporter == "legacy":
-        _torch_onnx_export(module, inputs, path, opset, False, names)
+        _torch_onnx_export(module, inputs, path, opset, False, names, dynamic)
         return "exporter: legacy (TorchScript)"
     try:
-        _torch_onnx_export(module, inputs, path, opset, True, names)
+        _torch_onnx_export(module, inputs, path, opset, True, names, dynamic)
         return "exporter: dynamo (torch.export)"
     except Exception as e:
         if exporter == "dynamo":
             raise
         log.info("dynamo ONNX exporter failed (%s); trying the legacy exporter", one_line(e))
-        for partial in path.parent.iterdir():  # what the failed exporter left in the temporary folder
-            if partial.is_file():
-                partial.unlink()
+        _clear(path)
         try:
-            _torch_onnx_export(module, inputs, path, opset, False, names)
+            _torch_onnx_export(module, inputs, path, opset, False, names, dynamic)
         except Exception as legacy_error:
             raise RuntimeError(
                 f"both ONNX exporters failed: dynamo: {one_line(e, 140)}; legacy: {one_line(legacy_error, 140)}"
@@ -235,27 +259,64 @@ def run_onnx(sess, names: Sequence[str], inputs: Sequence[torch.Tensor]) -> list
     return sess.run(None, feed)
 
 
+ONNX_DTYPES = ("auto", "float32", "float16", "bfloat16")
+CUDA_PROVIDER = "CUDAExecutionProvider"
+
+
+def onnx_dtype(model_dtype: torch.dtype, asked: str = "auto") -> tuple[torch.dtype, str]:
+    """The dtype model.onnx is written in, and the provider its check runs on. auto: the
+    model's own, except that a half-precision model is written in float32 for the CPU provider,
+    which has no bfloat16 kernels and few float16 ones, and in float16 where onnxruntime's CUDA
+    provider runs (a float16 model: as it is; a bfloat16 one: cast, as that provider has few
+    bfloat16 kernels). A dtype named is written as named, checked on the CUDA provider where it
+    is half precision and that provider runs, else on the CPU."""
+    if asked not in ONNX_DTYPES:
+        raise ValueError(f"the ONNX dtype must be one of {ONNX_DTYPES}, not {asked!r}")
+    half = (torch.float16, torch.bfloat16)
+    cuda = provider_problem(CUDA_PROVIDER) is None if (model_dtype in half or asked in ("float16", "bfloat16")) else False
+    if asked == "auto":
+        dtype = model_dtype if model_dtype not in half else torch.float16 if cuda else torch.float32
+    else:
+        dtype = getattr(torch, asked)
+    return dtype, CUDA_PROVIDER if cuda and dtype in half else CPU_PROVIDER
+
+
 def export_onnx(
-    prog: Program, path: str | Path, opset: int | None = None, exporter: str = "auto"
+    prog: Program, path: str | Path, opset: int | None = None, exporter: str = "auto", dtype: str = "auto",
 ) -> ExportResult:
     """Export the Program's model to ONNX at `path`, run it with onnxruntime on the example
-    inputs and compare with torch (max abs error; ok within 1e-4 + 1e-3 * max|output|).
+    inputs and compare with torch (max abs error; ok within `export_tolerance` of the dtype).
 
     opset: ONNX opset version (None: the exporter's default). exporter: "auto" (dynamo, then
-    legacy if dynamo fails), "dynamo" or "legacy". Never raises for a failed export."""
+    legacy if dynamo fails), "dynamo" or "legacy". dtype: "auto" or a dtype name
+    (`onnx_dtype`); written in another dtype than the model's, the file is a cast copy and is
+    compared with that copy in torch. The batch (and for token ids the sequence) dimension is
+    dynamic where the model allows it. Never raises for a failed export."""
     if exporter not in EXPORTERS:
         raise ValueError(f"exporter must be one of {EXPORTERS}, not {exporter!r}")
     path = Path(path)
+    own = dtype_of(prog.gm)
+    written, provider = onnx_dtype(own, dtype)
 
     def body() -> tuple[float | None, str | None]:
         require_weights(prog, f"ONNX to {path}")
         import_onnxruntime()  # before writing: a file that cannot be checked is not written
-        note = write_onnx(prog.gm, prog.example_inputs, path, names=input_names(prog), opset=opset, exporter=exporter)
-        want = reference_outputs(prog)
-        got = run_onnx(session(path), input_names(prog), prog.example_inputs)
-        return compare_outputs([torch.from_numpy(np.asarray(g)) for g in got], want, f"onnxruntime on {path.name}"), note
+        cast = prog if written == own else prog.replace(gm=cast_copy(prog.gm, written),
+                                                        example_inputs=_cast_inputs(prog.example_inputs, written))
+        note = write_onnx(cast.gm, cast.example_inputs, path, names=input_names(cast), opset=opset, exporter=exporter,
+                          dynamic=dynamic_dims(list(cast.example_inputs)))
+        want = reference_outputs(cast)
+        got = run_onnx(session(path, provider=provider), input_names(cast), cast.example_inputs)
+        err = compare_outputs([torch.from_numpy(np.asarray(g)) for g in got], want, f"onnxruntime on {path.name}")
+        if written != own:
+            note += f"; {dtype_name(written)}, cast from the model's {dtype_name(own)}, for onnxruntime's {provider}"
+        return err, note
 
-    return guarded("onnx", path, body)
+    return guarded("onnx", path, body, dtype=dtype_name(written))
+
+
+def _cast_inputs(inputs: Sequence[torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    return tuple(t.to(dtype) if t.is_floating_point() else t for t in inputs)
 
 
 # The name the design's API sketch uses: `pcompiler.targets.onnx.export(prog, "model.onnx")`.

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import logging
 from collections.abc import Iterable
 from pathlib import Path
@@ -30,11 +31,14 @@ import torch.fx as fx
 
 from pcompiler.compare import flatten_tensors
 from pcompiler.costs import eval_mode
+from pcompiler.dtypes import dtype_name, dtype_of
 from pcompiler.errors import one_line
+from pcompiler.inputs import dynamic_dims, widened
 from pcompiler.ir import Program, call_with, owner_of
 from pcompiler.outdir import atomic_write
 from pcompiler.targets import (
     ExportResult,
+    NotApplicable,
     compare_outputs,
     guarded,
     reference_outputs,
@@ -50,6 +54,10 @@ _STANDARD_MODULES = ("torch", "collections", "builtins", "__builtin__", "copyreg
 # export_all: format -> file name. "pt" also writes the state dict.
 FILE_NAMES = {"pt": "model.pt", "state_dict": "state_dict.pt", "pt2": "model.pt2", "onnx": "model.onnx", "hf": "hf",
               "eager": "model_eager.pt"}
+
+
+def _dtype_name(prog: Program) -> str:
+    return dtype_name(dtype_of(prog.gm))
 
 
 def _is_standard(module_name: str | None) -> bool:
@@ -90,7 +98,7 @@ def save_graph_module(prog: Program, path: str | Path) -> ExportResult:
         note = f"loading needs code outside torch: {', '.join(foreign)}" if foreign else None
         return err, note
 
-    return guarded("pt", path, body)
+    return guarded("pt", path, body, dtype=_dtype_name(prog))
 
 
 def slim_eager(prog: Program, model: torch.nn.Module) -> torch.nn.Module:
@@ -137,7 +145,7 @@ def save_eager(prog: Program, model: torch.nn.Module, path: str | Path) -> Expor
                 got = flatten_tensors(call_with(eager, prog.example_inputs, prog.keywords))
             compare_outputs(got, want, f"{type(model).__name__} with the slim layers")
         except Exception as e:  # noqa: BLE001 - the model's own code does not fit its slim layers
-            raise ValueError(f"not written: {type(model).__name__}'s code holds sizes of its own, so it cannot run "
+            raise NotApplicable(f"{type(model).__name__}'s code holds sizes of its own, so it cannot run "
                              f"with the slim layers in place ({one_line(e, 160)}); model.pt2 and model.pt hold the "
                              "slim model") from e
         with atomic_write(path) as tmp:
@@ -148,7 +156,7 @@ def save_eager(prog: Program, model: torch.nn.Module, path: str | Path) -> Expor
                                   f"the reloaded {path.name}")
         return err, f"{type(model).__module__}.{type(model).__qualname__}: loading needs that code"
 
-    return guarded("eager", path, body)
+    return guarded("eager", path, body, dtype=_dtype_name(prog))
 
 
 def save_state_dict(prog: Program, path: str | Path) -> ExportResult:
@@ -165,66 +173,78 @@ def save_state_dict(prog: Program, path: str | Path) -> ExportResult:
             raise ValueError(f"the reloaded {path.name} has other keys than the model's state dict")
         return None, None
 
-    return guarded("state_dict", path, body)
+    return guarded("state_dict", path, body, dtype=_dtype_name(prog))
 
 
-def _batch_is_dynamic(exported: torch.export.ExportedProgram) -> bool:
+def _dynamic_dims(exported: torch.export.ExportedProgram) -> list[int]:
+    """The dimensions every user input has symbolic in `exported` (0: batch, 1: sequence)."""
     user_inputs = set(exported.graph_signature.user_inputs)
     vals = [n.meta.get("val") for n in exported.graph.nodes if n.op == "placeholder" and n.name in user_inputs]
-    return bool(vals) and all(isinstance(v, torch.Tensor) and v.dim() and isinstance(v.shape[0], torch.SymInt)
-                              for v in vals)
+    if not vals or not all(isinstance(v, torch.Tensor) and v.dim() for v in vals):
+        return []
+    return [d for d in range(min(v.dim() for v in vals)) if all(isinstance(v.shape[d], torch.SymInt) for v in vals)]
 
 
-def _export(gm: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.export.ExportedProgram, str]:
-    """torch.export with the batch (first) dimension dynamic where the model allows it, else
-    static. Exported on a batch of 2 (torch.export specializes size-1 dimensions)."""
-    batches = {t.shape[0] for t in inputs if isinstance(t, torch.Tensor) and t.dim()}
-    if len(batches) == 1 and all(isinstance(t, torch.Tensor) and t.dim() for t in inputs):
-        b = batches.pop()
-        wide = inputs if b > 1 else tuple(t.expand(2, *t.shape[1:]).clone() for t in inputs)
+def _export(gm: torch.nn.Module, inputs: tuple[torch.Tensor, ...], keywords: tuple[str, ...] = (),
+            ) -> tuple[torch.export.ExportedProgram, str]:
+    """torch.export with the batch (first) dimension dynamic where the model allows it, and for
+    token ids the sequence too (`inputs.dynamic_dims`), else static; the last len(keywords)
+    inputs are taken by those names, as the model took them. Exported on a batch of 2
+    (torch.export specializes size-1 dimensions)."""
+    n = len(inputs) - len(keywords)
+    names = list(inspect.signature(gm.forward).parameters)
+    dims = dynamic_dims(list(inputs))
+    if dims and len(names) == len(inputs):
+        wide = widened(inputs)
         try:
             with torch.no_grad():
-                exported = torch.export.export(gm, wide, dynamic_shapes=tuple({0: torch.export.Dim.AUTO} for _ in inputs))
-            if _batch_is_dynamic(exported):
-                return exported, "dynamic batch dimension"
+                exported = torch.export.export(gm, wide[:n], dict(zip(keywords, wide[n:])),
+                                               dynamic_shapes=dict.fromkeys(names, dict.fromkeys(dims, torch.export.Dim.AUTO)))
+            found = _dynamic_dims(exported)
+            if 0 in found:
+                return exported, "dynamic batch dimension" + (" and sequence length" if 1 in found and 1 in dims else "")
             why = "the model fixes it"
         except Exception as e:  # noqa: BLE001 - fall back to the static export, which says its own error
             why = f"dynamic export failed: {one_line(e, 160)}"
     else:
         why = "the inputs do not share a batch dimension"
     with torch.no_grad():
-        return torch.export.export(gm, inputs), f"static batch ({why})"
+        return torch.export.export(gm, inputs[:n], dict(zip(keywords, inputs[n:]))), f"static batch ({why})"
 
 
 def export_program(prog: Program, path: str | Path) -> ExportResult:
     """`torch.export` the GraphModule (eval mode) and `torch.export.save` it to `path` (.pt2),
-    with a dynamic batch dimension where the model allows it (`note` says which); reload with
+    with a dynamic batch dimension (and sequence length, for token ids) where the model allows
+    it (`note` says which), taking keyword inputs by their names; reload with
     `torch.export.load(path).module()` and compare outputs."""
     path = Path(path)
 
     def body() -> tuple[float | None, str | None]:
         require_weights(prog, f"a torch.export program to {path}")
         with eval_mode(prog.gm):
-            exported, note = _export(prog.gm, tuple(prog.example_inputs))
+            exported, note = _export(prog.gm, tuple(prog.example_inputs), prog.keywords)
         with atomic_write(path) as tmp:
             torch.export.save(exported, tmp)
         want = reference_outputs(prog)
         with torch.no_grad():
-            got = flatten_tensors(torch.export.load(path).module()(*prog.example_inputs))
+            got = flatten_tensors(call_with(torch.export.load(path).module(), prog.example_inputs, prog.keywords))
         return compare_outputs(got, want, f"the reloaded {path.name}"), note
 
-    return guarded("pt2", path, body)
+    return guarded("pt2", path, body, dtype=_dtype_name(prog))
 
 
 def export_all(
     prog: Program, out_dir: str | Path, formats: Iterable[str] = ("pt", "pt2", "onnx"),
-    model: torch.nn.Module | None = None,
+    model: torch.nn.Module | None = None, optional: Iterable[str] = (), onnx_dtype: str = "auto",
 ) -> list[ExportResult]:
     """Write each format into `out_dir` (model.pt and state_dict.pt for "pt", model.pt2,
-    model.onnx, model_eager.pt for "eager" and the folder hf/ for "hf", which need the user's
-    `model`) and record the results in `prog.info["exports"]` as a list of dicts.
+    model.onnx in `onnx_dtype` (targets/onnx.py), model_eager.pt for "eager" and the folder
+    hf/ for "hf", which need the user's `model`) and record the results in
+    `prog.info["exports"]` as a list of dicts.
 
-    A failed export is a result with ok=False; the other formats are still written."""
+    A failed export is a result with ok=False; the other formats are still written. A format of
+    `optional` (one that was among the defaults, not asked for) that does not apply to the model
+    is a result marked skipped; asked for, it is a failure."""
     formats = list(dict.fromkeys(formats))
     unknown = [f for f in formats if f not in FILE_NAMES]
     if unknown:
@@ -254,9 +274,11 @@ def export_all(
         else:
             from pcompiler.targets.onnx import export_onnx  # imports onnx only when asked for
 
-            results.append(export_onnx(prog, target))
+            results.append(export_onnx(prog, target, dtype=onnx_dtype))
+    optional = set(optional)
+    results = [r if not r.skipped or r.format in optional else dataclasses.replace(r, skipped=False) for r in results]
     prog.info["exports"] = [dataclasses.asdict(r) for r in results]
-    failed = [r.format for r in results if not r.ok]
+    failed = [r.format for r in results if not r.ok and not r.skipped]
     if failed:
         log.warning("exports that failed: %s (see prog.info['exports'] for why)", ", ".join(failed))
     return results

@@ -232,7 +232,7 @@ def test_an_export_that_dies_while_writing_leaves_no_half_file(tmp_path, monkeyp
     monkeypatch.setattr(torch.export, "save", write_half_then_die)
     result = CliRunner().invoke(main, [str(a) for a in (tmp_path / "m.pt", "--method", "l1", "--ratio", "0.5",
                                                         "--formats", "pt2", "--input-shape", "1,3,8,8", "-o", out)])
-    assert result.exit_code == 0, result.output  # a failed export is a row of the report
+    assert result.exit_code == 4, result.output  # a failed export is a row of the report, and exit 4
     assert "No space left on device" in (out / "report.json").read_text()
     assert not (out / "model.pt2").exists()
     assert not [p for p in out.rglob("*") if ".tmp" in p.name]

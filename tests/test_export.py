@@ -19,6 +19,8 @@ from torch import nn
 import pcompiler
 from pcompiler.compare import flatten_tensors
 from pcompiler.errors import CompileError
+from pcompiler.inputs import dynamic_dims
+from pcompiler.ir import call_with
 from pcompiler.passes.analyze import OUTPUT_REASON
 from pcompiler.passmanager import make_pass
 from pcompiler.targets.onnx import export_onnx
@@ -338,13 +340,21 @@ def test_models_symbolic_tracing_refuses(name, tmp_path):
     for result in (pt2, export_onnx(prog, tmp_path / "model.onnx")):
         assert result.ok, result.error
         assert result.max_error is not None and result.max_error < 1e-3
-    assert pt2.note == "dynamic batch dimension"  # exported on a batch of 2, the graph reads the batch size
+    tokens = dynamic_dims(prog.example_inputs) == (0, 1)
+    # Exported on a batch of 2, the graph reads the batch size (and a token model's length).
+    assert pt2.note == "dynamic batch dimension" + (" and sequence length" if tokens else "")
     loaded = torch.export.load(tmp_path / "model.pt2").module()
-    for g, w in zip(flatten_tensors(loaded(*prog.example_inputs)), got, strict=True):
+    for g, w in zip(flatten_tensors(call_with(loaded, prog.example_inputs, prog.keywords)), got, strict=True):
         assert_same(g, w)
     batch3 = [t[:1].expand(3, *t.shape[1:]) for t in prog.example_inputs]
+    if tokens:  # and 5 positions
+        batch3 = [t[..., :5] for t in batch3]
     with torch.no_grad():
-        assert flatten_tensors(loaded(*batch3))[0].shape[0] == 3
+        out = flatten_tensors(call_with(loaded, tuple(batch3), prog.keywords))
+        want = flatten_tensors(prog.gm(*batch3))  # the slim graph reads them too
+    assert out[0].shape[0] == 3
+    for g, w in zip(out, want, strict=True):
+        assert_same(g, w)
 
 
 def test_a_meta_device_llama_is_analyzed_without_memory():

@@ -69,7 +69,7 @@ def test_folder_in_folder_out(tmp_path, name, widths, note):
     ids = torch.randint(0, 64, (1, 8))  # the default: half the 16 positions
     mask = torch.ones(1, 8, dtype=torch.long)
     with torch.no_grad():
-        want = program(ids, mask)[0]
+        want = program(input_ids=ids, attention_mask=mask)[0]
         got = slim(input_ids=ids, attention_mask=mask)[0]
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     # Where no field holds them, widths stay (BERT's and GPT-2's heads are hidden_size / heads wide).

@@ -101,8 +101,9 @@ def test_cli_prunes_a_pickled_causal_lm_with_its_default_inputs(tmp_path):
     assert report["params_after"] < 0.8 * report["params_before"]
     assert {e["format"]: e["ok"] for e in report["exports"]} == {"pt2": True, "onnx": True}
     loaded = torch.export.load(out / "model.pt2").module()
-    ids = torch.randint(0, 50, (1, 12))
-    assert loaded(ids, torch.ones(1, 12, dtype=torch.long))[0].shape == (1, 12, 50)
+    for batch, seq in ((1, 12), (3, 5), (2, 40)):  # any batch and length; by keyword, as the model took them
+        ids = torch.randint(0, 50, (batch, seq))
+        assert loaded(input_ids=ids, attention_mask=torch.ones_like(ids))[0].shape == (batch, seq, 50)
 
 
 def test_cli_types_positional_token_ids(tmp_path):
