@@ -16,6 +16,7 @@ hf/ folder's size from report.json.
     python benchmarks/llm_memory.py                    # 1b and 7b (7b: about 14 GB on disk, ~25 min)
     python benchmarks/llm_memory.py --shapes 200m 1b   # smaller
     python benchmarks/llm_memory.py --keep DIR          # write the folders into DIR and keep them
+    python benchmarks/llm_memory.py --quick             # 200m only, about 1 min, into a temporary folder
 
 Writes docs/bench_llm_memory.json and docs/bench_llm_memory.md (unless --out) and prints the table.
 """
@@ -82,7 +83,7 @@ def write_folder(folder: Path, shape: dict, seed: int = 0) -> int:
         layer = name.split(".")[2] if name.startswith("model.layers.") else "rest"
         shards.setdefault(layer, []).append(name)
     index, total = {}, 0
-    for i, (layer, names) in enumerate(shards.items()):
+    for i, names in enumerate(shards.values()):
         file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         tensors = {}
         for n in names:
@@ -104,7 +105,7 @@ def prune(folder: Path, out: Path, ratio: float, timeout: float) -> dict:
     peak_file = out.with_suffix(".peak")
     env = {**os.environ, "PCOMPILER_PEAK": str(peak_file)}
     cmd = [sys.executable, "-c", _RUN, str(folder), "--method", "l1", "--ratio", str(ratio), "--formats", "hf",
-           "-o", str(out), "--no-progress"]
+           "-o", str(out), "--overwrite", "--no-progress"]
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -123,7 +124,10 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, help="write the folders here and keep them (default: a temporary folder)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per run (default: the issue's 30 min)")
     parser.add_argument("--out", type=Path, help="folder for the JSON and markdown (default: docs/)")
+    parser.add_argument("--quick", action="store_true", help="the 200m shape only, results in a temporary folder")
     args = parser.parse_args()
+    if args.quick:
+        args.shapes, args.out = ["200m"], args.out or Path(tempfile.mkdtemp(prefix="pcompiler_llm_memory_out_"))
     root = args.keep or Path(tempfile.mkdtemp(prefix="pcompiler_llm_memory_"))
     rows = []
     try:

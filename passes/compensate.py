@@ -27,7 +27,6 @@ the folds applied, the record in `prog.compensation` and a summary in prog.info[
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
@@ -41,7 +40,8 @@ from torch import nn
 
 from pcompiler.data import DataSource
 from pcompiler.errors import CompileError
-from pcompiler.ir import Compensation, DimRef, Fold, Program, Removal, Role
+from pcompiler.ir import Compensation, DimRef, Fold, Program, Removal, Role, shared_copy
+from pcompiler.memory import streamed
 from pcompiler.passmanager import SLIMMED, PassResult, register_pass
 from pcompiler.runtime import CPU, Runtime, placed
 
@@ -298,7 +298,8 @@ class Compensate:
         else:
             source, tol = f"{self.batches} batches of {self.batch_size} from the training data, tol {self.tol:g}", self.tol
             batches = _data_batches(self.data, self.batches, self.batch_size, self.seed, device)
-        stats = _measure(placed(prog.reference, device), targets, batches) if targets else {}
+        with streamed(prog.reference):
+            stats = _measure(placed(prog.reference, device), targets, batches) if targets else {}
         folds, per_consumer = [], {}
         for module, positions in targets.items():
             f, per_consumer[module] = _choose(module, prog.reference.get_submodule(module), positions, stats[module], tol)
@@ -306,7 +307,7 @@ class Compensate:
                 folds.append(f)
         gm = prog.gm
         if folds:
-            gm = copy.deepcopy(prog.gm)
+            gm = shared_copy(prog.gm)  # add_to_bias puts new biases in place
             for f in folds:
                 fold(gm, prog.reference, prog.removal, f)
         record = Compensation(tuple(folds), skipped, source)

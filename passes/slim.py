@@ -4,14 +4,14 @@ For every selected group, its positions are removed from every member parameter 
 (producers, consumers and tied slices alike), then each node's op rule rewrites what depended
 on channel counts (module attributes such as `out_channels` and `groups`, literal view/split
 sizes, slice bounds, the sdpa scale). The result is a new GraphModule of the same standard
-modules; the model before slimming is kept as `prog.reference` for `verify`.
+modules; the model before slimming is kept as `prog.reference` for `verify`, sharing every
+tensor slim did not cut with the slim model (`shared_copy`): the weights are in memory once.
 
 Assumes `analyze` ran on this exact graph and a method stored `prog.selection`.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections import defaultdict
 from dataclasses import dataclass
@@ -22,7 +22,18 @@ import torch
 import torch.fx as fx
 
 from pcompiler.errors import CompileError
-from pcompiler.ir import DimRef, Program, Removal, Role, Selection, owner_of, tensor_at, tensor_of
+from pcompiler.ir import (
+    DimRef,
+    Program,
+    Removal,
+    Role,
+    Selection,
+    owner_of,
+    shared_copy,
+    tensor_at,
+    tensor_of,
+)
+from pcompiler.memory import page_out
 from pcompiler.passes.rules.base import RewriteContext, lookup
 from pcompiler.passes.trace import propagate_shapes
 from pcompiler.passmanager import ANALYSIS, SELECTION, SLIMMED, PassResult, register_pass
@@ -59,6 +70,7 @@ def _slice_tensors(gm: fx.GraphModule, removal: Removal) -> None:
             keep = np.setdiff1d(np.arange(t.shape[dim]), removed)
             t = t.index_select(dim, torch.as_tensor(keep, device=t.device))
         t = t.contiguous()
+        page_out(old)  # the checkpoint's pages just read, where it is memory-mapped
         if attr in owner._parameters:
             owner._parameters[attr] = torch.nn.Parameter(t, requires_grad=old.requires_grad)
         elif attr in owner._buffers:
@@ -94,7 +106,7 @@ def slim_program(prog: Program, check: bool = True) -> Program:
             why = "; ".join(group.pinned) or "no parameter produces these channels"
             raise CompileError(f"the selection removes channels of group {gid} ({group.label()}), which is pinned: {why}")
     reference = prog.gm
-    gm = copy.deepcopy(reference)
+    gm = shared_copy(reference)
     removal = removal_of(prog, selection)
     _slice_tensors(gm, removal)
 

@@ -33,7 +33,6 @@ rewrite changed on purpose (a mean over the kept channels, scaled back by the no
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -45,9 +44,20 @@ import torch.fx as fx
 from torch import nn
 
 from pcompiler.compare import VERIFY, Comparison, Tolerance, compare, flatten_tensors
-from pcompiler.dtypes import HALF, dtype_name, promoted
+from pcompiler.dtypes import HALF, PromotedInterpreter, dtype_name
 from pcompiler.errors import CompileError, VerifyError
-from pcompiler.ir import RESCALED_KEY, DimRef, Fold, Program, Role, iter_tensors, node_value, tensor_of
+from pcompiler.ir import (
+    RESCALED_KEY,
+    DimRef,
+    Fold,
+    Program,
+    Role,
+    iter_tensors,
+    node_value,
+    shared_copy,
+    tensor_of,
+)
+from pcompiler.memory import page_out, streamed, trim
 from pcompiler.passes.compensate import add_to_bias, inject_constants, slim_delta
 from pcompiler.passes.rules.layers import normalize_over_kept
 from pcompiler.passes.trace import check_program
@@ -56,19 +66,31 @@ from pcompiler.passmanager import SLIMMED, PassResult, register_pass
 log = logging.getLogger("pcompiler")
 
 
-def zeroed_reference(prog: Program) -> fx.GraphModule:
-    """The pre-slim model with the removed channels' producer slices set to zero."""
-    ref = copy.deepcopy(prog.reference)
+@dataclass
+class Reference:
+    """The original as verify compares with it: `gm`, a copy of the pre-slim model that shares
+    its tensors (`ir.shared_copy`: hooks and norm rewrites go on the copy, the weights are in
+    memory once), and `zeros`, the removed channels' producer slices, by tensor, that read as zero
+    (id -> (tensor, [(dim, positions)])): `_Recorder` zeroes a copy of each as it reads it."""
+
+    gm: fx.GraphModule
+    zeros: dict[int, tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]]
+
+
+def zeroed_reference(prog: Program) -> Reference:
+    """The pre-slim model with the removed channels' producer slices reading as zero."""
+    ref = shared_copy(prog.reference)
     analysis = prog.require_analysis("verify")
-    with torch.no_grad():
-        for gid, channels in prog.require_selection("verify").items():
-            ch = np.asarray(channels, dtype=np.int64)
-            for p in analysis.groups[gid].params:
-                if p.role == Role.CONSUME or p.is_buffer:
-                    continue
-                t = tensor_of(ref, p.param)
-                t.index_fill_(p.dim, torch.as_tensor(p.index[ch].ravel(), device=t.device), 0.0)
-    return ref
+    zeros: dict[int, tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]] = {}
+    for gid, channels in prog.require_selection("verify").items():
+        ch = np.asarray(channels, dtype=np.int64)
+        for p in analysis.groups[gid].params:
+            if p.role == Role.CONSUME or p.is_buffer:
+                continue
+            t = tensor_of(ref, p.param)
+            cuts = zeros.setdefault(id(t), (t, []))[1]
+            cuts.append((p.dim, torch.as_tensor(p.index[ch].ravel(), device=t.device)))
+    return Reference(ref, zeros)
 
 
 def _inputs(prog: Program) -> list[tuple[torch.Tensor, ...]]:
@@ -91,52 +113,49 @@ def proof_dtype(gm: nn.Module) -> torch.dtype | None:
     return PROOF_DTYPE if found & set(HALF) else None
 
 
-class _Recorder(fx.Interpreter):
-    """Runs a graph and keeps every node's value; with `dtype`, in that dtype: each module's
-    half-precision parameters and buffers are read as `dtype` copies while it runs (one module
-    at a time, the model itself unchanged), and so are attributes, and the graph's casts to a
-    half dtype cast to `dtype` instead."""
+class _Recorder(PromotedInterpreter):
+    """Runs a graph (in `dtype`: dtypes.PromotedInterpreter) and keeps the value of every node
+    that computes one (not its inputs and attributes). `zeros` (a Reference's): tensors read with
+    slices zeroed, in a copy. After each module of a half-precision model (a checkpoint as it
+    ships: memory-mapped, copied to float32 a module at a time) the heap its copies took and the
+    checkpoint's pages it read are given back (`memory.trim`, `memory.page_out`)."""
 
-    def __init__(self, gm: fx.GraphModule, dtype: torch.dtype | None = None):
-        super().__init__(gm)
+    def __init__(self, gm: fx.GraphModule, dtype: torch.dtype | None = None,
+                 zeros: dict[int, tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]] | None = None):
+        super().__init__(gm, dtype)
         self.values: dict[str, Any] = {}
-        self.dtype = dtype
+        self.zeros = zeros or {}
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
-        self.values[n.name] = out
+        if n.op not in ("placeholder", "get_attr"):
+            self.values[n.name] = out
         return out
 
-    def get_attr(self, target: Any, args: Any, kwargs: Any) -> Any:
-        value = super().get_attr(target, args, kwargs)
-        return value if self.dtype is None else promoted(value, self.dtype)
-
-    def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
-        if self.dtype is not None:
-            args, kwargs = promoted(args, self.dtype), promoted(kwargs, self.dtype)
-        return super().call_function(target, args, kwargs)
-
-    def call_method(self, target: Any, args: Any, kwargs: Any) -> Any:
-        if self.dtype is not None:
-            args, kwargs = promoted(args, self.dtype), promoted(kwargs, self.dtype)
-        return super().call_method(target, args, kwargs)
+    def read(self, t: torch.Tensor) -> torch.Tensor:
+        out = super().read(t)
+        cuts = self.zeros.get(id(t), (None, ()))[1]
+        if cuts:
+            out = out.clone() if out is t else out  # never into the model's own tensor
+            for dim, positions in cuts:
+                out.index_fill_(dim, positions, 0.0)
+        return out
 
     def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
-        if self.dtype is None:
-            return super().call_module(target, args, kwargs)
-        module = self.fetch_attr(target)
-        half = {k: t.to(self.dtype) for k, t in (*module.named_parameters(), *module.named_buffers())
-                if t.is_floating_point() and t.dtype in HALF}
-        args, kwargs = promoted(args, self.dtype), promoted(kwargs, self.dtype)
-        return torch.func.functional_call(module, half, args, kwargs, strict=False)
+        out = super().call_module(target, args, kwargs)
+        if self.dtype is not None:  # its float32 copies are freed: give the heap back, and the checkpoint's pages
+            trim()
+            page_out(self.fetch_attr(target))
+        return out
 
 
-def _recorded(gm: fx.GraphModule, inputs: tuple, dtype: torch.dtype | None = None,
+def _recorded(gm: fx.GraphModule | Reference, inputs: tuple, dtype: torch.dtype | None = None,
               ) -> tuple[dict[str, Any], list[torch.Tensor]]:
-    """Run `gm` once on `inputs` (in `dtype`, see _Recorder): every node's value by name, and the flat outputs."""
-    rec = _Recorder(gm, dtype)
+    """Run `gm` (a Reference: its graph, its zeros) once on `inputs` (in `dtype`, see _Recorder):
+    every computed node's value by name, and the flat outputs."""
+    rec = _Recorder(gm.gm, dtype, gm.zeros) if isinstance(gm, Reference) else _Recorder(gm, dtype)
     with torch.no_grad():
-        out = rec.run(*(inputs if dtype is None else promoted(tuple(inputs), dtype)))
+        out = rec.run(*inputs)
     return rec.values, flatten_tensors(out)
 
 
@@ -167,7 +186,7 @@ def _first_node_difference(prog: Program, ref_values: dict[str, Any], slim_value
     return None
 
 
-def _output_comparisons(gm: fx.GraphModule, reference: fx.GraphModule, inputs: tuple,
+def _output_comparisons(gm: fx.GraphModule, reference: Reference, inputs: tuple,
                         tol: Tolerance, dtype: torch.dtype | None) -> list[Comparison]:
     """`compare` of each of `gm`'s outputs with the reference's, in order (both run in `dtype`)."""
     return _compare_flat(_recorded(gm, inputs, dtype)[1], _recorded(reference, inputs, dtype)[1], tol)
@@ -179,7 +198,7 @@ def _compare_flat(got: list[torch.Tensor], want: list[torch.Tensor], tol: Tolera
     return [compare(g, w, tol) for g, w in zip(got, want)]
 
 
-def _compare(prog: Program, reference: fx.GraphModule, what: str, tol: Tolerance,
+def _compare(prog: Program, reference: Reference, what: str, tol: Tolerance,
              dtype: torch.dtype | None) -> tuple[float, float]:
     """Max abs and relative error of `prog.gm` against `reference` on the check inputs; a
     VerifyError naming the first differing node when an output does not match (a NaN or an
@@ -198,6 +217,7 @@ def _compare(prog: Program, reference: fx.GraphModule, what: str, tol: Tolerance
                       f"{where or 'no single node differs beyond tolerance (accumulated error)'}")
         if where is not None:
             _fail(prog, f"the slim model's outputs match the {what}, but a value inside does not: {where}")
+        del ref_values, slim_values, want, got  # before the next draw's run
     removed = any(len(c) for c in (prog.selection or {}).values())
     if removed and finite == 0 and worst == 0.0 and values:
         raise VerifyError(f"verify compared no number: every output value of the {what} is NaN or infinite on the "
@@ -213,16 +233,16 @@ def _fail(prog: Program, message: str) -> None:
                       "to work around it")
 
 
-def constant_reference(prog: Program, folds: Iterable[Fold]) -> fx.GraphModule:
+def constant_reference(prog: Program, folds: Iterable[Fold]) -> Reference:
     """The zeroed reference with each fold's constants injected at its consumer's input."""
     ref = zeroed_reference(prog)
-    inject_constants(ref, folds)
+    inject_constants(ref.gm, folds)
     return ref
 
 
 def _without_folds(prog: Program, folds: Iterable[Fold]) -> fx.GraphModule:
     """A copy of the slim model with `folds`' bias changes taken out again."""
-    gm = copy.deepcopy(prog.gm)
+    gm = shared_copy(prog.gm)
     for f in folds:
         add_to_bias(gm.get_submodule(f.module), -slim_delta(prog.reference, prog.removal, f))
     return gm
@@ -255,11 +275,12 @@ def verify_program(prog: Program, tol: Tolerance = VERIFY) -> dict[str, Any]:
     if prog.on_meta:
         return {"ok": None, "skipped": "the model is on the meta device; nothing to run"}
     if prog.source is not None:
-        check_program(prog, prog.reference)
+        with streamed(prog.source, prog.reference):
+            check_program(prog, prog.reference)
     folds = prog.compensation.folds if prog.compensation is not None else ()
     exact, approx = tuple(f for f in folds if f.exact), tuple(f for f in folds if not f.exact)
     reference = constant_reference(prog, exact)
-    norms = normalize_over_kept(reference, prog.removal.removed)
+    norms = normalize_over_kept(reference.gm, prog.removal.removed)
     what = _reference_text(exact) + (f" (the slim model without its {len(approx)} approximate folds)" if approx else "")
     if norms:
         what += f", its {len(norms)} LayerNorms that lost channels normalizing over the kept ones"

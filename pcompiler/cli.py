@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 
-from pcompiler.console import error_line, groups_table, latency_table, summary
+from pcompiler.console import error_line, generation_table, groups_table, latency_table, summary
 from pcompiler.distill import Distillation
 from pcompiler.errors import EXIT_BUG, EXIT_EXPORT, EXIT_OK, CompileError, InternalError, first_line, one_line
 from pcompiler.input_checks import check_input_memory
@@ -350,8 +350,11 @@ def bench_command(model_path: Path, verbose: bool, **options: Any) -> int:
 def _bench(console: Console, model_path: Path, *, slim_path: Path | None, input_shapes: tuple[str, ...], trust: bool,
            arch: str | None, batches: str, backends: str | None, threads: int | None, device: str, warmup: int,
            min_reps: int, min_time: float, json_path: Path | None) -> int:
+    from pcompiler.hf import is_folder
+    from pcompiler.inputs import InputSpec, default_inputs
     from pcompiler.pipeline import measure
     from pcompiler.report import write_report
+    from pcompiler.targets.generation import is_causal_lm, measure_generation
 
     if (threads is not None and threads < 1) or warmup < 0 or min_reps < 1 or min_time < 0:
         raise CompileError("--threads and --min-reps must be at least 1, --warmup and --min-time at least 0")
@@ -362,13 +365,22 @@ def _bench(console: Console, model_path: Path, *, slim_path: Path | None, input_
         check_input_memory([s.shape for s in specs], largest_batch=max(settings.batch_sizes), option="--batches",
                            element_bytes=[s.dtype.itemsize for s in specs])
     models = {"original": load_model(model_path, trust=trust, arch=arch)}
+    generation = is_causal_lm(models["original"])
     if slim_path is not None:
-        models["slim"] = load_model(slim_path / "model.pt2" if slim_path.is_dir() else slim_path, trust=trust)
+        folder = slim_path / "hf" if generation and is_folder(slim_path / "hf") else slim_path
+        models["slim"] = load_model(folder / "model.pt2" if folder.is_dir() and not is_folder(folder) else folder, trust=trust)
+        generation = generation and is_causal_lm(models["slim"])
+    if generation and not specs:  # the forward on token ids alone, positionally
+        specs = [InputSpec(s.shape, s.dtype) for s in default_inputs(models["original"])[:1]]
     result, specs = measure(models, specs, settings)
+    if generation:
+        result["generation"] = measure_generation(models, settings)
     for name, c in result["costs"].items():
         console.print(f"[bold]{name:<10}[/]  {count_text(c['params'])} params, {count_text(c['flops'])} FLOPs "
                       f"at input {specs_text(specs)}", highlight=False)
     Console(width=None if sys.stdout.isatty() else 160).print(latency_table(result))
+    if result.get("generation"):
+        Console(width=None if sys.stdout.isatty() else 160).print(generation_table(result["generation"]))
     if json_path is not None:
         write_report(result, json_path)
         console.print(f"[bold]{'json':<10}[/]  {escape(str(json_path))}", soft_wrap=True, highlight=False)

@@ -98,3 +98,21 @@ def latency_table(result: dict[str, Any]) -> Table:
     for row in rows:
         table.add_row(*(escape(c) for c in row))
     return table
+
+
+def generation_table(result: dict[str, Any]) -> Table:
+    """Prefill latency and decode speed, original against slim (targets/generation.py)."""
+    rows = result.get("rows") or []
+    names = [n for n in ("original", "slim") if any(n in r for r in rows)]
+    table = Table(title="generation, KV cache on (prefill p50; decode tokens/s)", box=box.SIMPLE_HEAD)
+    for col in ("backend", "batch", *(f"{n} prefill" for n in names), *(f"{n} decode" for n in names), "decode speedup"):
+        table.add_column(col, justify="left" if col == "backend" else "right")
+    for r in rows:
+        if "error" in r:
+            table.add_row(r["backend"], str(r["batch"]), escape(f"error: {r['error']}"), *[""] * (2 * len(names)))
+            continue
+        table.add_row(r["backend"], str(r["batch"]), *(f"{r[n]['prefill']['p50'] * 1e3:.3g} ms" for n in names),
+                      *(f"{r[n]['decode_tokens_per_s']:.3g}" for n in names),
+                      f"{r['speedup']:.2f}x" if "speedup" in r else "")
+    return table
+

@@ -1,16 +1,20 @@
-"""Working precision: the dtype a model computes in, and copies and runs of a graph in another.
+"""Working precision: the dtype a model computes in, and copies and runs of a model in another.
 
 A leaf of the core: it imports nothing from pcompiler. Checkpoints ship in bfloat16 or float16
-(`HALF`); pcompiler prunes them in that dtype. Two places need the same graph in float32: the
-proof (passes/verify.py runs both graphs with `promoted` values, one module at a time) and a
-runtime without half-precision kernels (targets/onnx.py writes a `cast_copy`). Either way the
-graph's own casts to a half dtype (Hugging Face's RMSNorm casts back to its input's dtype) are
-cast to the wider dtype too, or the float32 graph would still round in between.
+(`HALF`); pcompiler prunes them in that dtype. Three places need the same model in float32:
+the proof (passes/verify.py runs both graphs with a `PromotedInterpreter`, one module's weights
+in float32 at a time), a runtime without half-precision kernels (targets/onnx.py writes a
+`cast_copy`), and the check of the hf/ folder (`promoted_modules`: its modules' weights read in
+float32 while each runs). Either way the graph's own casts to a half dtype (Hugging Face's
+RMSNorm casts back to its input's dtype) are cast to the wider dtype too, or the float32 graph
+would still round in between.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -57,3 +61,80 @@ def cast_copy(gm: fx.GraphModule, dtype: torch.dtype) -> fx.GraphModule:
         node.args, node.kwargs = promoted(node.args, dtype), promoted(node.kwargs, dtype)
     out.recompile()
     return out
+
+
+class PromotedInterpreter(fx.Interpreter):
+    """Runs a graph in `dtype` where it computed in a half dtype: each module's half-precision
+    parameters and buffers are read as `dtype` copies while it runs (`read`: one module at a time,
+    the model itself unchanged), and so are attributes; the graph's half dtype arguments and
+    inputs become `dtype`. With `dtype` None it runs the graph as it is."""
+
+    def __init__(self, gm: fx.GraphModule, dtype: torch.dtype | None = None):
+        super().__init__(gm)
+        self.dtype = dtype
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        return super().run(*(args if self.dtype is None else promoted(args, self.dtype)), **kwargs)
+
+    def read(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` as this run reads it: in `dtype` where half."""
+        if self.dtype is not None and t.is_floating_point() and t.dtype in HALF:
+            return t.detach().to(self.dtype)
+        return t
+
+    def get_attr(self, target: Any, args: Any, kwargs: Any) -> Any:
+        value = super().get_attr(target, args, kwargs)
+        if isinstance(value, torch.Tensor):
+            return self.read(value)
+        return value if self.dtype is None else promoted(value, self.dtype)
+
+    def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
+        if self.dtype is not None:
+            args, kwargs = promoted(args, self.dtype), promoted(kwargs, self.dtype)
+        return super().call_function(target, args, kwargs)
+
+    def call_method(self, target: Any, args: Any, kwargs: Any) -> Any:
+        if self.dtype is not None:
+            args, kwargs = promoted(args, self.dtype), promoted(kwargs, self.dtype)
+        return super().call_method(target, args, kwargs)
+
+    def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
+        module = self.fetch_attr(target)
+        own = (*module.named_parameters(), *module.named_buffers())
+        changed = {k: v for k, t in own if (v := self.read(t)) is not t}
+        if self.dtype is not None:
+            args, kwargs = promoted(args, self.dtype), promoted(kwargs, self.dtype)
+        return torch.func.functional_call(module, changed, args, kwargs, strict=False) if changed else module(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def promoted_modules(model: nn.Module, dtype: torch.dtype) -> Iterator[None]:
+    """While the block runs `model` (any nn.Module), each module's own half-precision parameters
+    and buffers are `dtype` copies during its forward, and its own again after: the model
+    computes in `dtype` on its weights' exact values, with one module's copies in memory."""
+    originals: dict[int, list[tuple[dict, str, torch.Tensor]]] = {}
+
+    def before(m: nn.Module, args: Any) -> None:
+        swapped = originals.setdefault(id(m), [])
+        for store in (m._parameters, m._buffers):
+            for k, t in list(store.items()):
+                if t is not None and t.is_floating_point() and t.dtype in HALF:
+                    swapped.append((store, k, t))
+                    store[k] = t.detach().to(dtype)
+
+    def after(m: nn.Module, args: Any, output: Any) -> None:
+        for store, k, t in originals.pop(id(m), []):
+            store[k] = t
+
+    handles = []
+    for m in model.modules():
+        if any(t.is_floating_point() and t.dtype in HALF for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))):
+            handles += [m.register_forward_pre_hook(before), m.register_forward_hook(after)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for swapped in originals.values():  # a forward that raised
+            for store, k, t in swapped:
+                store[k] = t

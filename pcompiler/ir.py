@@ -12,6 +12,7 @@ i-th item of a tuple output (split, chunk, a module returning a tuple).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -76,6 +77,15 @@ def owner_of(gm: torch.nn.Module, qualname: str) -> tuple[torch.nn.Module, str]:
     """The module holding a qualified name, and the attribute: 'layer1.0.conv1.weight' -> (conv1, 'weight')."""
     prefix, _, name = qualname.rpartition(".")
     return (gm.get_submodule(prefix) if prefix else gm), name
+
+
+def shared_copy(gm: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `gm` (graph, modules) that shares its parameters and buffers, so a model and its
+    rewritten copy hold the weights once. Whoever changes the copy puts new tensors in place of
+    the ones it changes, never writes into one (slim, compensate's folds, verify's reference);
+    passes that train or recalibrate a model train their own copy (`runtime.copy_to`)."""
+    memo = {id(t): t for t in (*gm.parameters(), *gm.buffers())}
+    return copy.deepcopy(gm, memo)
 
 
 def call_with(model: torch.nn.Module, inputs: tuple, keywords: tuple[str, ...] = ()) -> Any:

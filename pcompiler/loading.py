@@ -42,6 +42,7 @@ from pcompiler.allowlist import (
 from pcompiler.errors import CompileError, one_line
 from pcompiler.hf import is_folder, load_folder
 from pcompiler.input_checks import check_finite
+from pcompiler.memory import page_out
 
 log = logging.getLogger("pcompiler")
 
@@ -323,6 +324,7 @@ def load_model(path: str | os.PathLike[str], *, trust: bool = False, arch: str |
     `CompileError` with a one-line reason on any problem."""
     model = _load(Path(path), trust, arch)
     check_finite(model, path)
+    page_out(model)  # a memory-mapped checkpoint's pages, read while loading and checking (pcompiler/memory.py)
     return model
 
 

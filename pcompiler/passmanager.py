@@ -38,6 +38,7 @@ import torch
 
 from pcompiler.errors import CompileError, InternalError, PassError, one_line
 from pcompiler.ir import PassRecord, Program
+from pcompiler.memory import page_out, trim
 
 log = logging.getLogger("pcompiler")
 
@@ -228,7 +229,9 @@ def _run_one(p: Pass, prog: Program, before: list[str]) -> PassResult:
 
 
 def run(prog: Program, passes: Iterable[Pass], instruments: Iterable[Instrument] = ()) -> Program:
-    """Run `passes` over `prog` in order, each under the contract; return the final Program."""
+    """Run `passes` over `prog` in order, each under the contract; return the final Program.
+    After each pass the pages of a memory-mapped checkpoint that it read, and the heap it freed,
+    are given back (`memory.page_out`, `memory.trim`)."""
     instruments = list(instruments)
     for p in passes:
         before = [r.name for r in prog.history]
@@ -237,6 +240,8 @@ def run(prog: Program, passes: Iterable[Pass], instruments: Iterable[Instrument]
         seconds = time.perf_counter() - t0
         prog = result.program.replace(history=[*prog.history, PassRecord(p.name, seconds, result.changed)])
         log.info("pass %s: %.3fs%s", p.name, seconds, " (changed)" if result.changed else "")
+        page_out(prog.source, prog.reference, prog.gm)  # the checkpoint's pages the pass read (pcompiler/memory.py)
+        trim()
         for inst in instruments:
             inst(p, prog, seconds)
     return prog

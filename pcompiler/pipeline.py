@@ -285,12 +285,27 @@ def compile_model(model: nn.Module, settings: Settings, *, data: DataSource | No
 
         before = prog.reference if prog.reference is not None else prog.gm
         prog.info["bench"] = measure({"original": before, "slim": prog.gm}, prog.example_inputs, bench)
+        prog.info["bench"]["generation"] = _generation(model, prog, Path(out_dir), bench)
     recorded = {**settings.as_report(data), "data": None if data is None else data.spec, "formats": list(formats),
                 "input_shapes": [list(t.shape) for t in prog.example_inputs]}
     report = build_report(prog, model_path=model_path, method=settings.method, settings=recorded)
     write_report(report, Path(out_dir) / "report.json")
     write_markdown(report, out_dir)
     return prog, report
+
+
+def _generation(model: nn.Module, prog: Program, out_dir: Path, bench: Any) -> dict[str, Any] | None:
+    """For a causal language model whose hf/ folder was written: decode and prefill speed of the
+    model against the folder's (targets/generation.py), else None (the reason in the log)."""
+    from pcompiler.targets.generation import is_causal_lm, measure_generation
+    from pcompiler.targets.hf import load_hf
+
+    if not is_causal_lm(model):
+        return None
+    if not any(e["format"] == "hf" and e["ok"] for e in prog.info.get("exports", [])):
+        log.info("generation speed not measured: it runs the slim model from hf/, which was not written")
+        return None
+    return measure_generation({"original": model, "slim": load_hf(model, out_dir / "hf")}, bench)
 
 
 def measure(models: Mapping[str, nn.Module], specs: Sequence[InputSpec] | None,

@@ -34,6 +34,7 @@ import torch
 from pcompiler.costs import count_flops, count_params
 from pcompiler.errors import one_line
 from pcompiler.ir import Program
+from pcompiler.memory import streamed
 from pcompiler.outdir import atomic_write
 
 log = logging.getLogger("pcompiler")
@@ -102,7 +103,8 @@ def build_report(
 
     def flops(gm: torch.nn.Module, which: str) -> int | None:
         try:
-            return count_flops(gm, prog.example_inputs)
+            with streamed(gm):  # a memory-mapped checkpoint's pages given back layer by layer
+                return count_flops(gm, prog.example_inputs)
         except Exception as e:  # noqa: BLE001 - a report with a gap beats no report
             warnings.append(f"FLOPs of the model {which} not counted: {one_line(e)}")
             log.warning("%s", warnings[-1])

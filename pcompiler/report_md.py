@@ -94,7 +94,8 @@ def approximate_text(approx: dict[str, Any] | None) -> str:
 
 def before_after_rows(r: dict[str, Any]) -> list[list[str]]:
     """[what, before, after, change] rows: parameters, FLOPs, accuracy, latency at the largest
-    batch per backend (for report.md and the CLI's closing table)."""
+    batch per backend, and a causal LM's decode and prefill speed (for report.md and the CLI's
+    closing table)."""
     rows = [["parameters", count_text(r.get("params_before")), count_text(r.get("params_after")), _fewer(r.get("param_ratio"))],
             ["FLOPs", count_text(r.get("flops_before")), count_text(r.get("flops_after")), _fewer(r.get("flops_ratio"))]]
     before = r.get("acc_before")
@@ -104,6 +105,14 @@ def before_after_rows(r: dict[str, Any]) -> list[list[str]]:
     for row in headline(r.get("bench")):
         rows.append([f"latency p50, {row['backend']}, batch {row['batch']}", seconds_text(row["original"]["p50"]),
                      seconds_text(row["slim"]["p50"]), f"{row['speedup']:.2f}x faster"])
+    for row in ((r.get("bench") or {}).get("generation") or {}).get("rows", []):
+        if "speedup" in row:
+            rows.append([f"decode, {row['backend']}, batch {row['batch']}",
+                         f"{row['original']['decode_tokens_per_s']:.3g} tokens/s",
+                         f"{row['slim']['decode_tokens_per_s']:.3g} tokens/s", f"{row['speedup']:.2f}x faster"])
+            rows.append([f"prefill p50, {row['backend']}, batch {row['batch']}",
+                         seconds_text(row["original"]["prefill"]["p50"]), seconds_text(row["slim"]["prefill"]["p50"]),
+                         f"{row['prefill_speedup']:.2f}x faster"])
     return rows
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from pcompiler.compare import compare, export_tolerance, flatten_tensors
+from pcompiler.compare import Tolerance, compare, export_tolerance, flatten_tensors
 from pcompiler.costs import eval_mode
 from pcompiler.errors import CompileError, one_line
 from pcompiler.ir import Program
@@ -102,9 +102,10 @@ def require_weights(prog: Program, what: str) -> None:
         )
 
 
-def compare_outputs(got: list[Any], want: list[torch.Tensor], what: str) -> float:
+def compare_outputs(got: list[Any], want: list[torch.Tensor], what: str, tolerance: Tolerance | None = None) -> float:
     """Max abs difference between two flat output lists (`pcompiler.compare` with the export
-    tolerance of each reference output's dtype, `export_tolerance`, on the CPU); raises
+    tolerance of each reference output's dtype, `export_tolerance`, unless `tolerance` is given,
+    on the CPU); raises
     ExportCheckFailed if the count, a shape, a NaN or an infinity, or a finite value differs. The
     max error is inf when a NaN or an infinity differs."""
     if len(got) != len(want):
@@ -114,7 +115,7 @@ def compare_outputs(got: list[Any], want: list[torch.Tensor], what: str) -> floa
         g, w = torch.as_tensor(g).detach().cpu(), w.detach().cpu()
         if g.shape != w.shape:
             raise ExportCheckFailed(f"{what} output {i} has shape {tuple(g.shape)} against {tuple(w.shape)} (torch's)")
-        c = compare(g, w, export_tolerance(w.dtype))
+        c = compare(g, w, tolerance or export_tolerance(w.dtype))
         worst = max(worst, c.max_error)
         if not c.ok:
             failures.append(f"output {i}: {c.reason}")

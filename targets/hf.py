@@ -24,6 +24,7 @@ shape does not fit the rebuilt model.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import secrets
@@ -33,19 +34,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pcompiler.compare import flatten_tensors
+from pcompiler.compare import export_tolerance, flatten_tensors
 from pcompiler.costs import eval_mode
-from pcompiler.dtypes import dtype_name, dtype_of
+from pcompiler.dtypes import HALF, PromotedInterpreter, dtype_name, dtype_of, promoted_modules
 from pcompiler.hf import slim_config, slim_widths, stream_ratio, width_fields
 from pcompiler.ir import Program, call_with
-from pcompiler.targets import (
-    ExportResult,
-    NotApplicable,
-    compare_outputs,
-    guarded,
-    reference_outputs,
-    require_weights,
-)
+from pcompiler.memory import streamed
+from pcompiler.targets import ExportResult, NotApplicable, compare_outputs, guarded, require_weights
 
 # Files of the input folder that a slim folder needs as they are: the tokenizer's and processor's.
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
@@ -66,13 +61,14 @@ def save_hf(prog: Program, model: nn.Module, path: str | Path) -> ExportResult:
         except ValueError as e:
             raise NotApplicable(str(e)) from e
         stream = stream_ratio(model.config, widths)
-        dtype = dtype_of(prog.gm)
-        slim = type(model)._from_config(config, dtype=dtype)
-        missing, unexpected = slim.load_state_dict(prog.gm.state_dict(), strict=False)
+        with torch.device("meta"):  # no memory: the slim program's tensors are put in place
+            slim = type(model)._from_config(config, dtype=dtype_of(prog.gm))
+        missing, unexpected = slim.load_state_dict(prog.gm.state_dict(), strict=False, assign=True)
         tied = {k for k in missing if k in _tied_keys(slim)}
         if set(missing) - tied or unexpected:
             raise ValueError(f"the slim weights do not fit {type(model).__name__}: missing {sorted(set(missing) - tied)[:4]}, "
                              f"unexpected {sorted(unexpected)[:4]}")
+        slim.tie_weights()
         norms = _rescale_stream_norms(slim, widths.get("hidden_size"), stream)
         if getattr(model, "generation_config", None) is not None:
             slim.generation_config = copy.deepcopy(model.generation_config)
@@ -84,11 +80,8 @@ def save_hf(prog: Program, model: nn.Module, path: str | Path) -> ExportResult:
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
-        loaded = type(model).from_pretrained(path, local_files_only=True, use_safetensors=True)
-        want = reference_outputs(prog)
-        with torch.no_grad(), eval_mode(loaded):
-            got = flatten_tensors(call_with(loaded, prog.example_inputs, prog.keywords))
-        err = compare_outputs(got, want, f"the reloaded {path.name}/ folder")
+        loaded = load_hf(model, path)
+        err = _check(prog, loaded, f"the reloaded {path.name}/ folder")
         before = width_fields(model)
         changed = ", ".join(f"{f} {before[f]} -> {widths[f]}" for f in before if f in widths) or "no width changed"
         if norms:
@@ -98,6 +91,27 @@ def save_hf(prog: Program, model: nn.Module, path: str | Path) -> ExportResult:
         return err, f"config: {changed}"
 
     return guarded("hf", path, body, dtype=dtype_name(dtype_of(prog.gm)))
+
+
+def load_hf(model: nn.Module, path: str | Path) -> nn.Module:
+    """The slim folder at `path` as `model`'s class (safetensors, no remote code), in eval mode."""
+    return type(model).from_pretrained(path, local_files_only=True, use_safetensors=True).eval()
+
+
+def _check(prog: Program, loaded: nn.Module, what: str) -> float:
+    """Max error of the reloaded folder's outputs against the slim program's. A half-precision
+    model is compared in float32 on both sides (`dtypes`: the same weights, read exactly): the
+    folder's RMSNorm weights x sqrt(D/D') are rounded to the half dtype where the program
+    rescales exactly, which is the one difference left, held to the half dtype's tolerance; in
+    the half dtype itself every op would round differently on top."""
+    half = dtype_of(prog.gm)
+    proof = torch.float32 if half in HALF else None
+    with torch.no_grad(), eval_mode(prog.gm):
+        want = flatten_tensors(PromotedInterpreter(prog.gm, proof).run(*prog.example_inputs))
+    promote = promoted_modules(loaded, proof) if proof is not None else contextlib.nullcontext()
+    with torch.no_grad(), eval_mode(loaded), streamed(loaded), promote:  # the folder's pages: memory-mapped
+        got = flatten_tensors(call_with(loaded, prog.example_inputs, prog.keywords))
+    return compare_outputs(got, want, what, tolerance=export_tolerance(half))
 
 
 def _copy_side_files(model: nn.Module, folder: Path) -> list[str]:
@@ -120,9 +134,9 @@ def _rescale_stream_norms(slim: nn.Module, hidden: int | None, ratio: float) -> 
         return 0
     norms = [m for m in slim.modules() if type(m).__name__.endswith("RMSNorm")
              and isinstance(getattr(m, "weight", None), torch.Tensor) and tuple(m.weight.shape) == (hidden,)]
-    with torch.no_grad():
+    with torch.no_grad():  # new tensors: the weights are the slim program's own
         for m in norms:
-            m.weight.mul_(ratio ** 0.5)
+            m.weight = nn.Parameter(m.weight.detach() * ratio ** 0.5, requires_grad=False)
     return len(norms)
 
 

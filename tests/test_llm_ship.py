@@ -219,3 +219,31 @@ def test_hugging_face_vision_models_lose_widths_with_the_default_formats(tmp_pat
     exact = run_cli(tmp_path / "convnext", "--method", "l1", "--ratio", "0.5", "--formats", "hf", "-o", tmp_path / "o2")
     assert exact.exit_code == 0, exact.output
     assert json.loads((tmp_path / "o2" / "report.json").read_text())["params_after"] == report["params_before"]
+
+
+def test_bench_reports_decode_and_prefill_speed_of_a_causal_lm(tmp_path):
+    """--bench on a causal LM: decode tokens/s with the cache on (batch 1 and 8) and prefill
+    latency, original against the hf/ folder; `pcompile bench MODEL OUT` the same. Structure and
+    sane numbers only: timings are never asserted."""
+    import json
+    import math
+
+    folder, out = shipped(tmp_path, "llama", torch.bfloat16, hidden=64), tmp_path / "out"
+    result = run_cli(folder, "--method", "l1", "--ratio", "0.5", "--formats", "hf,pt2", "-o", out, "--bench",
+                     "--bench-batches", "1", "--bench-backends", "torch-cpu")
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out / "report.json").read_text())["bench"]["generation"]["rows"]
+    assert [(r["backend"], r["batch"]) for r in rows] == [("torch-cpu", 1), ("torch-cpu", 8)]
+    for r in rows:
+        for name in ("original", "slim"):
+            assert r[name]["decode_tokens_per_s"] > 0 and r[name]["prefill"]["p50"] > 0
+            assert r[name]["generate"]["p50"] > r[name]["prefill"]["p50"]  # new tokens after the prompt
+        assert math.isfinite(r["speedup"]) and math.isfinite(r["prefill_speedup"])
+    assert "| decode, torch-cpu, batch 8 |" in (out / "report.md").read_text()  # and the closing table
+    again = run_cli("bench", folder, out, "--batches", "1", "--backends", "torch-cpu,onnxruntime-cpu", "--min-time", "0.1",
+                    "--json", tmp_path / "bench.json")
+    assert again.exit_code == 0, again.output
+    generation = json.loads((tmp_path / "bench.json").read_text())["generation"]
+    assert {(r["backend"], r["batch"]) for r in generation["rows"]} == {("torch-cpu", 1), ("torch-cpu", 8)}
+    assert generation["skipped"] == {"onnxruntime-cpu": "runs graphs without a KV cache"}
+    assert "generation, KV cache on" in again.output

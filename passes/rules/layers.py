@@ -25,7 +25,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pcompiler.ir import MHA_KEPT_KEY, DimRef, Role, node_value, op_name, tensor_of
+from pcompiler.ir import MHA_KEPT_KEY, DimRef, Role, node_value, op_name, owner_of
 from pcompiler.passes.rules.base import (
     RewriteContext,
     RuleContext,
@@ -315,17 +315,21 @@ def last_dims_norm_functional(node: fx.Node, ctx: RuleContext) -> None:
     _last_dims_norm(ctx, node, arg(node, 0, "input"), k, affine, name, exact=exact)
 
 
-def _norm_rescale(node: fx.Node, ctx: RewriteContext, weight: torch.Tensor, eps: float | None) -> float | None:
+def _norm_rescale(node: fx.Node, ctx: RewriteContext, name: str, eps: float | None) -> float | None:
     """RMS over D channels of which D' are kept and the rest zero = sqrt(D'/D) x RMS over the D'
     (with eps x D/D'): scale the weight by sqrt(D/D') in place. Exact for an RMSNorm; for a
     LayerNorm exact where the kept channels' mean is zero, and closer than no rescale elsewhere
-    (the variance over D is mostly D'/D times the variance over D'). Returns the new eps (None:
+    (the variance over D is mostly D'/D times the variance over D'). The weight `name` of ctx.gm
+    becomes a new tensor (the reference may share the old one). Returns the new eps (None:
     unchanged)."""
+    owner, attr = owner_of(ctx.gm, name)
+    weight = getattr(owner, attr)
     ratio = float(np.prod(_norm_shape(node, ctx, weight.ndim, old=True))) / float(np.prod(_norm_shape(node, ctx, weight.ndim)))
     if ratio == 1.0:
         return None
     with torch.no_grad():
-        weight.mul_(ratio ** 0.5)
+        scaled = weight.detach() * ratio ** 0.5
+    setattr(owner, attr, nn.Parameter(scaled, weight.requires_grad) if isinstance(weight, nn.Parameter) else scaled)
     base = eps if eps is not None else torch.finfo(weight.dtype).eps  # torch's default eps of rms_norm
     return base * ratio
 
@@ -339,7 +343,7 @@ def _norm_shape(node: fx.Node, ctx: RewriteContext, k: int, old: bool = False) -
 def last_dims_norm_module_rewrite(node: fx.Node, ctx: RewriteContext) -> None:
     m = ctx.module(node)
     if m.weight is not None:
-        eps = _norm_rescale(node, ctx, m.weight, m.eps)
+        eps = _norm_rescale(node, ctx, f"{node.target}.weight", m.eps)
         if eps is not None:
             m.eps = eps
     m.normalized_shape = tuple(_norm_shape(node, ctx, len(m.normalized_shape)))
@@ -352,7 +356,7 @@ def last_dims_norm_functional_rewrite(node: fx.Node, ctx: RewriteContext) -> Non
     w = arg(node, 2, "weight")
     if isinstance(w, fx.Node) and w.op == "get_attr":
         eps_at, default = (3, None) if op_name(node.target) == "rms_norm" else (4, 1e-5)
-        eps = _norm_rescale(node, ctx, tensor_of(ctx.gm, w.target), arg(node, eps_at, "eps", default))
+        eps = _norm_rescale(node, ctx, w.target, arg(node, eps_at, "eps", default))
         if eps is not None:
             set_arg(node, eps_at, "eps", eps)
     elif op_name(node.target) == "rms_norm":
