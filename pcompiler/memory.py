@@ -70,41 +70,40 @@ def _tensors(things: Iterable[Any]) -> list[torch.Tensor]:
     return out
 
 
-def page_out(*things: nn.Module | torch.Tensor | None) -> int:
+def page_out(*things: nn.Module | torch.Tensor | None, spans: list[tuple[int, int]] | None = None) -> int:
     """Give back the file-backed pages of these modules' parameters and buffers (and tensors'):
-    the bytes advised (module docstring)."""
-    if not sys.platform.startswith("linux"):
-        return 0
-    tensors = [t for t in _tensors(x for x in things if x is not None) if t.device.type == "cpu"]
-    if not tensors:
-        return 0
-    spans = file_mappings()
-    if not spans:
-        return 0
-    starts = [s for s, _ in spans]
-    advised, seen = 0, set()
-    for t in tensors:
-        storage = t.untyped_storage()
-        lo = storage.data_ptr()
-        if lo in seen or storage.nbytes() == 0:
-            continue
-        seen.add(lo)
-        hi = lo + storage.nbytes()
-        i = bisect.bisect_right(starts, lo) - 1
-        while 0 <= i < len(spans) and spans[i][0] < hi:
-            a = max(lo, spans[i][0]) + _PAGE - 1
-            a -= a % _PAGE
-            b = min(hi, spans[i][1])
-            b -= b % _PAGE
-            if b > a and _libc_madvise()(a, b - a, MADV_PAGEOUT) == 0:
-                advised += b - a
-            i += 1
+    the bytes advised (module docstring). `spans`: `file_mappings()` read once by the caller."""
+    tensors = _tensors(x for x in things if x is not None)
+    spans = spans if spans is not None else (file_mappings() if tensors else [])
+    advised = 0
+    for lo, hi in {r for t in tensors for r in _mapped(t, spans)}:
+        if _libc_madvise()(lo, hi - lo, MADV_PAGEOUT) == 0:
+            advised += hi - lo
     return advised
 
 
-def _paging_out(tensors: list[torch.Tensor]) -> Any:
+def _mapped(t: torch.Tensor, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The page-aligned ranges of `t`'s storage that lie in the file mappings `spans`."""
+    if t.device.type != "cpu" or not spans:
+        return []
+    storage = t.untyped_storage()
+    lo, hi = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+    out = []
+    i = max(bisect.bisect_right([s for s, _ in spans], lo) - 1, 0)
+    while i < len(spans) and spans[i][0] < hi:
+        a = max(lo, spans[i][0]) + _PAGE - 1
+        a -= a % _PAGE
+        b = min(hi, spans[i][1])
+        b -= b % _PAGE
+        if b > a:
+            out.append((a, b))
+        i += 1
+    return out
+
+
+def _paging_out(tensors: list[torch.Tensor], spans: list[tuple[int, int]]) -> Any:
     def hook(module: nn.Module, args: Any, output: Any) -> None:  # None: the output stays
-        page_out(*tensors)
+        page_out(*tensors, spans=spans)
 
     return hook
 
@@ -113,15 +112,14 @@ def _paging_out(tensors: list[torch.Tensor]) -> Any:
 def streamed(*models: nn.Module | None) -> Iterator[None]:
     """While the block runs these models, each module's own file-backed pages are given back as
     soon as its forward returns: a forward of a memory-mapped model then holds about one layer's
-    weights resident, not the model's."""
+    weights resident, not the model's. Models with no file-backed tensor get no hooks."""
+    spans = file_mappings() if sys.platform.startswith("linux") else []
     handles = []
-    for model in models:
-        if model is None:
-            continue
+    for model in (m for m in models if m is not None and spans):
         for m in model.modules():
-            own = [*m.parameters(recurse=False), *m.buffers(recurse=False)]
+            own = [t for t in (*m.parameters(recurse=False), *m.buffers(recurse=False)) if _mapped(t, spans)]
             if own:
-                handles.append(m.register_forward_hook(_paging_out(own)))
+                handles.append(m.register_forward_hook(_paging_out(own, spans)))
     try:
         yield
     finally:

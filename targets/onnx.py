@@ -290,8 +290,9 @@ def export_onnx(
     opset: ONNX opset version (None: the exporter's default). exporter: "auto" (dynamo, then
     legacy if dynamo fails), "dynamo" or "legacy". dtype: "auto" or a dtype name
     (`onnx_dtype`); written in another dtype than the model's, the file is a cast copy and is
-    compared with that copy in torch. The batch (and for token ids the sequence) dimension is
-    dynamic where the model allows it. Never raises for a failed export."""
+    compared with that copy in torch. For token ids the batch and sequence dimensions are dynamic
+    where the exporter can make them; other inputs keep the traced shapes. Never raises for a
+    failed export."""
     if exporter not in EXPORTERS:
         raise ValueError(f"exporter must be one of {EXPORTERS}, not {exporter!r}")
     path = Path(path)
@@ -303,8 +304,9 @@ def export_onnx(
         import_onnxruntime()  # before writing: a file that cannot be checked is not written
         cast = prog if written == own else prog.replace(gm=cast_copy(prog.gm, written),
                                                         example_inputs=_cast_inputs(prog.example_inputs, written))
+        dims = dynamic_dims(list(cast.example_inputs))  # token ids: any batch and length; other inputs as traced
         note = write_onnx(cast.gm, cast.example_inputs, path, names=input_names(cast), opset=opset, exporter=exporter,
-                          dynamic=dynamic_dims(list(cast.example_inputs)))
+                          dynamic=dims if 1 in dims else ())
         want = reference_outputs(cast)
         got = run_onnx(session(path, provider=provider), input_names(cast), cast.example_inputs)
         err = compare_outputs([torch.from_numpy(np.asarray(g)) for g in got], want, f"onnxruntime on {path.name}")
