@@ -58,25 +58,45 @@ def removal_of(prog: Program, selection: Selection) -> Removal:
     )
 
 
+def _aliases(gm: fx.GraphModule) -> dict[int, list[tuple[torch.nn.Module, str]]]:
+    """Every (module, attribute) that holds each tensor, by the tensor's id: a tied weight (GPT-2's
+    embedding and LM head) has two names, of which the graph may read only one."""
+    found: dict[int, list[tuple[torch.nn.Module, str]]] = defaultdict(list)
+    for _, m in gm.named_modules(remove_duplicate=False):
+        for attr, t in (*m._parameters.items(), *m._buffers.items()):
+            if t is not None:
+                found[id(t)].append((m, attr))
+    return found
+
+
 def _slice_tensors(gm: fx.GraphModule, removal: Removal) -> None:
-    by_param: dict[str, list[tuple[int, np.ndarray]]] = defaultdict(list)
+    """Cut the removed positions out of each parameter and buffer (the cuts of all its names
+    together), and put the result under every name that held it: its tied aliases too."""
+    by_tensor: dict[int, dict[int, np.ndarray]] = defaultdict(dict)
+    named: dict[int, tuple[torch.nn.Module, str]] = {}
     for (name, dim), removed in removal.params.items():
-        by_param[name].append((dim, removed))
-    for name, cuts in by_param.items():
         owner, attr = owner_of(gm, name)
+        key = id(getattr(owner, attr))
+        named.setdefault(key, (owner, attr))
+        by_tensor[key][dim] = np.union1d(by_tensor[key].get(dim, removed), removed)
+    aliases = _aliases(gm)
+    for key, cuts in by_tensor.items():
+        owner, attr = named[key]
         old = getattr(owner, attr)
         t = old.detach()
-        for dim, removed in cuts:
+        for dim, removed in cuts.items():
             keep = np.setdiff1d(np.arange(t.shape[dim]), removed)
             t = t.index_select(dim, torch.as_tensor(keep, device=t.device))
         t = t.contiguous()
         page_out(old)  # the checkpoint's pages just read, where it is memory-mapped
-        if attr in owner._parameters:
-            owner._parameters[attr] = torch.nn.Parameter(t, requires_grad=old.requires_grad)
-        elif attr in owner._buffers:
-            owner._buffers[attr] = t
-        else:
-            setattr(owner, attr, t)
+        new = torch.nn.Parameter(t, requires_grad=old.requires_grad) if isinstance(old, torch.nn.Parameter) else t
+        for m, a in aliases.get(key, [(owner, attr)]):
+            if a in m._parameters:
+                m._parameters[a] = new
+            elif a in m._buffers:
+                m._buffers[a] = new
+            else:
+                setattr(m, a, new)
 
 
 def layer_widths(prog: Program, before: fx.GraphModule, after: fx.GraphModule) -> dict[str, dict[str, list[int]]]:

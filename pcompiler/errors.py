@@ -13,8 +13,12 @@ EXIT_EXPORT = 4  # the run finished, and an export it was asked for failed
 
 
 def first_line(text: str) -> str:
-    """The first non-empty line, stripped (torch errors often append notes on later lines)."""
-    return next((ln.strip() for ln in str(text).splitlines() if ln.strip()), "")
+    """The first non-empty line, stripped (torch errors often append notes on later lines), with
+    the line after where it ends in a colon ("Error(s) in loading state_dict for X:")."""
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):
+        return f"{lines[0]} {lines[1]}"
+    return lines[0] if lines else ""
 
 
 def one_line(err: BaseException, limit: int = 300) -> str:

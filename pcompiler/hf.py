@@ -7,16 +7,21 @@ code). transformers is an optional dependency: `pip install pcompiler[hf]`.
 The slim model goes out as a folder too (targets/hf.py), which needs every pruned width to be a
 field of the config, with the same value in every layer. `width_fields` lists the fields that
 hold a layer width independently of the others: the feed-forward widths, and the residual
-stream's `hidden_size` where the stream is RMSNorm'd (`rms_norm_eps`: LLaMA, Qwen2, Mistral).
-The analysis prunes such a stream exactly (a mean over the kept channels, scaled back); the
-folder holds that as RMSNorm weights scaled by sqrt(D/D'), `rms_norm_eps` by D/D' (so every
-RMSNorm must be over the stream and scale with its weight: not Qwen3, Gemma), and an explicit
-`head_dim`, which those models' attention reads instead of hidden_size / heads
-(targets/hf.py). The same models hold their head counts: whole key/value heads go, each with
-its query heads, so num_key_value_heads and num_attention_heads shrink together and the
-grouped-query structure stays. LayerNorm'd streams (BERT, GPT-2, ViT) stay in the folder, and so
-do their heads (their head size is hidden_size / heads): the analysis pins such a stream, and
-with --prune-normalized the hf_widths pass does, since no field here holds it.
+stream's `hidden_size` with the head counts where the config can hold a pruned stream:
+- RMSNorm'd streams (`rms_norm_eps`: LLaMA, Qwen2, Mistral). The analysis prunes such a stream
+  exactly (a mean over the kept channels, scaled back); the folder holds that as RMSNorm weights
+  scaled by sqrt(D/D'), `rms_norm_eps` by D/D' (so every RMSNorm must be over the stream and
+  scale with its weight: not Qwen3, Gemma), and an explicit `head_dim`, which those models'
+  attention reads instead of hidden_size / heads (targets/hf.py). Whole key/value heads go, each
+  with its query heads, so num_key_value_heads and num_attention_heads shrink together and the
+  grouped-query structure stays.
+- LayerNorm'd streams (BERT, GPT-2, ViT), only with --prune-normalized (the analysis pins them
+  otherwise): the slim LayerNorms normalize over the kept channels with their weights scaled by
+  sqrt(D/D') and eps by D/D' (passes/rules/layers.py), which the config holds as `layer_norm_eps`
+  (`layer_norm_epsilon`) x D/D' where every LayerNorm is over the stream with that eps. Their
+  attention's head size is hidden_size / num_attention_heads, so the two must shrink together:
+  the config is refused (`slim_config`) unless the kept heads times the head size are the kept
+  stream, and the hf_config pass gives channels back until they are.
 """
 
 from __future__ import annotations
@@ -41,6 +46,9 @@ FFN_FIELDS = ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "encoder_ffn_di
 HEAD_FIELDS = ("num_attention_heads", "num_key_value_heads")
 # Fields whose None means a multiple of another (GPT-2: n_inner = 4 * n_embd).
 _DEFAULTS = {"n_inner": ("n_embd", 4)}
+# The epsilon of the stream's norms: RMSNorm'd configs, LayerNorm'd ones (GPT-2's name last).
+RMS_EPS = "rms_norm_eps"
+LAYER_NORM_EPS = ("layer_norm_eps", "layer_norm_epsilon")
 _SAFETENSORS = ("model.safetensors", "model.safetensors.index.json")
 
 
@@ -124,37 +132,63 @@ def _rescalable_norms(model: nn.Module, hidden: int) -> bool:
     return True
 
 
-def width_fields(model: nn.Module) -> dict[str, int]:
+def _stream_layer_norms(model: nn.Module, hidden: int, eps: float) -> bool:
+    """Whether every LayerNorm of the model normalizes the stream (weight of `hidden`) with the
+    config's eps, so that one layer_norm_eps x D/D' holds the pruned stream."""
+    norms = [m for m in model.modules() if isinstance(m, nn.LayerNorm)]
+    return bool(norms) and all(tuple(m.normalized_shape) == (hidden,) and m.eps == eps and m.weight is not None
+                               for m in norms)
+
+
+def eps_field(config: Any) -> str | None:
+    """The config field of the stream norms' epsilon (None: no such float field)."""
+    return next((f for f in (RMS_EPS, *LAYER_NORM_EPS) if isinstance(getattr(config, f, None), float)), None)
+
+
+def field_value(config: Any, name: str) -> int | None:
+    """A width field's value, its default where None (GPT-2's n_inner: 4 x n_embd)."""
+    value = getattr(config, name, None)
+    if value is None and name in _DEFAULTS:
+        base, times = _DEFAULTS[name]
+        value = getattr(config, base, None) and getattr(config, base) * times
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def width_fields(model: nn.Module, normalized: bool = False) -> dict[str, int]:
     """The widths the model's config holds independently: field -> value (its default where
-    None): the feed-forward widths, and where the stream is RMSNorm'd (see the module
-    docstring) hidden_size and the head counts (`HEAD_FIELDS`)."""
+    None): the feed-forward widths, and where the config can hold a pruned stream (see the
+    module docstring; a LayerNorm'd one with `normalized`, --prune-normalized) hidden_size and
+    the head counts (`HEAD_FIELDS`)."""
     config = model.config
     out = {}
     hidden = getattr(config, "hidden_size", None)
     heads = getattr(config, "num_attention_heads", None)
-    if isinstance(hidden, int) and isinstance(getattr(config, "rms_norm_eps", None), float) \
-            and _rescalable_norms(model, hidden):
+    eps = eps_field(config)
+    if isinstance(hidden, int) and eps == RMS_EPS and _rescalable_norms(model, hidden):
         out["hidden_size"] = hidden
         if isinstance(heads, int):
             out["num_attention_heads"] = heads
             out["num_key_value_heads"] = getattr(config, "num_key_value_heads", None) or heads
+    elif normalized and isinstance(hidden, int) and isinstance(heads, int) and eps in LAYER_NORM_EPS \
+            and getattr(config, "head_dim", None) is None and _stream_layer_norms(model, hidden, getattr(config, eps)):
+        out["hidden_size"] = hidden
+        out["num_attention_heads"] = heads
     for name in FFN_FIELDS:
-        value = getattr(config, name, None)
-        if value is None and name in _DEFAULTS:
-            base, times = _DEFAULTS[name]
-            value = getattr(config, base, None) and getattr(config, base) * times
-        if isinstance(value, int) and value > 0:
+        value = field_value(config, name)
+        if value is not None:
             out[name] = value
     return out
 
 
 def field_of(group_size: int, block: int, widths: dict[str, int]) -> str | None:
     """The config field a channel group's width is: a group of attention heads (channels of
-    `block` > 1 positions, one per key/value head with its query heads) is num_key_value_heads;
-    any other group (Phi-3's fused gate/up rows have blocks of 2 too) the width field of its size
-    (None: no field holds it)."""
-    if block > 1 and widths.get("num_key_value_heads") == group_size:
-        return "num_key_value_heads"
+    `block` > 1 positions, one per key/value head with its query heads) is num_key_value_heads
+    (num_attention_heads where the config has no key/value heads: BERT, GPT-2, ViT); any other
+    group (Phi-3's fused gate/up rows have blocks of 2 too) the width field of its size (None:
+    no field holds it)."""
+    heads = "num_key_value_heads" if "num_key_value_heads" in widths else "num_attention_heads"
+    if block > 1 and widths.get(heads) == group_size:
+        return heads
     return next((f for f, v in widths.items() if v == group_size and f not in HEAD_FIELDS), None)
 
 
@@ -189,37 +223,50 @@ def slim_widths(model: nn.Module, prog: Program) -> dict[str, int]:
         config = model.config
         per_group = config.num_attention_heads // (getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
         widths["num_attention_heads"] = widths["num_key_value_heads"] * per_group
-    return widths
+    order = ("hidden_size", *HEAD_FIELDS, *FFN_FIELDS)
+    return dict(sorted(widths.items(), key=lambda kv: order.index(kv[0])))
 
 
 def stream_ratio(config: Any, widths: dict[str, int]) -> float:
     """D/D' of the residual stream (1.0 where hidden_size kept); a ValueError where it changed
-    and the config has no rms_norm_eps (a stream normalized some other way cannot be held)."""
+    and the config has no norm epsilon to rescale (a stream normalized some other way cannot be
+    held)."""
     new = widths.get("hidden_size")
     if new is None or new == config.hidden_size:
         return 1.0
-    if not isinstance(getattr(config, "rms_norm_eps", None), float):
-        raise ValueError(f"hidden_size changed ({config.hidden_size} -> {new}) but the config has no rms_norm_eps to "
-                         "rescale (prune with the hf_widths pass, or leave out --formats hf)")
+    if eps_field(config) is None:
+        raise ValueError(f"hidden_size changed ({config.hidden_size} -> {new}) but the config has no rms_norm_eps or "
+                         "layer_norm_eps to rescale (prune with the hf_widths pass, or leave out --formats hf)")
     return config.hidden_size / new
 
 
 def slim_config(model: nn.Module, widths: dict[str, int]) -> Any:
     """A copy of the model's config holding `widths` (`slim_widths`): each field set, where the
-    stream shrank rms_norm_eps x D/D', and where hidden_size or the heads changed an explicit
-    head_dim (hidden_size / heads no longer is the head size). Every other setting stays
-    (use_cache, rope, dtype). A ValueError with transformers' reason where the config class
-    refuses the widths (LLaMA's hidden_size must divide by the head count)."""
+    stream shrank its norms' eps x D/D', and where hidden_size or the heads of an RMSNorm'd model
+    changed an explicit head_dim (hidden_size / heads no longer is the head size); a field whose
+    None meant a multiple of hidden_size holds its value. Every other setting stays (use_cache,
+    rope, dtype). A ValueError with the reason where the config class refuses the widths
+    (LLaMA's hidden_size must divide by the head count; a LayerNorm'd model's kept heads times
+    the head size must be the kept stream)."""
     old = model.config
     ratio = stream_ratio(old, widths)
+    eps = eps_field(old)
     config = copy.deepcopy(old)
     try:
+        for field in _DEFAULTS:
+            if getattr(old, field, 0) is None and field not in widths:
+                setattr(config, field, field_value(old, field))
         for field, value in widths.items():
             setattr(config, field, value)
         if ratio != 1.0:
-            config.rms_norm_eps = old.rms_norm_eps * ratio
+            setattr(config, eps, getattr(old, eps) * ratio)
         if {"hidden_size", "num_attention_heads"} & set(widths):
-            config.head_dim = getattr(old, "head_dim", None) or old.hidden_size // old.num_attention_heads
+            head = old.hidden_size // old.num_attention_heads
+            if eps == RMS_EPS:
+                config.head_dim = getattr(old, "head_dim", None) or head
+            elif config.hidden_size != config.num_attention_heads * head:
+                raise ValueError(f"its attention's head size is hidden_size / num_attention_heads ({head}), and "
+                                 f"{config.num_attention_heads} heads of {head} are not hidden_size {config.hidden_size}")
         validate = getattr(config, "validate", None)  # transformers' strict configs check their architecture
         if callable(validate):
             validate()

@@ -197,7 +197,7 @@ def build(settings: Settings, data: DataSource | None = None, teacher: nn.Module
 
     hf = hf_model is not None
     passes = [make_pass("analyze", attention=s.attention, prune_normalized=s.prune_normalized),
-              *([make_pass("hf_widths", fields=tuple(width_fields(hf_model).items()), pin=hf_exact)] if hf else []),
+              *([make_pass("hf_widths", fields=tuple(width_fields(hf_model, s.prune_normalized).items()), pin=hf_exact)] if hf else []),
               *accuracy("acc_before"), _method_pass(s, data, teacher, runtime),
               *([make_pass("hf_config", model=hf_model, round_to=s.resolved().round_to)] if hf and hf_exact else []),
               make_pass("slim")]

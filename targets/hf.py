@@ -10,7 +10,9 @@ Where hidden_size changed, the stream's RMSNorms are rewritten for Hugging Face'
 which divides by the kept D' channels: the analysis made removal exact by scaling each mean of
 squares by D'/D, which is the same as RMSNorm weights times sqrt(D/D') and eps times D/D'
 (`rms_norm_eps` in the config); `head_dim` is written out, as hidden_size / heads no longer is
-the head size. The comparison with the slim program checks it.
+the head size. A LayerNorm'd stream (--prune-normalized) needs only `layer_norm_eps` x D/D':
+the slim program's LayerNorm weights are already scaled. The comparison with the slim program
+checks both.
 
 The new widths come from the selection: each group the method shrank holds the config field
 the hf_widths pass found for it (`hf.field_of`); a group of key/value heads also sets
@@ -37,7 +39,7 @@ from torch import nn
 from pcompiler.compare import export_tolerance, flatten_tensors
 from pcompiler.costs import eval_mode
 from pcompiler.dtypes import HALF, PromotedInterpreter, dtype_name, dtype_of, promoted_modules
-from pcompiler.hf import slim_config, slim_widths, stream_ratio, width_fields
+from pcompiler.hf import RMS_EPS, eps_field, field_value, slim_config, slim_widths, stream_ratio
 from pcompiler.ir import Program, call_with
 from pcompiler.memory import streamed
 from pcompiler.targets import ExportResult, NotApplicable, compare_outputs, guarded, require_weights
@@ -69,7 +71,8 @@ def save_hf(prog: Program, model: nn.Module, path: str | Path) -> ExportResult:
             raise ValueError(f"the slim weights do not fit {type(model).__name__}: missing {sorted(set(missing) - tied)[:4]}, "
                              f"unexpected {sorted(unexpected)[:4]}")
         slim.tie_weights()
-        norms = _rescale_stream_norms(slim, widths.get("hidden_size"), stream)
+        eps = eps_field(model.config)
+        norms = _rescale_stream_norms(slim, widths.get("hidden_size"), stream) if eps == RMS_EPS else 0
         if getattr(model, "generation_config", None) is not None:
             slim.generation_config = copy.deepcopy(model.generation_config)
         # Written beside, then renamed: a run killed halfway leaves the old folder (or none).
@@ -82,10 +85,9 @@ def save_hf(prog: Program, model: nn.Module, path: str | Path) -> ExportResult:
         os.replace(tmp, path)
         loaded = load_hf(model, path)
         err = _check(prog, loaded, f"the reloaded {path.name}/ folder")
-        before = width_fields(model)
-        changed = ", ".join(f"{f} {before[f]} -> {widths[f]}" for f in before if f in widths) or "no width changed"
-        if norms:
-            changed += f"; rms_norm_eps x {stream:g} and {norms} RMSNorm weights x sqrt({stream:g})"
+        changed = ", ".join(f"{f} {field_value(model.config, f)} -> {v}" for f, v in widths.items()) or "no width changed"
+        if stream != 1.0:
+            changed += f"; {eps} x {stream:g}" + (f" and {norms} RMSNorm weights x sqrt({stream:g})" if norms else "")
         if copied:
             changed += f"; {', '.join(copied)} copied"
         return err, f"config: {changed}"

@@ -96,3 +96,60 @@ def test_hidden_size_is_held_only_where_the_rmsnorm_weights_can_hold_it():
         **small, **({"head_dim": 8} if name in ("Qwen3", "Gemma") else {}))))
         for name in ("Llama", "Qwen2", "Mistral", "Qwen3", "Gemma")}
     assert held == {"Llama": True, "Qwen2": True, "Mistral": True, "Qwen3": False, "Gemma": False}
+
+
+def _layer_normed(tmp_path, name):
+    """A LayerNorm'd model of hidden 64 (4 heads of 16) as a folder."""
+    torch.manual_seed(0)
+    small = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+    model = {"bert": lambda: T.BertForSequenceClassification(T.BertConfig(vocab_size=64, max_position_embeddings=16, **small)),
+             "gpt2": lambda: T.GPT2LMHeadModel(T.GPT2Config(vocab_size=64, n_embd=64, n_layer=2, n_head=4, n_positions=16)),
+             "vit": lambda: T.ViTForImageClassification(T.ViTConfig(image_size=32, patch_size=8, num_labels=10, **small)),
+             }[name]()
+    model.save_pretrained(tmp_path / name, safe_serialization=True)
+    return tmp_path / name
+
+
+@pytest.mark.parametrize("name, eps, ffn", [("bert", "layer_norm_eps", "intermediate_size"),
+                                            ("gpt2", "layer_norm_epsilon", "n_inner"),  # n_inner None: 4 x n_embd
+                                            ("vit", "layer_norm_eps", "intermediate_size")])
+def test_layer_normed_stream_goes_into_the_folder_with_prune_normalized(tmp_path, name, eps, ffn):
+    """--prune-normalized: hf/ carries hidden_size with the heads (head size kept), the eps x D/D'
+    (the slim LayerNorms' weights are already scaled), and equals model.pt2; GPT-2's tied LM head
+    and embedding are cut as one tensor."""
+    folder, out = _layer_normed(tmp_path, name), tmp_path / "out"
+    result = CliRunner().invoke(main, [str(folder), "--method", "l1", "--ratio", "0.5", "--prune-normalized",
+                                       "-o", str(out), "--formats", "pt2,hf"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    exports = {e["format"]: e for e in report["exports"]}
+    ffn_before = 256 if name == "gpt2" else 128
+    assert exports["hf"]["note"] == (f"config: hidden_size 64 -> 32, num_attention_heads 4 -> 2, {ffn} {ffn_before} -> "
+                                     f"{ffn_before // 2}; {eps} x 2")
+    before = json.loads((folder / "config.json").read_text())
+    config = json.loads((out / "hf" / "config.json").read_text())
+    assert config[eps] == pytest.approx(2 * before[eps]) and "head_dim" not in config
+    slim = getattr(T, config["architectures"][0]).from_pretrained(out / "hf").eval()
+    assert sum(p.numel() for p in slim.parameters()) == report["params_after"]  # no stale tied copy
+    program = torch.export.load(out / "model.pt2").module()
+    inputs = {"pixel_values": torch.randn(2, 3, 32, 32)} if name == "vit" else \
+        {"input_ids": torch.randint(0, 64, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+    with torch.no_grad():
+        torch.testing.assert_close(slim(**inputs)[0], program(**inputs)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_layer_normed_stream_and_heads_are_kept_to_whole_heads(tmp_path):
+    """l1 keeps the stream and the heads in proportion only roughly (at 0.35: 48 channels, 2
+    heads of 16; at 0.2: 56, 3 heads): hf_config gives back the fewest channels that make the
+    stream whole heads (a head; the stream's 8 and a head)."""
+    folder = _layer_normed(tmp_path, "bert")
+    for ratio, refused, kept in (("0.35", "2 heads of 16 are not hidden_size 48", (48, 3)),
+                                 ("0.2", "3 heads of 16 are not hidden_size 56", (64, 4))):
+        out = tmp_path / f"out{ratio}"
+        result = CliRunner().invoke(main, [str(folder), "--method", "l1", "--ratio", ratio, "--prune-normalized",
+                                           "-o", str(out), "--formats", "hf"])
+        assert result.exit_code == 0, result.output
+        config = json.loads((out / "hf" / "config.json").read_text())
+        assert (config["hidden_size"], config["num_attention_heads"]) == kept
+        report = json.loads((out / "report.json").read_text())
+        assert refused in report["hf_config"]["refused"], report["hf_config"]
