@@ -62,6 +62,7 @@ from pcompiler.passes.compensate import add_to_bias, inject_constants, slim_delt
 from pcompiler.passes.rules.layers import normalize_over_kept
 from pcompiler.passes.trace import check_program
 from pcompiler.passmanager import SLIMMED, PassResult, register_pass
+from pcompiler.runtime import CPU, Runtime, lives_on
 
 log = logging.getLogger("pcompiler")
 
@@ -121,8 +122,9 @@ class _Recorder(PromotedInterpreter):
     checkpoint's pages it read are given back (`memory.trim`, `memory.page_out`)."""
 
     def __init__(self, gm: fx.GraphModule, dtype: torch.dtype | None = None,
-                 zeros: dict[int, tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]] | None = None):
-        super().__init__(gm, dtype)
+                 zeros: dict[int, tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]] | None = None,
+                 device: torch.device | None = None):
+        super().__init__(gm, dtype, device)
         self.values: dict[str, Any] = {}
         self.zeros = zeros or {}
 
@@ -138,22 +140,22 @@ class _Recorder(PromotedInterpreter):
         if cuts:
             out = out.clone() if out is t else out  # never into the model's own tensor
             for dim, positions in cuts:
-                out.index_fill_(dim, positions, 0.0)
+                out.index_fill_(dim, positions.to(out.device), 0.0)
         return out
 
     def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
         out = super().call_module(target, args, kwargs)
-        if self.dtype is not None:  # its float32 copies are freed: give the heap back, and the checkpoint's pages
+        if self.dtype is not None or self.device is not None:  # its copies are freed: give the heap back, and the checkpoint's pages
             trim()
             page_out(self.fetch_attr(target))
         return out
 
 
 def _recorded(gm: fx.GraphModule | Reference, inputs: tuple, dtype: torch.dtype | None = None,
-              ) -> tuple[dict[str, Any], list[torch.Tensor]]:
-    """Run `gm` (a Reference: its graph, its zeros) once on `inputs` (in `dtype`, see _Recorder):
-    every computed node's value by name, and the flat outputs."""
-    rec = _Recorder(gm.gm, dtype, gm.zeros) if isinstance(gm, Reference) else _Recorder(gm, dtype)
+              device: torch.device | None = None) -> tuple[dict[str, Any], list[torch.Tensor]]:
+    """Run `gm` (a Reference: its graph, its zeros) once on `inputs` (in `dtype`, on `device`, a
+    module at a time: see _Recorder): every computed node's value by name, and the flat outputs."""
+    rec = _Recorder(gm.gm, dtype, gm.zeros, device) if isinstance(gm, Reference) else _Recorder(gm, dtype, device=device)
     with torch.no_grad():
         out = rec.run(*inputs)
     return rec.values, flatten_tensors(out)
@@ -178,7 +180,7 @@ def _first_node_difference(prog: Program, ref_values: dict[str, Any], slim_value
                 removed = removal.removed(DimRef(d, node=node.name, path=path))
                 if len(removed):
                     keep = np.setdiff1d(np.arange(r.shape[d]), removed)
-                    r = r.index_select(d, torch.as_tensor(keep))
+                    r = r.index_select(d, torch.as_tensor(keep, device=r.device))
             if isinstance(s, torch.Tensor) and s.shape == r.shape and not compare(s, r, tol).ok:
                 groups = [g.id for g in prog.analysis.groups if g.id in prog.selection
                           and any(sp.ref.node == node.name for sp in g.spaces)]
@@ -186,10 +188,10 @@ def _first_node_difference(prog: Program, ref_values: dict[str, Any], slim_value
     return None
 
 
-def _output_comparisons(gm: fx.GraphModule, reference: Reference, inputs: tuple,
-                        tol: Tolerance, dtype: torch.dtype | None) -> list[Comparison]:
-    """`compare` of each of `gm`'s outputs with the reference's, in order (both run in `dtype`)."""
-    return _compare_flat(_recorded(gm, inputs, dtype)[1], _recorded(reference, inputs, dtype)[1], tol)
+def _output_comparisons(gm: fx.GraphModule, reference: Reference, inputs: tuple, tol: Tolerance,
+                        dtype: torch.dtype | None, device: torch.device | None) -> list[Comparison]:
+    """`compare` of each of `gm`'s outputs with the reference's, in order (both run in `dtype` on `device`)."""
+    return _compare_flat(_recorded(gm, inputs, dtype, device)[1], _recorded(reference, inputs, dtype, device)[1], tol)
 
 
 def _compare_flat(got: list[torch.Tensor], want: list[torch.Tensor], tol: Tolerance) -> list[Comparison]:
@@ -199,13 +201,14 @@ def _compare_flat(got: list[torch.Tensor], want: list[torch.Tensor], tol: Tolera
 
 
 def _compare(prog: Program, reference: Reference, what: str, tol: Tolerance,
-             dtype: torch.dtype | None) -> tuple[float, float]:
+             dtype: torch.dtype | None, device: torch.device | None = None) -> tuple[float, float]:
     """Max abs and relative error of `prog.gm` against `reference` on the check inputs; a
     VerifyError naming the first differing node when an output does not match (a NaN or an
     infinity that the other side does not have included)."""
     worst, worst_rel, finite, values, inputs_tried = 0.0, 0.0, 0, 0, _inputs(prog)
     for inputs in inputs_tried:
-        (ref_values, want), (slim_values, got) = _recorded(reference, inputs, dtype), _recorded(prog.gm, inputs, dtype)
+        (ref_values, want), (slim_values, got) = (_recorded(reference, inputs, dtype, device),
+                                                  _recorded(prog.gm, inputs, dtype, device))
         values += sum(t.numel() for t in want)
         # Every node, not only the outputs: a wrong channel the outputs barely react to (a layer
         # scale of 1e-6, a saturated activation) still shows where it is made.
@@ -256,6 +259,11 @@ def _reference_text(folds: tuple[Fold, ...]) -> str:
     return f"original with the removed channels zeroed and {n} compensated channel inputs (at {where}) replaced by their constants"
 
 
+def _home(gm: nn.Module) -> str:
+    """The device the model's weights are on ('cpu' for a model without any)."""
+    return str(next((t.device for t in (*gm.parameters(), *gm.buffers())), torch.device("cpu")))
+
+
 def _precision_text(gm: nn.Module, dtype: torch.dtype | None) -> str:
     """What the proof ran in, for the report: the dtype, and the model's where that differs."""
     own = ", ".join(sorted({dtype_name(t.dtype) for t in gm.parameters() if t.is_floating_point()}))
@@ -264,12 +272,13 @@ def _precision_text(gm: nn.Module, dtype: torch.dtype | None) -> str:
     return f"{dtype_name(dtype)} (the model's {own} weights, read exactly as {dtype_name(dtype)})"
 
 
-def verify_program(prog: Program, tol: Tolerance = VERIFY) -> dict[str, Any]:
+def verify_program(prog: Program, tol: Tolerance = VERIFY, device: torch.device | None = None) -> dict[str, Any]:
     """Compare the slim model with the zeroed original (where `compensate` folded constants, with
     them injected). Approximate folds (zero-padded convs) are taken out of the slim model for
     the exact comparison, and LayerNorms that lost channels (`--prune-normalized`) normalize over
     the kept channels in its reference; the slim model's deviation from the zeroed original
-    itself is reported under "approximate"."""
+    itself is reported under "approximate". `device`: where both run, a module's weights at a
+    time (None: where the program lives)."""
     if prog.reference is None:
         raise CompileError("verify needs a slimmed program: run 'slim' before it")
     if prog.on_meta:
@@ -286,12 +295,13 @@ def verify_program(prog: Program, tol: Tolerance = VERIFY) -> dict[str, Any]:
         what += f", its {len(norms)} LayerNorms that lost channels normalizing over the kept ones"
     checked = prog.replace(gm=_without_folds(prog, approx)) if approx else prog
     dtype = proof_dtype(prog.gm)
-    worst, worst_rel = _compare(checked, reference, what, tol, dtype)
+    worst, worst_rel = _compare(checked, reference, what, tol, dtype, device)
     result: dict[str, Any] = {"ok": True, "reference": what, "max_error": worst, "max_relative_error": worst_rel,
-                              "rtol": tol.rtol, "atol": tol.atol, "precision": _precision_text(prog.gm, dtype)}
+                              "rtol": tol.rtol, "atol": tol.atol, "precision": _precision_text(prog.gm, dtype),
+                              "device": str(device) if device is not None else _home(prog.gm)}
     if approx or norms:
         full = constant_reference(prog, folds)
-        found = [c for inputs in _inputs(prog) for c in _output_comparisons(prog.gm, full, inputs, tol, dtype)]
+        found = [c for inputs in _inputs(prog) for c in _output_comparisons(prog.gm, full, inputs, tol, dtype, device)]
         result["approximate"] = {
             "reference": _reference_text(folds),
             "max_error": max(c.max_error for c in found),
@@ -312,9 +322,11 @@ class Verify:
     ensures: ClassVar = ()
     rtol: float = VERIFY.rtol
     atol: float = VERIFY.atol
+    runtime: Runtime = CPU  # where both models run, a module's weights copied there at a time
 
     def run(self, prog: Program) -> PassResult:
-        result = verify_program(prog, Tolerance(self.rtol, self.atol))
+        device = self.runtime.device if not lives_on(prog.gm, self.runtime.device) else None
+        result = verify_program(prog, Tolerance(self.rtol, self.atol), device)
         log.info("verify: %s", result)
         return PassResult(prog.replace(info={**prog.info, "verify": result}), changed=False)
 

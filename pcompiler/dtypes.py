@@ -3,7 +3,7 @@
 A leaf of the core: it imports nothing from pcompiler. Checkpoints ship in bfloat16 or float16
 (`HALF`); pcompiler prunes them in that dtype. Three places need the same model in float32:
 the proof (passes/verify.py runs both graphs with a `PromotedInterpreter`, one module's weights
-in float32 at a time), a runtime without half-precision kernels (targets/onnx.py writes a
+in float32 at a time, on the run's device: `--device cuda` proves a model larger than the GPU), a runtime without half-precision kernels (targets/onnx.py writes a
 `cast_copy`), and the check of the hf/ folder (`promoted_modules`: its modules' weights read in
 float32 while each runs). Either way the graph's own casts to a half dtype (Hugging Face's
 RMSNorm casts back to its input's dtype) are cast to the wider dtype too, or the float32 graph
@@ -63,47 +63,61 @@ def cast_copy(gm: fx.GraphModule, dtype: torch.dtype) -> fx.GraphModule:
     return out
 
 
-class PromotedInterpreter(fx.Interpreter):
-    """Runs a graph in `dtype` where it computed in a half dtype: each module's half-precision
-    parameters and buffers are read as `dtype` copies while it runs (`read`: one module at a time,
-    the model itself unchanged), and so are attributes; the graph's half dtype arguments and
-    inputs become `dtype`. With `dtype` None it runs the graph as it is."""
+def placed_values(value: Any, device: torch.device) -> Any:
+    """`value` (tensors, devices, or tuples, lists and dicts of them) with each tensor on
+    `device` and each device named (a factory call's `device=`, a `.to(cpu)`) replaced by it."""
+    def one(v: Any) -> Any:
+        if isinstance(v, torch.Tensor) and v.device != device:
+            return v.to(device)
+        return device if isinstance(v, torch.device) else v
 
-    def __init__(self, gm: fx.GraphModule, dtype: torch.dtype | None = None):
+    return fx.node.map_aggregate(value, one)
+
+
+class PromotedInterpreter(fx.Interpreter):
+    """Runs a graph in `dtype` where it computed in a half dtype, and on `device`: each module's
+    parameters and buffers are read as copies in `dtype` (where half) on `device` while it runs
+    (`read`: one module at a time, the model itself unchanged: a model larger than the device's
+    memory runs block by block), and so are attributes; the graph's half dtype arguments and
+    inputs become `dtype`, its tensors and the devices it names `device`. With both None it runs
+    the graph as it is."""
+
+    def __init__(self, gm: fx.GraphModule, dtype: torch.dtype | None = None, device: torch.device | None = None):
         super().__init__(gm)
         self.dtype = dtype
+        self.device = None if device is None else torch.device(device)
+
+    def _args(self, value: Any) -> Any:
+        if self.dtype is not None:
+            value = promoted(value, self.dtype)
+        return value if self.device is None else placed_values(value, self.device)
 
     def run(self, *args: Any, **kwargs: Any) -> Any:
-        return super().run(*(args if self.dtype is None else promoted(args, self.dtype)), **kwargs)
+        return super().run(*self._args(args), **kwargs)
 
     def read(self, t: torch.Tensor) -> torch.Tensor:
-        """`t` as this run reads it: in `dtype` where half."""
-        if self.dtype is not None and t.is_floating_point() and t.dtype in HALF:
-            return t.detach().to(self.dtype)
-        return t
+        """`t` as this run reads it: in `dtype` where half, on `device`."""
+        dtype = self.dtype if self.dtype is not None and t.is_floating_point() and t.dtype in HALF else t.dtype
+        device = self.device if self.device is not None else t.device
+        return t if (dtype, device) == (t.dtype, t.device) else t.detach().to(device=device, dtype=dtype)
 
     def get_attr(self, target: Any, args: Any, kwargs: Any) -> Any:
         value = super().get_attr(target, args, kwargs)
         if isinstance(value, torch.Tensor):
             return self.read(value)
-        return value if self.dtype is None else promoted(value, self.dtype)
+        return self._args(value)
 
     def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
-        if self.dtype is not None:
-            args, kwargs = promoted(args, self.dtype), promoted(kwargs, self.dtype)
-        return super().call_function(target, args, kwargs)
+        return super().call_function(target, *self._args((args, kwargs)))
 
     def call_method(self, target: Any, args: Any, kwargs: Any) -> Any:
-        if self.dtype is not None:
-            args, kwargs = promoted(args, self.dtype), promoted(kwargs, self.dtype)
-        return super().call_method(target, args, kwargs)
+        return super().call_method(target, *self._args((args, kwargs)))
 
     def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
         module = self.fetch_attr(target)
         own = (*module.named_parameters(), *module.named_buffers())
         changed = {k: v for k, t in own if (v := self.read(t)) is not t}
-        if self.dtype is not None:
-            args, kwargs = promoted(args, self.dtype), promoted(kwargs, self.dtype)
+        args, kwargs = self._args((args, kwargs))
         return torch.func.functional_call(module, changed, args, kwargs, strict=False) if changed else module(*args, **kwargs)
 
 

@@ -203,7 +203,7 @@ def build(settings: Settings, data: DataSource | None = None, teacher: nn.Module
               make_pass("slim")]
     if s.compensate:
         passes.append(make_pass("compensate", data=data, runtime=runtime))
-    passes.append(make_pass("verify"))
+    passes.append(make_pass("verify", runtime=runtime))
     if data is not None and s.recalibrate_batches > 0:
         passes += [*accuracy("acc_before_recalibration"),
                    make_pass("recalibrate", data=data, batches=s.recalibrate_batches, batch_size=s.train.batch_size,

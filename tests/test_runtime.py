@@ -15,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import pcompiler
 from pcompiler.data import DataSource
+from pcompiler.errors import VerifyError
 from pcompiler.passmanager import make_pass
 from pcompiler.runtime import Runtime, copy_to, lives_on, placed
 from pcompiler.train import Hooks, TrainConfig, train
@@ -187,3 +188,49 @@ def test_export_read_models_run_whole_on_another_device(name, tmp_path):
     if name in ("constants", "model.pt2"):  # what a plain Module.to leaves behind
         with pytest.raises(RuntimeError, match="device"):
             copy.deepcopy(gm).to(META)(*(a.to(META) for a in args))
+
+
+# ---------------------------------------------------------------------------------------------
+# verify on the run's device, a module's weights at a time
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_verify_runs_on_the_device_a_module_at_a_time(dtype):
+    """--device cuda proves a one-shot run on the GPU without the model moving there whole:
+    each module's weights are copied to the device while it runs (in float32 for bfloat16), the
+    inputs, the graph's constants and its factory ops' devices too, and no op mixes devices.
+    The model stays on the CPU, and the same proof on the CPU passes."""
+    from pcompiler.passes.verify import verify_program
+
+    model, args = _llama()
+    model = model.to(dtype)
+    prog = pcompiler.trace(model.eval(), args, frontend="export")
+    for name in ("analyze", "l1", "slim"):
+        prog = make_pass(name, **({"ratio": 0.25} if name == "l1" else {})).run(prog).program
+    on_cpu = verify_program(prog)
+    assert prog.selection and on_cpu["ok"] and on_cpu["device"] == "cpu"
+    # On meta each value read is 0 (DeviceAudit), so both models run to the end and verify then
+    # finds no finite number to compare, which it says.
+    with DeviceAudit() as audit, pytest.raises(VerifyError, match="compared no number"):
+        verify_program(prog, device=META)
+    events = [e for step in audit.events.values() for e in step]
+    assert not [e for e in events if e[0] == "mixed"], events
+    weights = sum(1 for t in prog.gm.parameters() if t.dim() > 0)
+    assert sum(1 for e in events if e[0] == "copy") >= 2 * weights  # both models' weights went, read by read
+    assert lives_on(prog.gm, "cpu") and lives_on(prog.reference, "cpu")
+
+
+def test_the_streaming_interpreter_moves_what_module_to_misses():
+    """An export-read graph's plain tensor constants and `arange(..., device=cpu)` run on the
+    interpreter's device too (as copy_to's copy does), the graph's module untouched."""
+    from pcompiler.dtypes import PromotedInterpreter
+
+    model, args = Constants(), (torch.randn(2, 4),)
+    gm = pcompiler.trace(model, args, frontend="export").gm
+    with torch.no_grad(), DeviceAudit() as audit:
+        out = PromotedInterpreter(gm, device=META).run(*args)
+    assert out.device == META and lives_on(gm, "cpu")
+    events = [e for events in audit.events.values() for e in events]
+    assert not [e for e in events if e[0] == "mixed"]
+    # copied: the input, the weight, the bias and the constant; the arange is made on the device
+    assert sorted(e[1] for e in events if e[0] == "copy") == [(2, 4), (4,), (4,), (4, 4)]
