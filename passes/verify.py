@@ -326,7 +326,8 @@ class Verify:
 
     def run(self, prog: Program) -> PassResult:
         device = self.runtime.device if not lives_on(prog.gm, self.runtime.device) else None
-        result = verify_program(prog, Tolerance(self.rtol, self.atol), device)
+        with self.runtime.full_float32():
+            result = verify_program(prog, Tolerance(self.rtol, self.atol), device)
         log.info("verify: %s", result)
         return PassResult(prog.replace(info={**prog.info, "verify": result}), changed=False)
 

@@ -107,6 +107,21 @@ class Runtime:
         finally:
             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before
 
+    @contextlib.contextmanager
+    def full_float32(self) -> Iterator[None]:
+        """float32 matmuls and convolutions in full float32 for the block, not TF32 (CUDA's
+        default for convolutions rounds their inputs to 10 bits: a proof could not tell a wrong
+        channel from that); restored after."""
+        if self.device.type != "cuda":
+            yield
+            return
+        before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
     def describe(self) -> dict[str, Any]:
         """What report.json records."""
         return {"device": str(self.device), "rank": self.rank, "world_size": self.world_size,

@@ -234,3 +234,19 @@ def test_the_streaming_interpreter_moves_what_module_to_misses():
     assert not [e for e in events if e[0] == "mixed"]
     # copied: the input, the weight, the bias and the constant; the arange is made on the device
     assert sorted(e[1] for e in events if e[0] == "copy") == [(2, 4), (4,), (4,), (4, 4)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_verify_on_cuda_proves_what_the_cpu_proves():
+    from pcompiler.passes.verify import verify_program
+
+    prog = pcompiler.trace(cnn().to(torch.bfloat16).eval(), (torch.randn(2, 3, 8, 8, dtype=torch.bfloat16),),
+                           frontend="export")
+    for name in ("analyze", "l1", "slim"):
+        prog = make_pass(name, **({"ratio": 0.25} if name == "l1" else {})).run(prog).program
+    runtime = Runtime.resolve("cuda")
+    with runtime.full_float32():
+        on_cpu, on_gpu = verify_program(prog), verify_program(prog, device=runtime.device)
+    assert on_gpu["ok"] and on_gpu["device"] == "cuda:0" and on_gpu["max_error"] <= 10 * on_cpu["max_error"] + 1e-5
+    assert lives_on(prog.gm, "cpu")
