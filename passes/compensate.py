@@ -177,14 +177,15 @@ def _random_draws(prog: Program) -> list[tuple[torch.Tensor, ...]]:
     return [prog.example_inputs, second]
 
 
-def _data_batches(data: DataSource, batches: int, batch_size: int, seed: int,
+def _data_batches(data: DataSource, model: nn.Module, batches: int, batch_size: int, seed: int,
                   device: torch.device) -> Iterator[tuple[torch.Tensor, ...]]:
+    """`model`'s inputs (as the data's task calls it) for `batches` seeded batches of training data."""
     loader = torch.utils.data.DataLoader(data.train, batch_size=batch_size, shuffle=True,
                                          generator=torch.Generator().manual_seed(seed))
     for i, (x, _) in enumerate(loader):
         if i >= batches:
             break
-        yield (x.to(device),)
+        yield data.task.inputs(model, x.to(device))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,7 +298,7 @@ class Compensate:
             batches = [tuple(t.to(device) for t in draw) for draw in _random_draws(prog)]
         else:
             source, tol = f"{self.batches} batches of {self.batch_size} from the training data, tol {self.tol:g}", self.tol
-            batches = _data_batches(self.data, self.batches, self.batch_size, self.seed, device)
+            batches = _data_batches(self.data, prog.reference, self.batches, self.batch_size, self.seed, device)
         with streamed(prog.reference):
             stats = _measure(placed(prog.reference, device), targets, batches) if targets else {}
         folds, per_consumer = [], {}

@@ -1,8 +1,10 @@
-"""evaluate: top-1 accuracy of the current model on the validation data, stored as info[key].
+"""evaluate: the data task's metric of the current model on the validation data (top-1
+accuracy; a language model's perplexity: pcompiler.tasks), stored as info[key].
 
 It runs on the runtime's device without moving the model (a copy runs there where needed).
-The CLI runs it three times: `acc_before` (the user's model), `acc_pruned` (right after slim,
-before fine-tuning) and `acc_final`. It changes nothing.
+The CLI runs it three times, with keys of the task's prefix: `acc_before` / `ppl_before` (the
+user's model), `acc_pruned` / `ppl_pruned` (right after slim, before fine-tuning) and
+`acc_final` / `ppl_final`. It changes nothing.
 """
 
 from __future__ import annotations
@@ -31,5 +33,5 @@ class Evaluate:
     def run(self, prog: Program) -> PassResult:
         if self.data is None:
             raise CompileError("evaluate needs data", hint="pass --data, or data=... in the pass API")
-        acc = evaluate(prog.gm, self.data.val, device=self.runtime.device)
-        return PassResult(prog.replace(info={**prog.info, self.key: acc}), changed=False)
+        value = evaluate(prog.gm, self.data.val, device=self.runtime.device, task=self.data.task)
+        return PassResult(prog.replace(info={**prog.info, self.key: value}), changed=False)

@@ -52,7 +52,7 @@ class Recalibrate:
         home, device = device_of(prog.gm), self.runtime.device
         gm = copy_to(prog.gm, device)  # its own copy, on the runtime's device
         norms = recalibrate_norms(gm, self.data.train, batches=self.batches, batch_size=self.batch_size,
-                                  seed=self.seed, device=device)
+                                  seed=self.seed, device=device, task=self.data.task)
         if device != home:
             gm = copy_to(gm, home)
         record = {"norms": norms, "batches": self.batches, "batch_size": self.batch_size}

@@ -35,7 +35,7 @@ from pcompiler.console import error_line, generation_table, groups_table, latenc
 from pcompiler.distill import Distillation
 from pcompiler.errors import EXIT_BUG, EXIT_EXPORT, EXIT_OK, CompileError, InternalError, first_line, one_line
 from pcompiler.input_checks import check_input_memory
-from pcompiler.inputs import parse_inputs, specs_text
+from pcompiler.inputs import default_seq_len, parse_inputs, specs_text
 from pcompiler.loading import load_model
 from pcompiler.outdir import claim_out_dir
 from pcompiler.passes.analyze import ATTENTION
@@ -154,8 +154,10 @@ def _guarded(console: Console, verbose: bool, body: Callable[[], int]) -> int:
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed for example inputs, --method random, and the data order of training.")
 @click.option("--data", "data_spec", metavar="SPEC",
-              help="digits | imagefolder:DIR | cifar10:DIR | cifar100:DIR | npz:FILE | py:module:function.")
+              help="digits | imagefolder:DIR | cifar10:DIR | cifar100:DIR | npz:FILE | py:module:function | "
+              "text:FILE | tokens:FILE[,VAL] (the last two for language models).")
 @click.option("--image-size", type=int, default=224, show_default=True, help="Side of imagefolder images.")
+@click.option("--seq-len", type=int, help="Tokens per window of text data (default: min(512, the model's maximum)).")
 @click.option("--reg-steps", type=int, help="Step budget of the regularization phase; the method's schedule is "
               "scaled to it (default: the paper's schedule, or 100 epochs if shorter).")
 @click.option("-p", "--method-option", "method_options", multiple=True, metavar="KEY=VALUE",
@@ -224,6 +226,7 @@ _NEEDS: tuple[tuple[str, str, Callable[[dict[str, Any]], bool]], ...] = (
     ("bench_batches", "--bench", lambda o: o["run_bench"]),
     ("bench_backends", "--bench", lambda o: o["run_bench"]),
     ("image_size", "--data imagefolder:DIR", lambda o: (o["data_spec"] or "").startswith("imagefolder:")),
+    ("seq_len", "--data text:FILE or tokens:FILE", lambda o: (o["data_spec"] or "").startswith(("text:", "tokens:"))),
     ("finetune_epochs", "--data", lambda o: o["data_spec"] is not None),
     ("finetune_lr", "--data", lambda o: o["data_spec"] is not None),
     ("recalibrate_batches", "--data", lambda o: o["data_spec"] is not None),
@@ -295,13 +298,13 @@ def _compile(console: Console, model_path: Path, **o: Any) -> int:
                   settings={"method": settings.method, "ratio": settings.ratio, "speedup": settings.speedup,
                             "data": o["data_spec"], "seed": settings.seed, "frontend": settings.frontend,
                             "attention": settings.attention, "prune_normalized": settings.prune_normalized})
+    model = load_model(model_path, trust=o["trust"], arch=o["arch"])
     data = None
     if o["data_spec"] is not None:
         from pcompiler.data import check_model, load_data
 
-        data = load_data(o["data_spec"], image_size=o["image_size"])
-    model = load_model(model_path, trust=o["trust"], arch=o["arch"])
-    if data is not None:
+        data = load_data(o["data_spec"], image_size=o["image_size"], seq_len=o["seq_len"] or default_seq_len(model),
+                         tokenizer=model_path if model_path.is_dir() else None, seed=o["seed"])
         check_model(data, model)
     prog, report = compile_model(model, settings, data=data, inputs=specs, out_dir=o["out_dir"], formats=formats,
                                  bench=bench, model_path=model_path, instruments=instruments, runtime=runtime,

@@ -6,9 +6,15 @@
     cifar100:DIR            the same for CIFAR-100 (fine labels)
     npz:FILE                arrays x_train, y_train, x_val, y_val
     py:module:function      function() in an importable module returns (train, val) datasets
+    text:FILE               UTF-8 text, tokenized with the model folder's tokenizer (language models)
+    tokens:FILE[,VAL]       a 1-D array of token ids (.npy); without VAL its last 5% is validation
 
-Every source yields (x, y): x a float32 tensor of `input_shape` (no batch dim), y an integer
-label in [0, num_classes). Nothing is downloaded: the files must already be on disk. The pickles
+Every image or array source yields (x, y): x a float32 tensor of `input_shape` (no batch dim), y
+an integer label in [0, num_classes); its task is classification. A text source yields windows of
+`seq_len` token ids and the ids one position on (pcompiler.tasks.CausalLM): training windows
+start at a seeded offset and follow each other (the loop shuffles them), the same in every
+process; validation windows tile the validation ids from the start, so a perplexity is measured
+on the same tokens every run. `num_classes` is then the vocabulary the ids need. Nothing is downloaded: the files must already be on disk. The pickles
 of cifar and the module of py: run code, so they must come from a source the user trusts, as
 with any checkpoint. Every mistake in a spec or a layout raises `CompileError` saying what is
 wrong, at which path, and how to fix it. `augment` is a train-time batch augmentation whose
@@ -30,9 +36,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
-from pcompiler.errors import CompileError
+from pcompiler.errors import CompileError, one_line
+from pcompiler.tasks import CAUSAL_LM, CLASSIFICATION, Classification
 
-SCHEMES = ("digits", "imagefolder:DIR", "cifar10:DIR", "cifar100:DIR", "npz:FILE", "py:module:function")
+SCHEMES = ("digits", "imagefolder:DIR", "cifar10:DIR", "cifar100:DIR", "npz:FILE", "py:module:function", "text:FILE",
+           "tokens:FILE")
+VAL_FRACTION = 0.05  # of a single token file, the last part by position
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 CIFAR_STATS = {
@@ -44,7 +53,8 @@ CIFAR_STATS = {
 @dataclass(frozen=True)
 class DataSource:
     """A loaded `--data` spec: datasets of (x, y), the class count, one sample's shape (no batch
-    dim), and the train-time batch augmentation `augment(x, generator)` or None."""
+    dim), the train-time batch augmentation `augment(x, generator)` or None, and the task (how a
+    model is called, trained and scored on it: pcompiler.tasks)."""
 
     spec: str
     train: Dataset
@@ -52,12 +62,16 @@ class DataSource:
     num_classes: int
     input_shape: tuple[int, ...]
     augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None
+    task: Classification = CLASSIFICATION
 
     def info(self) -> dict:
         aug = self.augment  # RandomCropFlip describes itself; any other callable by its name
-        return {"spec": self.spec, "train_size": len(self.train), "val_size": len(self.val),
-                "num_classes": self.num_classes, "input_shape": list(self.input_shape),
-                "augment": str(aug) if isinstance(aug, RandomCropFlip) else getattr(aug, "__name__", None)}
+        out = {"spec": self.spec, "task": self.task.name, "train_size": len(self.train), "val_size": len(self.val),
+               "num_classes": self.num_classes, "input_shape": list(self.input_shape),
+               "augment": str(aug) if isinstance(aug, RandomCropFlip) else getattr(aug, "__name__", None)}
+        if isinstance(self.train, TokenWindows):
+            out.update(seq_len=self.train.seq_len, train_tokens=self.train.tokens, val_tokens=self.val.tokens)
+        return out
 
 
 def random_crop_flip(x: torch.Tensor, g: torch.Generator, pad: int, flip: bool) -> torch.Tensor:
@@ -148,8 +162,11 @@ class FloatItems(Dataset):
         return torch.as_tensor(x, dtype=torch.float32), int(y)
 
 
-def load_data(spec: str, *, image_size: int = 224) -> DataSource:
-    """Parse `spec` (see the module docstring) and load its data source."""
+def load_data(spec: str, *, image_size: int = 224, seq_len: int = 512, tokenizer: str | Path | None = None,
+              seed: int = 0) -> DataSource:
+    """Parse `spec` (see the module docstring) and load its data source. Text sources cut
+    windows of `seq_len` tokens (training windows from an offset drawn with `seed`); `text:`
+    tokenizes with the tokenizer saved in the folder `tokenizer` (the model's)."""
     scheme, _, arg = spec.partition(":")
     forms = {s.partition(":")[0]: s for s in SCHEMES}
     _require(scheme in forms, f"unknown data source '{spec}'", f"use one of: {', '.join(SCHEMES)}")
@@ -158,11 +175,103 @@ def load_data(spec: str, *, image_size: int = 224) -> DataSource:
         return _digits(spec)
     if scheme == "py":
         return _py(spec, arg)
+    if scheme == "tokens":
+        return _tokens(spec, arg, seq_len, seed)
     path = Path(arg)
     _require(path.exists(), f"{scheme}: {path} not found", "check the path in --data")
+    if scheme == "text":
+        return _text(spec, path, seq_len, tokenizer, seed)
     if scheme == "imagefolder":
         return _imagefolder(spec, path, image_size)
     return _npz(spec, path) if scheme == "npz" else _cifar(spec, scheme, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Text
+
+
+class TokenWindows(Dataset):
+    """Windows of `seq_len` token ids from `ids` at `starts`, each with the ids one position on:
+    (ids[s:s+T], ids[s+1:s+T+1])."""
+
+    def __init__(self, ids: torch.Tensor, seq_len: int, starts: np.ndarray):
+        self.ids, self.seq_len, self.starts = ids, seq_len, starts
+
+    @staticmethod
+    def tiled(ids: torch.Tensor, seq_len: int, offset: int = 0) -> TokenWindows:
+        """Windows that follow each other from `offset`, as many as the ids hold."""
+        count = max(0, (len(ids) - 1 - offset) // seq_len)
+        return TokenWindows(ids, seq_len, offset + seq_len * np.arange(count, dtype=np.int64))
+
+    @property
+    def tokens(self) -> int:
+        return len(self.starts) * self.seq_len
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, i: int):
+        s = int(self.starts[i])
+        return self.ids[s:s + self.seq_len], self.ids[s + 1:s + self.seq_len + 1]
+
+
+def _windows(spec: str, train: np.ndarray, val: np.ndarray, seq_len: int, seed: int) -> DataSource:
+    _require(seq_len >= 1, f"--seq-len {seq_len}: a window needs at least one token", "e.g. --seq-len 256")
+    for name, ids in (("training", train), ("validation", val)):
+        _require(len(ids) > seq_len, f"{spec}: the {name} part holds {len(ids)} tokens, fewer than one window of "
+                 f"--seq-len {seq_len} and its next token", "give more text, or a smaller --seq-len")
+        _require(int(ids.min()) >= 0, f"{spec}: the {name} ids include {int(ids.min())}", "token ids are >= 0")
+    offset = int(np.random.default_rng(seed).integers(0, min(seq_len, len(train) - 1 - seq_len) + 1))
+    to_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))  # noqa: E731
+    return DataSource(spec, TokenWindows.tiled(to_tensor(train), seq_len, offset), TokenWindows.tiled(to_tensor(val), seq_len),
+                      int(max(train.max(), val.max())) + 1, (seq_len,), None, CAUSAL_LM)
+
+
+def _split(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    cut = int(round(len(ids) * (1 - VAL_FRACTION)))
+    return ids[:cut], ids[cut:]
+
+
+def _token_file(path: Path, spec: str) -> np.ndarray:
+    how = "save a 1-D integer array with np.save(FILE, ids)"
+    _require(path.exists(), f"tokens: {path} not found", "check the path in --data")
+    try:
+        ids = np.load(path, mmap_mode="r", allow_pickle=False)
+    except Exception as e:
+        raise CompileError(f"tokens: cannot read {path} as a .npy array ({one_line(e)})", hint=how) from e
+    _require(ids.ndim == 1 and np.issubdtype(ids.dtype, np.integer),
+             f"tokens: {path} holds {ids.dtype} of shape {ids.shape}, not a 1-D array of token ids", how)
+    return ids
+
+
+def _tokens(spec: str, arg: str, seq_len: int, seed: int) -> DataSource:
+    files = [Path(p) for p in arg.split(",")]
+    _require(len(files) in (1, 2) and all(str(p) for p in files), f"data source '{spec}' is malformed",
+             "write it as tokens:FILE or tokens:TRAIN,VAL")
+    arrays = [_token_file(p, spec) for p in files]
+    train, val = _split(arrays[0]) if len(arrays) == 1 else arrays
+    return _windows(spec, train, val, seq_len, seed)
+
+
+def _text(spec: str, path: Path, seq_len: int, tokenizer: str | Path | None, seed: int) -> DataSource:
+    folder = Path(tokenizer) if tokenizer is not None else None
+    if folder is None or not folder.is_dir() or not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        raise CompileError(f"text: tokenizing {path} needs the model folder's tokenizer, and "
+                           f"{'the model is no folder' if folder is None or not folder.is_dir() else f'{folder} has none'}",
+                           hint="tokenize the text yourself and pass --data tokens:FILE.npy (a 1-D array of ids)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CompileError(f"text: cannot read {path} as UTF-8 text ({one_line(e)})") from e
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - transformers says what is missing
+        raise CompileError(f"text: cannot load the tokenizer of {folder}: {one_line(e)}",
+                           hint="pass --data tokens:FILE.npy (ids tokenized beforehand)") from e
+    ids = np.asarray(tok(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+    return _windows(spec, *_split(ids), seq_len, seed)
 
 
 def _digits(spec: str) -> DataSource:
@@ -318,27 +427,38 @@ def _require(ok: bool, message: str, hint: str) -> None:
 
 def check_model(data: DataSource, model: torch.nn.Module) -> None:
     """Run `model` on 2 val samples; raise CompileError if the data does not fit it or it predicts
-    fewer classes than the data has. The model's train/eval flags are restored afterwards."""
+    fewer classes (a language model: a smaller vocabulary) than the data has. The model's
+    train/eval flags are restored afterwards."""
     n = min(2, len(data.val))
-    xb = torch.stack([torch.as_tensor(data.val[i][0], dtype=torch.float32) for i in range(n)])
+    lm = data.task is CAUSAL_LM
+    xb = torch.stack([torch.as_tensor(data.val[i][0], dtype=torch.int64 if lm else torch.float32) for i in range(n)])
     param = next(model.parameters(), None)
     flags = {m: m.training for m in model.modules()}
     model.eval()
     try:
         with torch.no_grad():
-            out = model(xb.to(param.device if param is not None else "cpu"))
+            out = data.task.call(model, xb.to(param.device if param is not None else "cpu"))
+    except CompileError:
+        raise
     except Exception as e:
         first = (str(e).strip().splitlines() or [""])[0]
         raise CompileError(f"data '{data.spec}' gives samples of shape {data.input_shape} (batch {tuple(xb.shape)}) "
                            f"that do not fit the model: {type(e).__name__}: {first}",
-                           hint="check --data, or that the model is the one for this data") from e
+                           hint=f"its token ids go up to {data.num_classes - 1}: tokenize with the model's own tokenizer"
+                           if lm else "check --data, or that the model is the one for this data") from e
     finally:
         for m, training in flags.items():
             m.training = training
-    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != n:
+    want = (n, *data.input_shape) if lm else (n,)
+    if not isinstance(out, torch.Tensor) or out.dim() != len(want) + 1 or tuple(out.shape[:-1]) != want:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise CompileError(f"model output is {got} for a batch of {n}, expected (batch, classes) logits",
-                           hint="--data needs a classifier returning one row of class scores per sample")
-    if out.shape[1] < data.num_classes:
+        expected = "(batch, tokens, vocabulary) logits" if lm else "(batch, classes) logits"
+        raise CompileError(f"model output is {got} for a batch of {n}, expected {expected}",
+                           hint="text data needs a causal language model" if lm else
+                           "--data needs a classifier returning one row of class scores per sample")
+    if out.shape[-1] < data.num_classes:
+        if lm:
+            raise CompileError(f"the model's vocabulary has {out.shape[-1]} tokens but data '{data.spec}' holds ids up to "
+                               f"{data.num_classes - 1}", hint="tokenize with the model's own tokenizer")
         raise CompileError(f"model predicts {out.shape[1]} classes but data '{data.spec}' has labels 0..{data.num_classes - 1}",
                            hint="check --data, or that the model's last layer has one output per class")

@@ -1,5 +1,6 @@
-"""Running a model without training it: top-1 accuracy (`evaluate`) and the re-estimation of
-norms' running statistics (`recalibrate_norms`).
+"""Running a model without training it: its task's metric (`evaluate`: top-1 accuracy, or a
+language model's perplexity) and the re-estimation of norms' running statistics
+(`recalibrate_norms`).
 
 Both run on the device they are given without moving the model they are handed: `evaluate` runs
 the model itself where it lives there, else a copy made there (`runtime.placed`);
@@ -14,23 +15,22 @@ from torch import nn
 
 from pcompiler.costs import eval_mode
 from pcompiler.runtime import lives_on, placed
+from pcompiler.tasks import CLASSIFICATION, Classification, totals
 
 RUNNING_STAT_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: torch.utils.data.Dataset, *, device: str | torch.device = "cpu",
-             batch_size: int = 256) -> float:
-    """Top-1 accuracy of `model` on `dataset`, in eval mode on `device`; `model` is left as it was."""
+             batch_size: int = 256, task: Classification = CLASSIFICATION) -> float:
+    """`task`'s metric of `model` on `dataset` (top-1 accuracy; a language model's perplexity),
+    in eval mode on `device`; `model` is left as it was."""
     device = torch.device(device)
     net = placed(model, device)
-    correct = total = 0
+    if task is not CLASSIFICATION:
+        batch_size = max(1, min(batch_size, 4))  # windows of hundreds of tokens, logits over a vocabulary each
     with eval_mode(net):
-        for x, y in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
-            pred = net(x.to(device)).argmax(1)
-            correct += int((pred.cpu() == y).sum())
-            total += len(y)
-    return correct / max(total, 1)
+        return task.score(totals(task, net, torch.utils.data.DataLoader(dataset, batch_size=batch_size), device))
 
 
 def norms_with_running_stats(model: nn.Module) -> list[nn.Module]:
@@ -40,7 +40,7 @@ def norms_with_running_stats(model: nn.Module) -> list[nn.Module]:
 
 @torch.no_grad()
 def recalibrate_norms(model: nn.Module, dataset: torch.utils.data.Dataset, *, batches: int, batch_size: int = 64,
-                      seed: int = 0, device: str | torch.device = "cpu") -> int:
+                      seed: int = 0, device: str | torch.device = "cpu", task: Classification = CLASSIFICATION) -> int:
     """Re-estimate the running statistics of every norm that keeps them, on `batches` batches of
     `dataset` (no augmentation, no gradients); returns the number of norms. `model` lives on `device`.
 
@@ -68,7 +68,7 @@ def recalibrate_norms(model: nn.Module, dataset: torch.utils.data.Dataset, *, ba
                 m.training = True
             for x, _ in loader:
                 if len(x) > 1:  # a batch of one has no variance to estimate
-                    model(x.to(device))
+                    task.call(model, x.to(device))
     finally:
         for m, momentum in zip(norms, saved):
             m.momentum = momentum

@@ -98,6 +98,15 @@ def default_inputs(model: nn.Module) -> list[InputSpec]:
     return [InputSpec(default_input_shape(model))]
 
 
+def default_seq_len(model: nn.Module, cap: int = 512) -> int:
+    """Tokens per window of text data: the model's maximum (a config's max_position_embeddings or
+    n_positions), at most `cap`."""
+    config = getattr(model, "config", None)
+    most = next((v for k in ("max_position_embeddings", "n_positions")
+                 if isinstance(v := getattr(config, k, None), int) and v > 0), cap)
+    return min(cap, most)
+
+
 def default_input_shape(model: nn.Module) -> tuple[int, ...]:
     """The model's own `example_input_shape` if it has one, else a shape that fits its first
     layer (1,3,32,32 when nothing says otherwise)."""

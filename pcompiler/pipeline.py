@@ -45,6 +45,7 @@ from pcompiler.passmanager import (
     run,
 )
 from pcompiler.runtime import Runtime
+from pcompiler.tasks import CLASSIFICATION
 from pcompiler.train import TrainConfig
 
 log = logging.getLogger("pcompiler")
@@ -192,28 +193,28 @@ def build(settings: Settings, data: DataSource | None = None, teacher: nn.Module
         raise CompileError("distillation needs the input model as teacher", hint="pass teacher=model")
     runtime = runtime if runtime is not None else Runtime.resolve(s.device, s.amp)
 
-    def accuracy(key: str) -> list[Pass]:
-        return [make_pass("evaluate", data=data, key=key, runtime=runtime)] if data is not None else []
+    def metric(stage: str) -> list[Pass]:  # acc_<stage>, or a language model's ppl_<stage>
+        return [make_pass("evaluate", data=data, key=f"{data.task.prefix}_{stage}", runtime=runtime)] if data is not None else []
 
     hf = hf_model is not None
     passes = [make_pass("analyze", attention=s.attention, prune_normalized=s.prune_normalized),
               *([make_pass("hf_widths", fields=tuple(width_fields(hf_model, s.prune_normalized).items()), pin=hf_exact)] if hf else []),
-              *accuracy("acc_before"), _method_pass(s, data, teacher, runtime),
+              *metric("before"), _method_pass(s, data, teacher, runtime),
               *([make_pass("hf_config", model=hf_model, round_to=s.resolved().round_to)] if hf and hf_exact else []),
               make_pass("slim")]
     if s.compensate:
         passes.append(make_pass("compensate", data=data, runtime=runtime))
     passes.append(make_pass("verify", runtime=runtime))
     if data is not None and s.recalibrate_batches > 0:
-        passes += [*accuracy("acc_before_recalibration"),
+        passes += [*metric("before_recalibration"),
                    make_pass("recalibrate", data=data, batches=s.recalibrate_batches, batch_size=s.train.batch_size,
                              seed=s.seed, runtime=runtime)]
-    passes += accuracy("acc_pruned")
+    passes += metric("pruned")
     if data is not None and s.finetune_epochs > 0:
         ft = s.train_config("finetune", lr=s.finetune_lr if s.finetune_lr is not None else s.train.lr,
                             schedule="cosine", distill=s.distill)
         passes += [make_pass("finetune", data=data, epochs=s.finetune_epochs, train=ft,
-                             teacher=teacher if s.distill is not None else None, runtime=runtime), *accuracy("acc_final")]
+                             teacher=teacher if s.distill is not None else None, runtime=runtime), *metric("final")]
     return passes
 
 
@@ -231,7 +232,8 @@ def trace_model(model: nn.Module, specs: Sequence[InputSpec] | None = None,
 
     given = bool(specs)
     if not specs:
-        specs = [InputSpec((1, *data.input_shape))] if data is not None else default_inputs(model)
+        specs = [InputSpec((1, *data.input_shape))] if data is not None and data.task is CLASSIFICATION else \
+            _token_inputs(model, data) if data is not None else default_inputs(model)
         log.info("example inputs %s (from %s; --input-shape and --input change them)", specs_text(specs),
                  "the data" if data is not None else "the model")
     args, kwargs = example_values(specs, device_of(model), seed)
@@ -243,6 +245,15 @@ def trace_model(model: nn.Module, specs: Sequence[InputSpec] | None = None,
         raise CompileError(f"tracing the model with {where}example inputs {specs_text(specs)} failed: "
                            f"{first_line(str(e))}{hint}") from e
     return draw_integers(prog, seed)
+
+
+def _token_inputs(model: nn.Module, data: DataSource) -> list[InputSpec]:
+    """Example inputs of a language model on text: what a Hugging Face model implies (its ids and
+    attention mask, by keyword), else one batch of a short window of ids."""
+    specs = default_inputs(model)
+    if specs and specs[0].is_integer:
+        return specs
+    return [InputSpec((1, min(64, data.input_shape[0])), torch.int64)]
 
 
 def compile_model(model: nn.Module, settings: Settings, *, data: DataSource | None = None,

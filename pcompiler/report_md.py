@@ -74,11 +74,32 @@ def summary_sentence(r: dict[str, Any]) -> str:
         if r.get("acc_final") is not None:
             acc += f", {_pct(r.get('acc_final'))} after fine-tuning"
         parts.append(acc)
+    if r.get("ppl_before") is not None:
+        ppl = f"validation perplexity {_ppl(r.get('ppl_before'))} before, {_ppl(r.get('ppl_pruned'))} right after slim"
+        if r.get("ppl_final") is not None:
+            ppl += f", {_ppl(r.get('ppl_final'))} after fine-tuning"
+        parts.append(ppl)
     verify = r.get("verify") or {}
     if verify.get("ok") is not None:
         parts.append(("the rewrite is verified" if verify["ok"] else "**verification FAILED**")
                      + f" (max error {verify.get('max_error', 0):.2g})" + approximate_text(verify.get("approximate")))
     return "; ".join(parts) + "."
+
+
+def quality_stages(r: dict[str, Any]) -> tuple[str, dict[str, float]] | None:
+    """("acc" or "ppl", {stage: value}) of the stages measured (before, right after slim,
+    fine-tuned); None without data."""
+    for prefix in ("ppl", "acc"):
+        values = {label: r[f"{prefix}_{key}"] for key, label in (("before", "before"), ("pruned", "after slim"),
+                                                                   ("final", "fine-tuned"))
+                  if isinstance(r.get(f"{prefix}_{key}"), (int, float))}
+        if values:
+            return prefix, values
+    return None
+
+
+def _ppl(value: float | None) -> str:
+    return "?" if value is None else f"{value:.4g}"
 
 
 def approximate_text(approx: dict[str, Any] | None) -> str:
@@ -102,6 +123,10 @@ def before_after_rows(r: dict[str, Any]) -> list[list[str]]:
     for key, label in (("acc_pruned", "accuracy, right after slim"), ("acc_final", "accuracy, fine-tuned")):
         if before is not None and r.get(key) is not None:
             rows.append([label, _pct(before), _pct(r[key]), f"{100 * (r[key] - before):+.2f} points"])
+    before = r.get("ppl_before")
+    for key, label in (("ppl_pruned", "perplexity, right after slim"), ("ppl_final", "perplexity, fine-tuned")):
+        if before is not None and r.get(key) is not None:
+            rows.append([label, _ppl(before), _ppl(r[key]), f"{r[key] / before:.2f}x"])
     for row in headline(r.get("bench")):
         rows.append([f"latency p50, {row['backend']}, batch {row['batch']}", seconds_text(row["original"]["p50"]),
                      seconds_text(row["slim"]["p50"]), f"{row['speedup']:.2f}x faster"])
@@ -192,6 +217,23 @@ def _plots(r: dict[str, Any], folder: Path) -> dict[str, str]:
                 ax.set_yscale("log")
         fig.suptitle("regularization phase")
         made["curve"] = _save(fig, folder / "curve.png")
+    stages = quality_stages(r)
+    if stages:
+        prefix, values = stages
+        tuning = ((r.get("finetune") or {}).get("curve")) or []
+        fig, axes = plt.subplots(1, 2 if tuning else 1, figsize=(9 if tuning else 4.5, 3.4), squeeze=False)
+        ax = axes[0][0]
+        ax.bar(range(len(values)), list(values.values()), color="#3b75af")
+        ax.set_xticks(range(len(values)), list(values), fontsize=8)
+        ax.set_title("validation " + ("perplexity" if prefix == "ppl" else "accuracy"))
+        if prefix == "ppl" and max(values.values()) > 10 * min(values.values()):
+            ax.set_yscale("log")
+        if tuning:
+            ax = axes[0][1]
+            ax.plot([p["step"] for p in tuning], [p["loss"] for p in tuning])
+            ax.set_title("fine-tuning loss" + (" (next token)" if prefix == "ppl" else ""))
+            ax.set_xlabel("step")
+        made["quality"] = _save(fig, folder / "quality.png")
     timed = [row for row in ((r.get("bench") or {}).get("latency") or []) if "speedup" in row]
     if timed:
         backends = list(dict.fromkeys(row["backend"] for row in timed))
@@ -235,6 +277,8 @@ def _save(fig, path: Path) -> str:
 def render(r: dict[str, Any], plots: dict[str, str]) -> str:
     lines = [f"# Pruning report: {Path(str(r.get('model') or 'model')).name}", "", summary_sentence(r), ""]
     lines += ["## Before and after", "", _table(["", "before", "after", "change"], before_after_rows(r)), ""]
+    if "quality" in plots:
+        lines += [f"![validation metric by stage]({plots['quality']})", ""]
     bench = r.get("bench")
     if bench and bench.get("latency"):
         m, st = bench.get("machine") or {}, bench.get("settings") or {}

@@ -30,10 +30,12 @@ What the loop guarantees:
   the run (`pcompiler.precision`).
 - No host sync per step: the loss and accuracy stay on the device until a log point.
 
-The loss is cross-entropy: the data are (x, class) pairs (see `pcompiler.data`). With a teacher
+The model is called, and its loss taken, by the data's task (`pcompiler.tasks`): cross-entropy
+over classes for (x, class) pairs, next-token cross-entropy for a language model on text; the
+curve's "acc" is the fraction predicted right (of next tokens, for text). With a teacher
 (`train(..., teacher=...)`, settings in `TrainConfig.distill`) it is the distillation loss of
-`pcompiler.distill`; the curve's "loss" stays the cross-entropy (comparable with a run without
-teacher); "distill" is the T^2 * KL term.
+`pcompiler.distill` (per prediction: per token for text); the curve's "loss" stays the
+cross-entropy (comparable with a run without teacher); "distill" is the T^2 * KL term.
 """
 
 from __future__ import annotations
@@ -46,7 +48,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import pcompiler.checkpoint as checkpoint
@@ -225,6 +226,7 @@ def train(model: nn.Module, data: DataSource, cfg: TrainConfig, hooks: Hooks | N
         raise ValueError(f"{cfg.label}: the model to train must live on {runtime.device} "
                          "(place a copy there first: pcompiler.runtime.copy_to)")
     hooks = hooks or Hooks()
+    task = data.task
     rank, size, dev = runtime.rank, runtime.world_size, runtime.device
     was_training = model.training
     model.train()
@@ -281,13 +283,14 @@ def train(model: nn.Module, data: DataSource, cfg: TrainConfig, hooks: Hooks | N
                     g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 64 + rank)
                     x = data.augment(x, g)
                 with runtime.autocast():
-                    out = net(x)
-                    loss = F.cross_entropy(out.float(), y)
+                    out = task.call(net, x)
+                    loss = task.loss(out, y)
                     total, kd = loss, None
                     if tutor is not None:
                         with torch.no_grad():
-                            z_t = tutor(x)
-                        kd = distill_term(out.float(), z_t.float(), cfg.distill.temperature)
+                            z_t = task.call(tutor, x)
+                        kd = distill_term(task.per_sample(out).float(), task.per_sample(z_t).float(),
+                                          cfg.distill.temperature)
                         total = (1 - cfg.distill.alpha) * loss + cfg.distill.alpha * kd
                     extra = hooks.loss_term(model, step)
                     total = total if extra is None else total + extra
@@ -304,7 +307,7 @@ def train(model: nn.Module, data: DataSource, cfg: TrainConfig, hooks: Hooks | N
                 sched.step()
                 step += 1
                 logged = hooks.after_step(model, step)
-                acc = (out.detach().argmax(1) == y).float().mean()
+                acc = task.hits(out, y)
                 terms = {"loss": loss.detach()} if kd is None else {"loss": loss.detach(), "distill": kd.detach()}
                 for k, v in {**terms, "acc": acc, **logged}.items():
                     if callable(v):

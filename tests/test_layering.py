@@ -12,7 +12,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = {"pcompiler": ROOT / "pcompiler", "pcompiler.passes": ROOT / "passes", "pcompiler.targets": ROOT / "targets"}
-LEAVES = {"pcompiler.errors", "pcompiler.costs", "pcompiler.dtypes", "pcompiler.compare", "pcompiler.outdir", "pcompiler.input_checks"}
+LEAVES = {"pcompiler.errors", "pcompiler.costs", "pcompiler.dtypes", "pcompiler.compare", "pcompiler.outdir", "pcompiler.input_checks",
+          "pcompiler.tasks"}
 TOP = {"pcompiler", "pcompiler.cli", "pcompiler.pipeline"}  # the package's facade, the builder, the CLI
 TRAINING = {"pcompiler.train", "pcompiler.data"}
 
