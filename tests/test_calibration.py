@@ -1,0 +1,80 @@
+"""The calibration statistics (pcompiler/calibration.py) and the calib method
+(passes/calibrated.py): what each consumer reads, measured on graphs of both frontends, and
+scores that keep the channels that carry the most where weight magnitude would drop them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import pcompiler
+from pcompiler.calibration import calibrate, readers
+from pcompiler.data import DataSource
+from pcompiler.errors import CompileError
+from pcompiler.passmanager import make_pass
+
+torch.set_num_threads(1)
+
+
+def mlp() -> nn.Module:
+    """Hidden channel 3's filter is tiny by magnitude (one weight of 1), but it reads input
+    feature 0, which varies 100x more than the others: it carries most of the signal."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    with torch.no_grad():
+        m[0].weight[3] = 0.0
+        m[0].weight[3, 0] = 1.0
+        m[0].weight[:, 0][torch.arange(16) != 3] = 0.0
+    return m
+
+
+def inputs(n: int = 256) -> torch.Tensor:
+    x = torch.randn(n, 8, generator=torch.Generator().manual_seed(1))
+    x[:, 0] *= 100
+    return x
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_the_statistics_are_those_of_what_each_consumer_reads(frontend):
+    prog = pcompiler.trace(mlp(), (inputs(4),), frontend=frontend)
+    found = readers(prog.gm, {"0.weight", "2.weight"})
+    assert set(found) == {"0.weight", "2.weight"}
+    x = inputs()
+    cal = calibrate(prog.gm, found, [(x[:100],), (x[100:],)])
+    hidden = torch.relu(mlp()[0](x)).double()
+    stats = cal.stats["2.weight"]
+    assert stats.rows == 256 and cal.batches == 2
+    torch.testing.assert_close(stats.mean, hidden.mean(0))
+    torch.testing.assert_close(stats.variance, hidden.var(0, unbiased=False))
+    torch.testing.assert_close(stats.column_norms, mlp()[2].weight.double().square().sum(0))
+
+
+def test_calib_keeps_the_channel_that_carries_the_signal_where_l1_drops_it():
+    x = inputs()
+    data = DataSource("planted", torch.utils.data.TensorDataset(x, torch.zeros(256, dtype=torch.long)),
+                      torch.utils.data.TensorDataset(x, torch.zeros(256, dtype=torch.long)), 4, (8,), None)
+    prog = pcompiler.run(pcompiler.trace(mlp(), (x[:2],)), [make_pass("analyze")])
+    kept = {}
+    for method, options in (("l1", {}), *(("calib", {"data": data, "score": s, "samples": 64})
+                                          for s in ("fluctuation", "wanda", "activation"))):
+        out = make_pass(method, ratio=0.5, round_to=1, **options).run(prog).program
+        (gid,) = out.selection
+        kept[options.get("score", method)] = 3 not in out.selection[gid]
+    assert kept == {"l1": False, "fluctuation": True, "wanda": True, "activation": True}
+
+
+def test_calib_is_refused_without_data_and_its_options_elsewhere(tmp_path):
+    from click.testing import CliRunner
+
+    from pcompiler.cli import main
+
+    path = tmp_path / "m.pt"
+    torch.save(mlp(), path)
+    for args, message in ((["--method", "calib"], "measures activations and needs --data"),
+                          (["--method", "l1", "--data", "digits", "--calibration-samples", "8"], "--method calib"),
+                          (["--method", "calib", "--data", "digits", "--reg-steps", "8"], "a method that trains")):
+        result = CliRunner().invoke(main, [str(path), "--trust", "--ratio", "0.5", *args, "-o", str(tmp_path / "out")])
+        assert result.exit_code == 2 and message in result.output, result.output
+    with pytest.raises(CompileError, match="unknown score"):
+        make_pass("calib", data=object(), score="taylor").check()
