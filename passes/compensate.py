@@ -38,25 +38,36 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from pcompiler.calibration import InputStats, calibrate, readers
 from pcompiler.data import DataSource
+from pcompiler.dtypes import HALF, dtype_of
 from pcompiler.errors import CompileError
-from pcompiler.ir import Compensation, DimRef, Fold, Program, Removal, Role, shared_copy
-from pcompiler.memory import streamed
+from pcompiler.ir import Compensation, DimRef, Fold, Program, Removal, Role, op_name, shared_copy
 from pcompiler.passmanager import SLIMMED, PassResult, register_pass
-from pcompiler.runtime import CPU, Runtime, placed
+from pcompiler.runtime import CPU, Runtime
 
 log = logging.getLogger("pcompiler")
-
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
 
 # ---------------------------------------------------------------------------------------------
 # Which consumers, and the layout of their inputs
 
 
-def consumers(prog: Program) -> tuple[dict[str, np.ndarray], tuple[tuple[str, str], ...]]:
-    """The consumer modules of removed channels -> their input positions that carry them
-    (numbering before slim); and the consuming parameters that cannot be folded into, with why."""
+@dataclass(frozen=True)
+class Consumer:
+    """A weight that reads removed channels by its input dim, and the node that reads it: a
+    Linear or convolution module's call, or `linear` / `conv*` on the weight's get_attr."""
+
+    module: str  # the weight's owner: the module whose bias takes the fold
+    node: str  # the reading node's name (the slim graph keeps node names)
+    kind: str  # the module's class name, or the op's
+    conv: bool  # the channel dim is 1 (else last)
+    exact: bool  # a constant input folded into the bias reproduces the output everywhere
+
+
+def consumers(prog: Program) -> tuple[dict[str, np.ndarray], dict[str, Consumer], tuple[tuple[str, str], ...]]:
+    """The consumers of removed channels: their module -> input positions that carry them
+    (numbering before slim), module -> Consumer, and the consuming parameters that cannot be
+    folded into, with why."""
     analysis, ref = prog.require_analysis("compensate"), prog.reference
     positions: dict[tuple[str, int], list[np.ndarray]] = defaultdict(list)
     for gid, channels in prog.require_selection("compensate").items():
@@ -64,110 +75,61 @@ def consumers(prog: Program) -> tuple[dict[str, np.ndarray], tuple[tuple[str, st
         for p in analysis.groups[gid].params:
             if p.role == Role.CONSUME:
                 positions[(p.param, p.dim)].append(p.index[ch].ravel())
-    called = {str(n.target) for n in ref.graph.nodes if n.op == "call_module"}
-    found, skipped = {}, []
+    nodes = readers(ref, {param for param, _ in positions})
+    found, described, skipped = {}, {}, []
     for (param, dim), parts in positions.items():
         module, _, attr = param.rpartition(".")
-        why = _unsupported(ref, module, attr, dim, called)
-        if why is None:
-            found[module] = np.unique(np.concatenate(parts))
-        else:
+        consumer, why = _consumer(ref, module, nodes.get(param))
+        if consumer is not None and (attr != "weight" or dim != 1):
+            consumer, why = None, f"it is consumed through {attr}[dim {dim}], not the weight's input dim"
+        if consumer is None:
             skipped.append((param, why))
-    return found, tuple(skipped)
+        else:
+            found[module], described[module] = np.unique(np.concatenate(parts)), consumer
+    return found, described, tuple(skipped)
 
 
-def _unsupported(gm: fx.GraphModule, module: str, attr: str, dim: int, called: set[str]) -> str | None:
-    if module not in called:
-        return "the weight is used by a functional call, not by a module call (no hook sees its input)"
-    m = gm.get_submodule(module)
-    if not isinstance(m, (nn.Linear, *_CONVS)):
-        return f"a {type(m).__name__} consumes it: only Linear and Conv (groups 1) consumers are folded into"
-    if attr != "weight" or dim != 1:
-        return f"it is consumed through {attr}[dim {dim}], not the weight's input dim"
-    if isinstance(m, _CONVS) and m.groups != 1:
-        return f"grouped conv (groups={m.groups}): each output sees only its group's inputs"
-    return None
+def _consumer(gm: fx.GraphModule, module: str, node: fx.Node | None) -> tuple[Consumer | None, str]:
+    """The Consumer that `node` (the reader `readers` found, or None) is; else why it cannot take a fold."""
+    if node is None:
+        owner = next((type(gm.get_submodule(n.target)).__name__ for n in gm.graph.nodes
+                      if n.op == "call_module" and n.target == module), None)
+        if owner is not None:
+            return None, f"a {owner} consumes it: only Linear and Conv (groups 1) consumers are folded into"
+        return None, "the weight is read by an op other than a linear or convolution, or twice (no bias to fold into)"
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        groups, conv = getattr(m, "groups", 1), not isinstance(m, nn.Linear)
+        exact = not conv or _unpadded(m.padding, m.kernel_size) or m.padding_mode != "zeros"
+        kind = type(m).__name__
+    else:
+        kind, conv = op_name(node.target), op_name(node.target) != "linear"
+        if kind == "convolution":  # aten: (input, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
+            if _arg(node, 6, "transposed", False):
+                return None, "a transposed convolution consumes it: only Linear and Conv (groups 1) consumers are folded into"
+            groups = _arg(node, 8, "groups", 1)
+        else:
+            groups = _arg(node, 6, "groups", 1)
+        weight = node.args[1].meta.get("val") if isinstance(node.args[1], fx.Node) else None
+        kernel = tuple(weight.shape[2:]) if isinstance(weight, torch.Tensor) else ()
+        exact = not conv or (bool(kernel) and _unpadded(_arg(node, 4, "padding", 0), kernel))
+    if groups != 1:
+        return None, f"grouped conv (groups={groups}): each output sees only its group's inputs"
+    return Consumer(module, node.name, kind, conv, exact), ""
 
 
-def channels_last(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """`x` (a consumer's input) with the dim its weight's dim 1 indexes moved last."""
-    return x if isinstance(m, nn.Linear) else x.movedim(1, -1)
+def _arg(node: fx.Node, i: int, name: str, default: Any) -> Any:
+    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
 
 
-def is_exact(m: nn.Module) -> bool:
-    """Whether folding a constant input into `m`'s bias reproduces its output everywhere."""
-    if isinstance(m, nn.Linear) or m.padding_mode != "zeros":
-        return True
-    if isinstance(m.padding, str):
-        return m.padding == "valid" or all(k == 1 for k in m.kernel_size)
-    return all(p == 0 for p in m.padding)
+def _unpadded(padding: Any, kernel: tuple[int, ...]) -> bool:
+    if isinstance(padding, str):
+        return padding == "valid" or all(k == 1 for k in kernel)
+    return all(p == 0 for p in (padding if isinstance(padding, (tuple, list)) else (padding,)))
 
 
 # ---------------------------------------------------------------------------------------------
-# Measuring the values at the consumers' inputs
-
-
-@dataclass
-class _Stats:
-    """Running per-position statistics (float64) at one consumer's input."""
-
-    rows: int = 0
-    total: torch.Tensor | float = 0.0
-    squares: torch.Tensor | float = 0.0
-    low: torch.Tensor | None = None
-    high: torch.Tensor | None = None
-    input_squares: float = 0.0  # of the whole input, for its RMS
-    input_count: int = 0
-
-    def add(self, cols: torch.Tensor, whole: torch.Tensor) -> None:
-        self.rows += cols.shape[0]
-        self.total = self.total + cols.sum(0)
-        self.squares = self.squares + (cols * cols).sum(0)
-        low, high = cols.min(0).values, cols.max(0).values
-        self.low = low if self.low is None else torch.minimum(self.low, low)
-        self.high = high if self.high is None else torch.maximum(self.high, high)
-        self.input_squares += float(whole.double().square().sum())
-        self.input_count += whole.numel()
-
-    def summary(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(mean, relative std, whether every value was equal) per position."""
-        equal = (self.low == self.high).cpu().numpy()
-        mean = np.where(equal, self.high.cpu().numpy(), (self.total / self.rows).cpu().numpy())
-        var = np.maximum((self.squares / self.rows).cpu().numpy() - mean**2, 0.0)
-        std = np.where(equal, 0.0, np.sqrt(var))
-        scale = np.sqrt(self.input_squares / max(self.input_count, 1))
-        return mean, std / np.maximum(np.abs(mean) + scale, 1e-30), equal
-
-
-def _measure(reference: fx.GraphModule, targets: dict[str, np.ndarray],
-             batches: Iterable[tuple[torch.Tensor, ...]]) -> dict[str, _Stats]:
-    """Run `reference` in eval mode on `batches`, collecting statistics at the targets' inputs.
-    Hooks and training flags are restored afterwards."""
-    stats = {name: _Stats() for name in targets}
-
-    def hook_for(name: str):
-        index = torch.as_tensor(targets[name])
-
-        def hook(m: nn.Module, args: tuple) -> None:
-            x = channels_last(m, args[0]).detach()
-            cols = x[..., index.to(x.device)].reshape(-1, len(index)).double()
-            stats[name].add(cols, x)
-
-        return hook
-
-    modes = {m: m.training for m in reference.modules()}
-    handles = [reference.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in targets]
-    try:
-        reference.eval()
-        with torch.no_grad():
-            for inputs in batches:
-                reference(*inputs)
-    finally:
-        for h in handles:
-            h.remove()
-        for m, mode in modes.items():
-            m.training = mode
-    return stats
+# The inputs the constants are measured on
 
 
 def _random_draws(prog: Program) -> list[tuple[torch.Tensor, ...]]:
@@ -215,50 +177,98 @@ def add_to_bias(module: nn.Module, delta: torch.Tensor) -> None:
     if delta.shape != (w.shape[0],):
         raise CompileError(f"a bias change of shape {tuple(delta.shape)} does not fit a {type(module).__name__} "
                            f"with {w.shape[0]} outputs", hint="this is a bug in compensate: please report it")
-    old = module.bias.detach() if module.bias is not None else w.new_zeros(w.shape[0])
+    old = getattr(module, "bias", None)
+    old = old.detach() if old is not None else w.new_zeros(w.shape[0])
+    if "bias" in vars(module) and not isinstance(vars(module)["bias"], nn.Parameter):
+        delattr(module, "bias")
     module.bias = nn.Parameter(old + delta.to(old), requires_grad=w.requires_grad)
+
+
+def _reads_bias(gm: fx.GraphModule, f: Fold) -> None:
+    """Make the node that reads `f`'s consumer weight in `gm` read its bias too: a functional
+    linear or convolution called without one gets the module's new bias as a get_attr."""
+    node = next(n for n in gm.graph.nodes if n.name == f.node)
+    if node.op != "call_function":
+        return
+    bias = _arg(node, 2, "bias", None)
+    if isinstance(bias, fx.Node) and bias.op == "get_attr" and bias.target == f"{f.module}.bias":
+        return
+    if bias is not None:
+        raise CompileError(f"the bias of '{f.module}' is not a weight of its own ({bias}): cannot fold into it",
+                           hint="this is a bug in compensate: please report it with the model")
+    with gm.graph.inserting_before(node):
+        read = gm.graph.get_attr(f"{f.module}.bias")
+    node.args = (*node.args[:2], read, *node.args[3:])  # readers: (input, weight) come first, positionally
+    node.kwargs = {k: v for k, v in node.kwargs.items() if k != "bias"}
+    gm.recompile()
 
 
 def fold(gm: fx.GraphModule, reference: fx.GraphModule, removal: Removal, f: Fold) -> None:
     """Add fold `f` to the bias of its consumer in `gm` (the slim model)."""
     add_to_bias(gm.get_submodule(f.module), slim_delta(reference, removal, f))
+    _reads_bias(gm, f)
 
 
-def inject_constants(gm: fx.GraphModule, folds: Iterable[Fold]) -> list[Any]:
-    """Forward pre-hooks on `gm`'s consumer modules (numbering before slim) that set each fold's
-    input positions to its constants. Returns the hook handles."""
-    def hook_for(f: Fold):
-        def hook(m: nn.Module, args: tuple) -> tuple:
-            x = channels_last(m, args[0]).clone()
-            x[..., torch.as_tensor(f.positions, device=x.device)] = torch.as_tensor(f.constants).to(x)
-            return (x if isinstance(m, nn.Linear) else x.movedim(-1, 1), *args[1:])
+def with_constants(x: torch.Tensor, positions: tuple[int, ...], constants: tuple[float, ...], dim: int) -> torch.Tensor:
+    """`x` with its positions `positions` along `dim` set to `constants` (a copy)."""
+    x = x.clone()
+    index = torch.as_tensor(positions, device=x.device)
+    values = torch.as_tensor(constants, dtype=x.dtype, device=x.device)
+    shape = [1] * x.ndim
+    shape[dim] = len(positions)
+    x.index_copy_(dim, index, values.view(shape).expand(*[len(positions) if d == dim % x.ndim else s
+                                                           for d, s in enumerate(x.shape)]))
+    return x
 
-        return hook
 
-    return [gm.get_submodule(f.module).register_forward_pre_hook(hook_for(f)) for f in folds]
+def inject_constants(gm: fx.GraphModule, folds: Iterable[Fold]) -> None:
+    """Rewrite `gm` (a pre-slim graph) so that each fold's consumer reads its input positions at
+    the fold's constants (what the slim model's bias stands for)."""
+    by_node = {n.name: n for n in gm.graph.nodes}
+    changed = False
+    for f in folds:
+        node = by_node[f.node]
+        with gm.graph.inserting_before(node):
+            x = gm.graph.call_function(with_constants, (node.args[0], tuple(int(i) for i in f.positions),
+                                                        tuple(float(c) for c in f.constants), 1 if f.conv else -1))
+        node.args = (x, *node.args[1:])
+        changed = True
+    if changed:
+        gm.recompile()
 
 
 # ---------------------------------------------------------------------------------------------
 # The pass
 
 
-def _choose(module: str, m: nn.Module, positions: np.ndarray, stats: _Stats,
-            tol: float | None) -> tuple[Fold | None, dict[str, Any]]:
-    """The fold at one consumer (None when nothing is folded) and its summary. tol None: fold
-    only positions whose values were all equal; else those with relative std <= tol."""
-    if stats.rows == 0:
-        return None, {"kind": type(m).__name__, "folded": 0, "not_constant": len(positions),
-                      "why": "no input reached it on the measured batches"}
-    mean, rel_std, equal = stats.summary()
+def _choose(consumer: Consumer, positions: np.ndarray, stats: InputStats | None, tol: float | None,
+            mean_fold: bool) -> tuple[list[Fold], dict[str, Any]]:
+    """The folds at one consumer and its summary. tol None: fold only positions whose values
+    were all equal; else those with relative std <= tol, and with `mean_fold` every other
+    position's mean as well, as a fold of its own that is exact in expectation only."""
+    summary: dict[str, Any] = {"kind": consumer.kind, "exact": consumer.exact}
+    if stats is None or stats.rows == 0:
+        return [], {**summary, "folded": 0, "not_constant": len(positions), "why": "no input reached it on the measured batches"}
+    index = torch.as_tensor(positions, device=stats.total.device)
+    low, high = stats.low[index].cpu().numpy(), stats.high[index].cpu().numpy()
+    equal = low == high
+    mean = np.where(equal, high, stats.mean[index].cpu().numpy())
+    std = np.where(equal, 0.0, stats.variance[index].sqrt().cpu().numpy())
+    rel_std = std / np.maximum(np.abs(mean) + stats.input_rms, 1e-30)
     constant = equal if tol is None else rel_std <= tol
     chosen = constant & (mean != 0) & np.isfinite(mean)
-    f = Fold(module, positions[chosen], mean[chosen], is_exact(m), rel_std[chosen]) if chosen.any() else None
-    summary = {"kind": type(m).__name__, "exact": is_exact(m), "folded": int(chosen.sum()),
-               "zero": int((constant & (mean == 0)).sum()), "not_constant": int((~constant).sum()),
-               "max_abs_constant": float(np.abs(mean[chosen]).max()) if chosen.any() else 0.0,
-               "max_rel_std_folded": float(rel_std[chosen].max()) if chosen.any() else 0.0,
-               "min_rel_std_not_folded": float(rel_std[~constant].min()) if (~constant).any() else None}
-    return f, summary
+    spread = ~constant & (mean != 0) & np.isfinite(mean) & mean_fold
+    folds = [Fold(consumer.module, positions[chosen], mean[chosen], consumer.exact, rel_std[chosen],
+                  consumer.node, consumer.conv)] if chosen.any() else []
+    if spread.any():
+        folds.append(Fold(consumer.module, positions[spread], mean[spread], False, rel_std[spread], consumer.node,
+                          consumer.conv))
+    summary.update({"folded": int(chosen.sum()), "mean_folded": int(spread.sum()),
+                    "zero": int((constant & (mean == 0)).sum()), "not_constant": int((~constant).sum()),
+                    "max_abs_constant": float(np.abs(mean[chosen]).max()) if chosen.any() else 0.0,
+                    "max_rel_std_folded": float(rel_std[chosen].max()) if chosen.any() else 0.0,
+                    "min_rel_std_not_folded": float(rel_std[~constant].min()) if (~constant).any() else None})
+    return folds, summary
 
 
 @register_pass
@@ -268,7 +278,9 @@ class Compensate:
 
     data: calibration data (None: only exactly constant channels, from the example inputs and a
     random draw); batches, batch_size, seed: the calibration batches from data.train; tol: a
-    channel is near-constant when std <= tol * (|mean| + RMS of the consumer's input)."""
+    channel is near-constant when std <= tol * (|mean| + RMS of the consumer's input); mean:
+    with data, fold every other removed channel's mean too (FLAP's bias compensation: exact in
+    expectation, so verify proves the rewrite without those folds and reports their effect)."""
 
     name: ClassVar[str] = "compensate"
     requires: ClassVar = (SLIMMED,)
@@ -278,7 +290,9 @@ class Compensate:
     batch_size: int = 64
     tol: float = 1e-2
     seed: int = 0
-    runtime: Runtime = CPU  # where the reference runs on the calibration batches (a copy there if needed)
+    mean: bool = False  # with data: fold every removed channel's mean, not only near-constant ones
+    bias_holders: frozenset[str] | None = None  # the modules that may gain a bias (None: any; an hf/ folder's config limits them)
+    runtime: Runtime = CPU  # where the reference runs on the calibration batches, a module at a time
 
     def run(self, prog: Program) -> PassResult:
         if prog.reference is None or prog.removal is None:
@@ -291,21 +305,29 @@ class Compensate:
         if self.data is not None and min(self.batches, self.batch_size) < 1:
             raise CompileError(f"compensate: batches ({self.batches}) and batch_size ({self.batch_size}) must be at "
                                "least 1", hint="or pass data=None to fold only exactly constant channels")
-        targets, skipped = consumers(prog)
+        targets, described, skipped = consumers(prog)
+        if self.bias_holders is not None:  # a consumer without a bias whose folder cannot hold one
+            cannot = [m for m in targets if m not in self.bias_holders and getattr(prog.reference.get_submodule(m), "bias",
+                                                                                    None) is None]
+            skipped += tuple((f"{m}.weight", "the hf/ folder's config cannot hold a bias here") for m in cannot)
+            targets = {m: p for m, p in targets.items() if m not in cannot}
         device = self.runtime.device
         if self.data is None:
             source, tol = "exact constants on the example inputs and a random draw", None
             batches = [tuple(t.to(device) for t in draw) for draw in _random_draws(prog)]
         else:
             source, tol = f"{self.batches} batches of {self.batch_size} from the training data, tol {self.tol:g}", self.tol
+            if self.mean:
+                source += ", the other channels' means folded too (exact in expectation)"
             batches = _data_batches(self.data, prog.reference, self.batches, self.batch_size, self.seed, device)
-        with streamed(prog.reference):
-            stats = _measure(placed(prog.reference, device), targets, batches) if targets else {}
+        weights = {f"{m}.weight" for m in targets}
+        stats = calibrate(prog.reference, weights, batches, device=device,
+                          dtype=torch.float32 if dtype_of(prog.reference) in HALF else None).stats if targets else {}
         folds, per_consumer = [], {}
         for module, positions in targets.items():
-            f, per_consumer[module] = _choose(module, prog.reference.get_submodule(module), positions, stats[module], tol)
-            if f is not None:
-                folds.append(f)
+            found, per_consumer[module] = _choose(described[module], positions, stats.get(f"{module}.weight"), tol,
+                                                  self.mean and self.data is not None)
+            folds += found
         gm = prog.gm
         if folds:
             gm = shared_copy(prog.gm)  # add_to_bias puts new biases in place

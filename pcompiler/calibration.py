@@ -37,6 +37,8 @@ class InputStats:
     rows: int = 0
     total: torch.Tensor | None = None
     squares: torch.Tensor | None = None
+    low: torch.Tensor | None = None  # smallest and largest value seen per channel
+    high: torch.Tensor | None = None
     column_norms: torch.Tensor | None = None  # ||W[:, j]||^2 over the other dims, float64
     kernel: int = 1  # a convolution's taps per input channel (1 for a Linear)
 
@@ -44,9 +46,17 @@ class InputStats:
         """`x`: the input with its channel dim last, any leading dims."""
         flat = x.detach().reshape(-1, x.shape[-1]).double()
         total, squares = flat.sum(0), (flat * flat).sum(0)
+        low, high = flat.min(0).values, flat.max(0).values
         self.total = total if self.total is None else self.total + total
         self.squares = squares if self.squares is None else self.squares + squares
+        self.low = low if self.low is None else torch.minimum(self.low, low)
+        self.high = high if self.high is None else torch.maximum(self.high, high)
         self.rows += flat.shape[0]
+
+    @property
+    def input_rms(self) -> float:
+        """The RMS of the whole input (every channel)."""
+        return math.sqrt(float(self.squares.sum()) / max(self.rows * len(self.squares), 1))
 
     @property
     def mean(self) -> torch.Tensor:

@@ -200,6 +200,9 @@ def _guarded(console: Console, verbose: bool, body: Callable[[], int]) -> int:
 @click.option("--no-recalibrate", is_flag=True, help="Do not recalibrate (same as --recalibrate-batches 0).")
 @click.option("--no-compensate", is_flag=True, help="Do not fold the constant values of removed channels into "
               "the consumers' biases (default: fold them; with --data, near-constant ones too).")
+@click.option("--compensate-mean/--compensate-constant", "compensate_mean", default=None,
+              help="With --data, also fold every other removed channel's mean input into its consumer's bias "
+              "(exact in expectation; default: with text data), or only near-constant channels (default: images).")
 @click.option("--analyze", is_flag=True, help="Print the channel groups and stop.")
 @click.option("--formats", help=f"Exports to write, comma-separated (default: {','.join(FORMATS)}, of which eager and hf "
               "only where they apply). eager: your model's class with the slim layers in place; hf: a save_pretrained "
@@ -235,6 +238,7 @@ _NEEDS: tuple[tuple[str, str, Callable[[dict[str, Any]], bool]], ...] = (
     ("recalibrate_batches", "--data", lambda o: o["data_spec"] is not None),
     ("workers", "--data", lambda o: o["data_spec"] is not None),
     ("checkpoint_every", "--data", lambda o: o["data_spec"] is not None),
+    ("compensate_mean", "--data", lambda o: o["data_spec"] is not None),
     ("reg_steps", "a method that trains (--method tpp, greg1, ...)", lambda o: trains(o["method"])),
     ("calibration_samples", "--method calib", lambda o: o["method"] == "calib"),
 )
@@ -262,6 +266,7 @@ def _settings(o: dict[str, Any]) -> Settings:
         finetune_epochs=o["finetune_epochs"], finetune_lr=o["finetune_lr"], distill=distill,
         distill_regularization=o["distill_regularization"],
         recalibrate_batches=0 if o["no_recalibrate"] else o["recalibrate_batches"], compensate=not o["no_compensate"],
+        compensate_mean=o["compensate_mean"],
         checkpoints=None if o["out_dir"] is None else str(Path(o["out_dir"]) / "checkpoints"), frontend=o["frontend"],
         attention=o["attention"], prune_normalized=o["prune_normalized"], device=o["device"], amp=o["amp"])
 

@@ -72,9 +72,11 @@ def summary(console: Console, report: dict[str, Any], report_path: Path) -> None
             state = "[green]ok[/]" if verify.get("ok") else "[red]FAILED[/]"
             near = escape(approximate_text(verify.get("approximate")))
             rows.append(("verify", f"{state}, max error {_num(verify.get('max_error'))}{near}"))
-    folded = (report.get("compensation") or {}).get("folded")
-    if folded:
-        rows.append(("compensate", f"{folded} constant inputs of removed channels folded into biases"))
+    comp = report.get("compensation") or {}
+    if comp.get("folded"):
+        means = sum(c.get("mean_folded", 0) for c in (comp.get("consumers") or {}).values())
+        what = f"{comp['folded'] - means} constant inputs" + (f" and {means} mean inputs" if means else "")
+        rows.append(("compensate", f"{what} of removed channels folded into biases"))
     for e in report.get("exports") or []:
         state = ("[green]ok[/]" if e.get("ok") else f"[yellow]skipped[/] {escape(str(e.get('error')))}"
                  if e.get("skipped") else f"[red]FAILED[/] {escape(str(e.get('error')))}")

@@ -284,14 +284,19 @@ class Fold:
     (weight dim 1: linear input features, conv input channels) in the numbering before `slim`;
     `constants`: the value each held there. `exact`: the fold reproduces the consumer's output
     everywhere (linear; conv without zero padding); otherwise only where the kernel does not
-    reach into the zero padding. `rel_std`: each position's spread on the data it was measured
-    on, std / (|mean| + RMS of the whole consumer input); zero for an exact constant."""
+    reach into the zero padding, or (a mean fold) only in expectation. `rel_std`: each position's
+    spread on the data it was measured on, std / (|mean| + RMS of the whole consumer input); zero
+    for an exact constant. `node`: the graph node that reads the consumer's weight (a module call
+    or a functional linear / convolution; slim keeps node names); `conv`: its input's channel
+    dim is 1 (else the last)."""
 
     module: str
     positions: np.ndarray  # (n,) int64
     constants: np.ndarray  # (n,) float64
     exact: bool
     rel_std: np.ndarray  # (n,) float64
+    node: str
+    conv: bool
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from pcompiler import distributed
 from pcompiler.data import DataSource
 from pcompiler.distill import Distillation
 from pcompiler.errors import CompileError, first_line
-from pcompiler.hf import is_model, width_fields
+from pcompiler.hf import bias_holders, is_model, width_fields
 from pcompiler.inputs import InputSpec, default_inputs, draw_integers, example_values, specs_text
 from pcompiler.ir import Program
 from pcompiler.passes.analyze import ATTENTION
@@ -45,7 +45,7 @@ from pcompiler.passmanager import (
     run,
 )
 from pcompiler.runtime import Runtime
-from pcompiler.tasks import CLASSIFICATION
+from pcompiler.tasks import CAUSAL_LM, CLASSIFICATION
 from pcompiler.train import TrainConfig
 
 log = logging.getLogger("pcompiler")
@@ -94,6 +94,7 @@ class Settings:
     distill_regularization: bool = False
     recalibrate_batches: int = DEFAULT_BATCHES
     compensate: bool = True
+    compensate_mean: bool | None = None  # fold every removed channel's mean (None: with text data, not images)
     checkpoints: str | None = None  # folder of the phases' checkpoints (OUT/checkpoints)
     frontend: str = "auto"  # how the model is read: passes/trace.py's FRONTENDS
     attention: str = "heads"  # how attention shrinks: passes/analyze.py's ATTENTION
@@ -217,7 +218,9 @@ def build(settings: Settings, data: DataSource | None = None, teacher: nn.Module
               *([make_pass("hf_config", model=hf_model, round_to=s.resolved().round_to)] if hf and hf_exact else []),
               make_pass("slim")]
     if s.compensate:
-        passes.append(make_pass("compensate", data=data, runtime=runtime))
+        mean = s.compensate_mean if s.compensate_mean is not None else data is not None and data.task is CAUSAL_LM
+        holders = bias_holders(hf_model) if hf_model is not None else None
+        passes.append(make_pass("compensate", data=data, runtime=runtime, mean=mean, bias_holders=holders))
     passes.append(make_pass("verify", runtime=runtime))
     if data is not None and s.recalibrate_batches > 0:
         passes += [*metric("before_recalibration"),

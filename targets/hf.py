@@ -39,7 +39,7 @@ from torch import nn
 from pcompiler.compare import export_tolerance, flatten_tensors
 from pcompiler.costs import eval_mode
 from pcompiler.dtypes import HALF, PromotedInterpreter, dtype_name, dtype_of, promoted_modules
-from pcompiler.hf import RMS_EPS, eps_field, field_value, slim_config, slim_widths, stream_ratio
+from pcompiler.hf import RMS_EPS, bias_fields, eps_field, field_value, slim_config, slim_widths, stream_ratio
 from pcompiler.ir import Program, call_with
 from pcompiler.memory import streamed
 from pcompiler.targets import ExportResult, NotApplicable, compare_outputs, guarded, require_weights
@@ -63,9 +63,14 @@ def save_hf(prog: Program, model: nn.Module, path: str | Path) -> ExportResult:
         except ValueError as e:
             raise NotApplicable(str(e)) from e
         stream = stream_ratio(model.config, widths)
+        state = prog.gm.state_dict()
+        flags = _bias_flags(model, state)
+        for flag in flags:
+            setattr(config, flag, True)
         with torch.device("meta"):  # no memory: the slim program's tensors are put in place
             slim = type(model)._from_config(config, dtype=dtype_of(prog.gm))
-        missing, unexpected = slim.load_state_dict(prog.gm.state_dict(), strict=False, assign=True)
+        missing, unexpected = slim.load_state_dict(state, strict=False, assign=True)
+        missing = [k for k in missing if not _zero_bias(slim, k, flags)]
         tied = {k for k in missing if k in _tied_keys(slim)}
         if set(missing) - tied or unexpected:
             raise ValueError(f"the slim weights do not fit {type(model).__name__}: missing {sorted(set(missing) - tied)[:4]}, "
@@ -88,6 +93,8 @@ def save_hf(prog: Program, model: nn.Module, path: str | Path) -> ExportResult:
         changed = ", ".join(f"{f} {field_value(model.config, f)} -> {v}" for f, v in widths.items()) or "no width changed"
         if stream != 1.0:
             changed += f"; {eps} x {stream:g}" + (f" and {norms} RMSNorm weights x sqrt({stream:g})" if norms else "")
+        if flags:
+            changed += f"; {', '.join(flags)} on (compensate's folds; the other biases zero)"
         if copied:
             changed += f"; {', '.join(copied)} copied"
         return err, f"config: {changed}"
@@ -140,6 +147,26 @@ def _rescale_stream_norms(slim: nn.Module, hidden: int | None, ratio: float) -> 
         for m in norms:
             m.weight = nn.Parameter(m.weight.detach() * ratio ** 0.5, requires_grad=False)
     return len(norms)
+
+
+def _bias_flags(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, frozenset[str]]:
+    """The *_bias config fields to turn on for the biases the slim model gained (compensate's
+    folds into a LLaMA's o_proj or down_proj), each with the modules it adds a bias to."""
+    have = {n.removesuffix(".bias") for n, _ in model.named_parameters() if n.endswith(".bias")}
+    gained = {k.removesuffix(".bias") for k in state if k.endswith(".bias")} - have
+    if not gained:
+        return {}
+    return {f: mods for f, mods in bias_fields(model).items() if mods & gained}
+
+
+def _zero_bias(slim: nn.Module, key: str, flags: dict[str, frozenset[str]]) -> bool:
+    """Put zeros in place of bias `key` where a flag turned on added it and no fold filled it."""
+    owner = key.removesuffix(".bias")
+    if not key.endswith(".bias") or not any(owner in mods for mods in flags.values()):
+        return False
+    module = slim.get_submodule(owner)
+    module.bias = nn.Parameter(torch.zeros(module.weight.shape[0], dtype=module.weight.dtype), requires_grad=False)
+    return True
 
 
 def _tied_keys(model: nn.Module) -> set[str]:

@@ -194,17 +194,22 @@ class Functional(nn.Module):
         return F.linear(y, self.fc.weight, self.fc.bias), self.up(y[:, :, None])
 
 
-def test_consumers_that_cannot_take_a_fold_are_skipped_with_a_reason():
+def test_functional_consumers_take_folds_and_others_are_skipped_with_a_reason():
+    """F.linear on a weight (as torch.export leaves every Linear) takes the fold into a bias the
+    graph now reads; a transposed conv cannot take one, and says so."""
     model = Functional()
     kill(model.a, model.bn, DEAD)
+    original = copy.deepcopy(model.eval())
     prog = compensated(model, torch.randn(4, 5), {"a.weight": DEAD})
-    assert prog.compensation.folds == () and prog.history[-2].changed is False
+    (fold,) = prog.compensation.folds
+    assert (fold.module, fold.positions.tolist(), fold.exact, fold.conv) == ("fc", DEAD, True, False)
+    torch.testing.assert_close(torch.as_tensor(fold.constants), bn_constant(original.bn, DEAD))
     assert dict(prog.compensation.skipped) == {
-        "fc.weight": "the weight is used by a functional call, not by a module call (no hook sees its input)",
-        "up.weight": "a ConvTranspose1d consumes it: only Linear and Conv (groups 1) consumers are folded into",
-    }
+        "up.weight": "a ConvTranspose1d consumes it: only Linear and Conv (groups 1) consumers are folded into"}
     assert prog.info["compensation"]["skipped"] == dict(prog.compensation.skipped)
-    assert prog.info["verify"]["reference"] == "original with the removed channels zeroed"
+    assert prog.info["verify"]["ok"] and "4 compensated channel inputs (at fc)" in prog.info["verify"]["reference"]
+    z = torch.randn(6, 5)
+    torch.testing.assert_close(prog.gm(z)[0], original(z)[0], rtol=1e-5, atol=1e-5)  # the linear head: unchanged
 
 
 def test_a_consumer_without_bias_gets_one_of_its_slim_width():
@@ -254,3 +259,29 @@ def test_the_input_program_is_left_as_it_was():
         pcompiler.run(out, [make_pass("compensate")])
     with pytest.raises(PassError, match=r"batches \(0\) and batch_size \(64\) must be at least 1"):
         pcompiler.run(prog, [make_pass("compensate", data=tiny_data(), batches=0)])
+
+
+def test_with_mean_every_removed_channels_mean_is_folded_and_the_output_moves_less():
+    """FLAP's bias compensation: a varying channel's mean input goes into the consumer's bias (a
+    fold exact in expectation: verify proves the rewrite without it and reports its effect);
+    on the data the slim model's outputs then sit closer to the original's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    with torch.no_grad():
+        model[0].bias.fill_(1.0)  # every hidden channel has a clearly positive mean
+    x = torch.randn(256, 6, generator=torch.Generator().manual_seed(2))
+    data = DataSource("tiny", torch.utils.data.TensorDataset(x, torch.zeros(256, dtype=torch.long)),
+                      torch.utils.data.TensorDataset(x, torch.zeros(256, dtype=torch.long)), 3, (6,), None)
+    errors = {}
+    for mean in (False, True):
+        prog = compensated(copy.deepcopy(model), x[:2], {"0.weight": [0, 2, 5]}, data=data, batches=4, batch_size=64,
+                           mean=mean)
+        with torch.no_grad():
+            errors[mean] = float((prog.gm(x) - model(x)).square().mean())
+        consumer = prog.info["compensation"]["consumers"]["2"]
+        assert consumer["mean_folded"] == (3 if mean else 0) and consumer["folded"] == 0
+        assert prog.info["verify"]["ok"] and ("approximate" in prog.info["verify"]) == mean
+    (fold,) = prog.compensation.folds
+    hidden = torch.relu(model[0](x))[:, [0, 2, 5]].double().mean(0)
+    torch.testing.assert_close(torch.as_tensor(fold.constants), hidden, rtol=1e-6, atol=1e-6)
+    assert fold.exact is False and errors[True] < 0.5 * errors[False]
