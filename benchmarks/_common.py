@@ -2,9 +2,10 @@
 medians, markdown tables and JSON output, and the accuracy benchmarks' fine-tune-and-score step
 and Torch-Pruning training hooks.
 
-Import this module before torchvision: on CPU-only torch builds `import torchvision` fails while
-registering fake kernels for torchvision::nms (pytorch/vision#9085); the benchmarks do not need
-them, so the module that registers them is replaced by an empty one.
+Import this module before torchvision: it puts .venv/test-only (where .ci/setup installs
+torchvision, off pcompiler's own path) on the path, and on CPU-only torch builds, where `import
+torchvision` fails while registering fake kernels for torchvision::nms (pytorch/vision#9085),
+replaces the module that registers them by an empty one (the benchmarks do not need them).
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ from pathlib import Path
 from typing import Any
 
 sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
+_TEST_ONLY = Path(sys.prefix) / "test-only"  # where .ci/setup installs torchvision (see there)
+if _TEST_ONLY.is_dir() and str(_TEST_ONLY) not in sys.path:
+    sys.path.append(str(_TEST_ONLY))
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(_TEST_ONLY)) if p)
 
 import torch  # noqa: E402
 

@@ -1,11 +1,20 @@
-"""Test setup shared by every test file: one CPU thread, and a torchvision import workaround."""
+"""Test setup shared by every test file: one CPU thread, and torchvision where the tests find it."""
 
+import os
 import sys
 import types
+from pathlib import Path
 
 import torch
 
 torch.set_num_threads(1)
+
+# .ci/setup installs torchvision into .venv/test-only, on the tests' path only (and their child
+# processes'): beside pcompiler it would stop transformers from importing (see .ci/setup).
+TEST_ONLY = Path(sys.prefix) / "test-only"
+if TEST_ONLY.is_dir() and str(TEST_ONLY) not in sys.path:
+    sys.path.append(str(TEST_ONLY))
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(TEST_ONLY)) if p)
 
 # `import torchvision` fails on CPU-only torch builds while registering fake kernels for
 # torchvision::nms (pytorch/vision#9085); the tests do not need those, so skip that module.

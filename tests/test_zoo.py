@@ -2,9 +2,10 @@
 
 Every torchvision classification model (`torchvision.models.list_models(module=torchvision.models)`)
 and a handful of timm models go through trace -> analyze -> l1 at ratios 0.3 and 0.6 -> slim ->
-verify, and the slim model is exported to ONNX and run with onnxruntime. Per model and ratio:
-the invariant holds (verify ok, relative error below 1e-4), FLOPs strictly fall, and the ONNX
-file gives the slim torch model's outputs.
+verify, and the slim model at 0.3 is exported to ONNX and run with onnxruntime. Per model and
+ratio the invariant holds (verify ok, relative error below 1e-4) and FLOPs strictly fall; per
+model the ONNX file gives the slim torch model's outputs (one ratio: the export is most of the
+time, and what it can fail on is the ops, which both ratios share).
 
 Inputs are as small as each architecture allows (64x64; ViTs are built for a smaller image size,
 MaxViT needs 224, Inception-v3 75 or more), so the cost is mostly in the weights and the graph
@@ -101,7 +102,8 @@ def analyzed(model: torch.nn.Module, x: torch.Tensor) -> tuple[Program, int]:
 
 
 def check_pipeline(prog: Program, flops_before: int, ratio: float, tmp_path) -> None:
-    """l1 at `ratio`, slim, verify; then FLOPs and the ONNX export of the slim model."""
+    """l1 at `ratio`, slim, verify; then FLOPs and, at the first ratio, the ONNX export of the
+    slim model (the export takes most of the time and depends on the ops, not the widths)."""
     slim = pcompiler.run(prog, [make_pass("l1", ratio=ratio), make_pass("slim"), make_pass("verify")])
     result = slim.info["verify"]
     assert result["ok"] is True, result
@@ -109,7 +111,8 @@ def check_pipeline(prog: Program, flops_before: int, ratio: float, tmp_path) -> 
 
     flops_after = count_flops(slim.gm, slim.example_inputs)
     assert flops_after < flops_before, f"FLOPs {flops_before} -> {flops_after}"
-
+    if ratio != RATIOS[0]:
+        return
     try:
         exported = export_onnx(slim, tmp_path / "model.onnx")
     finally:  # pytest keeps tmp_path after the run: the zoo's files would take gigabytes
