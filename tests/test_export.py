@@ -14,6 +14,7 @@ import copy
 
 import pytest
 import torch
+from helpers import assert_same, check_modules, group_with, zero_removed
 from torch import nn
 
 import pcompiler
@@ -25,7 +26,6 @@ from pcompiler.passes.analyze import OUTPUT_REASON
 from pcompiler.passmanager import make_pass
 from pcompiler.targets.onnx import export_onnx
 from pcompiler.targets.pytorch import export_program
-from tests.helpers import assert_same, check_modules, group_with, zero_removed
 
 aten = torch.ops.aten
 

@@ -9,6 +9,7 @@ import textwrap
 import onnxruntime as ort
 import pytest
 import torch
+from helpers import assert_same
 from torch import nn
 
 import pcompiler
@@ -18,7 +19,6 @@ from pcompiler.passmanager import make_pass
 from pcompiler.targets import ExportCheckFailed, ExportResult, compare_outputs
 from pcompiler.targets.onnx import export_onnx
 from pcompiler.targets.pytorch import export_all, export_program, save_graph_module, save_state_dict
-from tests.helpers import assert_same
 
 
 class ResCNN(nn.Module):
