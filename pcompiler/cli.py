@@ -32,6 +32,7 @@ from rich.logging import RichHandler
 from rich.markup import escape
 
 from pcompiler.console import error_line, generation_table, groups_table, latency_table, summary
+from pcompiler.data import is_text
 from pcompiler.distill import Distillation
 from pcompiler.errors import EXIT_BUG, EXIT_EXPORT, EXIT_OK, CompileError, InternalError, first_line, one_line
 from pcompiler.input_checks import check_input_memory
@@ -232,7 +233,7 @@ _NEEDS: tuple[tuple[str, str, Callable[[dict[str, Any]], bool]], ...] = (
     ("bench_batches", "--bench", lambda o: o["run_bench"]),
     ("bench_backends", "--bench", lambda o: o["run_bench"]),
     ("image_size", "--data imagefolder:DIR", lambda o: (o["data_spec"] or "").startswith("imagefolder:")),
-    ("seq_len", "--data text:FILE or tokens:FILE", lambda o: (o["data_spec"] or "").startswith(("text:", "tokens:"))),
+    ("seq_len", "--data text:FILE, tokens:FILE or kjv", lambda o: is_text(o["data_spec"])),
     ("finetune_epochs", "--data", lambda o: o["data_spec"] is not None),
     ("finetune_lr", "--data", lambda o: o["data_spec"] is not None),
     ("recalibrate_batches", "--data", lambda o: o["data_spec"] is not None),

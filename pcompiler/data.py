@@ -44,6 +44,12 @@ from pcompiler.tasks import CAUSAL_LM, CLASSIFICATION, Classification
 SCHEMES = ("digits", "kjv", "imagefolder:DIR", "cifar10:DIR", "cifar100:DIR", "npz:FILE", "py:module:function", "text:FILE",
            "tokens:FILE")
 VAL_FRACTION = 0.05  # of a single token file, the last part by position
+TEXT_SCHEMES = ("kjv", "text", "tokens")  # the sources of token windows (a causal LM's task)
+
+
+def is_text(spec: str | None) -> bool:
+    """Whether a --data spec gives token windows (text, tokens, kjv)."""
+    return spec is not None and spec.partition(":")[0] in TEXT_SCHEMES
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 CIFAR_STATS = {

@@ -202,3 +202,17 @@ def test_the_readme_command_on_the_bundled_language_model(tmp_path):
     assert report["ppl_before"] == pytest.approx(24.70, abs=0.01) and report["data"]["val_tokens"] > 60_000
     assert report["ppl_before"] < report["ppl_pruned"] < 3 * report["ppl_before"]
     assert report["param_ratio"] < 0.7 and report["compensation"]["consumers"]
+
+
+def test_seq_len_needs_text_data():
+    from pcompiler.data import is_text
+
+    assert [is_text(s) for s in ("kjv", "text:a.txt", "tokens:a.npy,b.npy", "digits", "npz:x.npz", None)] == \
+        [True, True, True, False, False, False]
+    from click.testing import CliRunner
+
+    from pcompiler.cli import main
+
+    result = CliRunner().invoke(main, [str(ROOT / "examples" / "digits_resnet.pt"), "--method", "l1", "--ratio", "0.5",
+                                       "--data", "digits", "--seq-len", "64", "-o", "unused"])
+    assert result.exit_code == 2 and "--seq-len does nothing without --data text:FILE, tokens:FILE or kjv" in result.output

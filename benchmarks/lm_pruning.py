@@ -1,0 +1,144 @@
+"""Perplexity of a pruned language model, by method, at equal budgets (issue 20, item 7).
+
+Every configuration runs the CLI in a fresh process on the bundled model (examples/kjv_llama,
+or --model FOLDER) with --data kjv (or --data SPEC), windows of 256 tokens:
+
+    pcompile MODEL --method M --ratio R --data kjv --finetune-epochs 0 ... -o OUT
+
+and reads report.json: the validation perplexity before, right after slim and after recovery,
+the parameters kept, the wall time and the peak resident memory of the process (VmHWM).
+
+Methods, at each ratio (channels removed per group; the parameters removed are reported):
+- l1: magnitude (deterministic, one run);
+- calib: the calibration method (fluctuation score), without and with compensation by the mean;
+- tpp, greg1: the seed methods, trained on next-token loss for the same token budget
+  (--reg-steps x batch x 256 tokens);
+and each again with a distillation recovery (the unpruned model's logits as teacher) of the same
+number of tokens for every method. Methods that vary with the seed run 3 seeds (--seeds).
+
+    python benchmarks/lm_pruning.py                  # 0.2 and 0.5, 3 seeds (about 2 hours on 2 cores)
+    python benchmarks/lm_pruning.py --quick          # 0.2, one seed, short budgets (about 10 minutes)
+
+Writes docs/bench_lm.json and docs/bench_lm.md (unless --out) and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import _common  # noqa: F401
+from _common import DOCS, ROOT, environment, markdown_table, write_json, write_text
+
+# The CLI in a process that writes its peak RSS (VmHWM, kB) to the file named by PCOMPILER_PEAK as it exits.
+_RUN = """
+import atexit, os, sys, types
+sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
+def _peak():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            open(os.environ["PCOMPILER_PEAK"], "w").write(line.split()[1])
+atexit.register(_peak)
+from pcompiler.cli import main
+sys.argv = ["pcompile", *sys.argv[1:]]
+main()
+"""
+
+BATCH = 8
+SEQ = 256
+
+
+def configs(reg_steps: int, recovery_steps: int) -> list[tuple[str, list[str], bool]]:
+    """(name, CLI arguments, whether it varies with the seed)."""
+    reg = ["--reg-steps", str(reg_steps), "--lr", "1e-3"]
+    return [
+        ("l1", ["--method", "l1"], False),
+        ("calib", ["--method", "calib", "--compensate-constant"], True),
+        ("calib + mean", ["--method", "calib", "--compensate-mean"], True),
+        ("tpp", ["--method", "tpp", *reg], True),
+        ("greg1", ["--method", "greg1", *reg], True),
+    ]
+
+
+def run_one(model: str, data: str, ratio: float, args: list[str], seed: int, recovery: int,
+            train_size: int, work: Path) -> dict:
+    out = work / f"run{len(list(work.iterdir()))}"
+    epochs = 0 if recovery == 0 else recovery * BATCH / train_size
+    extra = ["--finetune-epochs", f"{epochs:.6f}"] + (["--distill", "--finetune-lr", "0.05"] if recovery else [])
+    cmd = [sys.executable, "-c", _RUN, model, *args, "--ratio", str(ratio), "--data", data, "--seq-len", str(SEQ),
+           "--batch-size", str(BATCH), "--seed", str(seed), "--no-recalibrate", "--formats", "pt2", *extra, "-o", str(out)]
+    peak = work / "peak"
+    env = {**os.environ, "PCOMPILER_PEAK": str(peak), "OMP_NUM_THREADS": "2"}
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    row = {"seconds": time.perf_counter() - t0, "exit": proc.returncode,
+           "peak_mib": int(peak.read_text()) / 1024 if peak.exists() else None}
+    if proc.returncode != 0:
+        return {**row, "error": (proc.stderr or proc.stdout)[-500:]}
+    r = json.loads((out / "report.json").read_text())
+    return {**row, "ppl_before": r["ppl_before"], "ppl_pruned": r["ppl_pruned"], "ppl_final": r.get("ppl_final"),
+            "params_kept": r["param_ratio"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=str(ROOT / "examples" / "kjv_llama"))
+    ap.add_argument("--data", default="kjv")
+    ap.add_argument("--ratios", type=float, nargs="+", default=[0.2, 0.5])
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--reg-steps", type=int, default=300, help="training methods' steps (x 8 windows of 256 tokens)")
+    ap.add_argument("--recovery-steps", type=int, default=300, help="distillation steps, the same for every method")
+    ap.add_argument("--quick", action="store_true", help="0.2 only, one seed, 20 + 40 steps")
+    ap.add_argument("--out", type=Path, default=DOCS)
+    args = ap.parse_args()
+    if args.quick:
+        args.ratios, args.seeds, args.reg_steps, args.recovery_steps = [0.2], 1, 20, 40
+    from pcompiler.data import load_data
+
+    train_size = len(load_data(args.data, seq_len=SEQ, tokenizer=args.model).train)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for ratio in args.ratios:
+            for name, cli, varies in configs(args.reg_steps, args.recovery_steps):
+                for recovery in (0, args.recovery_steps):
+                    runs = [run_one(args.model, args.data, ratio, cli, seed, recovery, train_size, work)
+                            for seed in range(args.seeds if varies else 1)]
+                    ok = [r for r in runs if r["exit"] == 0]
+                    key = "ppl_final" if recovery else "ppl_pruned"
+                    row = {"ratio": ratio, "method": name, "recovery_tokens": recovery * BATCH * SEQ,
+                           "train_tokens": args.reg_steps * BATCH * SEQ if "--reg-steps" in cli else 0,
+                           "runs": runs, "ppl": [r[key] for r in ok],
+                           "ppl_median": statistics.median([r[key] for r in ok]) if ok else None,
+                           "dense": ok[0]["ppl_before"] if ok else None, "params_kept": ok[0]["params_kept"] if ok else None,
+                           "seconds": statistics.median([r["seconds"] for r in runs]),
+                           "peak_mib": max((r["peak_mib"] or 0) for r in runs)}
+                    rows.append(row)
+                    print(json.dumps({k: v for k, v in row.items() if k != "runs"}), flush=True)
+    table = markdown_table(
+        ["ratio", "params kept", "method", "training tokens", "recovery tokens", "perplexity (median)", "x dense",
+         "all seeds", "seconds", "peak MiB"],
+        [[r["ratio"], f"{r['params_kept']:.0%}" if r["params_kept"] else "-", r["method"], r["train_tokens"],
+          r["recovery_tokens"], f"{r['ppl_median']:.2f}" if r["ppl_median"] else "failed",
+          f"{r['ppl_median'] / r['dense']:.2f}" if r["ppl_median"] else "-", ", ".join(f"{p:.2f}" for p in r["ppl"]),
+          f"{r['seconds']:.0f}", f"{r['peak_mib']:.0f}"] for r in rows])
+    dense = next((r["dense"] for r in rows if r["dense"]), None)
+    text = (f"# Language-model pruning on {Path(args.model).name}\n\n`python benchmarks/lm_pruning.py"
+            f"{' --quick' if args.quick else ''}`: data {args.data}, windows of {SEQ} tokens, batch {BATCH}; dense "
+            f"validation perplexity {dense:.2f}. One-shot rows train nothing; recovery rows distill from the "
+            f"unpruned model for the same tokens.\n\n{table}\n")
+    write_json(args.out / "bench_lm.json", {"environment": environment(), "settings": vars(args) | {"out": str(args.out)},
+                                            "rows": rows})
+    write_text(args.out / "bench_lm.md", text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
