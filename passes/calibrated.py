@@ -101,7 +101,7 @@ class Calibrated(MethodPass):
         half = torch.float32 if dtype_of(prog.gm) in HALF else None
         device = self.runtime.device
         measured = calibrate(prog.gm, consumers, batches(self.data, prog.gm, self.samples, self.seed, device),
-                             device=device, dtype=half)
+                             device=device, dtype=half, norms=True)
         out, fallback = {}, 0
         for g in analysis.prunable:
             total, seen = np.zeros(g.size), False

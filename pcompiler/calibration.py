@@ -7,8 +7,8 @@ reads, and the squared norm of each of the weight's input columns. The calibrati
 (passes/calibrated.py) scores channels from them.
 
 The graph runs under `dtypes.PromotedInterpreter`: a module's weights at a time on the device
-(float32 copies for a half-precision model), so a model runs block by block where it fits and
-its memory-mapped pages are given back as it goes; the statistics stay on the device until the
+(float32 copies for a half-precision model), so a model runs block by block where it fits, and
+under `memory.streamed` its memory-mapped pages are given back as it goes; the statistics stay on the device until the
 end.
 """
 
@@ -24,6 +24,7 @@ from torch import fx, nn
 
 from pcompiler.dtypes import PromotedInterpreter
 from pcompiler.ir import op_name
+from pcompiler.memory import streamed
 
 _LINEAR = ("linear",)
 _CONV = ("conv1d", "conv2d", "conv3d", "convolution")
@@ -120,10 +121,10 @@ class _Collect(PromotedInterpreter):
 
 
 def calibrate(gm: fx.GraphModule, weights: Iterable[str], batches: Iterable[tuple[torch.Tensor, ...]],
-              device: torch.device | None = None, dtype: torch.dtype | None = None) -> Calibration:
+              device: torch.device | None = None, dtype: torch.dtype | None = None, norms: bool = False) -> Calibration:
     """Run `gm` (eval mode, no gradients) on `batches` (its positional inputs), a module's weights
     at a time on `device` (in `dtype` where half: see dtypes), and gather the InputStats of each
-    of `weights` that `readers` finds."""
+    of `weights` that `readers` finds (with `norms`, their weights' column norms too)."""
     nodes = readers(gm, weights)
     out = Calibration({name: InputStats() for name in nodes})
     watched = {node: out.stats[name] for name, node in nodes.items()}
@@ -131,7 +132,7 @@ def calibrate(gm: fx.GraphModule, weights: Iterable[str], batches: Iterable[tupl
     try:
         for m in gm.modules():
             m.training = False  # not .eval(): a torch.export module refuses it
-        with torch.no_grad():
+        with torch.no_grad(), streamed(gm):  # a memory-mapped checkpoint's pages go back after each module
             for inputs in batches:
                 _Collect(gm, watched, dtype, device).run(*inputs)
                 out.batches += 1
@@ -139,12 +140,22 @@ def calibrate(gm: fx.GraphModule, weights: Iterable[str], batches: Iterable[tupl
         for m, mode in modes.items():
             m.training = mode
     for name, stats in out.stats.items():
-        w = _attr(gm, name).detach().double()
+        w = _attr(gm, name).detach()
         stats.kernel = math.prod(w.shape[2:]) if w.ndim > 2 else 1
-        stats.column_norms = w.transpose(0, 1).reshape(w.shape[1], -1).square().sum(1).to(
-            stats.total.device if stats.total is not None else w.device)
+        if norms:
+            stats.column_norms = column_norms(w).to(stats.total.device if stats.total is not None else w.device)
     out.rows = max((s.rows for s in out.stats.values()), default=0)
     return out
+
+
+def column_norms(w: torch.Tensor, rows: int = 1024) -> torch.Tensor:
+    """||W[:, j]||^2 over every dim but the input dim 1 (float64), `rows` output rows at a time:
+    an LM head of 32000 x 2048 needs no float64 copy of itself."""
+    total = torch.zeros(w.shape[1], dtype=torch.float64, device=w.device)
+    for i in range(0, w.shape[0], rows):
+        chunk = w[i:i + rows].double()
+        total += chunk.square().sum(dim=[d for d in range(chunk.ndim) if d != 1])
+    return total
 
 
 def _attr(gm: nn.Module, name: str) -> torch.Tensor:

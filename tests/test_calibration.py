@@ -41,7 +41,7 @@ def test_the_statistics_are_those_of_what_each_consumer_reads(frontend):
     found = readers(prog.gm, {"0.weight", "2.weight"})
     assert set(found) == {"0.weight", "2.weight"}
     x = inputs()
-    cal = calibrate(prog.gm, found, [(x[:100],), (x[100:],)])
+    cal = calibrate(prog.gm, found, [(x[:100],), (x[100:],)], norms=True)
     hidden = torch.relu(mlp()[0](x)).double()
     stats = cal.stats["2.weight"]
     assert stats.rows == 256 and cal.batches == 2
