@@ -31,6 +31,21 @@ if _TEST_ONLY.is_dir() and str(_TEST_ONLY) not in sys.path:
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# `python -c PEAK_CLI ARGS...` runs `pcompile ARGS...` in a process that writes its peak resident
+# memory (VmHWM, kB) to the file named by the PCOMPILER_PEAK environment variable as it exits
+# (Linux carries ru_maxrss across fork and exec; VmHWM is the process's own).
+PEAK_CLI = """
+import atexit, os, sys, types
+sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
+def _peak():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            open(os.environ["PCOMPILER_PEAK"], "w").write(line.split()[1])
+atexit.register(_peak)
+from pcompiler.cli import main
+main()
+"""
 DOCS = ROOT / "docs"
 
 

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 import _common  # noqa: F401
-from _common import DOCS, environment, markdown_table, write_json, write_text
+from _common import DOCS, PEAK_CLI, environment, markdown_table, write_json, write_text
 
 # name -> LlamaConfig fields. 7b: LLaMA-2-7B / Mistral-7B's grouped-query shape (8 key/value heads,
 # MLP 14336); 1b: TinyLlama-1.1B's; 200m: a small one for a quick look.
@@ -48,18 +48,6 @@ SHAPES = {
 }
 GIB = 2**30
 
-# The CLI in a process that writes its peak RSS (VmHWM) to the file named by PCOMPILER_PEAK as it exits.
-_RUN = """
-import atexit, os, sys, types
-sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
-def _peak():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            open(os.environ["PCOMPILER_PEAK"], "w").write(line.split()[1])
-atexit.register(_peak)
-from pcompiler.cli import main
-main()
-"""
 
 
 def write_folder(folder: Path, shape: dict, seed: int = 0) -> int:
@@ -104,7 +92,7 @@ def prune(folder: Path, out: Path, ratio: float, timeout: float) -> dict:
     """The CLI on `folder` in a fresh process: exit status, wall time, peak RSS."""
     peak_file = out.with_suffix(".peak")
     env = {**os.environ, "PCOMPILER_PEAK": str(peak_file)}
-    cmd = [sys.executable, "-c", _RUN, str(folder), "--method", "l1", "--ratio", str(ratio), "--formats", "hf",
+    cmd = [sys.executable, "-c", PEAK_CLI, str(folder), "--method", "l1", "--ratio", str(ratio), "--formats", "hf",
            "-o", str(out), "--overwrite", "--no-progress"]
     t0 = time.perf_counter()
     try:

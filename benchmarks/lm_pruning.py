@@ -35,21 +35,7 @@ import time
 from pathlib import Path
 
 import _common  # noqa: F401
-from _common import DOCS, ROOT, environment, markdown_table, write_json, write_text
-
-# The CLI in a process that writes its peak RSS (VmHWM, kB) to the file named by PCOMPILER_PEAK as it exits.
-_RUN = """
-import atexit, os, sys, types
-sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
-def _peak():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            open(os.environ["PCOMPILER_PEAK"], "w").write(line.split()[1])
-atexit.register(_peak)
-from pcompiler.cli import main
-sys.argv = ["pcompile", *sys.argv[1:]]
-main()
-"""
+from _common import DOCS, PEAK_CLI, ROOT, environment, markdown_table, write_json, write_text
 
 BATCH = 8
 SEQ = 256
@@ -72,7 +58,7 @@ def run_one(model: str, data: str, ratio: float, args: list[str], seed: int, rec
     out = work / f"run{len(list(work.iterdir()))}"
     epochs = 0 if recovery == 0 else recovery * BATCH / train_size
     extra = ["--finetune-epochs", f"{epochs:.6f}"] + (["--distill", "--finetune-lr", "0.05"] if recovery else [])
-    cmd = [sys.executable, "-c", _RUN, model, *args, "--ratio", str(ratio), "--data", data, "--seq-len", str(SEQ),
+    cmd = [sys.executable, "-c", PEAK_CLI, model, *args, "--ratio", str(ratio), "--data", data, "--seq-len", str(SEQ),
            "--batch-size", str(BATCH), "--seed", str(seed), "--no-recalibrate", "--formats", "pt2", *extra, "-o", str(out)]
     peak = work / "peak"
     env = {**os.environ, "PCOMPILER_PEAK": str(peak), "OMP_NUM_THREADS": "2"}

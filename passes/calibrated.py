@@ -49,7 +49,7 @@ def channel_score(stats: Any, score: str) -> torch.Tensor:
     """Per input channel of one consumer weight (module docstring)."""
     rms, column = stats.mean_square.sqrt(), stats.column_norms / stats.kernel
     if score == "fluctuation":
-        return stats.variance * stats.column_norms / stats.kernel
+        return stats.variance * column
     if score == "wanda":
         return rms * column.sqrt()
     return rms

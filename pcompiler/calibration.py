@@ -22,8 +22,9 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from pcompiler.costs import eval_mode
 from pcompiler.dtypes import PromotedInterpreter
-from pcompiler.ir import op_name
+from pcompiler.ir import op_name, tensor_of
 from pcompiler.memory import streamed
 
 _LINEAR = ("linear",)
@@ -128,19 +129,12 @@ def calibrate(gm: fx.GraphModule, weights: Iterable[str], batches: Iterable[tupl
     nodes = readers(gm, weights)
     out = Calibration({name: InputStats() for name in nodes})
     watched = {node: out.stats[name] for name, node in nodes.items()}
-    modes = {m: m.training for m in gm.modules()}
-    try:
-        for m in gm.modules():
-            m.training = False  # not .eval(): a torch.export module refuses it
-        with torch.no_grad(), streamed(gm):  # a memory-mapped checkpoint's pages go back after each module
-            for inputs in batches:
-                _Collect(gm, watched, dtype, device).run(*inputs)
-                out.batches += 1
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
+    with torch.no_grad(), eval_mode(gm), streamed(gm):  # a memory-mapped checkpoint's pages go back after each module
+        for inputs in batches:
+            _Collect(gm, watched, dtype, device).run(*inputs)
+            out.batches += 1
     for name, stats in out.stats.items():
-        w = _attr(gm, name).detach()
+        w = tensor_of(gm, name).detach()
         stats.kernel = math.prod(w.shape[2:]) if w.ndim > 2 else 1
         if norms:
             stats.column_norms = column_norms(w).to(stats.total.device if stats.total is not None else w.device)
@@ -157,7 +151,3 @@ def column_norms(w: torch.Tensor, rows: int = 1024) -> torch.Tensor:
         total += chunk.square().sum(dim=[d for d in range(chunk.ndim) if d != 1])
     return total
 
-
-def _attr(gm: nn.Module, name: str) -> torch.Tensor:
-    owner, _, attr = name.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, attr)

@@ -279,13 +279,18 @@ def slim_config(model: nn.Module, widths: dict[str, int]) -> Any:
     return config
 
 
+def biased(model: nn.Module) -> frozenset[str]:
+    """The modules of `model` that have a bias parameter (by name)."""
+    return frozenset(n.removesuffix(".bias") for n, _ in model.named_parameters() if n.endswith(".bias"))
+
+
 def bias_fields(model: nn.Module) -> dict[str, frozenset[str]]:
     """Each boolean config field named *_bias that is off (LLaMA's attention_bias, mlp_bias) ->
     the modules that gain a bias with it on (the class built on meta to see)."""
     config = model.config
     fields = [k for k, v in config.to_dict().items() if k.endswith("_bias") and v is False]
     out = {}
-    have = {n for n, _ in model.named_parameters() if n.endswith(".bias")}
+    have = biased(model)
     for field in fields:
         trial = copy.deepcopy(config)
         setattr(trial, field, True)
@@ -294,16 +299,14 @@ def bias_fields(model: nn.Module) -> dict[str, frozenset[str]]:
                 built = type(model)._from_config(trial)
         except Exception:  # noqa: BLE001 - a flag this class cannot build with holds nothing
             continue
-        out[field] = frozenset(n.removesuffix(".bias") for n, _ in built.named_parameters()
-                               if n.endswith(".bias") and n not in have)
+        out[field] = biased(built) - have
     return out
 
 
 def bias_holders(model: nn.Module) -> frozenset[str]:
     """The modules whose bias a folder of this model can hold: those that have one, and those
     a *_bias config field adds (`bias_fields`; the others' biases are then written as zeros)."""
-    have = {n.removesuffix(".bias") for n, _ in model.named_parameters() if n.endswith(".bias")}
-    return frozenset(have.union(*bias_fields(model).values()))
+    return biased(model).union(*bias_fields(model).values())
 
 
 def config_problem(model: nn.Module, widths: dict[str, int]) -> str | None:

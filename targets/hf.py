@@ -39,7 +39,16 @@ from torch import nn
 from pcompiler.compare import export_tolerance, flatten_tensors
 from pcompiler.costs import eval_mode
 from pcompiler.dtypes import HALF, PromotedInterpreter, dtype_name, dtype_of, promoted_modules
-from pcompiler.hf import RMS_EPS, bias_fields, eps_field, field_value, slim_config, slim_widths, stream_ratio
+from pcompiler.hf import (
+    RMS_EPS,
+    bias_fields,
+    biased,
+    eps_field,
+    field_value,
+    slim_config,
+    slim_widths,
+    stream_ratio,
+)
 from pcompiler.ir import Program, call_with
 from pcompiler.memory import streamed
 from pcompiler.targets import ExportResult, NotApplicable, compare_outputs, guarded, require_weights
@@ -152,8 +161,7 @@ def _rescale_stream_norms(slim: nn.Module, hidden: int | None, ratio: float) -> 
 def _bias_flags(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, frozenset[str]]:
     """The *_bias config fields to turn on for the biases the slim model gained (compensate's
     folds into a LLaMA's o_proj or down_proj), each with the modules it adds a bias to."""
-    have = {n.removesuffix(".bias") for n, _ in model.named_parameters() if n.endswith(".bias")}
-    gained = {k.removesuffix(".bias") for k in state if k.endswith(".bias")} - have
+    gained = {k.removesuffix(".bias") for k in state if k.endswith(".bias")} - biased(model)
     if not gained:
         return {}
     return {f: mods for f, mods in bias_fields(model).items() if mods & gained}
