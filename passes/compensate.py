@@ -163,12 +163,27 @@ def bias_delta(module: nn.Module, positions: np.ndarray, constants: np.ndarray) 
     return cols @ torch.as_tensor(constants, dtype=torch.float64, device=w.device)
 
 
+def _kept_outputs(removal: Removal, f: Fold, size: int, device: torch.device) -> torch.Tensor:
+    removed = removal.removed(DimRef(0, param=f"{f.module}.weight"))
+    return torch.as_tensor(np.setdiff1d(np.arange(size), removed), device=device)
+
+
 def slim_delta(reference: fx.GraphModule, removal: Removal, f: Fold) -> torch.Tensor:
     """`bias_delta` of fold `f`, restricted to the output channels the slim model kept."""
     delta = bias_delta(reference.get_submodule(f.module), f.positions, f.constants)
-    removed = removal.removed(DimRef(0, param=f"{f.module}.weight"))
-    keep = np.setdiff1d(np.arange(delta.shape[0]), removed)
-    return delta[torch.as_tensor(keep, device=delta.device)]
+    return delta[_kept_outputs(removal, f, delta.shape[0], delta.device)]
+
+
+def weight_delta(reference: fx.GraphModule, removal: Removal, f: Fold) -> torch.Tensor | None:
+    """The change of the slim consumer's weight a least-squares fold makes: W[:, sources] +=
+    W[:, positions] @ predict, per kernel tap, on the kept outputs (float64; None for a constant
+    fold)."""
+    if f.predict is None:
+        return None
+    w = reference.get_submodule(f.module).weight.detach()
+    w = w[_kept_outputs(removal, f, w.shape[0], w.device)].double()
+    removed = w[:, torch.as_tensor(f.positions, device=w.device)]
+    return torch.einsum("or...,rk->ok...", removed, torch.as_tensor(f.predict, dtype=torch.float64, device=w.device))
 
 
 def add_to_bias(module: nn.Module, delta: torch.Tensor) -> None:
@@ -182,6 +197,15 @@ def add_to_bias(module: nn.Module, delta: torch.Tensor) -> None:
     if "bias" in vars(module) and not isinstance(vars(module)["bias"], nn.Parameter):
         delattr(module, "bias")
     module.bias = nn.Parameter(old + delta.to(old), requires_grad=w.requires_grad)
+
+
+def add_to_weight(module: nn.Module, delta: torch.Tensor) -> None:
+    """weight += delta, as a new Parameter (the slim model shares its weights with the input)."""
+    w = module.weight
+    if delta.shape != w.shape:
+        raise CompileError(f"a weight change of shape {tuple(delta.shape)} does not fit the weight {tuple(w.shape)} of "
+                           f"a {type(module).__name__}", hint="this is a bug in compensate: please report it")
+    module.weight = nn.Parameter((w.detach().double() + delta).to(w.dtype), requires_grad=w.requires_grad)
 
 
 def _reads_bias(gm: fx.GraphModule, f: Fold) -> None:
@@ -203,34 +227,49 @@ def _reads_bias(gm: fx.GraphModule, f: Fold) -> None:
     gm.recompile()
 
 
-def fold(gm: fx.GraphModule, reference: fx.GraphModule, removal: Removal, f: Fold) -> None:
-    """Add fold `f` to the bias of its consumer in `gm` (the slim model)."""
-    add_to_bias(gm.get_submodule(f.module), slim_delta(reference, removal, f))
-    _reads_bias(gm, f)
+def fold(gm: fx.GraphModule, reference: fx.GraphModule, removal: Removal, f: Fold, sign: int = 1) -> None:
+    """Add fold `f` to its consumer in `gm` (the slim model): its bias, and a least-squares
+    fold's weight. sign -1 takes it out again (verify)."""
+    module = gm.get_submodule(f.module)
+    add_to_bias(module, sign * slim_delta(reference, removal, f))
+    if (delta := weight_delta(reference, removal, f)) is not None:
+        add_to_weight(module, sign * delta)
+    if sign > 0:
+        _reads_bias(gm, f)
 
 
-def with_constants(x: torch.Tensor, positions: tuple[int, ...], constants: tuple[float, ...], dim: int) -> torch.Tensor:
-    """`x` with its positions `positions` along `dim` set to `constants` (a copy)."""
+def with_constants(x: torch.Tensor, positions: tuple[int, ...], constants: tuple[float, ...], dim: int,
+                   sources: tuple[int, ...] = (), predict: torch.Tensor | None = None) -> torch.Tensor:
+    """`x` with its positions `positions` along `dim` set to `constants`, plus with `predict`
+    their linear prediction from the positions `sources` (a copy)."""
     x = x.clone()
     index = torch.as_tensor(positions, device=x.device)
     values = torch.as_tensor(constants, dtype=x.dtype, device=x.device)
     shape = [1] * x.ndim
     shape[dim] = len(positions)
-    x.index_copy_(dim, index, values.view(shape).expand(*[len(positions) if d == dim % x.ndim else s
-                                                           for d, s in enumerate(x.shape)]))
+    values = values.view(shape).expand(*[len(positions) if d == dim % x.ndim else s for d, s in enumerate(x.shape)])
+    if predict is not None:
+        known = x.movedim(dim, -1)[..., torch.as_tensor(sources, device=x.device)]
+        values = values + (known @ predict.to(x).T).movedim(-1, dim)
+    x.index_copy_(dim, index, values.contiguous())
     return x
 
 
 def inject_constants(gm: fx.GraphModule, folds: Iterable[Fold]) -> None:
     """Rewrite `gm` (a pre-slim graph) so that each fold's consumer reads its input positions at
-    the fold's constants (what the slim model's bias stands for)."""
+    the fold's constants, or least-squares predictions (what the slim model's folds stand for)."""
     by_node = {n.name: n for n in gm.graph.nodes}
     changed = False
-    for f in folds:
+    for i, f in enumerate(folds):
         node = by_node[f.node]
+        args: tuple = (node.args[0], tuple(int(i) for i in f.positions), tuple(float(c) for c in f.constants),
+                       1 if f.conv else -1)
         with gm.graph.inserting_before(node):
-            x = gm.graph.call_function(with_constants, (node.args[0], tuple(int(i) for i in f.positions),
-                                                        tuple(float(c) for c in f.constants), 1 if f.conv else -1))
+            if f.predict is not None:
+                name = f"_compensate_predict_{i}"
+                gm.register_buffer(name, torch.as_tensor(f.predict), persistent=False)
+                args += (tuple(int(k) for k in f.sources), gm.graph.get_attr(name))
+            x = gm.graph.call_function(with_constants, args)
         node.args = (x, *node.args[1:])
         changed = True
     if changed:
@@ -241,11 +280,16 @@ def inject_constants(gm: fx.GraphModule, folds: Iterable[Fold]) -> None:
 # The pass
 
 
-def _choose(consumer: Consumer, positions: np.ndarray, stats: InputStats | None, tol: float | None,
-            mean_fold: bool) -> tuple[list[Fold], dict[str, Any]]:
+FITS = ("constant", "mean", "lstsq")
+GRAM_BYTES = 2 << 30  # second-moment matrices measured per run over the data (more: several runs)
+
+
+def _choose(consumer: Consumer, positions: np.ndarray, kept: np.ndarray, stats: InputStats | None, tol: float | None,
+            fit: str, ridge: float) -> tuple[list[Fold], dict[str, Any]]:
     """The folds at one consumer and its summary. tol None: fold only positions whose values
-    were all equal; else those with relative std <= tol, and with `mean_fold` every other
-    position's mean as well, as a fold of its own that is exact in expectation only."""
+    were all equal; else those with relative std <= tol; and by `fit` every other position too,
+    as a fold of its own that is exact in expectation only: its mean ("mean"), or its
+    least-squares prediction from the consumer's kept positions `kept` ("lstsq")."""
     summary: dict[str, Any] = {"kind": consumer.kind, "exact": consumer.exact}
     if stats is None or stats.rows == 0:
         return [], {**summary, "folded": 0, "not_constant": len(positions), "why": "no input reached it on the measured batches"}
@@ -257,30 +301,77 @@ def _choose(consumer: Consumer, positions: np.ndarray, stats: InputStats | None,
     rel_std = std / np.maximum(np.abs(mean) + stats.input_rms, 1e-30)
     constant = equal if tol is None else rel_std <= tol
     chosen = constant & (mean != 0) & np.isfinite(mean)
-    spread = ~constant & (mean != 0) & np.isfinite(mean) & mean_fold
+    spread = ~constant & np.isfinite(mean) & (fit != "constant") & (tol is not None)
     folds = [Fold(consumer.module, positions[chosen], mean[chosen], consumer.exact, rel_std[chosen],
                   consumer.node, consumer.conv)] if chosen.any() else []
-    if spread.any():
-        folds.append(Fold(consumer.module, positions[spread], mean[spread], False, rel_std[spread], consumer.node,
-                          consumer.conv))
-    summary.update({"folded": int(chosen.sum()), "mean_folded": int(spread.sum()),
-                    "zero": int((constant & (mean == 0)).sum()), "not_constant": int((~constant).sum()),
+    summary.update({"folded": int(chosen.sum()), "zero": int((constant & (mean == 0)).sum()),
+                    "not_constant": int((~constant).sum()),
                     "max_abs_constant": float(np.abs(mean[chosen]).max()) if chosen.any() else 0.0,
                     "max_rel_std_folded": float(rel_std[chosen].max()) if chosen.any() else 0.0,
                     "min_rel_std_not_folded": float(rel_std[~constant].min()) if (~constant).any() else None})
+    if fit == "lstsq" and spread.any() and len(kept) and stats.gram is not None:
+        predict, intercept, explained = least_squares(stats, positions[spread], kept, ridge)
+        folds.append(Fold(consumer.module, positions[spread], intercept, False, rel_std[spread], consumer.node,
+                          consumer.conv, kept, predict))
+        summary.update({"fitted": int(spread.sum()), "variance_explained": explained})
+    elif (spread := spread & (mean != 0)).any():
+        folds.append(Fold(consumer.module, positions[spread], mean[spread], False, rel_std[spread], consumer.node,
+                          consumer.conv))
+        summary["mean_folded"] = int(spread.sum())
     return folds, summary
+
+
+def least_squares(stats: InputStats, removed: np.ndarray, kept: np.ndarray,
+                  ridge: float) -> tuple[np.ndarray, np.ndarray, float]:
+    """The ridge least-squares prediction of the inputs at `removed` from those at `kept` over the
+    calibration rows: x_R ~ c + A x_K with A = S_RK (S_KK + ridge * mean(diag S_KK) I)^-1 (S: the
+    inputs' covariance), c = mean_R - A mean_K. Returns A (float32), c (float64) and the fraction
+    of the removed positions' variance it explains."""
+    cov, mean = stats.covariance, stats.mean
+    r, k = (torch.as_tensor(i, device=cov.device) for i in (removed, kept))
+    s_kk, s_kr = cov[k][:, k], cov[k][:, r]
+    damp = ridge * float(s_kk.diagonal().mean().clamp_min(1e-30))
+    a = torch.linalg.solve(s_kk + damp * torch.eye(len(kept), dtype=cov.dtype, device=cov.device), s_kr).T
+    residual = cov[r][:, r].diagonal() - (a * s_kr.T).sum(1)
+    total = float(cov[r][:, r].diagonal().sum())
+    explained = 1.0 - float(residual.sum()) / total if total > 0 else 0.0
+    return a.float().cpu().numpy(), (mean[r] - a @ mean[k]).cpu().numpy(), explained
+
+
+def _kept_inputs(prog: Program, module: str) -> np.ndarray:
+    """The input positions of `module`'s weight that the slim model keeps (numbering before slim)."""
+    size = prog.reference.get_submodule(module).weight.shape[1]
+    return np.setdiff1d(np.arange(size), prog.removal.removed(DimRef(1, param=f"{module}.weight")))
+
+
+def _gram_runs(prog: Program, targets: Iterable[str], budget: int) -> list[set[str]]:
+    """The consumer weights whose second moments are measured together, in runs of at most
+    `budget` bytes (a consumer larger than that alone)."""
+    runs: list[set[str]] = [set()]
+    used = 0
+    for module in targets:
+        size = prog.reference.get_submodule(module).weight.shape[1] ** 2 * 8
+        if runs[-1] and used + size > budget:
+            runs.append(set())
+            used = 0
+        runs[-1].add(f"{module}.weight")
+        used += size
+    return runs
 
 
 @register_pass
 @dataclass(frozen=True)
 class Compensate:
-    """Fold the constant values of removed channels into their consumers' biases.
+    """Fold the values of removed channels into their consumers.
 
     data: calibration data (None: only exactly constant channels, from the example inputs and a
     random draw); batches, batch_size, seed: the calibration batches from data.train; tol: a
-    channel is near-constant when std <= tol * (|mean| + RMS of the consumer's input); mean:
-    with data, fold every other removed channel's mean too (FLAP's bias compensation: exact in
-    expectation, so verify proves the rewrite without those folds and reports their effect)."""
+    channel is near-constant when std <= tol * (|mean| + RMS of the consumer's input), folded as
+    its mean. fit, with data, for every other removed channel: "constant" leaves it; "mean" folds
+    its mean (FLAP's bias compensation); "lstsq" its ridge least-squares prediction from the
+    consumer's kept inputs (`ridge`: the damping, relative to their mean variance), which changes
+    the kept weight columns too. Both are exact in expectation only, so verify proves the
+    rewrite without them and reports their effect."""
 
     name: ClassVar[str] = "compensate"
     requires: ClassVar = (SLIMMED,)
@@ -290,7 +381,8 @@ class Compensate:
     batch_size: int = 64
     tol: float = 1e-2
     seed: int = 0
-    mean: bool = False  # with data: fold every removed channel's mean, not only near-constant ones
+    fit: str = "constant"
+    ridge: float = 1e-2
     bias_holders: frozenset[str] | None = None  # the modules that may gain a bias (None: any; an hf/ folder's config limits them)
     runtime: Runtime = CPU  # where the reference runs on the calibration batches, a module at a time
 
@@ -299,6 +391,10 @@ class Compensate:
             raise CompileError("compensate needs a slimmed program: run 'slim' before it")
         if prog.compensation is not None:
             raise CompileError("compensate already ran on this program (folding twice would add the constants twice)")
+        if self.fit not in FITS:
+            raise CompileError(f"compensate: unknown fit {self.fit!r}", hint=f"one of {', '.join(FITS)}")
+        if self.ridge < 0:
+            raise CompileError(f"compensate: ridge must be >= 0, got {self.ridge}")
         if prog.on_meta:
             info = {**prog.info, "compensation": {"skipped": "the model is on the meta device; nothing to run"}}
             return PassResult(prog.replace(info=info), changed=False)
@@ -312,31 +408,42 @@ class Compensate:
             skipped += tuple((f"{m}.weight", "the hf/ folder's config cannot hold a bias here") for m in cannot)
             targets = {m: p for m, p in targets.items() if m not in cannot}
         device = self.runtime.device
+        lstsq = self.fit == "lstsq" and self.data is not None
         if self.data is None:
             source, tol = "exact constants on the example inputs and a random draw", None
-            batches = [tuple(t.to(device) for t in draw) for draw in _random_draws(prog)]
+            draws = [tuple(t.to(device) for t in draw) for draw in _random_draws(prog)]
+            batches = lambda: draws  # noqa: E731
         else:
             source, tol = f"{self.batches} batches of {self.batch_size} from the training data, tol {self.tol:g}", self.tol
-            if self.mean:
+            if self.fit == "mean":
                 source += ", the other channels' means folded too (exact in expectation)"
-            batches = _data_batches(self.data, prog.reference, self.batches, self.batch_size, self.seed, device)
-        weights = {f"{m}.weight" for m in targets}
-        stats = calibrate(prog.reference, weights, batches, device=device,
-                          dtype=torch.float32 if dtype_of(prog.reference) in HALF else None).stats if targets else {}
+            elif lstsq:
+                source += (f", the other channels' least-squares predictions from the kept ones folded too (ridge "
+                           f"{self.ridge:g}, exact in expectation)")
+            batches = lambda: _data_batches(self.data, prog.reference, self.batches, self.batch_size,  # noqa: E731
+                                            self.seed, device)
+        half = torch.float32 if dtype_of(prog.reference) in HALF else None
+        stats: dict[str, InputStats] = {}
+        for run in _gram_runs(prog, targets, GRAM_BYTES) if lstsq else [{f"{m}.weight" for m in targets}]:
+            if run:
+                stats.update(calibrate(prog.reference, run, batches(), device=device, dtype=half,
+                                       grams=run if lstsq else ()).stats)
         folds, per_consumer = [], {}
         for module, positions in targets.items():
-            found, per_consumer[module] = _choose(described[module], positions, stats.get(f"{module}.weight"), tol,
-                                                  self.mean and self.data is not None)
+            found, per_consumer[module] = _choose(described[module], positions, _kept_inputs(prog, module),
+                                                  stats.get(f"{module}.weight"), tol,
+                                                  self.fit if self.data is not None else "constant", self.ridge)
             folds += found
         gm = prog.gm
         if folds:
-            gm = shared_copy(prog.gm)  # add_to_bias puts new biases in place
+            gm = shared_copy(prog.gm)  # add_to_bias and add_to_weight put new Parameters in place
             for f in folds:
                 fold(gm, prog.reference, prog.removal, f)
         record = Compensation(tuple(folds), skipped, source)
         summary = {"source": source, "folded": sum(len(f.positions) for f in folds),
                    "exact": sum(len(f.positions) for f in folds if f.exact),
                    "approximate": sum(len(f.positions) for f in folds if not f.exact),
+                   "fitted": sum(len(f.positions) for f in folds if f.predict is not None),
                    "consumers": per_consumer, "skipped": dict(skipped)}
         log.info("compensate: %s", summary)
         out = prog.replace(gm=gm, compensation=record, info={**prog.info, "compensation": summary})

@@ -279,7 +279,7 @@ class Receding(RegMethod):
             return RecedingHooks(prog.gm, lam, b, self.lr_scale, converted)
         interval = 10
         grow = math.exp(math.log(self.adapt_range) * interval / max(budget / 2, interval))
-        target = self.ratio if self.speedup is None else None
+        target = None if self.searched else self.ratio
         analysis = prog.require_analysis(self.name)
         return RecedingHooks(prog.gm, lam, b, self.lr_scale, converted, target, grow, interval,
                              lam_max=lam * self.adapt_range, groups=self.norm_groups(prog),

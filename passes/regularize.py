@@ -33,7 +33,7 @@ from pcompiler.distill import with_teacher
 from pcompiler.errors import CompileError
 from pcompiler.ir import ChannelGroup, ParamSlice, Program, Selection, owner_of, tensor_of
 from pcompiler.passes.l1 import group_l1, l1_scores
-from pcompiler.passes.select import MethodPass, _search_ratio, select
+from pcompiler.passes.select import MethodPass, ratio_for, select
 from pcompiler.passmanager import ANALYSIS, DATA, PassResult
 from pcompiler.runtime import CPU, Runtime, copy_to
 from pcompiler.train import Hooks, TrainConfig, lr_at, train
@@ -270,7 +270,7 @@ class RegMethod(MethodPass):
         prog = prog.replace(gm=copy_to(prog.gm, self.runtime.device), source=None)
         ratio = None
         if self.selects_by_l1:
-            ratio = self.ratio if self.speedup is None else _search_ratio(prog, analysis, l1_scores(prog), self)
+            ratio = ratio_for(prog, analysis, l1_scores(prog), self)
         budget = self.budget(prog)
         cfg = dataclasses.replace(with_teacher(self.train, self.teacher), steps=budget, label=f"{self.name} regularization")
         hooks = self.make_hooks(prog, budget, ratio)
@@ -284,7 +284,7 @@ class RegMethod(MethodPass):
         if hooks.selection is not None:
             selection = hooks.selection
         else:
-            ratio = self.ratio if self.speedup is None else _search_ratio(prog, analysis, scores, self)
+            ratio = ratio_for(prog, analysis, scores, self)
             selection = select(analysis, scores, self, ratio)
         removed = sum(len(v) for v in selection.values())
         log.info("%s: %d steps, removes %d channels in %d groups", self.name, result.steps, removed, len(selection))

@@ -9,8 +9,9 @@
   A method whose scores are already on one scale (receding's sigmoid importances) sets
   `comparable` and is ranked as is. Groups a method gives no score are left alone.
 - `skip` globs exclude groups any of whose modules match.
-- `speedup`: the ratio is searched (bisection) so that FLOPs fall by that factor; the method
-  pass does the search because it needs the slim model's FLOPs (see `MethodPass`).
+- `speedup` / `params`: the ratio is searched (bisection) so that FLOPs fall by that factor, or
+  that fraction of the parameters goes; the method pass does the search because it needs the
+  slim model's costs (see `MethodPass`).
 
 `MethodPass` is the base of every method: it computes scores (the subclass's job), selects,
 and stores both on the Program.
@@ -42,6 +43,12 @@ class SelectOptions:
     min_keep: int = 1
     skip: tuple[str, ...] = ()
     speedup: float | None = None
+    params: float | None = None  # fraction of the model's parameters to remove (the ratio is searched)
+
+    @property
+    def searched(self) -> bool:
+        """Whether the ratio is searched for a cost target rather than given."""
+        return self.speedup is not None or self.params is not None
 
     def check(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
@@ -51,6 +58,11 @@ class SelectOptions:
                                f"{self.round_to} and {self.min_keep}")
         if self.speedup is not None and self.speedup < 1.0:
             raise CompileError(f"speedup (--speedup) {self.speedup} is below 1", hint="--speedup 2 halves the FLOPs")
+        if self.params is not None and not 0.0 < self.params < 1.0:
+            raise CompileError(f"params (--params-removed) {self.params} is outside (0, 1)",
+                               hint="--params-removed 0.2 removes a fifth of the parameters")
+        if self.speedup is not None and self.params is not None:
+            raise CompileError("--speedup and --params-removed both set the budget: give one")
 
 
 def candidates(analysis: Analysis, skip: tuple[str, ...]) -> list[ChannelGroup]:
@@ -124,7 +136,7 @@ class MethodPass(SelectOptions):
         self.check()  # before scoring, which may be slow
         analysis = prog.require_analysis(self.name)
         scores = self.scores(prog)
-        ratio = self.ratio if self.speedup is None else _search_ratio(prog, analysis, scores, self)
+        ratio = ratio_for(prog, analysis, scores, self)
         selection = select(analysis, scores, self, ratio)
         removed = sum(len(v) for v in selection.values())
         log.info("%s: ratio %.3f removes %d channels in %d groups", self.name, ratio, removed, len(selection))
@@ -132,29 +144,42 @@ class MethodPass(SelectOptions):
         return PassResult(prog.replace(scores=scores, selection=selection, info=info), changed=False)
 
 
+def ratio_for(prog: Program, analysis: Analysis, scores: dict[int, np.ndarray], opts: SelectOptions) -> float:
+    """The ratio to select with: the one given, or the one searched for the cost target."""
+    return _search_ratio(prog, analysis, scores, opts) if opts.searched else opts.ratio
+
+
 def _search_ratio(prog: Program, analysis: Analysis, scores: dict[int, np.ndarray], opts: SelectOptions) -> float:
-    """Bisect the ratio whose slim model has FLOPs closest to (and not above) before / speedup."""
-    from pcompiler.costs import count_flops
+    """Bisect the lowest ratio whose slim model's cost is at most the target: FLOPs before /
+    speedup, or parameters before x (1 - params)."""
+    from pcompiler.costs import count_flops, count_params
     from pcompiler.passes.slim import slim_program
 
-    before = count_flops(prog.gm, prog.example_inputs)
-    target = before / opts.speedup
+    if opts.speedup is not None:
+        cost, target_text, hint = lambda gm: count_flops(gm, prog.example_inputs), f"a {opts.speedup}x FLOPs reduction", \
+            "lower --speedup"
+        before = cost(prog.gm)
+        target = before / opts.speedup
+    else:
+        cost, target_text, hint = count_params, f"removing {opts.params:.0%} of the parameters", "lower --params-removed"
+        before = cost(prog.gm)
+        target = before * (1 - opts.params)
 
-    def flops_at(r: float) -> float:
+    def cost_at(r: float) -> float:
         sel = select(analysis, scores, opts, r)
         slim = slim_program(prog.replace(gm=copy.deepcopy(prog.gm), selection=sel), check=False)
-        return count_flops(slim.gm, prog.example_inputs)
+        return cost(slim.gm)
 
     lo, hi = 0.0, 0.999
-    if flops_at(hi) > target:
+    if (most := cost_at(hi)) > target:
         raise CompileError(
-            f"a {opts.speedup}x FLOPs reduction is out of reach: removing all but min_keep channels of every "
-            f"prunable group gives {before / flops_at(hi):.2f}x",
-            hint="lower --speedup, or un-pin groups (see --analyze)",
+            f"{target_text} is out of reach: removing all but min_keep channels of every prunable group leaves "
+            f"{most / before:.1%} of the {'FLOPs' if opts.speedup is not None else 'parameters'}",
+            hint=f"{hint}, or un-pin groups (see --analyze)",
         )
     for _ in range(14):
         mid = (lo + hi) / 2
-        if flops_at(mid) > target:
+        if cost_at(mid) > target:
             lo = mid
         else:
             hi = mid

@@ -8,12 +8,13 @@ tolerance, NaN and infinities exactly (`pcompiler.compare`: a NaN or an infinity
 only is a failure, never a pass). Checked on the example inputs and on a second random draw of
 the same shapes.
 
-Where `compensate` folded removed channels' constants into consumer biases, the reference gets
-those constants back: forward pre-hooks on its consumer modules set the channels' inputs there
-(0 in the zeroed model) to the constants. Exact folds (linear, convs without zero padding) must
-then match within tolerance. A fold into a zero-padded conv is exact only away from the borders:
-the rewrite itself is proved by comparing the slim model with those folds taken out against the
-reference with only the exact constants injected, and the slim model's deviation from the fully
+Where `compensate` folded removed channels' values into their consumers, the reference gets
+them back: its graph sets the channels' inputs at those consumers (0 in the zeroed model) to
+the constants, or to their least-squares predictions from the kept inputs. Exact folds (linear,
+convs without zero padding) must then match within tolerance. A fold into a zero-padded conv is
+exact only away from the borders, a mean or least-squares fold only in expectation: the rewrite
+itself is proved by comparing the slim model with those folds taken out (bias and weight
+changes) against the reference with only the exact constants injected, and the slim model's deviation from the fully
 injected reference is reported under "approximate" (size and consumers) without failing. The
 result's "reference" says what was compared.
 
@@ -58,7 +59,7 @@ from pcompiler.ir import (
     tensor_of,
 )
 from pcompiler.memory import page_out, streamed, trim
-from pcompiler.passes.compensate import add_to_bias, inject_constants, slim_delta
+from pcompiler.passes.compensate import fold, inject_constants
 from pcompiler.passes.rules.layers import normalize_over_kept
 from pcompiler.passes.trace import check_program
 from pcompiler.passmanager import SLIMMED, PassResult, register_pass
@@ -244,10 +245,10 @@ def constant_reference(prog: Program, folds: Iterable[Fold]) -> Reference:
 
 
 def _without_folds(prog: Program, folds: Iterable[Fold]) -> fx.GraphModule:
-    """A copy of the slim model with `folds`' bias changes taken out again."""
+    """A copy of the slim model with `folds`' bias (and weight) changes taken out again."""
     gm = shared_copy(prog.gm)
     for f in folds:
-        add_to_bias(gm.get_submodule(f.module), -slim_delta(prog.reference, prog.removal, f))
+        fold(gm, prog.reference, prog.removal, f, sign=-1)
     return gm
 
 

@@ -3,8 +3,9 @@
 For each weight that consumes channels by its input dim (a Linear's or a convolution's weight,
 called as a module or as `linear` / `conv*` on a graph attribute, as torch.export leaves them),
 the per-input-channel count, sum and sum of squares (float64) of the activation the layer
-reads, and the squared norm of each of the weight's input columns. The calibration method
-(passes/calibrated.py) scores channels from them.
+reads, and the squared norm of each of the weight's input columns; where asked, the sum of the
+input's outer products (its second-moment matrix, for compensate's least-squares fit). The
+calibration method (passes/calibrated.py) scores channels from them.
 
 The graph runs under `dtypes.PromotedInterpreter`: a module's weights at a time on the device
 (float32 copies for a half-precision model), so a model runs block by block where it fits, and
@@ -43,6 +44,7 @@ class InputStats:
     high: torch.Tensor | None = None
     column_norms: torch.Tensor | None = None  # ||W[:, j]||^2 over the other dims, float64
     kernel: int = 1  # a convolution's taps per input channel (1 for a Linear)
+    gram: torch.Tensor | None = None  # sum over rows of x x^T (channels x channels, float64), where asked for
 
     def add(self, x: torch.Tensor) -> None:
         """`x`: the input with its channel dim last, any leading dims."""
@@ -54,6 +56,14 @@ class InputStats:
         self.low = low if self.low is None else torch.minimum(self.low, low)
         self.high = high if self.high is None else torch.maximum(self.high, high)
         self.rows += flat.shape[0]
+        if self.gram is not None:
+            self.gram += flat.T @ flat
+
+    @property
+    def covariance(self) -> torch.Tensor:
+        """Of the input's channels over the calibration rows (needs `gram`)."""
+        mean = self.mean
+        return self.gram / max(self.rows, 1) - torch.outer(mean, mean)
 
     @property
     def input_rms(self) -> float:
@@ -122,12 +132,18 @@ class _Collect(PromotedInterpreter):
 
 
 def calibrate(gm: fx.GraphModule, weights: Iterable[str], batches: Iterable[tuple[torch.Tensor, ...]],
-              device: torch.device | None = None, dtype: torch.dtype | None = None, norms: bool = False) -> Calibration:
+              device: torch.device | None = None, dtype: torch.dtype | None = None, norms: bool = False,
+              grams: Iterable[str] = ()) -> Calibration:
     """Run `gm` (eval mode, no gradients) on `batches` (its positional inputs), a module's weights
     at a time on `device` (in `dtype` where half: see dtypes), and gather the InputStats of each
-    of `weights` that `readers` finds (with `norms`, their weights' column norms too)."""
-    nodes = readers(gm, weights)
+    of `weights` that `readers` finds (with `norms`, their weights' column norms too; for those
+    in `grams`, their inputs' second-moment matrices: channels^2 float64 each, on `device`)."""
+    nodes, grams = readers(gm, weights), set(grams)
     out = Calibration({name: InputStats() for name in nodes})
+    for name, stats in out.stats.items():
+        if name in grams:
+            w = tensor_of(gm, name)
+            stats.gram = torch.zeros(w.shape[1], w.shape[1], dtype=torch.float64, device=device or w.device)
     watched = {node: out.stats[name] for name, node in nodes.items()}
     with torch.no_grad(), eval_mode(gm), streamed(gm):  # a memory-mapped checkpoint's pages go back after each module
         for inputs in batches:

@@ -153,6 +153,8 @@ def _guarded(console: Console, verbose: bool, body: Callable[[], int]) -> int:
 @click.option("--min-keep", type=int, help="Keep at least N channels per group (default: 3 for receding, else 1).")
 @click.option("--skip", multiple=True, metavar="GLOB", help="Leave groups touching modules that match GLOB alone.")
 @click.option("--speedup", type=float, help="Search the ratio that divides FLOPs by X (instead of --ratio).")
+@click.option("--params-removed", type=float, help="Search the ratio that removes this fraction of the parameters "
+              "(instead of --ratio), e.g. 0.2.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed for example inputs, --method random, and the data order of training.")
 @click.option("--data", "data_spec", metavar="SPEC",
@@ -201,9 +203,10 @@ def _guarded(console: Console, verbose: bool, body: Callable[[], int]) -> int:
 @click.option("--no-recalibrate", is_flag=True, help="Do not recalibrate (same as --recalibrate-batches 0).")
 @click.option("--no-compensate", is_flag=True, help="Do not fold the constant values of removed channels into "
               "the consumers' biases (default: fold them; with --data, near-constant ones too).")
-@click.option("--compensate-mean/--compensate-constant", "compensate_mean", default=None,
-              help="With --data, also fold every other removed channel's mean input into its consumer's bias "
-              "(exact in expectation; default: with text data), or only near-constant channels (default: images).")
+@click.option("--compensate", "compensate", type=click.Choice(["constant", "mean", "lstsq"]),
+              help="With --data, what is folded for removed channels that are not near-constant: nothing "
+              "(constant; default for images), their mean input (mean), or their least-squares prediction from "
+              "the kept inputs, which changes the kept weights too (lstsq; default for text data).")
 @click.option("--analyze", is_flag=True, help="Print the channel groups and stop.")
 @click.option("--formats", help=f"Exports to write, comma-separated (default: {','.join(FORMATS)}, of which eager and hf "
               "only where they apply). eager: your model's class with the slim layers in place; hf: a save_pretrained "
@@ -239,7 +242,8 @@ _NEEDS: tuple[tuple[str, str, Callable[[dict[str, Any]], bool]], ...] = (
     ("recalibrate_batches", "--data", lambda o: o["data_spec"] is not None),
     ("workers", "--data", lambda o: o["data_spec"] is not None),
     ("checkpoint_every", "--data", lambda o: o["data_spec"] is not None),
-    ("compensate_mean", "--data", lambda o: o["data_spec"] is not None),
+    ("compensate", "--data", lambda o: o["data_spec"] is not None),
+    ("compensate", "compensation (leave out --no-compensate)", lambda o: not o["no_compensate"]),
     ("reg_steps", "a method that trains (--method tpp, greg1, ...)", lambda o: trains(o["method"])),
     ("calibration_samples", "--method calib", lambda o: o["method"] == "calib"),
 )
@@ -260,14 +264,14 @@ def _settings(o: dict[str, Any]) -> Settings:
                         weight_decay=o["weight_decay"], workers=o["workers"], checkpoint_every=o["checkpoint_every"],
                         resume=o["resume"], progress=not o["no_progress"])
     return Settings(
-        method=o["method"], ratio=o["ratio"], speedup=o["speedup"], global_ranking=o["global_ranking"],
+        method=o["method"], ratio=o["ratio"], speedup=o["speedup"], params_removed=o["params_removed"], global_ranking=o["global_ranking"],
         round_to=o["round_to"], min_keep=o["min_keep"], skip=tuple(o["skip"]), seed=o["seed"],
         method_options=_parse_method_options(o["method_options"]), reg_steps=o["reg_steps"], train=train,
         calibration_samples=o["calibration_samples"],
         finetune_epochs=o["finetune_epochs"], finetune_lr=o["finetune_lr"], distill=distill,
         distill_regularization=o["distill_regularization"],
         recalibrate_batches=0 if o["no_recalibrate"] else o["recalibrate_batches"], compensate=not o["no_compensate"],
-        compensate_mean=o["compensate_mean"],
+        compensate_fit=o["compensate"],
         checkpoints=None if o["out_dir"] is None else str(Path(o["out_dir"]) / "checkpoints"), frontend=o["frontend"],
         attention=o["attention"], prune_normalized=o["prune_normalized"], device=o["device"], amp=o["amp"])
 
@@ -291,8 +295,9 @@ def _compile(console: Console, model_path: Path, **o: Any) -> int:
     # Check every option before the (slow) loads.
     if o["method"] is None:
         raise CompileError(f"--method is required ({', '.join(methods())}), unless --analyze")
-    if o["ratio"] is None and o["speedup"] is None:
-        raise CompileError("--ratio is required (the fraction of channels to remove, e.g. 0.5)")
+    if o["ratio"] is None and o["speedup"] is None and o["params_removed"] is None:
+        raise CompileError("--ratio is required (the fraction of channels to remove, e.g. 0.5; or --speedup, "
+                           "--params-removed)")
     if o["out_dir"] is None:
         raise CompileError("-o/--out is required: the folder for the exports and report.json")
     _refuse_orphans(o)
@@ -307,6 +312,7 @@ def _compile(console: Console, model_path: Path, **o: Any) -> int:
                            element_bytes=[s.dtype.itemsize for s in specs])
     claim_out_dir(o["out_dir"], overwrite=o["overwrite"], resume=o["resume"], model=model_path,
                   settings={"method": settings.method, "ratio": settings.ratio, "speedup": settings.speedup,
+                            "params_removed": settings.params_removed,
                             "data": o["data_spec"], "seed": settings.seed, "frontend": settings.frontend,
                             "attention": settings.attention, "prune_normalized": settings.prune_normalized})
     model = load_model(model_path, trust=o["trust"], arch=o["arch"])

@@ -74,9 +74,11 @@ def summary(console: Console, report: dict[str, Any], report_path: Path) -> None
             rows.append(("verify", f"{state}, max error {_num(verify.get('max_error'))}{near}"))
     comp = report.get("compensation") or {}
     if comp.get("folded"):
-        means = sum(c.get("mean_folded", 0) for c in (comp.get("consumers") or {}).values())
-        what = f"{comp['folded'] - means} constant inputs" + (f" and {means} mean inputs" if means else "")
-        rows.append(("compensate", f"{what} of removed channels folded into biases"))
+        consumers = (comp.get("consumers") or {}).values()
+        means, fitted = (sum(c.get(k, 0) for c in consumers) for k in ("mean_folded", "fitted"))
+        what = ", ".join([f"{comp['folded'] - means - fitted} constant inputs"] + ([f"{means} mean inputs"] if means else [])
+                         + ([f"{fitted} least-squares predicted inputs"] if fitted else []))
+        rows.append(("compensate", f"{what} of removed channels folded into their consumers"))
     for e in report.get("exports") or []:
         state = ("[green]ok[/]" if e.get("ok") else f"[yellow]skipped[/] {escape(str(e.get('error')))}"
                  if e.get("skipped") else f"[red]FAILED[/] {escape(str(e.get('error')))}")

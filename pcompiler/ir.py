@@ -288,7 +288,13 @@ class Fold:
     spread on the data it was measured on, std / (|mean| + RMS of the whole consumer input); zero
     for an exact constant. `node`: the graph node that reads the consumer's weight (a module call
     or a functional linear / convolution; slim keeps node names); `conv`: its input's channel
-    dim is 1 (else the last)."""
+    dim is 1 (else the last).
+
+    A least-squares fold (`predict` set) stands for more than a constant: each removed position
+    r reads as constants[r] + sum_k predict[r, k] * x[sources[k]], its linear prediction from the
+    positions the slim consumer keeps (`sources`, numbering before slim). It changes the kept
+    weight columns (W[:, sources] += W[:, positions] @ predict) as well as the bias (by the
+    intercepts `constants`). Never exact: the prediction fits the calibration data, not every input."""
 
     module: str
     positions: np.ndarray  # (n,) int64
@@ -297,6 +303,8 @@ class Fold:
     rel_std: np.ndarray  # (n,) float64
     node: str
     conv: bool
+    sources: np.ndarray | None = None  # (m,) int64: the kept positions a least-squares fold predicts from
+    predict: np.ndarray | None = None  # (n, m) float32: the fit's coefficients
 
 
 @dataclass(frozen=True)

@@ -77,8 +77,9 @@ class Settings:
     resolved from (`Runtime.resolve`). `round_to` None: what suits `device`."""
 
     method: str = "l1"
-    ratio: float | None = None  # None: 0.5, or searched for `speedup`
+    ratio: float | None = None  # None: 0.5, or searched for `speedup` or `params_removed`
     speedup: float | None = None
+    params_removed: float | None = None  # fraction of the parameters to remove
     global_ranking: bool | None = None  # None: the method's default
     round_to: int | None = None
     min_keep: int | None = None  # None: the method's default
@@ -94,7 +95,7 @@ class Settings:
     distill_regularization: bool = False
     recalibrate_batches: int = DEFAULT_BATCHES
     compensate: bool = True
-    compensate_mean: bool | None = None  # fold every removed channel's mean (None: with text data, not images)
+    compensate_fit: str | None = None  # compensate's fit (None: lstsq with text data, constant for images)
     checkpoints: str | None = None  # folder of the phases' checkpoints (OUT/checkpoints)
     frontend: str = "auto"  # how the model is read: passes/trace.py's FRONTENDS
     attention: str = "heads"  # how attention shrinks: passes/analyze.py's ATTENTION
@@ -117,8 +118,13 @@ class Settings:
                                "--data text:FILE")
         if self.calibration_samples is not None and (known[self.method] and trains(self.method) or not known[self.method]):
             raise CompileError(f"--calibration-samples is for --method calib, not {self.method}")
+        budgets = [flag for flag, v in (("--ratio", self.ratio), ("--speedup", self.speedup),
+                                        ("--params-removed", self.params_removed)) if v is not None]
+        if len(budgets) > 1:
+            raise CompileError(f"{' and '.join(budgets)} each set how much is removed: give one")
         given = {"ratio": self.ratio, "round_to": self.round_to, "min_keep": self.min_keep}
-        SelectOptions(speedup=self.speedup, **{k: v for k, v in given.items() if v is not None}).check()
+        SelectOptions(speedup=self.speedup, params=self.params_removed,
+                      **{k: v for k, v in given.items() if v is not None}).check()
         if (self.reg_steps is not None and self.reg_steps < 0) or self.finetune_epochs < 0 or self.train.checkpoint_every < 0:
             raise CompileError("--reg-steps, --finetune-epochs and --checkpoint-every must be >= 0")
         if self.recalibrate_batches < 0:
@@ -150,7 +156,7 @@ class Settings:
         speedup is searched) and the channel multiple that suits the training device."""
         from pcompiler.targets.bench import default_round_to
 
-        ratio = 0.5 if self.ratio is None and self.speedup is None else self.ratio
+        ratio = 0.5 if self.ratio is None and self.speedup is None and self.params_removed is None else self.ratio
         round_to = default_round_to(self.device) if self.round_to is None else self.round_to
         return dataclasses.replace(self, ratio=ratio, round_to=round_to)
 
@@ -175,7 +181,7 @@ class Settings:
 def _method_pass(settings: Settings, data: DataSource | None, teacher: nn.Module | None, runtime: Runtime) -> Pass:
     s = settings.resolved()
     options: dict[str, Any] = {"ratio": s.ratio if s.ratio is not None else 0.5, "skip": tuple(s.skip),
-                               "speedup": s.speedup, "round_to": s.round_to}
+                               "speedup": s.speedup, "params": s.params_removed, "round_to": s.round_to}
     if s.global_ranking is not None:
         options["global_ranking"] = s.global_ranking
     if s.min_keep is not None:
@@ -218,9 +224,9 @@ def build(settings: Settings, data: DataSource | None = None, teacher: nn.Module
               *([make_pass("hf_config", model=hf_model, round_to=s.resolved().round_to)] if hf and hf_exact else []),
               make_pass("slim")]
     if s.compensate:
-        mean = s.compensate_mean if s.compensate_mean is not None else data is not None and data.task is CAUSAL_LM
+        fit = s.compensate_fit or ("lstsq" if data is not None and data.task is CAUSAL_LM else "constant")
         holders = bias_holders(hf_model) if hf_model is not None else None
-        passes.append(make_pass("compensate", data=data, runtime=runtime, mean=mean, bias_holders=holders))
+        passes.append(make_pass("compensate", data=data, runtime=runtime, fit=fit, bias_holders=holders))
     passes.append(make_pass("verify", runtime=runtime))
     if data is not None and s.recalibrate_batches > 0:
         passes += [*metric("before_recalibration"),

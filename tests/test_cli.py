@@ -399,6 +399,8 @@ def test_no_recalibrate(tmp_path):
      ("--distill-temperature does nothing without --distill",)),
     (("--method", "l1", "--ratio", "0.5", "--bench-batches", "1,8"), ("--bench-batches does nothing without --bench",)),
     (("--method", "l1", "--ratio", "0.5", "--finetune-epochs", "3"), ("--finetune-epochs does nothing without --data",)),
+    (("--method", "l1", "--ratio", "0.5", "--data", "digits", "--no-compensate", "--compensate", "lstsq"),
+     ("--compensate does nothing without compensation",)),
     (("--method", "l1", "--ratio", "0.5", "--data", "digits", "--reg-steps", "30"), ("--reg-steps", "trains")),
     (("--method", "l1", "--ratio", "0.5", "--data", "digits", "--image-size", "32"), ("imagefolder",)),
     (("--method", "l1", "--ratio", "0.5", "--amp"), ("--amp needs a CUDA device",)),

@@ -14,7 +14,7 @@ from helpers import analyze, conv_bn_stack, group_with, prune
 from torch import nn
 
 import pcompiler
-from pcompiler.costs import count_flops
+from pcompiler.costs import count_flops, count_params
 from pcompiler.errors import CompileError
 from pcompiler.passes.select import SelectOptions, select
 from pcompiler.passmanager import make_pass
@@ -129,6 +129,23 @@ def test_speedup_search_halves_flops():
     assert before / 2.6 < after <= before / 2
     assert 0 < prog.info["method_settings"]["ratio_used"] < 0.5
     assert prog.gm.get_submodule("0").out_channels < 16
+
+
+def test_param_ratio_search_removes_that_fraction_of_the_parameters():
+    """--params-removed 0.3: the lowest ratio whose slim model keeps at most 70% of the parameters
+    (a channel fewer would keep more), on a chain where a channel weighs different amounts."""
+    x = torch.randn(1, 3, 16, 16)
+    model = conv_bn_stack()
+    before = count_params(model)
+    prog = prune(model, x, params=0.3)
+    after = count_params(prog.gm)
+    assert 0.6 * before < after <= 0.7 * before
+    ratio = prog.info["method_settings"]["ratio_used"]
+    assert count_params(prune(conv_bn_stack(), x, ratio=ratio - 0.02).gm) > 0.7 * before
+    with pytest.raises(CompileError, match="--speedup and --params-removed both set the budget"):
+        pcompiler.run(analyze(Net(), X), [make_pass("l1", speedup=2.0, params=0.3)])
+    with pytest.raises(CompileError, match=r"removing 100% of the parameters|outside \(0, 1\)"):
+        pcompiler.run(analyze(Net(), X), [make_pass("l1", params=1.0)])
 
 
 def test_speedup_out_of_reach_says_so():

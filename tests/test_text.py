@@ -159,15 +159,16 @@ def test_a_hugging_face_folder_prunes_on_text_with_perplexity(tmp_path):
                                        "--calibration-samples", "16", "--finetune-epochs", "0.1", "--formats", "pt2,hf",
                                        "-o", str(out)])
     assert result.exit_code == 0, result.output
-    assert "perplexity, right after slim" in result.output and "mean inputs of removed channels folded" in result.output
+    assert "perplexity, right after slim" in result.output and "least-squares predicted inputs of removed channels folded" in result.output
     report = json.loads((out / "report.json").read_text())
     assert report["data"]["seq_len"] == 64 and report["data"]["task"] == "causal-lm"  # min(512, the model's 64)
     assert 200 < report["ppl_before"] < 400  # random weights: about the vocabulary
     assert all(k in report for k in ("ppl_pruned", "ppl_final")) and "acc_before" not in report
-    # Compensation by the mean: o_proj and down_proj (and the stream's consumers) gain biases, which
+    # Compensation by least squares (the default with text data): o_proj and down_proj (and the stream's
+    # consumers) gain biases, which
     # the folder holds with LLaMA's attention_bias and mlp_bias; the LM head cannot hold one.
     comp = report["compensation"]
-    assert comp["consumers"]["model.layers.0.self_attn.o_proj"]["mean_folded"] > 0
+    assert comp["consumers"]["model.layers.0.self_attn.o_proj"]["fitted"] > 0
     assert comp["skipped"]["lm_head.weight"] == "the hf/ folder's config cannot hold a bias here"
     config = json.loads((out / "hf" / "config.json").read_text())
     assert config["attention_bias"] is True and config["mlp_bias"] is True
