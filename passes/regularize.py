@@ -270,7 +270,7 @@ class RegMethod(MethodPass):
         prog = prog.replace(gm=copy_to(prog.gm, self.runtime.device), source=None)
         ratio = None
         if self.selects_by_l1:
-            ratio = ratio_for(prog, analysis, l1_scores(prog), self)
+            ratio, _ = ratio_for(prog, analysis, l1_scores(prog), self)
         budget = self.budget(prog)
         cfg = dataclasses.replace(with_teacher(self.train, self.teacher), steps=budget, label=f"{self.name} regularization")
         hooks = self.make_hooks(prog, budget, ratio)
@@ -280,11 +280,11 @@ class RegMethod(MethodPass):
         prog = self.after_training(prog, hooks)
         if self.runtime.device != home:
             prog = prog.replace(gm=copy_to(prog.gm, home))
-        scores = self.scores(prog)
+        scores, search = self.scores(prog), None
         if hooks.selection is not None:
             selection = hooks.selection
         else:
-            ratio = ratio_for(prog, analysis, scores, self)
+            ratio, search = ratio_for(prog, analysis, scores, self)
             selection = select(analysis, scores, self, ratio)
         removed = sum(len(v) for v in selection.values())
         log.info("%s: %d steps, removes %d channels in %d groups", self.name, result.steps, removed, len(selection))
@@ -292,7 +292,8 @@ class RegMethod(MethodPass):
                   "steps_done": result.steps, **hooks.summary()}
         regularization = {"curve": result.curve, "steps": result.steps, "seconds": result.seconds,
                           "resumed_from": result.resumed_from, "world_size": result.world_size}
-        info = {**prog.info, "method_settings": method, "regularization": regularization}
+        info = {**prog.info, "method_settings": method, "regularization": regularization,
+                **({"budget_search": search} if search else {})}
         return PassResult(prog.replace(scores=scores, selection=selection, info=info), changed=True)
 
 

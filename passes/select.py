@@ -12,6 +12,11 @@
 - `speedup` / `params`: the ratio is searched (bisection) so that FLOPs fall by that factor, or
   that fraction of the parameters goes; the method pass does the search because it needs the
   slim model's costs (see `MethodPass`).
+- `target`: a measured target (`Budget`: the pipeline gives one for `--latency`, measured on the
+  deployment backend by targets/latency.py). FLOPs predict it: the ratio for a FLOPs reduction
+  F is found by bisection, the slim model measured, and F corrected by the measured efficiency
+  (measured / FLOPs reduction), until the measured reduction is within the budget's tolerance
+  of its target (`_search_measured`; every step is recorded).
 
 `MethodPass` is the base of every method: it computes scores (the subclass's job), selects,
 and stores both on the Program.
@@ -23,8 +28,8 @@ import copy
 import fnmatch
 import logging
 import math
-from dataclasses import dataclass, fields
-from typing import ClassVar
+from dataclasses import dataclass, fields, replace
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
@@ -44,11 +49,12 @@ class SelectOptions:
     skip: tuple[str, ...] = ()
     speedup: float | None = None
     params: float | None = None  # fraction of the model's parameters to remove (the ratio is searched)
+    target: Budget | None = None  # a measured target (the ratio is searched)
 
     @property
     def searched(self) -> bool:
         """Whether the ratio is searched for a cost target rather than given."""
-        return self.speedup is not None or self.params is not None
+        return self.speedup is not None or self.params is not None or self.target is not None
 
     def check(self) -> None:
         if not 0.0 <= self.ratio < 1.0:
@@ -61,8 +67,25 @@ class SelectOptions:
         if self.params is not None and not 0.0 < self.params < 1.0:
             raise CompileError(f"params (--params-removed) {self.params} is outside (0, 1)",
                                hint="--params-removed 0.2 removes a fifth of the parameters")
-        if self.speedup is not None and self.params is not None:
-            raise CompileError("--speedup and --params-removed both set the budget: give one")
+        if sum(x is not None for x in (self.speedup, self.params, self.target)) > 1:
+            raise CompileError("--speedup, --params-removed and --latency each set the budget: give one")
+        if self.target is not None and self.target.target <= 1.0:
+            raise CompileError(f"{self.target.what} target {self.target.target} is not above 1",
+                               hint="--latency 2 asks for a model twice as fast")
+
+
+class Budget(Protocol):
+    """A target measured on the slim model against the original (latency on a backend): by what
+    factor the cost falls (`reduction`), wanted at least `target`, within `tolerance` (relative:
+    the measurement's noise)."""
+
+    what: str
+    target: float
+    tolerance: float
+
+    def reduction(self, original: Any, slim: Any, example_inputs: tuple) -> float: ...
+
+    def describe(self) -> dict[str, Any]: ...
 
 
 def candidates(analysis: Analysis, skip: tuple[str, ...]) -> list[ChannelGroup]:
@@ -130,23 +153,88 @@ class MethodPass(SelectOptions):
         raise NotImplementedError
 
     def settings(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["target"] = self.target.describe() if self.target is not None else None
+        return out
 
     def run(self, prog: Program) -> PassResult:
         self.check()  # before scoring, which may be slow
         analysis = prog.require_analysis(self.name)
         scores = self.scores(prog)
-        ratio = ratio_for(prog, analysis, scores, self)
+        ratio, search = ratio_for(prog, analysis, scores, self)
         selection = select(analysis, scores, self, ratio)
         removed = sum(len(v) for v in selection.values())
         log.info("%s: ratio %.3f removes %d channels in %d groups", self.name, ratio, removed, len(selection))
-        info = {**prog.info, "method_settings": {"name": self.name, "ratio_used": ratio, **self.settings()}}
+        info = {**prog.info, "method_settings": {"name": self.name, "ratio_used": ratio, **self.settings()},
+                **({"budget_search": search} if search else {})}
         return PassResult(prog.replace(scores=scores, selection=selection, info=info), changed=False)
 
 
-def ratio_for(prog: Program, analysis: Analysis, scores: dict[int, np.ndarray], opts: SelectOptions) -> float:
-    """The ratio to select with: the one given, or the one searched for the cost target."""
-    return _search_ratio(prog, analysis, scores, opts) if opts.searched else opts.ratio
+def ratio_for(prog: Program, analysis: Analysis, scores: dict[int, np.ndarray],
+              opts: SelectOptions) -> tuple[float, dict[str, Any] | None]:
+    """The ratio to select with: the one given, or the one searched for the cost target; and for
+    a measured budget the record of its search (else None)."""
+    if opts.target is not None:
+        return _search_measured(prog, analysis, scores, opts)
+    return (_search_ratio(prog, analysis, scores, opts) if opts.searched else opts.ratio), None
+
+
+def _search_measured(prog: Program, analysis: Analysis, scores: dict[int, np.ndarray], opts: SelectOptions,
+                     steps: int = 6) -> tuple[float, dict[str, Any]]:
+    """The ratio whose slim model's measured reduction meets the budget: FLOPs predict the first
+    ratio; until a step falls short and another meets the target, the FLOPs target is corrected
+    by the measured efficiency; after that the next ratio interpolates between the two (a
+    backend's latency steps with its kernels' channel blocks, so efficiency is not constant).
+    Takes the first step within tolerance of the target; else the lowest ratio that met it;
+    else says it cannot."""
+    from pcompiler.costs import count_flops
+    from pcompiler.passes.slim import slim_program
+
+    budget = opts.target
+    before = count_flops(prog.gm, prog.example_inputs)
+    plain = replace(opts, target=None, params=None)
+    goal = budget.target * (1 - budget.tolerance)
+    flops_target, record = budget.target, []
+    ratio = None
+    for _ in range(steps):
+        short = [r for r in record if r["measured"] < goal]
+        met = [r for r in record if r["measured"] >= goal]
+        if short and met:  # a bracket: interpolate the measured reduction linearly in the ratio
+            lo, hi = max(short, key=lambda r: r["ratio"]), min(met, key=lambda r: r["ratio"])
+            t = (budget.target - lo["measured"]) / max(hi["measured"] - lo["measured"], 1e-9)
+            ratio = lo["ratio"] + min(max(t, 0.25), 0.75) * (hi["ratio"] - lo["ratio"])
+        else:
+            try:
+                ratio = _search_ratio(prog, analysis, scores, replace(plain, speedup=max(flops_target, 1.0)))
+            except CompileError:
+                if record:
+                    break  # a larger FLOPs cut is out of reach: the best measured so far stands
+                raise
+        selection = select(analysis, scores, opts, ratio)
+        if any(selection == r["selection"] for r in record):
+            break  # no channel differs from a step already measured
+        slim = slim_program(prog.replace(gm=copy.deepcopy(prog.gm), selection=selection), check=False)
+        flops = before / max(count_flops(slim.gm, prog.example_inputs), 1)
+        measured = budget.reduction(prog.gm, slim.gm, prog.example_inputs)
+        record.append({"ratio": ratio, "flops_reduction": flops, "measured": measured, "selection": selection})
+        log.info("%s search: ratio %.3f, FLOPs / %.2f, measured %.2fx (target %.2fx)", budget.what, ratio, flops,
+                 measured, budget.target)
+        if abs(measured / budget.target - 1) <= budget.tolerance:
+            break
+        flops_target = flops * budget.target / measured  # the measured efficiency, assumed to hold nearby
+    for r in record:
+        del r["selection"]
+    met = [r for r in record if r["measured"] >= goal]
+    close = [r for r in record if abs(r["measured"] / budget.target - 1) <= budget.tolerance]
+    if not met:
+        best = max(record, key=lambda r: r["measured"])
+        raise CompileError(f"a {budget.target}x {budget.what} reduction was not reached: the best of {len(record)} "
+                           f"measured steps gave {best['measured']:.2f}x at ratio {best['ratio']:.3f} (FLOPs / "
+                           f"{best['flops_reduction']:.2f})", hint="lower the target, or un-pin groups (see --analyze)")
+    chosen = close[0] if close else min(met, key=lambda r: r["ratio"])
+    return chosen["ratio"], {**budget.describe(), "steps": record, "ratio": chosen["ratio"],
+                             "predicted": chosen["flops_reduction"], "measured": chosen["measured"],
+                             "met": True, "within_tolerance": bool(close)}
 
 
 def _search_ratio(prog: Program, analysis: Analysis, scores: dict[int, np.ndarray], opts: SelectOptions) -> float:

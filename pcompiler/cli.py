@@ -153,6 +153,13 @@ def _guarded(console: Console, verbose: bool, body: Callable[[], int]) -> int:
 @click.option("--min-keep", type=int, help="Keep at least N channels per group (default: 3 for receding, else 1).")
 @click.option("--skip", multiple=True, metavar="GLOB", help="Leave groups touching modules that match GLOB alone.")
 @click.option("--speedup", type=float, help="Search the ratio that divides FLOPs by X (instead of --ratio).")
+@click.option("--latency", type=float, help="Search the ratio whose exported model runs X times faster than the "
+              "original, measured on --backend (instead of --ratio).")
+@click.option("--backend", "latency_backend", default="onnxruntime-cpu", show_default=True,
+              help=f"Where --latency is measured: one of {', '.join(BACKENDS)}.")
+@click.option("--latency-batch", type=int, default=1, show_default=True, help="Batch size --latency is measured at.")
+@click.option("--threads", type=int, help="CPU threads of the latency measurements (--latency, --bench; default: "
+              "torch's setting).")
 @click.option("--params-removed", type=float, help="Search the ratio that removes this fraction of the parameters "
               "(instead of --ratio), e.g. 0.2.")
 @click.option("--seed", type=int, default=0, show_default=True,
@@ -235,6 +242,9 @@ _NEEDS: tuple[tuple[str, str, Callable[[dict[str, Any]], bool]], ...] = (
     ("distill_alpha", "--distill", lambda o: o["distill"]),
     ("bench_batches", "--bench", lambda o: o["run_bench"]),
     ("bench_backends", "--bench", lambda o: o["run_bench"]),
+    ("latency_backend", "--latency", lambda o: o["latency"] is not None),
+    ("latency_batch", "--latency", lambda o: o["latency"] is not None),
+    ("threads", "--latency or --bench", lambda o: o["latency"] is not None or o["run_bench"]),
     ("image_size", "--data imagefolder:DIR", lambda o: (o["data_spec"] or "").startswith("imagefolder:")),
     ("seq_len", "--data text:FILE, tokens:FILE or kjv", lambda o: is_text(o["data_spec"])),
     ("finetune_epochs", "--data", lambda o: o["data_spec"] is not None),
@@ -264,7 +274,9 @@ def _settings(o: dict[str, Any]) -> Settings:
                         weight_decay=o["weight_decay"], workers=o["workers"], checkpoint_every=o["checkpoint_every"],
                         resume=o["resume"], progress=not o["no_progress"])
     return Settings(
-        method=o["method"], ratio=o["ratio"], speedup=o["speedup"], params_removed=o["params_removed"], global_ranking=o["global_ranking"],
+        method=o["method"], ratio=o["ratio"], speedup=o["speedup"], params_removed=o["params_removed"],
+        latency=o["latency"], latency_backend=o["latency_backend"], latency_batch=o["latency_batch"], threads=o["threads"],
+        global_ranking=o["global_ranking"],
         round_to=o["round_to"], min_keep=o["min_keep"], skip=tuple(o["skip"]), seed=o["seed"],
         method_options=_parse_method_options(o["method_options"]), reg_steps=o["reg_steps"], train=train,
         calibration_samples=o["calibration_samples"],
@@ -295,9 +307,9 @@ def _compile(console: Console, model_path: Path, **o: Any) -> int:
     # Check every option before the (slow) loads.
     if o["method"] is None:
         raise CompileError(f"--method is required ({', '.join(methods())}), unless --analyze")
-    if o["ratio"] is None and o["speedup"] is None and o["params_removed"] is None:
+    if all(o[k] is None for k in ("ratio", "speedup", "params_removed", "latency")):
         raise CompileError("--ratio is required (the fraction of channels to remove, e.g. 0.5; or --speedup, "
-                           "--params-removed)")
+                           "--params-removed, --latency)")
     if o["out_dir"] is None:
         raise CompileError("-o/--out is required: the folder for the exports and report.json")
     _refuse_orphans(o)
@@ -305,14 +317,15 @@ def _compile(console: Console, model_path: Path, **o: Any) -> int:
     settings.check(has_data=o["data_spec"] is not None)
     runtime = Runtime.resolve(settings.device, settings.amp)  # the process group joined before any pass
     formats = None if o["formats"] is None else _parse_list("--formats", o["formats"], FORMATS)
-    bench = (_bench_settings(o["bench_batches"], o["bench_backends"], device=_cuda_bench_device(runtime))
+    bench = (_bench_settings(o["bench_batches"], o["bench_backends"], device=_cuda_bench_device(runtime),
+                             threads=o["threads"])
              if o["run_bench"] else None)
     if bench is not None and specs:
         check_input_memory([s.shape for s in specs], largest_batch=max(bench.batch_sizes), option="--bench-batches",
                            element_bytes=[s.dtype.itemsize for s in specs])
     claim_out_dir(o["out_dir"], overwrite=o["overwrite"], resume=o["resume"], model=model_path,
                   settings={"method": settings.method, "ratio": settings.ratio, "speedup": settings.speedup,
-                            "params_removed": settings.params_removed,
+                            "params_removed": settings.params_removed, "latency": settings.latency,
                             "data": o["data_spec"], "seed": settings.seed, "frontend": settings.frontend,
                             "attention": settings.attention, "prune_normalized": settings.prune_normalized})
     model = load_model(model_path, trust=o["trust"], arch=o["arch"])

@@ -80,6 +80,10 @@ class Settings:
     ratio: float | None = None  # None: 0.5, or searched for `speedup` or `params_removed`
     speedup: float | None = None
     params_removed: float | None = None  # fraction of the parameters to remove
+    latency: float | None = None  # measured latency reduction wanted on `latency_backend` (targets/latency.py)
+    latency_backend: str = "onnxruntime-cpu"
+    latency_batch: int = 1
+    threads: int | None = None  # CPU threads of the latency measurements (None: torch's setting)
     global_ranking: bool | None = None  # None: the method's default
     round_to: int | None = None
     min_keep: int | None = None  # None: the method's default
@@ -119,7 +123,8 @@ class Settings:
         if self.calibration_samples is not None and (known[self.method] and trains(self.method) or not known[self.method]):
             raise CompileError(f"--calibration-samples is for --method calib, not {self.method}")
         budgets = [flag for flag, v in (("--ratio", self.ratio), ("--speedup", self.speedup),
-                                        ("--params-removed", self.params_removed)) if v is not None]
+                                        ("--params-removed", self.params_removed),
+                                        ("--latency", self.latency)) if v is not None]
         if len(budgets) > 1:
             raise CompileError(f"{' and '.join(budgets)} each set how much is removed: give one")
         given = {"ratio": self.ratio, "round_to": self.round_to, "min_keep": self.min_keep}
@@ -156,7 +161,8 @@ class Settings:
         speedup is searched) and the channel multiple that suits the training device."""
         from pcompiler.targets.bench import default_round_to
 
-        ratio = 0.5 if self.ratio is None and self.speedup is None and self.params_removed is None else self.ratio
+        searched = (self.speedup, self.params_removed, self.latency)
+        ratio = 0.5 if self.ratio is None and all(v is None for v in searched) else self.ratio
         round_to = default_round_to(self.device) if self.round_to is None else self.round_to
         return dataclasses.replace(self, ratio=ratio, round_to=round_to)
 
@@ -182,6 +188,11 @@ def _method_pass(settings: Settings, data: DataSource | None, teacher: nn.Module
     s = settings.resolved()
     options: dict[str, Any] = {"ratio": s.ratio if s.ratio is not None else 0.5, "skip": tuple(s.skip),
                                "speedup": s.speedup, "params": s.params_removed, "round_to": s.round_to}
+    if s.latency is not None:
+        from pcompiler.targets.latency import LatencyBudget
+
+        options["target"] = LatencyBudget(s.latency, s.latency_backend, s.latency_batch, s.threads,
+                                          device=s.device if s.device.startswith("cuda") else "cuda")
     if s.global_ranking is not None:
         options["global_ranking"] = s.global_ranking
     if s.min_keep is not None:

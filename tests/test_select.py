@@ -142,7 +142,7 @@ def test_param_ratio_search_removes_that_fraction_of_the_parameters():
     assert 0.6 * before < after <= 0.7 * before
     ratio = prog.info["method_settings"]["ratio_used"]
     assert count_params(prune(conv_bn_stack(), x, ratio=ratio - 0.02).gm) > 0.7 * before
-    with pytest.raises(CompileError, match="--speedup and --params-removed both set the budget"):
+    with pytest.raises(CompileError, match="--speedup, --params-removed and --latency each set the budget"):
         pcompiler.run(analyze(Net(), X), [make_pass("l1", speedup=2.0, params=0.3)])
     with pytest.raises(CompileError, match=r"removing 100% of the parameters|outside \(0, 1\)"):
         pcompiler.run(analyze(Net(), X), [make_pass("l1", params=1.0)])
