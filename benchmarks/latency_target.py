@@ -32,13 +32,17 @@ from pcompiler.pipeline import Settings, compile_model
 from pcompiler.targets.backends import machine
 from pcompiler.targets.bench import LatencySettings, measure_latency
 
-MODELS = ("digits_resnet", "digits_vgg", "mobilenet_v2", "resnet50", "vit_b_16")
+MODELS = ("digits_resnet", "digits_vgg", "mobilenet_v2", "resnet50", "vit_b_16", "timm:efficientnet_b0")
 
 
 def build(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
     torch.manual_seed(0)
     if name.startswith("digits_"):
         return load_model(_common.ROOT / "examples" / f"{name}.pt").eval(), torch.randn(1, 1, 8, 8)
+    if name.startswith("timm:"):
+        import timm
+
+        return timm.create_model(name.removeprefix("timm:"), pretrained=False).eval(), torch.randn(1, 3, 224, 224)
     return getattr(torchvision.models, name)().eval(), torch.randn(1, 3, 224, 224)
 
 
@@ -97,12 +101,18 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="the digits networks at batch 8, target 1.5 (writes to /tmp)")
     ap.add_argument("--out", type=Path, default=_common.DOCS)
+    ap.add_argument("--append", action="store_true", help="add the rows to those already in the JSON (runs in parts)")
     args = ap.parse_args()
     if args.quick:
         args.models, args.batches, args.targets, args.out = "digits_resnet,digits_vgg", "8", "1.5", Path("/tmp")
     env = {**_common.environment(), "cpu": machine()["cpu"]}
-    rows = [run(m, int(b), float(t), args.threads, 1.0 if args.quick else 3.0)
-            for m in args.models.split(",") for b in args.batches.split(",") for t in args.targets.split(",")]
+    rows = []
+    if args.append and (args.out / "bench_latency_target.json").exists():
+        import json
+
+        rows = json.loads((args.out / "bench_latency_target.json").read_text())["rows"]
+    rows += [run(m, int(b), float(t), args.threads, 1.0 if args.quick else 3.0)
+             for m in args.models.split(",") for b in args.batches.split(",") for t in args.targets.split(",")]
     _common.write_json(args.out / "bench_latency_target.json", {"environment": env, "rows": rows})
     text = markdown(rows, env, args.threads)
     _common.write_text(args.out / "bench_latency_target.md", text)

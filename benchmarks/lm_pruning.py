@@ -95,6 +95,7 @@ def main() -> None:
     ap.add_argument("--no-recovery", action="store_true", help="one-shot rows only")
     ap.add_argument("--out", type=Path, default=DOCS)
     ap.add_argument("--name", default="bench_lm", help="file names of the results: NAME.json, NAME.md")
+    ap.add_argument("--append", action="store_true", help="add the rows to those already in NAME.json (runs in parts)")
     args = ap.parse_args()
     if args.quick:
         args.params_removed, args.seeds, args.reg_steps, args.recovery_steps = [0.2], 1, 20, 40
@@ -102,6 +103,8 @@ def main() -> None:
 
     train_size = len(load_data(args.data, seq_len=SEQ, tokenizer=args.model).train)
     rows = []
+    if args.append and (args.out / f"{args.name}.json").exists():
+        rows = json.loads((args.out / f"{args.name}.json").read_text())["rows"]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for ratio in args.params_removed:

@@ -424,7 +424,11 @@ class Compensate:
                                             self.seed, device)
         half = torch.float32 if dtype_of(prog.reference) in HALF else None
         stats: dict[str, InputStats] = {}
-        for run in _gram_runs(prog, targets, GRAM_BYTES) if lstsq else [{f"{m}.weight" for m in targets}]:
+        runs = _gram_runs(prog, targets, GRAM_BYTES) if lstsq else [{f"{m}.weight" for m in targets}]
+        if len(runs) > 1:
+            log.info("compensate: the least-squares fits need more than %d GiB of second moments: %d runs over the "
+                     "calibration batches (--compensate mean needs one)", GRAM_BYTES >> 30, len(runs))
+        for run in runs:
             if run:
                 stats.update(calibrate(prog.reference, run, batches(), device=device, dtype=half,
                                        grams=run if lstsq else ()).stats)
@@ -443,7 +447,7 @@ class Compensate:
         summary = {"source": source, "folded": sum(len(f.positions) for f in folds),
                    "exact": sum(len(f.positions) for f in folds if f.exact),
                    "approximate": sum(len(f.positions) for f in folds if not f.exact),
-                   "fitted": sum(len(f.positions) for f in folds if f.predict is not None),
+                   "fitted": sum(len(f.positions) for f in folds if f.predict is not None), "runs": len(runs),
                    "consumers": per_consumer, "skipped": dict(skipped)}
         log.info("compensate: %s", summary)
         out = prog.replace(gm=gm, compensation=record, info={**prog.info, "compensation": summary})

@@ -347,3 +347,17 @@ def test_verify_fails_when_a_least_squares_fold_is_applied_wrong():
     compensate.add_to_weight(prog.gm.get_submodule("1"), broken)
     with pytest.raises(VerifyError):
         verify_program(prog)
+
+
+def test_least_squares_over_several_runs_fits_the_same(monkeypatch):
+    """Second moments over the memory budget are measured in several runs over the same seeded
+    batches: the fits are the same as in one run."""
+    model = nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)).eval()
+    _, x, data = _correlated(256)
+    remove = {"0.weight": [0, 2], "1.weight": [1, 5]}
+    one = compensated(copy.deepcopy(model), x[:2], remove, data=data, batches=2, batch_size=64, fit="lstsq")
+    monkeypatch.setattr(compensate, "GRAM_BYTES", 8 * 8 * 8)  # one 8-input consumer per run
+    two = compensated(copy.deepcopy(model), x[:2], remove, data=data, batches=2, batch_size=64, fit="lstsq")
+    assert one.info["compensation"]["runs"] == 1 and two.info["compensation"]["runs"] == 2
+    for a, b in zip(one.compensation.folds, two.compensation.folds, strict=True):
+        np.testing.assert_allclose(a.predict, b.predict, rtol=1e-6, atol=1e-7)
