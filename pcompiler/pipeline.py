@@ -184,6 +184,14 @@ class Settings:
         return out
 
 
+def compensate_fit(s: Settings, data: DataSource | None) -> str:
+    """What compensate folds for removed channels that are not constant: the settings' choice, or
+    least squares for text data and nothing for images ("constant"; also without compensation)."""
+    if not s.compensate:
+        return "constant"
+    return s.compensate_fit or ("lstsq" if data is not None and data.task is CAUSAL_LM else "constant")
+
+
 def _method_pass(settings: Settings, data: DataSource | None, teacher: nn.Module | None, runtime: Runtime) -> Pass:
     s = settings.resolved()
     options: dict[str, Any] = {"ratio": s.ratio if s.ratio is not None else 0.5, "skip": tuple(s.skip),
@@ -200,7 +208,7 @@ def _method_pass(settings: Settings, data: DataSource | None, teacher: nn.Module
     if s.method == "random":
         options["seed"] = s.seed
     if methods()[s.method] and not trains(s.method):
-        options.update(data=data, runtime=runtime, seed=s.seed)  # measures on data, trains nothing
+        options.update(data=data, runtime=runtime, seed=s.seed, fit=compensate_fit(s, data))  # measures, trains nothing
         if s.calibration_samples is not None:
             options["samples"] = s.calibration_samples
     elif methods()[s.method]:
@@ -235,9 +243,8 @@ def build(settings: Settings, data: DataSource | None = None, teacher: nn.Module
               *([make_pass("hf_config", model=hf_model, round_to=s.resolved().round_to)] if hf and hf_exact else []),
               make_pass("slim")]
     if s.compensate:
-        fit = s.compensate_fit or ("lstsq" if data is not None and data.task is CAUSAL_LM else "constant")
         holders = bias_holders(hf_model) if hf_model is not None else None
-        passes.append(make_pass("compensate", data=data, runtime=runtime, fit=fit, bias_holders=holders))
+        passes.append(make_pass("compensate", data=data, runtime=runtime, fit=compensate_fit(s, data), bias_holders=holders))
     passes.append(make_pass("verify", runtime=runtime))
     if data is not None and s.recalibrate_batches > 0:
         passes += [*metric("before_recalibration"),

@@ -183,7 +183,8 @@ def test_a_hugging_face_folder_prunes_on_text_with_perplexity(tmp_path):
 
 def test_the_readme_command_on_the_bundled_language_model(tmp_path):
     """The README's command on examples/kjv_llama: the King James Bible through --data kjv,
-    calib at 0.2, perplexity before (the 24.70 the training script measured) and after."""
+    calib on a fifth of the parameters with the least-squares fold, perplexity before (the 24.70
+    the training script measured) and after (31.38 on this machine: 1.27x)."""
     import importlib.util
 
     pytest.importorskip("transformers")
@@ -201,8 +202,8 @@ def test_the_readme_command_on_the_bundled_language_model(tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["ppl_before"] == pytest.approx(24.70, abs=0.01) and report["data"]["val_tokens"] > 60_000
-    assert report["ppl_before"] < report["ppl_pruned"] < 3 * report["ppl_before"]
-    assert report["param_ratio"] < 0.7 and report["compensation"]["consumers"]
+    assert report["ppl_before"] < report["ppl_pruned"] < 1.35 * report["ppl_before"]
+    assert 0.79 < report["param_ratio"] < 0.81 and report["compensation"]["fitted"] > 0
 
 
 def test_seq_len_needs_text_data():
