@@ -88,17 +88,34 @@ def _onnxruntime():
         return None
 
 
-def machine(device: str = "cuda") -> dict[str, Any]:
-    """What the timings were measured on (the GPU: `device`'s)."""
-    cpu = platform.processor() or platform.machine()
+def _cpuinfo() -> tuple[str, set[str]]:
+    """The CPU's model name and flags (Linux's /proc/cpuinfo; elsewhere the platform's name, no flags)."""
+    cpu, flags = platform.processor() or platform.machine(), set()
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith("model name") and cpu in (platform.processor(), platform.machine()):
                 cpu = line.split(":", 1)[1].strip()
-                break
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    return cpu, flags
+
+
+def cpu_channel_block() -> int | None:
+    """The channel block of onnxruntime's NCHWc convolutions on this CPU: 16 with AVX-512, 8 with
+    AVX2 (None: unknown). `--round-to` stays 8 on both: on resnet50 at 2x fewer FLOPs, rounding to
+    16 measured the same speedup as 8 on an AVX-512 machine (docs/benchmarks.md, "Latency"), and
+    16 would leave a 16-channel group nothing to remove."""
+    flags = _cpuinfo()[1]
+    return 16 if "avx512f" in flags else 8 if "avx2" in flags else None
+
+
+def machine(device: str = "cuda") -> dict[str, Any]:
+    """What the timings were measured on (the GPU: `device`'s)."""
+    cpu = _cpuinfo()[0]
     ort = _onnxruntime()
     return {
         "cpu": cpu,
+        "cpu_channel_block": cpu_channel_block(),
         "cpu_count": os.cpu_count(),
         "gpu": torch.cuda.get_device_name(cuda_device(device)) if torch.cuda.is_available() else None,
         "torch": torch.__version__,

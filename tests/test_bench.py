@@ -81,7 +81,8 @@ def test_speedup_is_the_median_paired_ratio_and_efficiency_divides_by_flops(monk
     assert row["flops_reduction"] == pytest.approx(reduction)
     assert row["efficiency"] == pytest.approx(3.0 / reduction)
     assert result["settings"]["threads"] == torch.get_num_threads()
-    assert set(result["machine"]) >= {"cpu", "cpu_count", "gpu", "torch", "onnxruntime"}
+    assert set(result["machine"]) >= {"cpu", "cpu_count", "gpu", "torch", "onnxruntime", "cpu_channel_block"}
+    assert result["machine"]["cpu_channel_block"] in (None, 8, 16)
 
 
 def test_measure_latency_times_every_backend_and_batch():
