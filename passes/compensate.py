@@ -41,7 +41,7 @@ from torch import nn
 from pcompiler.calibration import InputStats, calibrate, readers
 from pcompiler.data import DataSource
 from pcompiler.dtypes import HALF, dtype_of
-from pcompiler.errors import CompileError
+from pcompiler.errors import CompileError, VerifyError
 from pcompiler.ir import Compensation, DimRef, Fold, Program, Removal, Role, op_name, shared_copy
 from pcompiler.passmanager import SLIMMED, PassResult, register_pass
 from pcompiler.runtime import CPU, Runtime
@@ -229,13 +229,22 @@ def _reads_bias(gm: fx.GraphModule, f: Fold) -> None:
 
 def fold(gm: fx.GraphModule, reference: fx.GraphModule, removal: Removal, f: Fold, sign: int = 1) -> None:
     """Add fold `f` to its consumer in `gm` (the slim model): its bias, and a least-squares
-    fold's weight. sign -1 takes it out again (verify)."""
+    fold's weight. sign -1 takes it out again (verify): the weight is then the reference's own
+    slice, exactly (a half-precision weight would not come back by subtraction)."""
     module = gm.get_submodule(f.module)
     add_to_bias(module, sign * slim_delta(reference, removal, f))
-    if (delta := weight_delta(reference, removal, f)) is not None:
-        add_to_weight(module, sign * delta)
     if sign > 0:
+        if (delta := weight_delta(reference, removal, f)) is not None:
+            add_to_weight(module, delta)
         _reads_bias(gm, f)
+    elif f.predict is not None:
+        w = reference.get_submodule(f.module).weight.detach()
+        kept = w[_kept_outputs(removal, f, w.shape[0], w.device)][:, torch.as_tensor(f.sources, device=w.device)]
+        folded = (kept.double() + weight_delta(reference, removal, f)).to(kept.dtype)
+        if folded.shape != module.weight.shape or not torch.equal(folded, module.weight.detach().to(folded.device)):
+            raise VerifyError(f"the weight of '{f.module}' in the slim model is not the reference's kept slice plus its "
+                              "least-squares fold", hint="this is a bug in compensate: please report it with the model")
+        module.weight = nn.Parameter(kept.clone(), requires_grad=module.weight.requires_grad)
 
 
 def with_constants(x: torch.Tensor, positions: tuple[int, ...], constants: tuple[float, ...], dim: int,

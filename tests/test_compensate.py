@@ -361,3 +361,16 @@ def test_least_squares_over_several_runs_fits_the_same(monkeypatch):
     assert one.info["compensation"]["runs"] == 1 and two.info["compensation"]["runs"] == 2
     for a, b in zip(one.compensation.folds, two.compensation.folds, strict=True):
         np.testing.assert_allclose(a.predict, b.predict, rtol=1e-6, atol=1e-7)
+
+
+def test_least_squares_on_a_bfloat16_model_is_proved():
+    """A bfloat16 consumer's folded weight is rounded to bfloat16; verify takes the fold out by
+    restoring the reference's own slice (after checking the slim weight is exactly that slice
+    plus the fold), so the proof holds where subtracting the fold back would leave rounding."""
+    model, x, _ = _correlated(512)
+    model, x = model.to(torch.bfloat16), x.to(torch.bfloat16)
+    y = torch.zeros(len(x), dtype=torch.long)
+    data = DataSource("tiny", torch.utils.data.TensorDataset(x, y), torch.utils.data.TensorDataset(x, y), 3, (6,), None)
+    prog = compensated(model, x[:2], {"0.weight": [0, 2, 5]}, data=data, batches=4, batch_size=64, fit="lstsq")
+    assert prog.info["verify"]["ok"] and prog.compensation.folds[0].predict is not None
+    assert prog.gm.get_submodule("1").weight.dtype == torch.bfloat16
