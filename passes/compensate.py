@@ -269,13 +269,13 @@ def inject_constants(gm: fx.GraphModule, folds: Iterable[Fold]) -> None:
     the fold's constants, or least-squares predictions (what the slim model's folds stand for)."""
     by_node = {n.name: n for n in gm.graph.nodes}
     changed = False
-    for i, f in enumerate(folds):
+    for n, f in enumerate(folds):
         node = by_node[f.node]
         args: tuple = (node.args[0], tuple(int(i) for i in f.positions), tuple(float(c) for c in f.constants),
                        1 if f.conv else -1)
         with gm.graph.inserting_before(node):
             if f.predict is not None:
-                name = f"_compensate_predict_{i}"
+                name = f"_compensate_predict_{n}"
                 gm.register_buffer(name, torch.as_tensor(f.predict), persistent=False)
                 args += (tuple(int(k) for k in f.sources), gm.graph.get_attr(name))
             x = gm.graph.call_function(with_constants, args)

@@ -170,6 +170,13 @@ class MethodPass(SelectOptions):
         return PassResult(prog.replace(scores=scores, selection=selection, info=info), changed=False)
 
 
+def _trial_slim(prog: Program, selection: Selection) -> Program:
+    """The program slimmed by `selection` on a copy of its model (the searches' trials)."""
+    from pcompiler.passes.slim import slim_program
+
+    return slim_program(prog.replace(gm=copy.deepcopy(prog.gm), selection=selection), check=False)
+
+
 def ratio_for(prog: Program, analysis: Analysis, scores: dict[int, np.ndarray],
               opts: SelectOptions) -> tuple[float, dict[str, Any] | None]:
     """The ratio to select with: the one given, or the one searched for the cost target; and for
@@ -188,14 +195,12 @@ def _search_measured(prog: Program, analysis: Analysis, scores: dict[int, np.nda
     Takes the first step within tolerance of the target; else the lowest ratio that met it;
     else says it cannot."""
     from pcompiler.costs import count_flops
-    from pcompiler.passes.slim import slim_program
 
     budget = opts.target
     before = count_flops(prog.gm, prog.example_inputs)
     plain = replace(opts, target=None, params=None)
     goal = budget.target * (1 - budget.tolerance)
     flops_target, record = budget.target, []
-    ratio = None
     for _ in range(steps):
         short = [r for r in record if r["measured"] < goal]
         met = [r for r in record if r["measured"] >= goal]
@@ -213,7 +218,7 @@ def _search_measured(prog: Program, analysis: Analysis, scores: dict[int, np.nda
         selection = select(analysis, scores, opts, ratio)
         if any(selection == r["selection"] for r in record):
             break  # no channel differs from a step already measured
-        slim = slim_program(prog.replace(gm=copy.deepcopy(prog.gm), selection=selection), check=False)
+        slim = _trial_slim(prog, selection)
         flops = before / max(count_flops(slim.gm, prog.example_inputs), 1)
         measured = budget.reduction(prog.gm, slim.gm, prog.example_inputs)
         record.append({"ratio": ratio, "flops_reduction": flops, "measured": measured, "selection": selection})
@@ -241,7 +246,6 @@ def _search_ratio(prog: Program, analysis: Analysis, scores: dict[int, np.ndarra
     """Bisect the lowest ratio whose slim model's cost is at most the target: FLOPs before /
     speedup, or parameters before x (1 - params)."""
     from pcompiler.costs import count_flops, count_params
-    from pcompiler.passes.slim import slim_program
 
     if opts.speedup is not None:
         cost, target_text, hint = lambda gm: count_flops(gm, prog.example_inputs), f"a {opts.speedup}x FLOPs reduction", \
@@ -254,9 +258,7 @@ def _search_ratio(prog: Program, analysis: Analysis, scores: dict[int, np.ndarra
         target = before * (1 - opts.params)
 
     def cost_at(r: float) -> float:
-        sel = select(analysis, scores, opts, r)
-        slim = slim_program(prog.replace(gm=copy.deepcopy(prog.gm), selection=sel), check=False)
-        return cost(slim.gm)
+        return cost(_trial_slim(prog, select(analysis, scores, opts, r)).gm)
 
     lo, hi = 0.0, 0.999
     if (most := cost_at(hi)) > target:
