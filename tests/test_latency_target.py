@@ -20,6 +20,8 @@ from pcompiler.targets.latency import LatencyBudget
 
 X = torch.randn(1, 3, 16, 16)
 
+pytestmark = pytest.mark.usefixtures("moves_allocate")  # every move allocates, as on a GPU: no pass may move the model it was given
+
 
 @dataclass(frozen=True)
 class Modelled:

@@ -20,6 +20,8 @@ from pcompiler.tasks import CAUSAL_LM, logits_of
 
 ROOT = Path(__file__).resolve().parents[1]
 
+pytestmark = pytest.mark.usefixtures("moves_allocate")  # every move allocates, as on a GPU: no pass may move the model it was given
+
 
 class Bigram(nn.Module):
     """A plain-torch language model: each token's logits from the token alone."""
