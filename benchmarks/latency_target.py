@@ -1,6 +1,20 @@
-"""Pruning to a measured latency (`--latency X`, targets/latency.py): what the search attains.
+"""Pruning to a measured latency (`--latency X`, targets/latency.py): what the search attains,
+how well the latency model predicts, and what accuracy the allocation keeps.
 
-    python benchmarks/latency_target.py [--quick] [--models resnet50,mobilenet_v2] [--threads 2]
+    python benchmarks/latency_target.py [--part attain|fidelity|accuracy] [--quick] [--models ...]
+
+`--part fidelity`: per model and batch, the kernel model (targets/latency_model.py) built at
+`--threads` and at 1 thread, then 20 random prunings (each candidate group a random width on its
+lattice, around a random overall fraction): the model's predicted speedup, the FLOPs reduction
+and the measured speedup (alternate timing, 1 s per model); mean absolute % error and Spearman
+rank correlation of each predictor, and of the 1-thread model against the same 2-thread timings.
+Writes docs/bench_latency_fidelity.{json,md}.
+
+`--part accuracy`: on the digits networks (ResNet, VGG, ViT), `--latency X` with each predictor
+(`profile`: the kernel model and the uneven allocation; `flops`: one ratio for all), then the
+same fine-tuning; accuracy at the measured latency, 3 seeds. Writes docs/bench_latency_accuracy.{json,md}.
+
+`--part attain` (the default) is what follows.
 
 For each model (torchvision's resnet50, mobilenet_v2 and vit_b_16 at 224x224 with random
 weights, latency depending on the widths only; the bundled digits ResNet and VGG), each batch
@@ -18,19 +32,29 @@ nothing else.
 from __future__ import annotations
 
 import argparse
+import statistics
+import tempfile
 import time
 from pathlib import Path
 
 import _common
+import numpy as np
 import torch
 import torchvision
 
+import pcompiler
+from pcompiler.costs import count_flops
+from pcompiler.data import load_data
 from pcompiler.errors import CompileError
 from pcompiler.inputs import InputSpec
 from pcompiler.loading import load_model
+from pcompiler.passes.select import SelectOptions, _trial_slim, lattices, select_counts
+from pcompiler.passmanager import make_pass
 from pcompiler.pipeline import Settings, compile_model
-from pcompiler.targets.backends import machine
-from pcompiler.targets.bench import LatencySettings, measure_latency
+from pcompiler.targets.backends import RUNNERS, machine
+from pcompiler.targets.bench import LatencySettings, alternate, backend_round_to, make_inputs, measure_latency
+from pcompiler.targets.latency_model import measure_model
+from pcompiler.train import TrainConfig
 
 MODELS = ("digits_resnet", "digits_vgg", "mobilenet_v2", "resnet50", "vit_b_16", "timm:efficientnet_b0")
 
@@ -46,24 +70,27 @@ def build(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
     return getattr(torchvision.models, name)().eval(), torch.randn(1, 3, 224, 224)
 
 
-def run(name: str, batch: int, target: float, threads: int, independent_seconds: float) -> dict:
+def run(name: str, batch: int, target: float, threads: int, independent_seconds: float,
+        predictor: str = "profile") -> dict:
     model, x = build(name)
-    settings = Settings(method="l1", latency=target, latency_batch=batch, threads=threads, compensate=False)
+    settings = Settings(method="l1", latency=target, latency_batch=batch, threads=threads, compensate=False,
+                        latency_predictor=predictor)
     t0 = time.perf_counter()
-    row = {"model": name, "batch": batch, "target": target, "threads": threads}
+    row = {"model": name, "batch": batch, "target": target, "threads": threads, "predictor": predictor}
     try:
         prog, _ = compile_model(model, settings, inputs=[InputSpec(tuple(x.shape))], formats=())
     except CompileError as e:
         return {**row, "error": str(e).splitlines()[0], "seconds": time.perf_counter() - t0}
     search = prog.info["budget_search"]
-    row |= {"seconds": time.perf_counter() - t0, "ratio": search["ratio"], "steps": search["steps"],
+    row |= {"seconds": time.perf_counter() - t0, "ratio": search["ratio"], "removed": search["removed"],
+            "model_seconds": (search["predictor"] or {}).get("seconds"), "steps": search["steps"],
             "predicted": search["predicted"], "measured": search["measured"],
             "within_tolerance": search["within_tolerance"]}
     check = LatencySettings(batch_sizes=(batch,), backends=("onnxruntime-cpu",), threads=threads,
                             min_seconds=independent_seconds)
     (again,) = measure_latency({"original": prog.reference, "slim": prog.gm}, (x,), check)
     row["independent"] = again.get("speedup")
-    print(f"{name} b{batch} x{target}: ratio {row['ratio']:.3f}, {len(row['steps'])} steps, measured "
+    print(f"{name} b{batch} x{target} {predictor}: removed {row['removed']:.3f}, {len(row['steps'])} steps, measured "
           f"{row['measured']:.2f}x, independent {row['independent']:.2f}x, {row['seconds']:.0f} s", flush=True)
     return row
 
@@ -74,21 +101,166 @@ def markdown(rows: list[dict], env: dict, threads: int) -> str:
         if "error" in r:
             table.append([r["model"], r["batch"], f"{r['target']}x", "-", "-", "-", "-", "-", "-", r["error"]])
             continue
-        steps = "; ".join(f"{s['ratio']:.2f}: {s['flops_reduction']:.2f} / {s['measured']:.2f}" for s in r["steps"])
+        steps = "; ".join(f"{s.get('removed', s['ratio']):.2f}: {s['predicted']:.2f} / {s['measured']:.2f}"
+                          for s in r["steps"])
         miss = r["independent"] / r["target"] - 1
-        table.append([r["model"], r["batch"], f"{r['target']}x", f"{r['ratio']:.3f}", f"{r['predicted']:.2f}x",
-                      f"{r['measured']:.2f}x", f"{r['independent']:.2f}x", f"{miss:+.0%}", f"{r['seconds']:.0f}", steps])
+        table.append([r["model"], r["batch"], f"{r['target']}x", r.get("predictor", "flops"),
+                      f"{r.get('removed', r['ratio']):.3f}", f"{r['predicted']:.2f}x", f"{r['measured']:.2f}x",
+                      f"{r['independent']:.2f}x", f"{miss:+.0%}",
+                      f"{r['seconds']:.0f}" + (f" ({r['model_seconds']:.0f})" if r.get("model_seconds") else ""), steps])
     return "\n".join([
         "# Pruning to a measured latency",
         "",
         f"`python benchmarks/latency_target.py`: onnxruntime {env.get('onnxruntime')} CPU provider, {threads} threads, "
-        f"on {env.get('cpu')} ({env.get('cpu_count')} cores). Method l1, `--latency X` at the batch size shown; predicted: the FLOPs reduction of "
-        "the chosen step (what `--speedup` assumes); measured: the search's own timing of that step; independent: "
-        "a fresh alternate timing of the same two models afterwards; miss: independent / target - 1. Steps: "
-        "ratio: FLOPs reduction / measured speedup, in the order the search took them.",
+        f"on {env.get('cpu')} ({env.get('cpu_count')} cores). Method l1, `--latency X` at the batch size shown. "
+        "predictor: `profile`, the kernel model measured with onnxruntime's profiler and the uneven allocation (the "
+        "default); `flops`: one ratio for every group, FLOPs predicting (what `--speedup` assumes). removed: the "
+        "fraction of the candidate channels removed; predicted: the predictor's speedup for the chosen step; "
+        "measured: the search's own timing of that step; independent: a fresh alternate timing of the same two "
+        "models afterwards; miss: independent / target - 1; seconds: the whole run (building the latency model, "
+        "when it was not cached). Steps: removed: predicted / measured, in the order the search took them.",
         "",
-        _common.markdown_table(["model", "batch", "target", "ratio", "predicted", "measured", "independent", "miss",
-                                "seconds", "steps"], table),
+        _common.markdown_table(["model", "batch", "target", "predictor", "removed", "predicted", "measured",
+                                "independent", "miss", "seconds", "steps"], table),
+        "",
+    ])
+
+
+def _spearman(a: list[float], b: list[float]) -> float:
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def _mape(pred: list[float], real: list[float]) -> float:
+    return float(np.mean([abs(p / r - 1) for p, r in zip(pred, real)]))
+
+
+def fidelity(name: str, batch: int, threads: int, n: int = 20, seed: int = 0) -> dict:
+    """The kernel model's predictions against measurements over `n` random prunings (see the top)."""
+    model, x = build(name)
+    prog = pcompiler.run(pcompiler.trace(model, (x,)), [make_pass("analyze")])
+    rng = np.random.default_rng(seed)
+    scores = {g.id: rng.random(g.size) for g in prog.analysis.prunable}
+    lats = lattices(prog.analysis, scores, SelectOptions(round_to=backend_round_to("onnxruntime-cpu")))
+
+    def slim(widths):
+        return _trial_slim(prog, select_counts(scores, {lat.gid: lat.size - widths[lat.gid] for lat in lats
+                                                        if lat.gid in widths})).gm
+
+    built = {}
+    for t in dict.fromkeys((threads, 1)):
+        t0 = time.perf_counter()
+        built[t] = measure_model(prog.gm, (x,), lats, slim, "onnxruntime-cpu", batch, t)
+        built[t].seconds = built[t].seconds if built[t].cached else time.perf_counter() - t0
+    settings = LatencySettings(batch_sizes=(batch,), backends=("onnxruntime-cpu",), threads=threads, min_seconds=1.0)
+    before = count_flops(prog.gm, (x,))
+    inputs = make_inputs((x,), batch)
+    runner = RUNNERS["onnxruntime-cpu"][2]
+    tmp = Path(tempfile.mkdtemp(prefix="fidelity-"))
+    (tmp / "original").mkdir()
+    original = runner(prog.gm.eval(), inputs, threads, tmp / "original", None)  # exported once
+    samples = []
+    for i in range(n):
+        frac = rng.uniform(0.1, 0.7)
+        widths = {}
+        for lat in lats:
+            want = lat.size * (1 - frac) * rng.uniform(0.7, 1.3)
+            widths[lat.gid] = min(lat.widths(), key=lambda w: abs(w - want))
+        slim_model = slim(widths).eval()
+        (tmp / str(i)).mkdir()
+        with torch.inference_mode():
+            timings = alternate({"original": original, "slim": runner(slim_model, inputs, threads, tmp / str(i), None)},
+                                settings)
+        row = {"speedup": statistics.median(a / b for a, b in zip(timings["original"], timings["slim"]))}
+        samples.append({"fraction": frac, "measured": row["speedup"],
+                        "flops": before / count_flops(slim_model, (x,)),
+                        **{f"model_{t}t": m.predict({}) / m.predict(widths) for t, m in built.items()}})
+        print(f"{name} b{batch} #{i}: measured {row['speedup']:.2f}x, model {samples[-1][f'model_{threads}t']:.2f}x, "
+              f"FLOPs {samples[-1]['flops']:.2f}x", flush=True)
+    real = [s["measured"] for s in samples]
+    summary = {}
+    for key in [f"model_{t}t" for t in built] + ["flops"]:
+        pred = [s[key] for s in samples]
+        summary[key] = {"mape": _mape(pred, real), "spearman": _spearman(pred, real)}
+    return {"model": name, "batch": batch, "threads": threads, "samples": samples, "summary": summary,
+            "build_seconds": {f"{t}t": m.seconds for t, m in built.items()},
+            "kernels": built[threads].describe()}
+
+
+def fidelity_markdown(rows: list[dict], env: dict) -> str:
+    table = []
+    for r in rows:
+        s, t = r["summary"], r["threads"]
+        table.append([r["model"], r["batch"], len(r["samples"]),
+                      f"{100 * s[f'model_{t}t']['mape']:.1f}%", f"{s[f'model_{t}t']['spearman']:.2f}",
+                      f"{100 * s['flops']['mape']:.1f}%", f"{s['flops']['spearman']:.2f}",
+                      f"{100 * s['model_1t']['mape']:.1f}%" if "model_1t" in s and t != 1 else "-",
+                      f"{s['model_1t']['spearman']:.2f}" if "model_1t" in s and t != 1 else "-",
+                      f"{r['kernels']['kernels']} / {r['kernels']['probes']}", f"{r['build_seconds'][f'{t}t']:.0f}",
+                      f"{min(x['measured'] for x in r['samples']):.2f}-{max(x['measured'] for x in r['samples']):.2f}x"])
+    t = rows[0]["threads"] if rows else "?"
+    return "\n".join([
+        "# How well the latency model predicts",
+        "",
+        f"`python benchmarks/latency_target.py --part fidelity`: onnxruntime {env.get('onnxruntime')} CPU provider, "
+        f"{t} threads, on {env.get('cpu')}. Per model and batch, 20 random prunings (every candidate group a random "
+        "width on its lattice, around a random overall fraction of 0.1-0.7); predicted speedup against the measured "
+        "one (alternate timing, 1 s per model): mean absolute % error (MAPE) and Spearman rank correlation. model: the "
+        f"kernel model at {t} threads; FLOPs: the FLOPs reduction as the prediction; 1-thread model: the model built "
+        f"at 1 thread predicting the {t}-thread timings. kernels / probes: the model's size; build s: the time to "
+        "build it (profiling the original and the probes, exports included).",
+        "",
+        _common.markdown_table(["model", "batch", "prunings", "model MAPE", "model rho", "FLOPs MAPE", "FLOPs rho",
+                                "1-thread MAPE", "1-thread rho", "kernels / probes", "build s", "measured range"],
+                               table),
+        "",
+    ])
+
+
+def accuracy(name: str, target: float, predictor: str, seed: int, threads: int, batch: int = 8) -> dict:
+    """`--latency target` with `predictor`, fine-tuned as the CLI does by default (l1, digits)."""
+    model, x = build(name)
+    settings = Settings(method="l1", latency=target, latency_batch=batch, threads=threads, latency_predictor=predictor,
+                        seed=seed, train=TrainConfig(progress=False))
+    row = {"model": name, "target": target, "predictor": predictor, "seed": seed, "batch": batch}
+    try:
+        prog, _ = compile_model(model, settings, data=load_data("digits"), formats=())
+    except CompileError as e:
+        return {**row, "error": str(e).splitlines()[0]}
+    search = prog.info["budget_search"]
+    row |= {"measured": search["measured"], "removed": search["removed"], "flops_reduction": search["flops_reduction"],
+            "acc_before": prog.info["acc_before"], "acc_pruned": prog.info.get("acc_pruned"),
+            "acc_final": prog.info["acc_final"]}
+    print(f"{name} x{target} {predictor} seed {seed}: measured {row['measured']:.2f}x, accuracy "
+          f"{row['acc_final']:.4f}", flush=True)
+    return row
+
+
+def accuracy_markdown(rows: list[dict], env: dict, threads: int) -> str:
+    table = []
+    keys = sorted({(r["model"], r["target"], r["predictor"]) for r in rows}, key=lambda k: (k[0], k[1], k[2]))
+    for model, target, predictor in keys:
+        rs = [r for r in rows if (r["model"], r["target"], r["predictor"]) == (model, target, predictor)]
+        ok = [r for r in rs if "error" not in r]
+        if not ok:
+            table.append([model, f"{target}x", predictor, "-", "-", "-", "-", rs[0]["error"]])
+            continue
+        acc = [100 * r["acc_final"] for r in ok]
+        table.append([model, f"{target}x", predictor, f"{np.mean([r['measured'] for r in ok]):.2f}x",
+                      f"{np.mean([r['flops_reduction'] for r in ok]):.2f}", f"{np.mean([r['removed'] for r in ok]):.2f}",
+                      f"{np.mean([100 * r['acc_pruned'] for r in ok]):.1f}",
+                      f"{np.mean(acc):.1f} ± {np.std(acc):.1f} ({len(ok)})"])
+    return "\n".join([
+        "# Accuracy at a measured latency",
+        "",
+        f"`python benchmarks/latency_target.py --part accuracy`: the bundled digits networks, l1, `--latency X` at "
+        f"batch 8 on onnxruntime {env.get('onnxruntime')} CPU, {threads} threads, then the CLI's default recalibration "
+        "and fine-tuning (10 epochs), seeds 0-2. predictor `profile`: the kernel model and the uneven allocation (the "
+        "default); `flops`: one ratio for every group (what `--speedup` does). Accuracy (%) on the 360 validation "
+        "digits: right after pruning (recalibrated) and after fine-tuning, mean ± std (runs).",
+        "",
+        _common.markdown_table(["model", "target", "predictor", "measured", "FLOPs /", "removed", "pruned",
+                                "fine-tuned"], table),
         "",
     ])
 
@@ -102,17 +274,32 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="the digits networks at batch 8, target 1.5 (writes to /tmp)")
     ap.add_argument("--out", type=Path, default=_common.DOCS)
     ap.add_argument("--append", action="store_true", help="add the rows to those already in the JSON (runs in parts)")
+    ap.add_argument("--part", choices=("attain", "fidelity", "accuracy"), default="attain")
+    ap.add_argument("--predictors", default="profile")
+    ap.add_argument("--seeds", default="0,1,2")
     args = ap.parse_args()
+    env = {**_common.environment(), "cpu": machine()["cpu"]}
+    if args.part == "fidelity":
+        rows = [fidelity(m, int(b), args.threads) for m in args.models.split(",") for b in args.batches.split(",")]
+        _common.write_json(args.out / "bench_latency_fidelity.json", {"environment": env, "rows": rows})
+        print(_common.write_text(args.out / "bench_latency_fidelity.md", fidelity_markdown(rows, env)).read_text())
+        return
+    if args.part == "accuracy":
+        rows = [accuracy(m, float(t), p, int(seed), args.threads) for m in args.models.split(",")
+                for t in args.targets.split(",") for p in args.predictors.split(",") for seed in args.seeds.split(",")]
+        _common.write_json(args.out / "bench_latency_accuracy.json", {"environment": env, "rows": rows})
+        print(_common.write_text(args.out / "bench_latency_accuracy.md", accuracy_markdown(rows, env, args.threads)).read_text())
+        return
     if args.quick:
         args.models, args.batches, args.targets, args.out = "digits_resnet,digits_vgg", "8", "1.5", Path("/tmp")
-    env = {**_common.environment(), "cpu": machine()["cpu"]}
     rows = []
     if args.append and (args.out / "bench_latency_target.json").exists():
         import json
 
         rows = json.loads((args.out / "bench_latency_target.json").read_text())["rows"]
-    rows += [run(m, int(b), float(t), args.threads, 1.0 if args.quick else 3.0)
-             for m in args.models.split(",") for b in args.batches.split(",") for t in args.targets.split(",")]
+    rows += [run(m, int(b), float(t), args.threads, 1.0 if args.quick else 3.0, p)
+             for m in args.models.split(",") for b in args.batches.split(",") for t in args.targets.split(",")
+             for p in args.predictors.split(",")]
     _common.write_json(args.out / "bench_latency_target.json", {"environment": env, "rows": rows})
     text = markdown(rows, env, args.threads)
     _common.write_text(args.out / "bench_latency_target.md", text)

@@ -34,6 +34,7 @@ from pcompiler.passes.regularize import (
     is_norm_param,
     magnitude_ratio,
 )
+from pcompiler.passes.select import Plan
 from pcompiler.passmanager import register_pass
 
 
@@ -153,10 +154,10 @@ class GReg1(RegMethod):
     def paper_steps(self, prog: Program) -> int:
         return self.growth().length
 
-    def make_hooks(self, prog: Program, budget: int, ratio: float | None) -> GrowingHooks:
+    def make_hooks(self, prog: Program, budget: int, plan: Plan | None) -> GrowingHooks:
         paper = self.growth()
         fit = Budget.fit(budget, paper.length, self.train, paper.ceiling)
         growth = paper.scaled(fit.step_factor, fit.lam)
-        hooks = GrowingHooks(prog, fixed_selection(prog, self, ratio), growth, self.ratio_limit, self.l2_norm)
+        hooks = GrowingHooks(prog, fixed_selection(prog, self, plan), growth, self.ratio_limit, self.l2_norm)
         hooks.schedule_fit = fit.record(paper.push(PAPER_LR), growth.push(self.train.lr))
         return hooks

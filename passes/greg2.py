@@ -34,7 +34,7 @@ from pcompiler.passes.regularize import (
     fixed_selection,
     is_filter,
 )
-from pcompiler.passes.select import candidates
+from pcompiler.passes.select import Plan, candidates
 from pcompiler.passmanager import register_pass
 
 
@@ -42,9 +42,9 @@ class PickingHooks(GrowingHooks):
     """Phase 1 grows one lambda shared by all channels; at pick_ceiling it selects by L1 and
     becomes GReg-1's growth with kept channels at kept_lambda."""
 
-    def __init__(self, prog: Program, method: GReg2, growth: Growth, pick: Growth, kept_lambda: float, ratio: float):
+    def __init__(self, prog: Program, method: GReg2, growth: Growth, pick: Growth, kept_lambda: float, plan: Plan):
         super().__init__(prog, {}, growth, method.ratio_limit, method.l2_norm)
-        self.prog, self.method, self.ratio = prog, method, ratio
+        self.prog, self.method, self.plan = prog, method, plan
         self.pick_delta, self.pick_ceiling, self.kept_lambda = pick.delta, pick.ceiling, kept_lambda
         self.pick_push = 0.0
         self.stabilize_from = None
@@ -63,7 +63,7 @@ class PickingHooks(GrowingHooks):
             super().after_backward(model, step)
 
     def _pick(self, step: int) -> None:
-        self._install(fixed_selection(self.prog, self.method, self.ratio), step)
+        self._install(fixed_selection(self.prog, self.method, self.plan), step)
 
     def _install(self, selection, step: int) -> None:
         self.picking, self.picked_at = False, step
@@ -130,12 +130,12 @@ class GReg2(RegMethod):
         """sum lr * lambda on a pruned channel: picking, then growth starting from pick's ceiling."""
         return pick.push(lr) + growth.push(lr) + lr * pick.ceiling * growth.length
 
-    def make_hooks(self, prog: Program, budget: int, ratio: float | None) -> PickingHooks:
+    def make_hooks(self, prog: Program, budget: int, plan: Plan | None) -> PickingHooks:
         fit = Budget.fit(budget, self.paper_steps(prog), self.train, self.ceiling)
         pick = self.picking().scaled(fit.step_factor, fit.lam)
         growth = self.growth().scaled(fit.step_factor, fit.lam)
         hooks = PickingHooks(prog, self, dataclasses.replace(growth, ceiling=self.ceiling * fit.lam), pick,
-                             self.kept_lambda * fit.lam, ratio)
+                             self.kept_lambda * fit.lam, plan)
         hooks.schedule_fit = fit.record(self.push(self.picking(), self.growth(), PAPER_LR),
                                   self.push(pick, growth, self.train.lr))
         return hooks

@@ -52,7 +52,7 @@ from torch import nn
 from pcompiler.errors import CompileError
 from pcompiler.ir import Program, Selection, tensor_of
 from pcompiler.passes.regularize import MethodHooks, RegMethod, has_residual_add
-from pcompiler.passes.select import candidates, select
+from pcompiler.passes.select import Plan, candidates, select
 from pcompiler.passmanager import register_pass
 
 PAPER_EPOCHS = 160
@@ -259,7 +259,7 @@ class Receding(RegMethod):
             lam *= (self.paper_steps(prog) * PAPER_LR) / (budget * self.train.lr)
         return lam, b
 
-    def make_hooks(self, prog: Program, budget: int, ratio: float | None) -> RecedingHooks:
+    def make_hooks(self, prog: Program, budget: int, plan: Plan | None) -> RecedingHooks:
         if self.from_scratch:
             reinitialize(prog.gm)
         converted = to_bounded(prog.gm, self.start)

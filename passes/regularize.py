@@ -33,7 +33,7 @@ from pcompiler.distill import with_teacher
 from pcompiler.errors import CompileError
 from pcompiler.ir import ChannelGroup, ParamSlice, Program, Selection, owner_of, tensor_of
 from pcompiler.passes.l1 import group_l1, l1_scores
-from pcompiler.passes.select import MethodPass, ratio_for, select
+from pcompiler.passes.select import MethodPass, Plan, plan_for
 from pcompiler.passmanager import ANALYSIS, DATA, PassResult
 from pcompiler.runtime import CPU, Runtime, copy_to
 from pcompiler.train import Hooks, TrainConfig, lr_at, train
@@ -223,14 +223,14 @@ class RegMethod(MethodPass):
     teacher: nn.Module | None = None
     runtime: Runtime = CPU  # where the copy trains; it comes back to where the given model lives
 
-    # S_g is chosen by L1 (before training, or after GReg-2's picking): the ratio, searched for a
-    # --speedup on the starting L1 scores, is fixed before training.
+    # S_g is chosen by L1 (before training, or after GReg-2's picking): the plan (a ratio, searched
+    # for a --speedup, or --latency's per-group counts) on the starting L1 scores is fixed before training.
     selects_by_l1: ClassVar[bool] = False
 
     def paper_steps(self, prog: Program) -> int:
         raise NotImplementedError
 
-    def make_hooks(self, prog: Program, budget: int, ratio: float | None) -> MethodHooks:
+    def make_hooks(self, prog: Program, budget: int, plan: Plan | None) -> MethodHooks:
         raise NotImplementedError
 
     def after_training(self, prog: Program, hooks: MethodHooks) -> Program:
@@ -268,35 +268,35 @@ class RegMethod(MethodPass):
         # its own source.
         home = device_of(prog.gm)
         prog = prog.replace(gm=copy_to(prog.gm, self.runtime.device), source=None)
-        ratio = None
+        plan = None
         if self.selects_by_l1:
-            ratio, _ = ratio_for(prog, analysis, l1_scores(prog), self)
+            plan = plan_for(prog, analysis, l1_scores(prog), self)
         budget = self.budget(prog)
         cfg = dataclasses.replace(with_teacher(self.train, self.teacher), steps=budget, label=f"{self.name} regularization")
-        hooks = self.make_hooks(prog, budget, ratio)
+        hooks = self.make_hooks(prog, budget, plan)
         hooks.lr_at = functools.partial(lr_at, cfg)
         result = train(prog.gm, self.data, cfg, hooks, teacher=self.teacher, runtime=self.runtime)
         prog.gm.eval()
         prog = self.after_training(prog, hooks)
         if self.runtime.device != home:
             prog = prog.replace(gm=copy_to(prog.gm, home))
-        scores, search = self.scores(prog), None
+        scores = self.scores(prog)
         if hooks.selection is not None:
             selection = hooks.selection
         else:
-            ratio, search = ratio_for(prog, analysis, scores, self)
-            selection = select(analysis, scores, self, ratio)
+            plan = plan_for(prog, analysis, scores, self)
+            selection = plan.selection(analysis, scores, self)
         removed = sum(len(v) for v in selection.values())
         log.info("%s: %d steps, removes %d channels in %d groups", self.name, result.steps, removed, len(selection))
-        method = {"name": self.name, "ratio_used": ratio, **self.settings(), "budget": budget,
+        method = {"name": self.name, "ratio_used": plan.ratio if plan is not None else None, **self.settings(), "budget": budget,
                   "steps_done": result.steps, **hooks.summary()}
         regularization = {"curve": result.curve, "steps": result.steps, "seconds": result.seconds,
                           "resumed_from": result.resumed_from, "world_size": result.world_size}
         info = {**prog.info, "method_settings": method, "regularization": regularization,
-                **({"budget_search": search} if search else {})}
+                **({"budget_search": plan.search} if plan is not None and plan.search else {})}
         return PassResult(prog.replace(scores=scores, selection=selection, info=info), changed=True)
 
 
-def fixed_selection(prog: Program, opts: MethodPass, ratio: float) -> Selection:
+def fixed_selection(prog: Program, opts: MethodPass, plan: Plan) -> Selection:
     """S_g by L1 score at this moment (GReg-1 and TPP before training, GReg-2 after picking)."""
-    return select(prog.require_analysis(opts.name), l1_scores(prog), opts, ratio)
+    return plan.selection(prog.require_analysis(opts.name), l1_scores(prog), opts)

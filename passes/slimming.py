@@ -19,6 +19,7 @@ from torch import nn
 from pcompiler.ir import Program, tensor_of
 from pcompiler.passes.l1 import group_l1, slice_magnitude
 from pcompiler.passes.regularize import MethodHooks, RegMethod, has_residual_add, is_norm_param
+from pcompiler.passes.select import Plan
 from pcompiler.passmanager import register_pass
 
 PAPER_EPOCHS = 160
@@ -59,7 +60,7 @@ class Slimming(RegMethod):
     def paper_steps(self, prog: Program) -> int:
         return PAPER_EPOCHS * max(1, len(self.data.train) // self.train.batch_size)
 
-    def make_hooks(self, prog: Program, budget: int, ratio: float | None) -> SparsityHooks:
+    def make_hooks(self, prog: Program, budget: int, plan: Plan | None) -> SparsityHooks:
         s = self.sparsity if self.sparsity is not None else (1e-5 if has_residual_add(prog) else 1e-4)
         return SparsityHooks(prog.gm, s)
 

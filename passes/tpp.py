@@ -50,6 +50,7 @@ from pcompiler.passes.regularize import (
     is_filter,
     is_norm_param,
 )
+from pcompiler.passes.select import Plan
 from pcompiler.passmanager import register_pass
 from pcompiler.train import TrainConfig
 
@@ -224,7 +225,7 @@ class TPP(RegMethod):
     def paper_steps(self, prog: Program) -> int:
         return self.growth().length
 
-    def make_hooks(self, prog: Program, budget: int, ratio: float | None) -> TPPHooks:
+    def make_hooks(self, prog: Program, budget: int, plan: Plan | None) -> TPPHooks:
         if self.gram_every < 1:
             raise CompileError(f"tpp: gram_every must be at least 1, got {self.gram_every}", hint="-p gram_every=1 "
                                "applies the Gram term on every step")
@@ -232,6 +233,6 @@ class TPP(RegMethod):
         fit = Budget.fit(budget, paper.length, self.train, paper.ceiling)
         growth = paper.scaled(fit.step_factor, fit.lam)
         zero = max(1, int(round(self.zero_interval * fit.step_factor)))
-        hooks = TPPHooks(prog, self, fixed_selection(prog, self, ratio), growth, zero)
+        hooks = TPPHooks(prog, self, fixed_selection(prog, self, plan), growth, zero)
         hooks.schedule_fit = fit.record(paper.push(PAPER_LR), growth.push(self.train.lr))
         return hooks

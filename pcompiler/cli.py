@@ -149,12 +149,16 @@ def _guarded(console: Console, verbose: bool, body: Callable[[], int]) -> int:
               help="Rank channels across groups, or remove --ratio from each group (default: the method's; "
                    "receding is global, the others layer-wise).")
 @click.option("--round-to", type=int, help="Keep a multiple of K channels per group (default: what suits --device's "
-              "kernels, 8 on cpu and cuda; 1: no rounding).")
+              "kernels, 8 on cpu and cuda; with --latency, the backend's: the CPU's channel block, 16 with AVX-512; 1: no "
+              "rounding).")
 @click.option("--min-keep", type=int, help="Keep at least N channels per group (default: 3 for receding, else 1).")
 @click.option("--skip", multiple=True, metavar="GLOB", help="Leave groups touching modules that match GLOB alone.")
 @click.option("--speedup", type=float, help="Search the ratio that divides FLOPs by X (instead of --ratio).")
-@click.option("--latency", type=float, help="Search the ratio whose exported model runs X times faster than the "
-              "original, measured on --backend (instead of --ratio).")
+@click.option("--latency", type=float, help="Prune until the exported model runs X times faster than the original, "
+              "measured on --backend (instead of --ratio).")
+@click.option("--latency-predictor", type=click.Choice(["profile", "flops"]), default="profile", show_default=True,
+              help="What predicts --latency's steps: a per-kernel model measured with onnxruntime's profiler, which "
+                   "spends the budget unevenly across groups (onnxruntime backends), or FLOPs, one ratio for all.")
 @click.option("--backend", "latency_backend", default="onnxruntime-cpu", show_default=True,
               help=f"Where --latency is measured: one of {', '.join(BACKENDS)}.")
 @click.option("--latency-batch", type=int, default=1, show_default=True, help="Batch size --latency is measured at.")
@@ -244,6 +248,7 @@ _NEEDS: tuple[tuple[str, str, Callable[[dict[str, Any]], bool]], ...] = (
     ("bench_backends", "--bench", lambda o: o["run_bench"]),
     ("latency_backend", "--latency", lambda o: o["latency"] is not None),
     ("latency_batch", "--latency", lambda o: o["latency"] is not None),
+    ("latency_predictor", "--latency", lambda o: o["latency"] is not None),
     ("threads", "--latency or --bench", lambda o: o["latency"] is not None or o["run_bench"]),
     ("image_size", "--data imagefolder:DIR", lambda o: (o["data_spec"] or "").startswith("imagefolder:")),
     ("seq_len", "--data text:FILE, tokens:FILE or kjv", lambda o: is_text(o["data_spec"])),
@@ -275,7 +280,8 @@ def _settings(o: dict[str, Any]) -> Settings:
                         resume=o["resume"], progress=not o["no_progress"])
     return Settings(
         method=o["method"], ratio=o["ratio"], speedup=o["speedup"], params_removed=o["params_removed"],
-        latency=o["latency"], latency_backend=o["latency_backend"], latency_batch=o["latency_batch"], threads=o["threads"],
+        latency=o["latency"], latency_backend=o["latency_backend"], latency_batch=o["latency_batch"],
+        latency_predictor=o["latency_predictor"], threads=o["threads"],
         global_ranking=o["global_ranking"],
         round_to=o["round_to"], min_keep=o["min_keep"], skip=tuple(o["skip"]), seed=o["seed"],
         method_options=_parse_method_options(o["method_options"]), reg_steps=o["reg_steps"], train=train,

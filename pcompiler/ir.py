@@ -261,6 +261,24 @@ Selection = dict[int, tuple[int, ...]]
 
 
 @dataclass(frozen=True)
+class Lattice:
+    """The kept widths a group may take under the selection's rounding: `size` channels (heads,
+    for an attention group of `block` positions each), kept a multiple of `unit` (or all), at
+    least `least`."""
+
+    gid: int
+    size: int
+    block: int
+    unit: int
+    least: int
+
+    def widths(self) -> list[int]:
+        """The kept widths, the full size first, then from the widest down."""
+        top = self.size // self.unit * self.unit
+        return [self.size] + [w for w in range(top, 0, -self.unit) if w >= self.least and w != self.size]
+
+
+@dataclass(frozen=True)
 class Removal:
     """What `slim` removed, in the original numbering: per parameter dim and per graph dim."""
 

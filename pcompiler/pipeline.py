@@ -83,6 +83,7 @@ class Settings:
     latency: float | None = None  # measured latency reduction wanted on `latency_backend` (targets/latency.py)
     latency_backend: str = "onnxruntime-cpu"
     latency_batch: int = 1
+    latency_predictor: str = "profile"  # targets/latency.py's PREDICTORS
     threads: int | None = None  # CPU threads of the latency measurements (None: torch's setting)
     global_ranking: bool | None = None  # None: the method's default
     round_to: int | None = None
@@ -159,11 +160,13 @@ class Settings:
     def resolved(self) -> Settings:
         """The defaults that depend on other settings made explicit: the ratio (0.5 unless a
         speedup is searched) and the channel multiple that suits the training device."""
-        from pcompiler.targets.bench import default_round_to
+        from pcompiler.targets.bench import backend_round_to, default_round_to
 
         searched = (self.speedup, self.params_removed, self.latency)
         ratio = 0.5 if self.ratio is None and all(v is None for v in searched) else self.ratio
-        round_to = default_round_to(self.device) if self.round_to is None else self.round_to
+        round_to = self.round_to
+        if round_to is None:
+            round_to = backend_round_to(self.latency_backend) if self.latency is not None else default_round_to(self.device)
         return dataclasses.replace(self, ratio=ratio, round_to=round_to)
 
     def train_config(self, phase: str, **changes: Any) -> TrainConfig:
@@ -200,6 +203,7 @@ def _method_pass(settings: Settings, data: DataSource | None, teacher: nn.Module
         from pcompiler.targets.latency import LatencyBudget
 
         options["target"] = LatencyBudget(s.latency, s.latency_backend, s.latency_batch, s.threads,
+                                          predictor=s.latency_predictor,
                                           device=s.device if s.device.startswith("cuda") else "cuda")
     if s.global_ranking is not None:
         options["global_ranking"] = s.global_ranking

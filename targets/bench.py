@@ -55,6 +55,7 @@ from pcompiler.targets.backends import (
     PROVIDERS,
     RUNNERS,
     available_backends,
+    cpu_channel_block,
     cuda_device,
     machine,
     unavailable_backends,
@@ -64,7 +65,7 @@ from pcompiler.targets.onnx import ProviderFallback
 log = logging.getLogger("pcompiler")
 
 __all__ = ["BACKENDS", "RUNNERS", "LatencySettings", "Timing", "alternate", "available_backends", "bench",
-           "default_round_to", "machine", "make_inputs", "measure_latency", "unavailable_backends"]
+           "backend_round_to", "default_round_to", "machine", "make_inputs", "measure_latency", "unavailable_backends"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,6 +83,13 @@ ROUND_TO = {"cpu": 8, "cuda": 8}
 def default_round_to(device: str | torch.device) -> int:
     """The channel multiple that suits `device` (1 for a device not in ROUND_TO)."""
     return ROUND_TO.get(torch.device(device).type, 1)
+
+
+def backend_round_to(backend: str) -> int:
+    """The channel multiple of `backend`'s kernels, for `--latency` (whose latency model is measured
+    on that lattice only): the CPU's NCHWc channel block where it is known, else ROUND_TO's."""
+    kind = RUNNERS[backend][0] if backend in RUNNERS else "cpu"
+    return (cpu_channel_block() or ROUND_TO["cpu"]) if kind == "cpu" else ROUND_TO[kind]
 
 
 @dataclass(frozen=True)

@@ -2,22 +2,32 @@
 
 `reduction(original, slim)` times both models on one backend at one batch size, alternately
 (`bench.measure_latency`: the same loop, warm-up and paired ratios as `--bench`), and returns the
-median per-round ratio original / slim. The search (passes/select.py, `_search_measured`) uses
-FLOPs to predict where the target lies and corrects by what this measures, so each step costs
-one export and one timing of both models.
+median per-round ratio original / slim. `model(...)` is the predictor of the search
+(passes/select.py, `_search_measured`): on the onnxruntime backends the kernel model measured
+with onnxruntime's profiler (targets/latency_model.py), which the search spends unevenly across
+groups; `predictor="flops"`, another backend, or a model whose kernels cannot be tied to the
+groups: None, and the search predicts by FLOPs with one ratio for every group. Each step of the
+search costs one export and one timing of both models.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
 from pcompiler.errors import CompileError
+from pcompiler.ir import Lattice
 from pcompiler.targets.backends import BACKENDS, available_backends
 from pcompiler.targets.bench import LatencySettings, measure_latency
+from pcompiler.targets.latency_model import KernelModel, ModelUnavailable, measure_model
+
+log = logging.getLogger("pcompiler")
+PREDICTORS = ("profile", "flops")
 
 TOLERANCE = 0.05  # relative: about the spread of paired medians on a shared 2-core machine
 
@@ -34,6 +44,7 @@ class LatencyBudget:
     tolerance: float = TOLERANCE
     min_seconds: float = 1.0  # per model and step
     device: str = "cuda"  # where the CUDA backends run
+    predictor: str = "profile"  # PREDICTORS: the kernel model where the backend has one, or FLOPs
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -41,6 +52,8 @@ class LatencyBudget:
         if self.backend not in available_backends(self.device):
             raise CompileError(f"--backend {self.backend} does not run on this machine",
                                hint=f"available here: {', '.join(available_backends(self.device))}")
+        if self.predictor not in PREDICTORS:
+            raise CompileError(f"--latency-predictor {self.predictor}: unknown", hint=f"choose from {', '.join(PREDICTORS)}")
         if self.batch < 1 or (self.threads is not None and self.threads < 1) or not 0 < self.tolerance < 1:
             raise CompileError(f"--latency-batch ({self.batch}) and --threads ({self.threads}) must be at least 1 and the "
                                f"tolerance ({self.tolerance}) in (0, 1)")
@@ -55,6 +68,19 @@ class LatencyBudget:
             raise CompileError(f"--latency: timing on {self.backend} at batch {self.batch} failed: {row['error']}",
                                hint="choose another --backend, or use --speedup (FLOPs)")
         return float(row["speedup"])
+
+    def model(self, original: torch.nn.Module, example_inputs: tuple, lattices: list[Lattice],
+              slim: Callable[[Mapping[int, int]], torch.nn.Module]) -> tuple[KernelModel | None, dict[str, Any]]:
+        """The kernel model of `original` on the backend and its description, or None and why not."""
+        if self.predictor == "flops":
+            return None, {"kind": "flops", "why": "asked for (--latency-predictor flops)"}
+        try:
+            model = measure_model(original, example_inputs, lattices, slim, self.backend, self.batch,
+                                  self.threads or torch.get_num_threads())
+        except ModelUnavailable as e:
+            log.warning("latency model unavailable (%s): predicting by FLOPs, one ratio for every group", e)
+            return None, {"kind": "flops", "why": str(e)}
+        return model, model.describe()
 
     def describe(self) -> dict[str, Any]:
         return {"what": self.what, **dataclasses.asdict(self),

@@ -1,13 +1,16 @@
-"""Test setup shared by every test file: one CPU thread, and torchvision where the tests find it."""
+"""Test setup shared by every test file: one CPU thread, torchvision where the tests find it, and
+a cache folder of the run's own (latency models are not read from, or left in, the user's)."""
 
 import os
 import sys
+import tempfile
 import types
 from pathlib import Path
 
 import torch
 
 torch.set_num_threads(1)
+os.environ["PCOMPILER_CACHE"] = tempfile.mkdtemp(prefix="pcompiler-test-cache-")
 
 # .ci/setup installs torchvision into .venv/test-only, on the tests' path only (and their child
 # processes'): beside pcompiler it would stop transformers from importing (see .ci/setup).

@@ -1,6 +1,7 @@
 """A measured target (`--latency`): the search in passes/select.py on budgets whose measurement is
 a known function of the slim model (so the tests assert the search, not a machine's timings),
-the LatencyBudget that times both models on a backend, and the CLI's checks of the options."""
+with FLOPs or a cost model predicting; the allocation under a cost model; the LatencyBudget that
+times both models on a backend; and the CLI's checks of the options."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import pytest
 import torch
 from helpers import conv_bn_stack, prune
@@ -16,6 +18,10 @@ from test_cli import EXAMPLE, assert_one_line_error, invoke
 
 from pcompiler.costs import count_flops
 from pcompiler.errors import CompileError
+from pcompiler.ir import Lattice
+from pcompiler.passes.select import allocate
+from pcompiler.pipeline import Settings
+from pcompiler.targets.bench import backend_round_to
 from pcompiler.targets.latency import LatencyBudget
 
 X = torch.randn(1, 3, 16, 16)
@@ -40,8 +46,41 @@ class Modelled:
         self.calls.append(value)
         return value
 
+    def model(self, original, example_inputs, lattices, slim):
+        return None, {"kind": "flops", "why": "modelled"}
+
     def describe(self) -> dict[str, Any]:
         return {"what": self.what, "target": self.target}
+
+
+@dataclass
+class PerChannel:
+    """A cost model: seconds = rest + sum over groups of cost[g] x kept channels."""
+
+    cost: dict[int, float]
+    sizes: dict[int, int]
+    rest: float = 0.0
+
+    def predict(self, kept):
+        return self.rest + sum(c * kept.get(g, self.sizes[g]) for g, c in self.cost.items())
+
+    def saving(self, kept, gid, width):
+        return self.cost[gid] * (kept.get(gid, self.sizes[gid]) - width)
+
+    def neighbours(self, gid):
+        return {gid}
+
+
+@dataclass(frozen=True)
+class ModelledWithModel(Modelled):
+    """Measured as Modelled; predicted by a per-channel model whose costs follow each group's FLOPs."""
+
+    def model(self, original, example_inputs, lattices, slim):
+        sizes = {lat.gid: lat.size for lat in lattices}
+        before = count_flops(original, example_inputs)
+        cost = {g: (before - count_flops(slim({g: sizes[g] // 2}), example_inputs)) / (sizes[g] - sizes[g] // 2)
+                for g in sizes}
+        return PerChannel(cost, sizes, rest=self.overhead * before), {"kind": "test"}
 
 
 def test_the_search_meets_a_measured_target_that_flops_overestimate():
@@ -57,6 +96,62 @@ def test_the_search_meets_a_measured_target_that_flops_overestimate():
     assert abs(search["measured"] / 1.5 - 1) <= budget.tolerance and search["met"]
     assert search["predicted"] > search["measured"] and search["ratio"] == prog.info["method_settings"]["ratio_used"]
     assert prog.info["method_settings"]["target"] == {"what": "latency", "target": 1.5}
+
+
+def test_allocate_spends_the_budget_where_it_saves_most_per_unit_of_score():
+    """Two groups of 32 (steps of 8), group 0 four times as costly per channel: with equal scores
+    the cut goes to group 0, in two steps (its second step is worth more than its first, by
+    N / (N - k), but still less per second than group 1's first); with one-scale scores ten times
+    higher in group 0, group 1 goes first."""
+    lats = [Lattice(0, 32, 1, 8, 1), Lattice(1, 32, 1, 8, 1)]
+    model = PerChannel({0: 4.0, 1: 1.0}, {0: 32, 1: 32})
+    flat = {0: np.ones(32), 1: np.ones(32)}
+    counts, predicted = allocate(lats, flat, model, 1.5)
+    assert counts == {0: 16} and predicted == pytest.approx(160 / 96)
+    counts, predicted = allocate(lats, {0: 10 * np.ones(32), 1: np.ones(32)}, model, 1.1, comparable=True)
+    assert counts == {1: 16} and predicted == pytest.approx(160 / 144)
+    counts, predicted = allocate(lats, flat, model, 100.0)  # out of reach: everything down to one step
+    assert counts == {0: 24, 1: 24} and predicted == pytest.approx(160 / 40)
+
+
+def test_the_search_with_a_cost_model_allocates_unevenly_and_meets_the_target():
+    """With a cost model the search spends the budget group by group (no single ratio: the report's
+    ratio is None and the removed fraction is recorded), corrects the model by the measurement
+    and lands within tolerance; the report carries the model's description."""
+    budget = ModelledWithModel(target=1.5, calls=[])
+    prog = prune(conv_bn_stack(), X, target=budget, round_to=4)
+    search = prog.info["budget_search"]
+    assert search["predictor"] == {"kind": "test"} and search["ratio"] is None
+    assert prog.info["method_settings"]["ratio_used"] is None and 0 < search["removed"] < 1
+    assert abs(search["measured"] / 1.5 - 1) <= budget.tolerance and len(search["steps"]) <= 6
+    kept = {g: prog.analysis.groups[g].size - len(v) for g, v in prog.selection.items()}
+    fractions = {g: k / prog.analysis.groups[g].size for g, k in kept.items()}
+    assert len(set(fractions.values())) > 1 or len(fractions) == 1  # not one ratio for all
+
+
+@pytest.mark.parametrize("method", ["greg1", "greg2", "tpp"])
+def test_methods_that_fix_their_selection_before_training_remove_what_the_search_measured(method):
+    """GReg-1 and TPP choose S_g before training and GReg-2 after its picking phase, from the
+    search's plan: the slim model is the one the search measured (its FLOPs), not one ratio."""
+    from test_methods import QUIET, tiny_cnn, tiny_data
+
+    import pcompiler
+    from pcompiler.passmanager import make_pass
+
+    x = torch.randn(2, 1, 6, 6)
+    budget = ModelledWithModel(target=1.3, calls=[], overhead=0.2)
+    prog = pcompiler.run(pcompiler.trace(tiny_cnn(), (x,)), [
+        make_pass("analyze"), make_pass(method, target=budget, round_to=2, data=tiny_data(), steps=30, train=QUIET),
+        make_pass("slim"), make_pass("verify")])
+    search = prog.info["budget_search"]
+    assert search["predictor"] == {"kind": "test"} and prog.info["verify"]["ok"]
+    assert count_flops(prog.reference, (x,)) / count_flops(prog.gm, (x,)) == pytest.approx(search["flops_reduction"])
+
+
+def test_latency_rounds_to_the_backends_channel_block_by_default():
+    assert Settings(latency=2.0).resolved().round_to == backend_round_to("onnxruntime-cpu") in (8, 16)
+    assert Settings(latency=2.0, round_to=4).resolved().round_to == 4
+    assert Settings(ratio=0.5).resolved().round_to == 8
 
 
 def test_an_unreachable_measured_target_says_how_far_it_got():
@@ -81,6 +176,8 @@ def test_latency_budget_times_both_models_on_the_backend():
     (("--method", "l1", "--latency", "2", "--backend", "tensorrt"), ("--backend tensorrt: unknown backend",)),
     (("--method", "l1", "--latency", "2", "--backend", "torch-cuda-fp32"), ("does not run on this machine",)),
     (("--method", "l1", "--ratio", "0.5", "--latency-batch", "8"), ("--latency-batch does nothing without --latency",)),
+    (("--method", "l1", "--ratio", "0.5", "--latency-predictor", "flops"),
+     ("--latency-predictor does nothing without --latency",)),
     (("--method", "l1", "--latency", "0.5"), ("latency target 0.5 is not above 1",)),
 ])
 def test_latency_option_errors(tmp_path, args, fragments):

@@ -18,6 +18,7 @@ from pcompiler.passes.greg1 import GReg1
 from pcompiler.passes.greg2 import GReg2
 from pcompiler.passes.receding import BoundedBatchNorm, Receding, rni_penalty, to_bounded, to_standard
 from pcompiler.passes.regularize import Budget, ChannelPenalty, Growth, is_filter, lambda_cap
+from pcompiler.passes.select import Plan
 from pcompiler.passes.slimming import SparsityHooks
 from pcompiler.passes.tpp import TPP, gram_term
 from pcompiler.passmanager import make_pass
@@ -25,6 +26,7 @@ from pcompiler.train import TrainConfig
 
 torch.set_num_threads(1)
 QUIET = TrainConfig(progress=False, log_every=1)
+HALF = Plan(ratio=0.5)
 
 
 def tiny_cnn() -> nn.Sequential:
@@ -106,7 +108,7 @@ def test_gram_term_equals_the_full_gram_formula_in_value_and_gradient(shape, dim
 
 def test_tpp_loss_term_is_lw_lambda_sum_over_layers():
     prog = program()
-    hooks = TPP(ratio=0.5, data=tiny_data(), gram_every=1).make_hooks(prog, budget=200, ratio=0.5)
+    hooks = TPP(ratio=0.5, data=tiny_data(), gram_every=1).make_hooks(prog, budget=200, plan=HALF)
     hooks.lam = 0.3
     want = sum(gram_term(w, d, i) for w, d, i, _ in hooks.grams)
     assert len(hooks.grams) == 2  # the two conv producers; the Linear reads the last group
@@ -116,7 +118,7 @@ def test_tpp_loss_term_is_lw_lambda_sum_over_layers():
 
 def test_tpp_gram_term_every_kth_step_k_times_as_heavy_within_its_cap():
     prog = program()
-    hooks = TPP(ratio=0.5, data=tiny_data(), gram_every=4).make_hooks(prog, budget=200, ratio=0.5)
+    hooks = TPP(ratio=0.5, data=tiny_data(), gram_every=4).make_hooks(prog, budget=200, plan=HALF)
     hooks.lam = 0.3
     want = sum(gram_term(w, d, i) for w, d, i, _ in hooks.grams)
     assert all(hooks.loss_term(prog.gm, step) is None for step in (1, 2, 3, 5))
@@ -124,12 +126,12 @@ def test_tpp_gram_term_every_kth_step_k_times_as_heavy_within_its_cap():
     hooks.gram_caps = {k: 0.4 for k in hooks.gram_caps}  # k * lambda may not pass the cap
     assert hooks.loss_term(prog.gm, 8).item() == pytest.approx(1000 * 0.4 * want.item(), rel=1e-6)
     with pytest.raises(pcompiler.CompileError, match="gram_every"):
-        TPP(ratio=0.5, data=tiny_data(), gram_every=0).make_hooks(prog, budget=200, ratio=0.5)
+        TPP(ratio=0.5, data=tiny_data(), gram_every=0).make_hooks(prog, budget=200, plan=HALF)
 
 
 def test_tpp_leaves_out_only_gram_terms_that_are_exactly_zero():
     prog = program()
-    hooks = TPP(ratio=0.5, data=tiny_data(), gram_every=1).make_hooks(prog, budget=200, ratio=0.5)
+    hooks = TPP(ratio=0.5, data=tiny_data(), gram_every=1).make_hooks(prog, budget=200, plan=HALF)
     hooks.load_state_dict({"lam": 1.0, "stabilize_from": 0})
     hooks._zero_out(hooks.zero_interval)  # stabilization zeroes the first layer
     w, d, idx, _ = hooks.grams[0]
@@ -147,7 +149,7 @@ def test_tpp_leaves_out_only_gram_terms_that_are_exactly_zero():
 
 def test_tpp_lambda_grows_to_tau_then_zeroes_layer_by_layer():
     prog = program()
-    hooks = TPP(ratio=0.5, data=tiny_data()).make_hooks(prog, budget=110, ratio=0.5)
+    hooks = TPP(ratio=0.5, data=tiny_data()).make_hooks(prog, budget=110, plan=HALF)
     g = hooks.growth
     assert (g.interval, g.ceiling) == (10, pytest.approx(1000.0)) and g.delta == pytest.approx(100.0)
     assert g.stabilize == 10 and hooks.zero_interval == 1
@@ -196,7 +198,7 @@ def test_penalty_adds_lambda_w_to_exactly_the_selected_slices():
 def test_tpp_penalty_reaches_biases_and_norms_only_when_enabled():
     for l2_norm in (True, False):
         prog = program()
-        hooks = TPP(ratio=0.5, data=tiny_data(), l2_norm=l2_norm).make_hooks(prog, 200, 0.5)
+        hooks = TPP(ratio=0.5, data=tiny_data(), l2_norm=l2_norm).make_hooks(prog, 200, HALF)
         hooks.lam = 1.0
         with torch.no_grad():
             prog.gm.get_parameter("1.bias").fill_(0.5)  # BN shifts start at 0: make them visible
@@ -256,7 +258,7 @@ def test_budget_caps_lambda_where_stepping_would_be_unstable():
 
 def test_greg_reports_the_push_it_delivered():
     prog = program()
-    hooks = GReg1(ratio=0.5, data=tiny_data()).make_hooks(prog, budget=200, ratio=0.5)
+    hooks = GReg1(ratio=0.5, data=tiny_data()).make_hooks(prog, budget=200, plan=HALF)
     hooks.limit = math.inf
     for step in range(1, 201):
         hooks.after_step(prog.gm, step)
@@ -268,7 +270,7 @@ def test_greg_reports_the_push_it_delivered():
 
 def test_greg_lambda_grows_by_delta_every_ku_until_tau_then_stabilizes():
     prog = program()
-    hooks = GReg1(ratio=0.5, data=tiny_data()).make_hooks(prog, budget=110, ratio=0.5)
+    hooks = GReg1(ratio=0.5, data=tiny_data()).make_hooks(prog, budget=110, plan=HALF)
     delta, tau = hooks.growth.delta, hooks.growth.ceiling
     # 110 steps = 1/1000 of the paper's length: lambda 1000x larger (the push kept), delta 1000^2 x.
     assert tau == pytest.approx(1000.0) and delta == pytest.approx(100.0)
@@ -297,7 +299,7 @@ def test_greg_lambda_grows_by_delta_every_ku_until_tau_then_stabilizes():
 
 def test_greg_magnitude_ratio_stops_a_group_early():
     prog = program()
-    hooks = GReg1(ratio=0.5, data=tiny_data()).make_hooks(prog, budget=11_000, ratio=0.5)
+    hooks = GReg1(ratio=0.5, data=tiny_data()).make_hooks(prog, budget=11_000, plan=HALF)
     gid = group_with(prog, "0.weight", 0).id
     with torch.no_grad():  # the pruned filters of this group are already ~0
         prog.gm.get_parameter("0.weight")[list(hooks.selection[gid])] *= 1e-6
@@ -311,7 +313,7 @@ def test_greg_magnitude_ratio_stops_a_group_early():
 def test_greg2_picks_by_magnitude_after_the_picking_phase():
     prog = program()
     m = GReg2(ratio=0.5, data=tiny_data())
-    hooks = m.make_hooks(prog, budget=1200, ratio=0.5)
+    hooks = m.make_hooks(prog, budget=1200, plan=HALF)
     assert hooks.picking and hooks.selection == {}
     gid = group_with(prog, "0.weight", 0).id
     w = prog.gm.get_parameter("0.weight")
@@ -495,7 +497,7 @@ def test_receding_from_scratch_reinitializes_and_uses_the_papers_fixed_lambda():
     prog = program()
     weight = prog.gm.get_parameter("0.weight").clone()
     m = Receding(ratio=0.5, data=tiny_data(), steps=0, train=QUIET, from_scratch=True)
-    hooks = m.make_hooks(prog, budget=100, ratio=None)
+    hooks = m.make_hooks(prog, budget=100, plan=None)
     assert not torch.equal(prog.gm.get_parameter("0.weight"), weight)  # drawn anew
     assert hooks.target is None and hooks.lam == pytest.approx(1e-3) and hooks.b == 3.0  # VGG-style: no adds
     bn = hooks.bounded[0]

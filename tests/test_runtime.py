@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import pcompiler
 from pcompiler.data import DataSource
 from pcompiler.errors import VerifyError
+from pcompiler.passes.select import Plan
 from pcompiler.passmanager import make_pass
 from pcompiler.runtime import Runtime, copy_to, lives_on, placed
 from pcompiler.train import Hooks, TrainConfig, train
@@ -157,7 +158,7 @@ def test_no_training_step_mixes_devices_or_waits_for_the_device(method):
         gm, hooks = copy_to(prog.gm, META), None
         if method is not None:  # built as the pass builds them: on the model already on the device
             opts = make_pass(method, ratio=0.5, data=data, train=cfg, runtime=runtime)
-            hooks = opts.make_hooks(prog.replace(gm=gm, source=None), steps, 0.5 if opts.selects_by_l1 else None)
+            hooks = opts.make_hooks(prog.replace(gm=gm, source=None), steps, Plan(ratio=0.5) if opts.selects_by_l1 else None)
         audit.events.clear()
         train(gm, data, cfg, Steps(hooks, audit), runtime=runtime)
     mixed = [e for events in audit.events.values() for e in events if e[0] == "mixed"]

@@ -18,6 +18,7 @@ from pcompiler.data import DataSource, random_crop_flip
 from pcompiler.distill import Distillation
 from pcompiler.errors import CompileError
 from pcompiler.inference import evaluate
+from pcompiler.passes.select import Plan
 from pcompiler.precision import FLOAT32_TINY, flushing_subnormals
 from pcompiler.runtime import Runtime, copy_to
 from pcompiler.train import Hooks, TrainConfig, _lr_factor, train
@@ -189,7 +190,7 @@ def _greg_hooks(model):
 
     prog = pcompiler.run(pcompiler.trace(model, (torch.randn(2, 1, 6, 6),)), [make_pass("analyze")])
     prog.gm.train()
-    return prog.gm, GReg1(ratio=0.5, data=data()).make_hooks(prog, budget=30, ratio=0.5)
+    return prog.gm, GReg1(ratio=0.5, data=data()).make_hooks(prog, budget=30, plan=Plan(ratio=0.5))
 
 
 def test_resume_after_a_kill_ends_with_the_uninterrupted_weights(tmp_path):

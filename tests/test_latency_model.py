@@ -1,0 +1,151 @@
+"""The latency model (targets/latency_model.py): probes that tell the groups apart, kernels tied to
+groups by how their tensor sizes follow the probes' widths, the non-negative fit, and a real
+model measured with onnxruntime's profiler on a small network (its structure and its cache, not
+its timings)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import analyze
+from torch import nn
+
+from pcompiler.ir import Lattice
+from pcompiler.passes.select import SelectOptions, _trial_slim, lattices, select_counts
+from pcompiler.targets.latency_model import (
+    Kernel,
+    ModelUnavailable,
+    Profile,
+    identify,
+    levels,
+    measure_model,
+    monotone,
+    probe_codes,
+)
+
+
+def test_probe_codes_tell_every_group_apart_and_stay_on_the_lattice():
+    """Nine groups of 64 channels (unit 16) and two of 4 heads of 16 (they show as 64 channels
+    too): every group's sequence of widths over the original and the probes is its own, at 1x and
+    at its block, none is the all-full sequence, and every width is on the group's lattice."""
+    lats = [Lattice(gid=i, size=64, block=1, unit=16, least=1) for i in range(9)]
+    lats += [Lattice(gid=10 + i, size=4, block=16, unit=1, least=1) for i in range(2)]
+    probes = probe_codes(lats)
+    assert len(probes) >= 3
+    seen = set()
+    for lat in lats:
+        seq = tuple(p[lat.gid] for p in probes)
+        assert all(w in lat.widths() for w in seq) and seq != (lat.size,) * len(probes)
+        shown = {tuple(m * w for w in (lat.size, *seq)) for m in {1, lat.block}}
+        assert not shown & seen
+        seen |= shown
+
+
+def test_probes_measure_each_group_at_several_widths():
+    """A group's code uses its levels 3/4, 1/2 and 1/4 (distinct ones first), so each kernel is
+    seen at several widths and the fit has more than two points."""
+    lat = Lattice(gid=0, size=64, block=1, unit=16, least=1)
+    assert levels(lat) == [64, 48, 32, 16]
+    probes = probe_codes([Lattice(gid=i, size=64, block=1, unit=16, least=1) for i in range(4)])
+    for gid in range(4):
+        assert len({p[gid] for p in probes}) >= 2
+
+
+def test_a_group_with_one_width_is_left_out_of_the_probes():
+    assert probe_codes([Lattice(gid=0, size=16, block=1, unit=16, least=1),
+                        Lattice(gid=1, size=32, block=1, unit=16, least=1)])[0].keys() == {1}
+
+
+def _run(call: float, **kernels) -> Profile:
+    return Profile(call=call, kernels={k: ("Conv", t, shapes) for k, (t, shapes) in kernels.items()})
+
+
+def test_identify_ties_each_dimension_to_the_group_it_follows():
+    """Kernel `a` reads group 0 (32 -> 16 -> 24) and writes group 1 (64 -> 32 -> 64); `b` is
+    elementwise in group 1 seen as 4 heads of 16 (block 16); `c` never changes; `d` flattens
+    group 1 x 4 x 4 (constant factor 16... also the block: any constant multiple is accepted)."""
+    lats = [Lattice(0, 32, 1, 8, 1), Lattice(1, 4, 16, 1, 1)]
+    widths = [{}, {0: 16, 1: 2}, {0: 24, 1: 4}]
+    runs = [_run(1.0, a=(0.1, ((8, 32, 7, 7), (8, 64, 7, 7))), b=(0.1, ((8, 4, 9, 16),)), c=(0.1, ((8, 3),)),
+                 d=(0.1, ((8, 1024),))),
+            _run(0.5, a=(0.1, ((8, 16, 7, 7), (8, 32, 7, 7))), b=(0.1, ((8, 2, 9, 16),)), c=(0.1, ((8, 3),)),
+                 d=(0.1, ((8, 512),))),
+            _run(0.7, a=(0.1, ((8, 24, 7, 7), (8, 64, 7, 7))), b=(0.1, ((8, 4, 9, 16),)), c=(0.1, ((8, 3),)),
+                 d=(0.1, ((8, 1024),)))]
+    assert identify(runs, widths, lats) == {"a": (0, 1), "b": (1,), "c": (), "d": (1,)}
+
+
+def test_identify_refuses_what_it_cannot_tie_to_a_group():
+    lats = [Lattice(0, 32, 1, 8, 1)]
+    widths = [{}, {0: 16}]
+    unexplained = [_run(1.0, a=(0.1, ((8, 32),))), _run(0.5, a=(0.1, ((8, 20),)))]
+    with pytest.raises(ModelUnavailable, match=r"kernel a \(Conv\): a dimension of sizes \(32, 20\) follows no channel group"):
+        identify(unexplained, widths, lats)
+    refused = [_run(1.0, a=(0.1, ((8, 32),))), _run(0.5, b=(0.1, ((8, 16),)))]
+    with pytest.raises(ModelUnavailable, match="kernels change with the widths"):
+        identify(refused, widths, lats)
+
+
+@pytest.mark.parametrize("xs, ts, expected", [
+    ([1.0, 0.5, 0.25], [2.0, 1.5, 1.25], ((0.25, 1.25), (0.5, 1.5), (1.0, 2.0))),  # sorted
+    ([1.0, 0.5], [1.0, 1.2], ((0.5, 1.1), (1.0, 1.1))),  # slower when narrower: pooled, flat
+    ([1.0, 0.5, 0.5], [3.0, 1.0, 2.0], ((0.5, 1.5), (1.0, 3.0))),  # equal x averaged
+    ([1.0, 0.75, 0.5, 0.25], [4.0, 2.0, 2.5, 1.0], ((0.25, 1.0), (0.5, 2.25), (0.75, 2.25), (1.0, 4.0))),
+])
+def test_kernel_points_are_made_non_decreasing_by_least_squares(xs, ts, expected):
+    points = monotone(xs, ts)
+    assert len(points) == len(expected)
+    assert [v for p in points for v in p] == pytest.approx([v for p in expected for v in p])
+
+
+def test_a_kernel_interpolates_between_its_points_and_is_proportional_below_them():
+    k = Kernel(name="k", op="Conv", groups=(0,), points=((0.25, 1.0), (0.5, 3.0), (1.0, 4.0)))
+    assert [k.seconds(x) for x in (0.125, 0.25, 0.375, 0.75, 1.0, 1.5)] == pytest.approx([0.5, 1.0, 2.0, 3.5, 4.0, 4.0])
+
+
+def _wide_stack() -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                         nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+                         nn.Conv2d(64, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 10, 1))
+
+
+def test_a_model_measured_with_onnxruntime_ties_its_kernels_to_the_groups_and_is_cached(tmp_path, monkeypatch):
+    """The real thing on a 3-group conv stack (widths on a lattice of 16): every convolution's
+    kernel scales with a group, the model predicts the original's whole call within its fit error
+    and a smaller call for a narrower model, savings agree with predictions, and a second build
+    comes from the cache with the same kernels."""
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setenv("PCOMPILER_CACHE", str(tmp_path))
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 16, 16)
+    prog = analyze(_wide_stack().eval(), x)
+    scores = {g.id: torch.rand(g.size).numpy() for g in prog.analysis.prunable}
+    lats = lattices(prog.analysis, scores, SelectOptions(round_to=16))
+    assert sorted(lat.size for lat in lats) == [32, 32, 64]
+    built = []
+
+    def slim(widths):
+        built.append(dict(widths))
+        return _trial_slim(prog, select_counts(scores, {g: next(lat.size for lat in lats if lat.gid == g) - w
+                                                        for g, w in widths.items()})).gm
+
+    model = measure_model(prog.gm, (x,), lats, slim, "onnxruntime-cpu", batch=2, threads=1)
+    assert len(built) == model.probes >= 3 and not model.cached
+    convs = [k for k in model.kernels if k.op == "Conv"]
+    assert len(convs) == 4 and all(k.groups for k in convs)
+    assert {g for k in model.kernels for g in k.groups} == {lat.gid for lat in lats}
+    assert model.fit_error < 0.5
+    narrow = {lat.gid: lat.widths()[-1] for lat in lats}
+    assert model.predict(narrow) < model.predict({})
+    gid = lats[0].gid
+    assert model.saving({}, gid, 16) == pytest.approx(model.predict({}) - model.predict({gid: 16}))
+    again = measure_model(prog.gm, (x,), lats, slim, "onnxruntime-cpu", batch=2, threads=1)
+    assert again.cached and len(built) == model.probes
+    assert [(k.name, k.groups) for k in again.kernels] == [(k.name, k.groups) for k in model.kernels]
+    assert list(tmp_path.glob("latency/*.json"))
+
+
+def test_a_backend_without_a_profiler_has_no_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("PCOMPILER_CACHE", str(tmp_path))
+    with pytest.raises(ModelUnavailable, match="torch-cpu has none"):
+        measure_model(nn.Linear(2, 2), (torch.zeros(1, 2),), [], lambda w: None, "torch-cpu", 1, 1)
