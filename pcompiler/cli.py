@@ -157,8 +157,11 @@ def _guarded(console: Console, verbose: bool, body: Callable[[], int]) -> int:
 @click.option("--latency", type=float, help="Prune until the exported model runs X times faster than the original, "
               "measured on --backend (instead of --ratio).")
 @click.option("--latency-predictor", type=click.Choice(["profile", "flops"]), default="profile", show_default=True,
-              help="What predicts --latency's steps: a per-kernel model measured with onnxruntime's profiler, which "
-                   "spends the budget unevenly across groups (onnxruntime backends), or FLOPs, one ratio for all.")
+              help="What predicts --latency's steps: a per-kernel model measured with onnxruntime's profiler "
+                   "(onnxruntime backends), or FLOPs.")
+@click.option("--latency-allocation", type=click.Choice(["uniform", "knapsack"]), default="uniform", show_default=True,
+              help="How --latency's predicted budget is spent: one ratio for every group, or a knapsack of score "
+                   "against the kernel model's seconds, uneven across groups.")
 @click.option("--backend", "latency_backend", default="onnxruntime-cpu", show_default=True,
               help=f"Where --latency is measured: one of {', '.join(BACKENDS)}.")
 @click.option("--latency-batch", type=int, default=1, show_default=True, help="Batch size --latency is measured at.")
@@ -249,6 +252,7 @@ _NEEDS: tuple[tuple[str, str, Callable[[dict[str, Any]], bool]], ...] = (
     ("latency_backend", "--latency", lambda o: o["latency"] is not None),
     ("latency_batch", "--latency", lambda o: o["latency"] is not None),
     ("latency_predictor", "--latency", lambda o: o["latency"] is not None),
+    ("latency_allocation", "--latency", lambda o: o["latency"] is not None),
     ("threads", "--latency or --bench", lambda o: o["latency"] is not None or o["run_bench"]),
     ("image_size", "--data imagefolder:DIR", lambda o: (o["data_spec"] or "").startswith("imagefolder:")),
     ("seq_len", "--data text:FILE, tokens:FILE or kjv", lambda o: is_text(o["data_spec"])),
@@ -281,7 +285,7 @@ def _settings(o: dict[str, Any]) -> Settings:
     return Settings(
         method=o["method"], ratio=o["ratio"], speedup=o["speedup"], params_removed=o["params_removed"],
         latency=o["latency"], latency_backend=o["latency_backend"], latency_batch=o["latency_batch"],
-        latency_predictor=o["latency_predictor"], threads=o["threads"],
+        latency_predictor=o["latency_predictor"], latency_allocation=o["latency_allocation"], threads=o["threads"],
         global_ranking=o["global_ranking"],
         round_to=o["round_to"], min_keep=o["min_keep"], skip=tuple(o["skip"]), seed=o["seed"],
         method_options=_parse_method_options(o["method_options"]), reg_steps=o["reg_steps"], train=train,

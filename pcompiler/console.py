@@ -48,7 +48,7 @@ def _num(x: Any) -> str:
 
 def summary(console: Console, report: dict[str, Any], report_path: Path) -> None:
     """The numbers before and after as a table, then one line per check and file."""
-    from pcompiler.report_md import before_after_rows
+    from pcompiler.report_md import before_after_rows, search_text
 
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
     for name, justify in (("", "left"), ("before", "right"), ("after", "right"), ("change", "right")):
@@ -61,6 +61,8 @@ def summary(console: Console, report: dict[str, Any], report_path: Path) -> None
     reg = report.get("regularization") or {}
     if reg:
         rows.append(("training", f"{reg.get('steps')} regularization steps in {reg.get('seconds', 0):.1f}s"))
+    if report.get("budget_search"):
+        rows.append(("latency", escape(search_text(report["budget_search"]))))
     groups = report.get("groups") or {}
     if groups:
         rows.append(("channels", f"{groups.get('channels_removed')} removed in {groups.get('pruned')} of {groups.get('total')} groups"))

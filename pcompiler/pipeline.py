@@ -84,6 +84,7 @@ class Settings:
     latency_backend: str = "onnxruntime-cpu"
     latency_batch: int = 1
     latency_predictor: str = "profile"  # targets/latency.py's PREDICTORS
+    latency_allocation: str = "uniform"  # targets/latency.py's ALLOCATIONS
     threads: int | None = None  # CPU threads of the latency measurements (None: torch's setting)
     global_ranking: bool | None = None  # None: the method's default
     round_to: int | None = None
@@ -203,7 +204,7 @@ def _method_pass(settings: Settings, data: DataSource | None, teacher: nn.Module
         from pcompiler.targets.latency import LatencyBudget
 
         options["target"] = LatencyBudget(s.latency, s.latency_backend, s.latency_batch, s.threads,
-                                          predictor=s.latency_predictor,
+                                          predictor=s.latency_predictor, allocation=s.latency_allocation,
                                           device=s.device if s.device.startswith("cuda") else "cuda")
     if s.global_ranking is not None:
         options["global_ranking"] = s.global_ranking

@@ -141,6 +141,19 @@ def before_after_rows(r: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+def search_text(s: dict[str, Any]) -> str:
+    """One line for a measured budget's search (report.json `budget_search`)."""
+    p = s.get("predictor") or {}
+    if p.get("kind") == "flops":
+        how = f"FLOPs, one ratio for every group ({p.get('why')})"
+    else:
+        how = (f"{p.get('kind')} model, {p.get('kernels')} kernels from {p.get('probes')} probes, "
+               + ("cached" if p.get("cached") else f"built in {p.get('seconds', 0):.0f} s"))
+    return (f"{s.get('target'):g}x lower {s.get('what')} on {s.get('backend')} at batch {s.get('batch')}, "
+            f"{s.get('threads')} threads: measured {s.get('measured', 0):.2f}x (predicted {s.get('predicted', 0):.2f}x, "
+            f"FLOPs / {s.get('flops_reduction', 0):.2f}) after {len(s.get('steps') or [])} steps; predictor: {how}")
+
+
 def latency_rows(bench: dict[str, Any]) -> list[list[str]]:
     """The latency table of a bench result, header first: p50 and p90 of each model, and the
     speedup and efficiency when an original and a slim model were compared."""
@@ -292,6 +305,13 @@ def render(r: dict[str, Any], plots: dict[str, str]) -> str:
             lines += [f"![latency]({plots['latency']})", ""]
         header, *rows = latency_rows(bench)
         lines += [_table(header, rows), ""]
+    search = r.get("budget_search")
+    if search:
+        lines += ["## Latency target", "", search_text(search) + ".", "",
+                  _table(["step", "channels removed", "predicted", "FLOPs /", "measured"],
+                         [[str(i + 1), _pct(st.get("removed")), f"{st.get('predicted', 0):.2f}x",
+                           f"{st.get('flops_reduction', 0):.2f}", f"{st.get('measured', 0):.2f}x"]
+                          for i, st in enumerate(search.get("steps") or [])]), ""]
     layers = r.get("layers") or {}
     if layers:
         lines += ["## Widths per layer", ""]

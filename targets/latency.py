@@ -28,6 +28,16 @@ from pcompiler.targets.latency_model import KernelModel, ModelUnavailable, measu
 
 log = logging.getLogger("pcompiler")
 PREDICTORS = ("profile", "flops")
+# How the kernel model's prediction is spent: one ratio for every group (bisected on the model), or
+# passes/select.py's knapsack. Uniform is the default: on the digits networks at --latency 2,
+# fine-tuned alike, the knapsack kept 96.2% (ResNet, 3 seeds, 93.6-98.9) against 98.8% with one
+# ratio; docs/bench_latency_accuracy.md.
+ALLOCATIONS = ("uniform", "knapsack")
+# The kernel model is profiled on one thread whatever --threads is: on resnet50, mobilenet_v2 and
+# vit_b_16 at batch 1 and 8, a model profiled at 1 thread predicted the 2-thread speedups of 20
+# random prunings with 2-7% mean error, one profiled at 2 threads with 11-27% (parallel kernels'
+# times under the profiler do not add up to the call); docs/bench_latency_fidelity.md.
+PROFILE_THREADS = 1
 
 TOLERANCE = 0.05  # relative: about the spread of paired medians on a shared 2-core machine
 
@@ -45,6 +55,7 @@ class LatencyBudget:
     min_seconds: float = 1.0  # per model and step
     device: str = "cuda"  # where the CUDA backends run
     predictor: str = "profile"  # PREDICTORS: the kernel model where the backend has one, or FLOPs
+    allocation: str = "uniform"  # ALLOCATIONS: with the kernel model, one ratio for all, or the knapsack
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -52,6 +63,8 @@ class LatencyBudget:
         if self.backend not in available_backends(self.device):
             raise CompileError(f"--backend {self.backend} does not run on this machine",
                                hint=f"available here: {', '.join(available_backends(self.device))}")
+        if self.allocation not in ALLOCATIONS:
+            raise CompileError(f"--latency-allocation {self.allocation}: unknown", hint=f"choose from {', '.join(ALLOCATIONS)}")
         if self.predictor not in PREDICTORS:
             raise CompileError(f"--latency-predictor {self.predictor}: unknown", hint=f"choose from {', '.join(PREDICTORS)}")
         if self.batch < 1 or (self.threads is not None and self.threads < 1) or not 0 < self.tolerance < 1:
@@ -76,11 +89,11 @@ class LatencyBudget:
             return None, {"kind": "flops", "why": "asked for (--latency-predictor flops)"}
         try:
             model = measure_model(original, example_inputs, lattices, slim, self.backend, self.batch,
-                                  self.threads or torch.get_num_threads())
+                                  PROFILE_THREADS)
         except ModelUnavailable as e:
             log.warning("latency model unavailable (%s): predicting by FLOPs, one ratio for every group", e)
             return None, {"kind": "flops", "why": str(e)}
-        return model, model.describe()
+        return model, {**model.describe(), "profiled_threads": PROFILE_THREADS}
 
     def describe(self) -> dict[str, Any]:
         return {"what": self.what, **dataclasses.asdict(self),

@@ -6,12 +6,13 @@ Built by `measure_model` (passes/select.py's allocation and search read it throu
 
 1. Probes. Besides the original, K pruned copies. Each candidate group gets a code: K kept
    widths on its lattice (multiples of its rounding unit) from its levels (the lattice widths
-   nearest 3/4, 1/2 and 1/4 of it, or full), codes with more distinct levels first (a kernel is
+   nearest 3/4, 1/2 and 1/4 of it, never one head, or full), codes with more distinct levels first (a kernel is
    measured at several widths, not twice at one), none full in every probe, and no two groups
    whose widths could show as the same tensor size sharing one. K starts at 3 and grows until
    the codes are unique.
 2. Profiles. Each model is exported to ONNX (as the backend runs it) and run under onnxruntime's
-   profiler at the budget's batch and threads: per kernel of the optimized graph, its median
+   profiler at the budget's batch, on the threads asked for (`--latency` asks for one: see
+   targets/latency.py's PROFILE_THREADS): per kernel of the optimized graph, its median
    time and tensor shapes, and the median time of a whole call.
 3. Identification. A tensor dimension whose size changes across the runs belongs to the group
    whose kept widths it follows in every run, times 1, the group's block (heads counted as
@@ -147,8 +148,10 @@ def probe_codes(lattices: Sequence[Lattice], start: int = 3, most: int = 8) -> l
 
 
 def levels(lat: Lattice) -> list[int]:
-    """The widths a probe gives `lat`: full, then the lattice widths nearest 3/4, 1/2 and 1/4 of it."""
-    widths = lat.widths()
+    """The widths a probe gives `lat`: full, then the lattice widths nearest 3/4, 1/2 and 1/4 of it;
+    never one head (a single head is a graph the exporter specializes, with other kernels than
+    every other width's: the digits ViT's probes failed on it)."""
+    widths = [w for w in lat.widths() if lat.block == 1 or w >= 2] or lat.widths()
     out = [lat.size]
     for f in (0.75, 0.5, 0.25):
         w = min(widths[1:], key=lambda w: abs(w - f * lat.size), default=None)

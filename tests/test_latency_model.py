@@ -42,10 +42,10 @@ def test_probe_codes_tell_every_group_apart_and_stay_on_the_lattice():
 
 
 def test_probes_measure_each_group_at_several_widths():
-    """A group's code uses its levels 3/4, 1/2 and 1/4 (distinct ones first), so each kernel is
-    seen at several widths and the fit has more than two points."""
-    lat = Lattice(gid=0, size=64, block=1, unit=16, least=1)
-    assert levels(lat) == [64, 48, 32, 16]
+    """A group's code uses its levels 3/4, 1/2 and 1/4 (distinct ones first, never one head), so
+    each kernel is seen at several widths and the fit has more than two points."""
+    assert levels(Lattice(gid=0, size=64, block=1, unit=16, least=1)) == [64, 48, 32, 16]
+    assert levels(Lattice(gid=0, size=4, block=16, unit=1, least=1)) == [4, 3, 2]  # never one head: see levels()
     probes = probe_codes([Lattice(gid=i, size=64, block=1, unit=16, least=1) for i in range(4)])
     for gid in range(4):
         assert len({p[gid] for p in probes}) >= 2
