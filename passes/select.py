@@ -17,8 +17,8 @@
   one (one ratio bisected on the model, or with the budget's `allocation` "knapsack", `allocate`:
   a greedy knapsack of score against predicted seconds over the groups' lattice widths), else
   FLOPs (one ratio, bisected on slimmed copies); each step is slimmed and measured and the
-  prediction corrected by the measured gain, until the measured reduction is within the
-  budget's tolerance of its target (`_search_measured`; every step is recorded). The outcome is
+  prediction corrected by the measured gain, until a step's measured reduction lies between the
+  target and `tolerance` above it (`_search_measured`; every step is recorded). The outcome is
   a `Plan`: one ratio, or a count per group.
 
 `MethodPass` is the base of every method: it computes scores (the subclass's job), selects,
