@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 
 from pcompiler.hf import config_problem, slim_widths
-from pcompiler.ir import Program, Selection
+from pcompiler.ir import Program, Selection, round_unit
 from pcompiler.passmanager import SELECTION, PassResult, register_pass
 
 log = logging.getLogger("pcompiler")
@@ -92,8 +91,7 @@ class HfConfig:
 
 def _unit(prog: Program, gid: int, round_to: int) -> int:
     """Channels of one step: round_to positions, counting a head of `block` positions as `block` wide."""
-    block = prog.analysis.groups[gid].block
-    return max(1, round_to // math.gcd(round_to, block))
+    return round_unit(round_to, prog.analysis.groups[gid].block)
 
 
 def _given_back(prog: Program, selection: Selection, groups: list[int], step: int, round_to: int) -> Selection:

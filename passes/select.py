@@ -37,7 +37,7 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 
 from pcompiler.errors import CompileError
-from pcompiler.ir import Analysis, ChannelGroup, Lattice, Program, Selection
+from pcompiler.ir import Analysis, ChannelGroup, Lattice, Program, Selection, round_unit
 from pcompiler.passmanager import ANALYSIS, SELECTION, PassResult
 
 log = logging.getLogger("pcompiler")
@@ -144,7 +144,7 @@ def _max_removable(n: int, opts: SelectOptions) -> int:
 def _round_kept(n: int, remove: int, opts: SelectOptions, block: int = 1) -> int:
     """Adjust a removal count so the kept width is a multiple of round_to (rounding kept up). A
     channel of `block` positions (an attention head of that width) counts as `block` wide."""
-    unit = opts.round_to // math.gcd(opts.round_to, block)
+    unit = round_unit(opts.round_to, block)
     if unit == 1 or remove == 0:
         return remove
     kept = min(n, math.ceil((n - remove) / unit) * unit)
@@ -169,14 +169,8 @@ def select(analysis: Analysis, scores: dict[int, np.ndarray], opts: SelectOption
     else:
         for g in groups:
             counts[g.id] = int(math.ceil(r * g.size - 1e-9))
-    selection: Selection = {}
-    for g in groups:
-        n = min(counts[g.id], _max_removable(g.size, opts))
-        n = _round_kept(g.size, n, opts, g.block)
-        if n > 0:
-            order = np.argsort(scores[g.id], kind="stable")  # lowest score first
-            selection[g.id] = tuple(sorted(int(i) for i in order[:n]))
-    return selection
+    return select_counts(scores, {g.id: _round_kept(g.size, min(counts[g.id], _max_removable(g.size, opts)), opts, g.block)
+                                  for g in groups})
 
 
 def select_counts(scores: dict[int, np.ndarray], counts: dict[int, int]) -> Selection:
@@ -193,8 +187,8 @@ def lattices(analysis: Analysis, scores: dict[int, np.ndarray], opts: SelectOpti
     out = []
     for g in candidates(analysis, opts.skip):
         if g.id in scores:
-            unit = max(1, opts.round_to // math.gcd(opts.round_to, g.block))
-            out.append(Lattice(gid=g.id, size=g.size, block=g.block, unit=unit, least=opts.min_keep))
+            out.append(Lattice(gid=g.id, size=g.size, block=g.block, unit=round_unit(opts.round_to, g.block),
+                               least=opts.min_keep))
     return out
 
 

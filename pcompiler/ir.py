@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Union
@@ -258,6 +259,12 @@ class Analysis:
 
 # Selection: group id -> sorted channel indices (within the group) to remove.
 Selection = dict[int, tuple[int, ...]]
+
+
+def round_unit(round_to: int, block: int = 1) -> int:
+    """Channels of one rounding step: kept widths are multiples of `round_to` positions, and a
+    channel of `block` positions (an attention head of that width) counts as `block` wide."""
+    return max(1, round_to // math.gcd(round_to, block))
 
 
 @dataclass(frozen=True)
