@@ -11,13 +11,15 @@ rank correlation of each predictor, and of the 1-thread model against the same 2
 Writes docs/bench_latency_fidelity.{json,md}.
 
 `--part accuracy`: on the digits networks (ResNet, VGG, ViT), `--latency X` with each predictor
-(`profile`: the kernel model and the uneven allocation; `flops`: one ratio for all), then the
+(`profile`: one ratio bisected on the kernel model, the default; `knapsack`: the kernel model and
+the uneven allocation; `flops`: one ratio, FLOPs predicting), then the
 same fine-tuning; accuracy at the measured latency, 3 seeds. Writes docs/bench_latency_accuracy.{json,md}.
 
 `--part attain` (the default) is what follows.
 
 For each model (torchvision's resnet50, mobilenet_v2 and vit_b_16 at 224x224 with random
-weights, latency depending on the widths only; the bundled digits ResNet and VGG), each batch
+weights, latency depending on the widths only; timm's efficientnet_b0; the bundled digits ResNet,
+VGG and ViT), each batch
 size (1 and 8) and each target X (1.5, 2 and 3): `compile_model` with `Settings(method="l1",
 latency=X, latency_backend="onnxruntime-cpu", latency_batch=B, threads=T)`, the search's steps
 (ratio, FLOPs reduction, measured speedup) from the Program, and then an independent
@@ -32,6 +34,7 @@ nothing else.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
@@ -56,7 +59,7 @@ from pcompiler.targets.bench import LatencySettings, alternate, backend_round_to
 from pcompiler.targets.latency_model import measure_model
 from pcompiler.train import TrainConfig
 
-MODELS = ("digits_resnet", "digits_vgg", "mobilenet_v2", "resnet50", "vit_b_16", "timm:efficientnet_b0")
+MODELS = ("digits_resnet", "digits_vgg", "digits_vit", "mobilenet_v2", "resnet50", "vit_b_16", "timm:efficientnet_b0")
 
 
 def build(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
@@ -84,6 +87,8 @@ def run(name: str, batch: int, target: float, threads: int, independent_seconds:
     search = prog.info["budget_search"]
     row |= {"seconds": time.perf_counter() - t0, "ratio": search["ratio"], "removed": search["removed"],
             "model_seconds": (search["predictor"] or {}).get("seconds"), "steps": search["steps"],
+            "predicted_by": (search["predictor"] or {}).get("kind", "flops"),
+            "fallback": (search["predictor"] or {}).get("why"),
             "predicted": search["predicted"], "measured": search["measured"],
             "within_tolerance": search["within_tolerance"]}
     check = LatencySettings(batch_sizes=(batch,), backends=("onnxruntime-cpu",), threads=threads,
@@ -104,7 +109,9 @@ def markdown(rows: list[dict], env: dict, threads: int) -> str:
         steps = "; ".join(f"{s.get('removed', s['ratio']):.2f}: {s['predicted']:.2f} / {s['measured']:.2f}"
                           for s in r["steps"])
         miss = r["independent"] / r["target"] - 1
-        table.append([r["model"], r["batch"], f"{r['target']}x", r.get("predictor", "flops"),
+        used = r.get("predicted_by", r.get("predictor", "flops"))
+        table.append([r["model"], r["batch"], f"{r['target']}x", "kernel model" if used != "flops" else
+                      ("FLOPs (fallback)" if r.get("predictor", "profile") != "flops" else "FLOPs"),
                       f"{r.get('removed', r['ratio']):.3f}", f"{r['predicted']:.2f}x", f"{r['measured']:.2f}x",
                       f"{r['independent']:.2f}x", f"{miss:+.0%}",
                       f"{r['seconds']:.0f}" + (f" ({r['model_seconds']:.0f})" if r.get("model_seconds") else ""), steps])
@@ -113,8 +120,9 @@ def markdown(rows: list[dict], env: dict, threads: int) -> str:
         "",
         f"`python benchmarks/latency_target.py`: onnxruntime {env.get('onnxruntime')} CPU provider, {threads} threads, "
         f"on {env.get('cpu')} ({env.get('cpu_count')} cores). Method l1, `--latency X` at the batch size shown. "
-        "predictor: `profile`, the kernel model measured with onnxruntime's profiler and the uneven allocation (the "
-        "default); `flops`: one ratio for every group, FLOPs predicting (what `--speedup` assumes). removed: the "
+        "predictor: what predicted the steps: the kernel model measured with onnxruntime's profiler (the default; one "
+        "ratio bisected on it); FLOPs: one ratio, FLOPs predicting (what `--speedup` assumes), `(fallback)` where the "
+        "kernel model could not be built (the JSON's `fallback` says why). removed: the "
         "fraction of the candidate channels removed; predicted: the predictor's speedup for the chosen step; "
         "measured: the search's own timing of that step; independent: a fresh alternate timing of the same two "
         "models afterwards; miss: independent / target - 1; seconds: the whole run (building the latency model, "
@@ -279,6 +287,12 @@ def accuracy_markdown(rows: list[dict], env: dict, threads: int) -> str:
     ])
 
 
+def _earlier(args: argparse.Namespace, name: str) -> list[dict]:
+    """The rows already in `name` with --append (a benchmark run in parts), else none."""
+    path = args.out / name
+    return json.loads(path.read_text())["rows"] if args.append and path.exists() else []
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(MODELS))
@@ -294,7 +308,8 @@ def main() -> None:
     args = ap.parse_args()
     env = {**_common.environment(), "cpu": machine()["cpu"]}
     if args.part == "fidelity":
-        rows = [fidelity(m, int(b), args.threads) for m in args.models.split(",") for b in args.batches.split(",")]
+        rows = _earlier(args, "bench_latency_fidelity.json")
+        rows += [fidelity(m, int(b), args.threads) for m in args.models.split(",") for b in args.batches.split(",")]
         _common.write_json(args.out / "bench_latency_fidelity.json", {"environment": env, "rows": rows})
         print(_common.write_text(args.out / "bench_latency_fidelity.md", fidelity_markdown(rows, env)).read_text())
         return
@@ -306,11 +321,7 @@ def main() -> None:
         return
     if args.quick:
         args.models, args.batches, args.targets, args.out = "digits_resnet,digits_vgg", "8", "1.5", Path("/tmp")
-    rows = []
-    if args.append and (args.out / "bench_latency_target.json").exists():
-        import json
-
-        rows = json.loads((args.out / "bench_latency_target.json").read_text())["rows"]
+    rows = _earlier(args, "bench_latency_target.json")
     rows += [run(m, int(b), float(t), args.threads, 1.0 if args.quick else 3.0, p)
              for m in args.models.split(",") for b in args.batches.split(",") for t in args.targets.split(",")
              for p in args.predictors.split(",")]

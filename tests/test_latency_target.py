@@ -93,11 +93,34 @@ def test_the_search_meets_a_measured_target_that_flops_overestimate():
     prog = prune(conv_bn_stack(), X, target=budget)
     search = prog.info["budget_search"]
     steps = search["steps"]
-    assert 2 <= len(steps) <= 6 and len(budget.calls) == len(steps)
+    assert 2 <= len(steps) <= 6 and len(budget.calls) == sum(len(s["timings"]) for s in steps)
+    assert [len(s["timings"]) for s in steps] == [1 if s["measured"] < 1.5 else 2 for s in steps]
     assert steps[0]["measured"] < 1.5 * (1 - budget.tolerance) < steps[0]["flops_reduction"]
     assert 1.5 <= search["measured"] <= 1.5 * (1 + budget.tolerance) and search["met"]
     assert search["predicted"] > search["measured"] and search["ratio"] == prog.info["method_settings"]["ratio_used"]
     assert prog.info["method_settings"]["target"] == {"what": "latency", "target": 1.5}
+
+
+@dataclass(frozen=True)
+class Scripted(Modelled):
+    """Timings read from `script` in order, whatever the models (a noisy backend)."""
+
+    script: tuple = ()
+
+    def reduction(self, original: Any, slim: Any, example_inputs: tuple) -> float:
+        self.calls.append(self.script[len(self.calls)])
+        return self.calls[-1]
+
+
+def test_a_step_that_meets_the_target_is_timed_twice_and_judged_by_the_mean():
+    """The first step times 2.3x, over the 2x target; timed again 1.5x, so its figure is 1.9x,
+    short: the search goes on, prunes more, and stops on a step timed 2.05x twice."""
+    budget = Scripted(target=2.0, calls=[], script=(2.3, 1.5, 2.05, 2.05))
+    prog = prune(conv_bn_stack(), X, target=budget)
+    steps = prog.info["budget_search"]["steps"]
+    assert [s["timings"] for s in steps] == [[2.3, 1.5], [2.05, 2.05]]
+    assert steps[0]["measured"] == pytest.approx(1.9) and steps[1]["removed"] > steps[0]["removed"]
+    assert prog.info["budget_search"]["measured"] == pytest.approx(2.05) and prog.info["budget_search"]["within_tolerance"]
 
 
 def test_allocate_spends_the_budget_where_it_saves_most_per_unit_of_score():
