@@ -38,7 +38,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from pcompiler.calibration import InputStats, calibrate, readers
+from pcompiler.calibration import GRAM_BYTES, InputStats, calibrate, in_runs, readers
 from pcompiler.data import DataSource
 from pcompiler.dtypes import HALF, dtype_of
 from pcompiler.errors import CompileError, VerifyError
@@ -290,7 +290,7 @@ def inject_constants(gm: fx.GraphModule, folds: Iterable[Fold]) -> None:
 
 
 FITS = ("constant", "mean", "lstsq")
-GRAM_BYTES = 2 << 30  # second-moment matrices measured per run over the data (more: several runs)
+RIDGE = 1e-2  # the least-squares fit's damping, relative to the kept inputs' mean variance (calib's reconstruction uses it too)
 
 
 def _choose(consumer: Consumer, positions: np.ndarray, kept: np.ndarray, stats: InputStats | None, tol: float | None,
@@ -353,21 +353,6 @@ def _kept_inputs(prog: Program, module: str) -> np.ndarray:
     return np.setdiff1d(np.arange(size), prog.removal.removed(DimRef(1, param=f"{module}.weight")))
 
 
-def _gram_runs(prog: Program, targets: Iterable[str], budget: int) -> list[set[str]]:
-    """The consumer weights whose second moments are measured together, in runs of at most
-    `budget` bytes (a consumer larger than that alone)."""
-    runs: list[set[str]] = [set()]
-    used = 0
-    for module in targets:
-        size = prog.reference.get_submodule(module).weight.shape[1] ** 2 * 8
-        if runs[-1] and used + size > budget:
-            runs.append(set())
-            used = 0
-        runs[-1].add(f"{module}.weight")
-        used += size
-    return runs
-
-
 @register_pass
 @dataclass(frozen=True)
 class Compensate:
@@ -391,7 +376,7 @@ class Compensate:
     tol: float = 1e-2
     seed: int = 0
     fit: str = "constant"
-    ridge: float = 1e-2
+    ridge: float = RIDGE
     bias_holders: frozenset[str] | None = None  # the modules that may gain a bias (None: any; an hf/ folder's config limits them)
     runtime: Runtime = CPU  # where the reference runs on the calibration batches, a module at a time
 
@@ -433,7 +418,8 @@ class Compensate:
                                             self.seed, device)
         half = torch.float32 if dtype_of(prog.reference) in HALF else None
         stats: dict[str, InputStats] = {}
-        runs = _gram_runs(prog, targets, GRAM_BYTES) if lstsq else [{f"{m}.weight" for m in targets}]
+        runs = (in_runs({f"{m}.weight": prog.reference.get_submodule(m).weight.shape[1] ** 2 * 8 for m in targets}, GRAM_BYTES)
+                if lstsq else [[f"{m}.weight" for m in targets]])
         if len(runs) > 1:
             log.info("compensate: the least-squares fits need more than %d GiB of second moments: %d runs over the "
                      "calibration batches (--compensate mean needs one)", GRAM_BYTES >> 30, len(runs))

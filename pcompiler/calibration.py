@@ -16,7 +16,7 @@ end.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +28,7 @@ from pcompiler.dtypes import PromotedInterpreter
 from pcompiler.ir import op_name, tensor_of
 from pcompiler.memory import streamed
 
+GRAM_BYTES = 2 << 30  # second-moment matrices measured per run over the data (more: several runs)
 _LINEAR = ("linear",)
 _CONV = ("conv1d", "conv2d", "conv3d", "convolution")
 _MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -167,3 +168,17 @@ def column_norms(w: torch.Tensor, rows: int = 1024) -> torch.Tensor:
         total += chunk.square().sum(dim=[d for d in range(chunk.ndim) if d != 1])
     return total
 
+
+
+def in_runs(sizes: Mapping[Hashable, int], budget: int = GRAM_BYTES) -> list[list]:
+    """The keys of `sizes` (bytes each: second moments measured together) in runs of at most
+    `budget` bytes, in order (a key larger than that alone)."""
+    runs: list[list] = [[]]
+    used = 0
+    for key, size in sizes.items():
+        if runs[-1] and used + size > budget:
+            runs.append([])
+            used = 0
+        runs[-1].append(key)
+        used += size
+    return runs

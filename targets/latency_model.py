@@ -43,6 +43,7 @@ import json
 import logging
 import math
 import os
+import re
 import statistics
 import tempfile
 import time
@@ -220,10 +221,12 @@ def profile(model: torch.nn.Module, inputs: Sequence[torch.Tensor], threads: int
     calls = [e["dur"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"][2:]
     per: dict[str, list[float]] = {}
     info: dict[str, tuple[str, tuple[tuple[int, ...], ...]]] = {}
+    names = stable_names([e["name"].removesuffix("_kernel_time") for e in events
+                          if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")])
     for e in events:
         if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
             continue
-        name = e["name"].removesuffix("_kernel_time")
+        name = names[e["name"].removesuffix("_kernel_time")]
         per.setdefault(name, []).append(e["dur"])
         if name not in info:
             args = e.get("args", {})
@@ -233,6 +236,28 @@ def profile(model: torch.nn.Module, inputs: Sequence[torch.Tensor], threads: int
     kernels = {name: (info[name][0], statistics.median(ts[2:] if len(ts) > 2 else ts) * 1e-6, info[name][1])
                for name, ts in per.items()}
     return Profile(call=statistics.median(calls) * 1e-6, kernels=kernels)
+
+
+GENERATED = re.compile(r"^(.*)_token_\d+$")  # a node onnxruntime's optimizer inserted, named by a global counter
+
+
+def stable_names(order: Sequence[str]) -> dict[str, str]:
+    """Kernel name -> a name that is the same in every probe. onnxruntime names the nodes its
+    optimizer inserts by a counter (`ReorderOutput_token_310`) whose values differ between the
+    original and a probe (and can name a different node there: efficientnet_b0's NCHWc
+    reorders); such a node is named by its place among the inserted nodes of its kind in
+    execution order (`ReorderOutput#12`), which the probes share: they differ in widths only."""
+    out: dict[str, str] = {}
+    count: dict[str, int] = {}
+    for name in order:
+        if name in out:
+            continue
+        if (m := GENERATED.match(name)) is None:
+            out[name] = name
+        else:
+            out[name] = f"{m.group(1)}#{count.setdefault(m.group(1), 0)}"
+            count[m.group(1)] += 1
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,8 @@ import pcompiler
 from pcompiler.calibration import calibrate, readers
 from pcompiler.data import DataSource
 from pcompiler.errors import CompileError
+from pcompiler.passes.calibrated import reconstruction
+from pcompiler.passes.compensate import RIDGE
 from pcompiler.passmanager import make_pass
 
 torch.set_num_threads(1)
@@ -57,11 +59,11 @@ def test_calib_keeps_the_channel_that_carries_the_signal_where_l1_drops_it():
     prog = pcompiler.run(pcompiler.trace(mlp(), (x[:2],)), [make_pass("analyze")])
     kept = {}
     for method, options in (("l1", {}), *(("calib", {"data": data, "score": s, "samples": 64})
-                                          for s in ("fluctuation", "wanda", "activation"))):
+                                          for s in ("fluctuation", "wanda", "activation", "reconstruction"))):
         out = make_pass(method, ratio=0.5, round_to=1, **options).run(prog).program
         (gid,) = out.selection
         kept[options.get("score", method)] = 3 not in out.selection[gid]
-    assert kept == {"l1": False, "fluctuation": True, "wanda": True, "activation": True}
+    assert kept == {"l1": False, "fluctuation": True, "wanda": True, "activation": True, "reconstruction": True}
 
 
 def test_calib_is_refused_without_data_and_its_options_elsewhere(tmp_path):
@@ -78,3 +80,46 @@ def test_calib_is_refused_without_data_and_its_options_elsewhere(tmp_path):
         assert result.exit_code == 2 and message in result.output, result.output
     with pytest.raises(CompileError, match="unknown score"):
         make_pass("calib", data=object(), score="taylor").check()
+
+
+def _joint(w: torch.Tensor, cov: torch.Tensor, removed: list[int]) -> float:
+    """tr(W_R S_R|K W_R^T): the expected squared output error of removing positions R when the
+    kept ones predict them by least squares (S damped as the fold damps it)."""
+    s = cov + RIDGE * float(cov.diagonal().mean()) * torch.eye(len(cov), dtype=cov.dtype)
+    k = [i for i in range(len(cov)) if i not in removed]
+    cond = s[removed][:, removed] - s[removed][:, k] @ torch.linalg.solve(s[k][:, k], s[k][:, removed])
+    return float(torch.trace(w[:, removed] @ cond @ w[:, removed].T))
+
+
+def test_reconstruction_scores_are_the_output_error_each_removal_adds_in_greedy_order():
+    """Three channels of two positions each (heads): the first removed is the one whose removal
+    costs least with the others refitting, at exactly that cost; the second's score is what it
+    adds to the first's (or the first's, if less: scores rise with the order)."""
+    gen = torch.Generator().manual_seed(0)
+    mix = torch.randn(6, 6, generator=gen, dtype=torch.float64)
+    x = torch.randn(500, 6, generator=gen, dtype=torch.float64) @ mix
+    cov = torch.cov(x.T, correction=0)
+    w = torch.randn(4, 6, generator=gen, dtype=torch.float64)
+    index = torch.arange(6).reshape(3, 2).numpy()
+    scores = reconstruction([(w, cov, index)], 3, steps=3)
+    alone = [_joint(w, cov, list(index[c])) for c in range(3)]
+    first = int(min(range(3), key=alone.__getitem__))
+    assert scores[first] == pytest.approx(alone[first]) and scores.argmin() == first
+    second = sorted(range(3), key=scores.__getitem__)[1]
+    both = _joint(w, cov, [*index[first], *index[second]])
+    assert scores[second] == pytest.approx(max(alone[first], both - alone[first]))
+
+
+def test_reconstruction_removes_a_channel_the_others_predict_where_activation_keeps_it():
+    """Inputs 1 and 5 are one large signal (5 = 2 x 1 plus a little noise); input 3 is small and
+    independent. By activation, 3 goes first; by reconstruction, one of the copies goes first, at
+    almost no cost, and 3 later."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1000, 8, generator=gen, dtype=torch.float64)
+    x[:, 1] *= 10
+    x[:, 5] = 2 * x[:, 1] + 0.01 * torch.randn(1000, generator=gen, dtype=torch.float64)
+    x[:, 3] *= 0.5
+    w = torch.randn(3, 8, generator=gen, dtype=torch.float64)
+    scores = reconstruction([(w, torch.cov(x.T, correction=0), torch.arange(8).reshape(8, 1).numpy())], 8, steps=8)
+    assert int(scores.argmin()) in (1, 5)
+    assert x.square().mean(0).argmin() == 3 and scores[3] > scores[1:6:4].min()

@@ -21,6 +21,7 @@ from pcompiler.targets.latency_model import (
     measure_model,
     monotone,
     probe_codes,
+    stable_names,
 )
 
 
@@ -84,6 +85,18 @@ def test_identify_refuses_what_it_cannot_tie_to_a_group():
     refused = [_run(1.0, a=(0.1, ((8, 32),))), _run(0.5, b=(0.1, ((8, 16),)))]
     with pytest.raises(ModelUnavailable, match="kernels change with the widths"):
         identify(refused, widths, lats)
+
+
+def test_kernels_onnxruntime_inserted_are_named_by_their_place_not_its_counter():
+    """onnxruntime numbers the nodes its optimizer inserts by a global counter that differs between
+    the original and a probe; their names become the kind and the place among that kind in
+    execution order, the same in both; a node's own name is kept, and a repeat keeps its first name."""
+    original = stable_names(["conv1", "ReorderOutput_token_310", "Add_1", "ReorderInput_token_7",
+                             "ReorderOutput_token_12", "conv1", "ReorderOutput_token_310"])
+    probe = stable_names(["conv1", "ReorderOutput_token_5", "Add_1", "ReorderInput_token_311", "ReorderOutput_token_2"])
+    assert original == {"conv1": "conv1", "ReorderOutput_token_310": "ReorderOutput#0", "Add_1": "Add_1",
+                        "ReorderInput_token_7": "ReorderInput#0", "ReorderOutput_token_12": "ReorderOutput#1"}
+    assert list(probe.values()) == list(original.values())
 
 
 @pytest.mark.parametrize("xs, ts, expected", [
