@@ -243,10 +243,11 @@ GENERATED = re.compile(r"^(.*)_token_\d+$")  # a node onnxruntime's optimizer in
 
 def stable_names(order: Sequence[str]) -> dict[str, str]:
     """Kernel name -> a name that is the same in every probe. onnxruntime names the nodes its
-    optimizer inserts by a counter (`ReorderOutput_token_310`) whose values differ between the
-    original and a probe (and can name a different node there: efficientnet_b0's NCHWc
-    reorders); such a node is named by its place among the inserted nodes of its kind in
-    execution order (`ReorderOutput#12`), which the probes share: they differ in widths only."""
+    optimizer inserts by a counter (`ReorderOutput_token_310`), a global one, so nothing says the
+    same number names the same node in the original and in a probe; such a node is named by its
+    place among the inserted nodes of its kind in execution order (`ReorderOutput#12`), which the
+    probes share: they differ in widths only. (efficientnet_b0 still falls back to FLOPs with
+    it: a reorder's channel sizes (96, 112, 48, 32) across the runs follow no group.)"""
     out: dict[str, str] = {}
     count: dict[str, int] = {}
     for name in order:
