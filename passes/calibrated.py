@@ -162,8 +162,7 @@ class Calibrated(MethodPass):
 
     def scores(self, prog: Program) -> dict[int, np.ndarray]:
         analysis = prog.require_analysis(self.name)
-        consumers = {p.param for g in analysis.prunable for p in g.params
-                     if p.role == Role.CONSUME and p.dim == 1 and p.param.endswith("weight")}
+        consumers = {p.param for g in analysis.prunable for p in _consumed(g)}
         half = torch.float32 if dtype_of(prog.gm) in HALF else None
         device = self.runtime.device
         calls = batches(self.data, prog.gm, self.samples, self.seed, device)
@@ -205,7 +204,7 @@ class Calibrated(MethodPass):
 
     def _gram_runs(self, prog: Program, analysis: Any) -> list[list[int]]:
         """The groups scored by reconstruction, in runs whose second moments fit GRAM_BYTES: those
-        all of whose consumers are Linear weights, with at most STATE elements of state."""
+        read by exactly one consumer, a Linear weight, with at most STATE elements of state."""
         sizes = {}
         read = readers(prog.gm, {p.param for g in analysis.prunable for p in _consumed(g)})
         for g in analysis.prunable:

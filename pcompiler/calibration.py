@@ -169,7 +169,6 @@ def column_norms(w: torch.Tensor, rows: int = 1024) -> torch.Tensor:
     return total
 
 
-
 def in_runs(sizes: Mapping[Hashable, int], budget: int = GRAM_BYTES) -> list[list]:
     """The keys of `sizes` (bytes each: second moments measured together) in runs of at most
     `budget` bytes, in order (a key larger than that alone)."""

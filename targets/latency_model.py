@@ -221,11 +221,9 @@ def profile(model: torch.nn.Module, inputs: Sequence[torch.Tensor], threads: int
     calls = [e["dur"] for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"][2:]
     per: dict[str, list[float]] = {}
     info: dict[str, tuple[str, tuple[tuple[int, ...], ...]]] = {}
-    names = stable_names([e["name"].removesuffix("_kernel_time") for e in events
-                          if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")])
-    for e in events:
-        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
-            continue
+    nodes = [e for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")]
+    names = stable_names([e["name"].removesuffix("_kernel_time") for e in nodes])
+    for e in nodes:
         name = names[e["name"].removesuffix("_kernel_time")]
         per.setdefault(name, []).append(e["dur"])
         if name not in info:
