@@ -16,17 +16,21 @@ Built by `measure_model` (passes/select.py's allocation and search read it throu
    time and tensor shapes, and the median time of a whole call.
 3. Identification. A tensor dimension whose size changes across the runs belongs to the group
    whose kept widths it follows in every run, times 1, the group's block (heads counted as
-   channels) or, failing both, one constant factor (a flatten of C x H x W). A dimension that
+   channels), padded up to the CPU's channel block (NCHWc) or, failing these, one constant
+   factor (a flatten of C x H x W). A dimension that
    changes and follows no group, or several, stops the model (`ModelUnavailable` names the
    kernel), as does a set of kernels that changes with the widths (onnxruntime fused the pruned
-   graph differently): the search then predicts by FLOPs and the report says why.
+   graph differently) beyond ODD_SHARE of a call: the search then predicts by FLOPs and the
+   report says why. Kernels in some runs only, within it, join the constant rest
+   (efficientnet_b0: 3 NCHWc reorders of its 236 kernels, 0.2-0.3% of a call, come and go with
+   the widths).
 4. Fit. Per kernel, its time against x, the product of its groups' kept fractions (a convolution
    from group A to group B: x = kA kB; an elementwise op or a depthwise convolution in A: x = kA),
    at the K + 1 runs' x: made non-decreasing in x (pool-adjacent-violators: a narrower kernel is
    not slower), interpolated linearly between them and proportionally below the smallest. Not a
    straight line: a matrix product whose weights stop fitting in cache is faster than linear
    (vit_b_16's MLP at batch 1: 7.3 ms at full width, 2.3 ms at half). The rest of a call (whole
-   call minus the kernels, in the original) is a constant.
+   call minus the kernels modelled, in the original) is a constant.
 
 A kernel's widths move on the lattice only (the selection rounds kept widths to `round_to`, for
 `--latency` the CPU's channel block by default), so the model never has to predict between
@@ -63,7 +67,8 @@ from pcompiler.targets.onnx import import_onnxruntime, write_onnx
 
 log = logging.getLogger("pcompiler")
 
-VERSION = 2  # of the cached model's format
+ODD_SHARE = 0.02  # kernels not in every run (identify) may take up to this much of a call: then part of the constant
+VERSION = 3  # of the cached model's format and how it is measured (3: kernels named by the optimized graph)
 
 
 class ModelUnavailable(CompileError):
@@ -138,11 +143,11 @@ class KernelModel:
 # Probes
 
 
-def probe_codes(lattices: Sequence[Lattice], start: int = 3, most: int = 8) -> list[dict[int, int]]:
+def probe_codes(lattices: Sequence[Lattice], pad: int = 1, start: int = 3, most: int = 8) -> list[dict[int, int]]:
     """K probes (group id -> kept width) in which no two groups that could show as the same tensor
-    size (size or size x block) follow the same widths; a group with one width stays full."""
+    sizes (`shown`) follow the same widths; a group with one width stays full."""
     for k in range(start, most + 1):
-        probes = _assign(lattices, k)
+        probes = _assign(lattices, k, pad)
         if probes is not None:
             return probes
     raise ModelUnavailable(f"no {most} probes tell the {len(lattices)} groups apart")
@@ -161,7 +166,15 @@ def levels(lat: Lattice) -> list[int]:
     return out
 
 
-def _assign(lattices: Sequence[Lattice], k: int) -> list[dict[int, int]] | None:
+def shown(widths: Sequence[int], block: int, pad: int) -> set[tuple[int, ...]]:
+    """The sequences of tensor sizes a group kept at `widths` shows in its kernels: its channels,
+    its heads times their block, and its channels padded up to a multiple of `pad` (onnxruntime's
+    NCHWc convolutions pad channels to the CPU's block: efficientnet_b0's squeeze-excite widths 28
+    and 20 show as 32)."""
+    return {tuple(m * w for w in widths) for m in {1, block}} | {tuple(-(-w // pad) * pad for w in widths)}
+
+
+def _assign(lattices: Sequence[Lattice], k: int, pad: int) -> list[dict[int, int]] | None:
     used: set[tuple[int, ...]] = set()  # the sequences of sizes some tensor would show
     probes: list[dict[int, int]] = [{} for _ in range(k)]
     for lat in lattices:
@@ -171,7 +184,7 @@ def _assign(lattices: Sequence[Lattice], k: int) -> list[dict[int, int]] | None:
         codes = sorted((c for c in itertools.product(range(len(ws)), repeat=k) if any(c)),
                        key=lambda c: (-len(set(c) - {0}), c.count(0), c))
         for code in codes:
-            seqs = {tuple(m * ws[i] for i in (0, *code)) for m in {1, lat.block}}
+            seqs = shown([ws[i] for i in (0, *code)], lat.block, pad)
             if not seqs & used:
                 break
         else:
@@ -214,6 +227,8 @@ def profile(model: torch.nn.Module, inputs: Sequence[torch.Tensor], threads: int
     n = max(reps[0], min(reps[1], math.ceil(min_seconds / max(time.perf_counter() - t0, 1e-6))))
     options.enable_profiling = True
     options.profile_file_prefix = str(workdir / "profile")
+    options.optimized_model_filepath = str(workdir / "optimized.onnx")  # the graph as run: stable_names reads it
+    options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.data")
     sess = ort.InferenceSession(str(path), options, providers=[provider])
     for _ in range(2 + n):  # the first two calls (warm-up) are dropped below
         sess.run(None, feed)
@@ -222,9 +237,10 @@ def profile(model: torch.nn.Module, inputs: Sequence[torch.Tensor], threads: int
     per: dict[str, list[float]] = {}
     info: dict[str, tuple[str, tuple[tuple[int, ...], ...]]] = {}
     nodes = [e for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")]
-    names = stable_names([e["name"].removesuffix("_kernel_time") for e in nodes])
+    names = stable_names(graph_nodes(workdir / "optimized.onnx"))
     for e in nodes:
-        name = names[e["name"].removesuffix("_kernel_time")]
+        raw = e["name"].removesuffix("_kernel_time")
+        name = names.get(raw, raw)
         per.setdefault(name, []).append(e["dur"])
         if name not in info:
             args = e.get("args", {})
@@ -236,41 +252,66 @@ def profile(model: torch.nn.Module, inputs: Sequence[torch.Tensor], threads: int
     return Profile(call=statistics.median(calls) * 1e-6, kernels=kernels)
 
 
-GENERATED = re.compile(r"^(.*)_token_\d+$")  # a node onnxruntime's optimizer inserted, named by a global counter
+GENERATED = re.compile(r"_token_\d+$")  # a node or tensor onnxruntime's optimizer inserted, named by a global counter
 
 
-def stable_names(order: Sequence[str]) -> dict[str, str]:
-    """Kernel name -> a name that is the same in every probe. onnxruntime names the nodes its
-    optimizer inserts by a counter (`ReorderOutput_token_310`), a global one, so nothing says the
-    same number names the same node in the original and in a probe; such a node is named by its
-    place among the inserted nodes of its kind in execution order (`ReorderOutput#12`), which the
-    probes share: they differ in widths only. (efficientnet_b0 still falls back to FLOPs with
-    it: a reorder's channel sizes (96, 112, 48, 32) across the runs follow no group.)"""
+@dataclass(frozen=True)
+class Node:
+    name: str
+    op: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+def stable_names(nodes: Sequence[Node]) -> dict[str, str]:
+    """Node name -> a name that is the same in every probe. onnxruntime names the nodes (and
+    tensors) its optimizer inserts by a global counter (`ReorderOutput_token_310`) or by their
+    kind alone (`ReorderOutput`), and inserts them in an order that depends on the widths
+    (efficientnet_b0's probes put a different reorder at the same place among its kind). Such a
+    node is named by its kind and the tensor of the exported graph it writes or, failing that,
+    reads (`ReorderOutput>/blocks.0/bn1/act/Mul_output_0`), or else by the node that writes its
+    first input; a name two nodes share gets `#k` in graph order."""
+    writer = {t: n for n in nodes for t in n.outputs}
     out: dict[str, str] = {}
-    count: dict[str, int] = {}
-    for name in order:
-        if name in out:
-            continue
-        if (m := GENERATED.match(name)) is None:
-            out[name] = name
-        else:
-            out[name] = f"{m.group(1)}#{count.setdefault(m.group(1), 0)}"
-            count[m.group(1)] += 1
+
+    def anchor(n: Node, depth: int = 0) -> str:
+        if n.name and n.name != n.op and not GENERATED.search(n.name):
+            return n.name
+        if (t := next((t for t in n.outputs if t and not GENERATED.search(t)), None)) is not None:
+            return f"{n.op}>{t}"
+        if (t := next((t for t in n.inputs if t and not GENERATED.search(t)), None)) is not None:
+            return f"{n.op}<{t}"
+        up = next((writer[t] for t in n.inputs if t in writer), None)
+        return f"{n.op}<{anchor(up, depth + 1)}" if up is not None and depth < 8 else n.op
+
+    seen: dict[str, int] = {}
+    for n in nodes:
+        a = anchor(n)
+        out[n.name] = a if a not in seen else f"{a}#{seen[a]}"
+        seen[a] = seen.get(a, 0) + 1
     return out
+
+
+def graph_nodes(path: Path) -> list[Node]:
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return [Node(n.name, n.op_type, tuple(n.input), tuple(n.output)) for n in graph.node]
 
 
 # ---------------------------------------------------------------------------------------------
 # Identification and fit
 
 
-def identify(runs: Sequence[Profile], widths: Sequence[Mapping[int, int]], lattices: Sequence[Lattice]
-             ) -> dict[str, tuple[int, ...]]:
-    """Per kernel, the groups whose widths its tensors follow (see the module docstring)."""
-    names = list(runs[0].kernels)
-    for i, run in enumerate(runs[1:], 1):
-        if set(run.kernels) != set(names):
-            odd = sorted(set(run.kernels) ^ set(names))[:3]
-            raise ModelUnavailable(f"onnxruntime's kernels change with the widths (probe {i}: {', '.join(odd)} ...)")
+def identify(runs: Sequence[Profile], widths: Sequence[Mapping[int, int]], lattices: Sequence[Lattice],
+             pad: int = 1) -> dict[str, tuple[int, ...]]:
+    """Per kernel in every run, the groups whose widths its tensors follow (see the module docstring)."""
+    names = [n for n in runs[0].kernels if all(n in run.kernels for run in runs[1:])]
+    for i, run in enumerate(runs):
+        odd = sorted(set(run.kernels) - set(names))
+        if sum(run.kernels[n][1] for n in odd) > ODD_SHARE * run.call:
+            raise ModelUnavailable(f"onnxruntime's kernels change with the widths ({'probe ' + str(i) if i else 'the original'}: "
+                                   f"{', '.join(odd[:3])} ... take more than {ODD_SHARE:.0%} of a call)")
     seq = {lat.gid: tuple(w.get(lat.gid, lat.size) for w in widths) for lat in lattices}
     block = {lat.gid: lat.block for lat in lattices}
     out = {}
@@ -284,7 +325,7 @@ def identify(runs: Sequence[Profile], widths: Sequence[Mapping[int, int]], latti
                 sizes = tuple(s[t][d] for s in shapes)
                 if len(set(sizes)) == 1:
                     continue
-                g = _follows(sizes, seq, block)
+                g = _follows(sizes, seq, block, pad)
                 if g is None:
                     raise ModelUnavailable(f"kernel {name} ({runs[0].kernels[name][0]}): a dimension of sizes "
                                            f"{sizes} follows no channel group, or several")
@@ -294,8 +335,9 @@ def identify(runs: Sequence[Profile], widths: Sequence[Mapping[int, int]], latti
     return out
 
 
-def _follows(sizes: tuple[int, ...], seq: Mapping[int, tuple[int, ...]], block: Mapping[int, int]) -> int | None:
-    exact = [g for g, ws in seq.items() if any(sizes == tuple(m * w for w in ws) for m in {1, block[g]})]
+def _follows(sizes: tuple[int, ...], seq: Mapping[int, tuple[int, ...]], block: Mapping[int, int],
+             pad: int) -> int | None:
+    exact = [g for g, ws in seq.items() if sizes in shown(ws, block[g], pad)]
     if exact:
         return exact[0] if len(exact) == 1 else None
     scaled = [g for g, ws in seq.items() if sizes[0] % ws[0] == 0 and sizes == tuple(sizes[0] // ws[0] * w for w in ws)]
@@ -360,10 +402,11 @@ def measure_model(gm: torch.nn.Module, inputs: Sequence[torch.Tensor], lattices:
         except (OSError, ValueError, KeyError, TypeError) as e:
             log.warning("latency model cache %s unreadable (%s): measuring again", path, e)
     start = time.perf_counter()
-    from pcompiler.targets.bench import make_inputs
+    from pcompiler.targets.bench import backend_round_to, make_inputs
 
     xs = make_inputs(inputs, batch)
-    probes = probe_codes(lattices)
+    pad = backend_round_to(backend)  # the NCHWc block, to which onnxruntime pads a convolution's channels
+    probes = probe_codes(lattices, pad)
     runs = []
     with tempfile.TemporaryDirectory(prefix="pcompiler-latency-model-") as tmp:
         for i, widths in enumerate([{}, *probes]):
@@ -373,7 +416,7 @@ def measure_model(gm: torch.nn.Module, inputs: Sequence[torch.Tensor], lattices:
             log.info("latency model: profiled %s (%.3g ms a call)", "the original" if not widths else f"probe {i}",
                      runs[-1].call * 1e3)
     widths = [{}, *probes]
-    groups = identify(runs, widths, lattices)
+    groups = identify(runs, widths, lattices, pad)
     sizes = {lat.gid: lat.size for lat in lattices}
     kernels = []
     for name, gs in groups.items():
@@ -381,7 +424,7 @@ def measure_model(gm: torch.nn.Module, inputs: Sequence[torch.Tensor], lattices:
         xs_ = [math.prod(w.get(g, sizes[g]) / sizes[g] for g in gs) for w in widths]
         points = monotone(xs_, ts) if gs else ((1.0, statistics.median(ts)),)
         kernels.append(Kernel(name=name, op=runs[0].kernels[name][0], groups=gs, points=points))
-    rest = max(0.0, runs[0].call - sum(k[1] for k in runs[0].kernels.values()))
+    rest = max(0.0, runs[0].call - sum(runs[0].kernels[name][1] for name in groups))
     model = KernelModel(key=key, sizes=sizes, kernels=kernels, rest=rest, probes=len(probes), fit_error=0.0,
                         seconds=0.0)
     model.fit_error = statistics.fmean(abs(model.predict(w) / run.call - 1) for w, run in zip(widths, runs))
