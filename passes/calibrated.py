@@ -19,8 +19,9 @@ channel in the down projection, a stream channel in every q, k, v, gate, up and 
                  (heads, MLP channels): a stream's channels also pass residual adds that no fold
                  refits, so it is scored by activation. Opt-in (-p score=reconstruction): on the
                  bundled model at 50% it gave 60.4 against activation's 63.4 (heads and MLP by
-                 it, the stream by activation; 67.1 with the stream by it too), not yet measured
-                 on held-out models.
+                 it, the stream by activation; 67.1 with the stream by it too), but on the
+                 held-out wiki_a 122.2 against 122.3 at 50% and 83.65 against 83.79 at 20%
+                 (docs/bench_lm_heldout.md): no gain worth its cost, so not the default.
 
 `score` picks one; by default it follows what compensate folds back after slim (`fit`):
 activation with the least-squares fold (the default for text data), fluctuation otherwise. Both
