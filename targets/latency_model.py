@@ -167,11 +167,11 @@ def levels(lat: Lattice) -> list[int]:
 
 
 def shown(widths: Sequence[int], block: int, pad: int) -> set[tuple[int, ...]]:
-    """The sequences of tensor sizes a group kept at `widths` shows in its kernels: its channels,
-    its heads times their block, and its channels padded up to a multiple of `pad` (onnxruntime's
-    NCHWc convolutions pad channels to the CPU's block: efficientnet_b0's squeeze-excite widths 28
-    and 20 show as 32)."""
-    return {tuple(m * w for w in widths) for m in {1, block}} | {tuple(-(-w // pad) * pad for w in widths)}
+    """The sequences of tensor sizes a group kept at `widths` shows in its kernels: its channels
+    (or heads), its channels counting a head as its block, and these padded up to a multiple of
+    `pad` (onnxruntime's NCHWc convolutions pad channels to the CPU's block: efficientnet_b0's
+    squeeze-excite widths 28 and 20 show as 32; regnet_y_400mf's 13 groups of 8 channels as 112)."""
+    return {tuple(m * w for w in widths) for m in {1, block}} | {tuple(-(-block * w // pad) * pad for w in widths)}
 
 
 def _assign(lattices: Sequence[Lattice], k: int, pad: int) -> list[dict[int, int]] | None:

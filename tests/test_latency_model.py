@@ -111,6 +111,11 @@ def test_probes_keep_padded_sizes_apart():
     probes = probe_codes(lats, pad=16)
     pad = lambda w: -(-w // 16) * 16  # noqa: E731
     assert tuple(p[0] for p in probes) != tuple(pad(p[1]) for p in probes)
+    # a head (here a convolution group of 8 channels) pads as its 8 channels: 13 groups show as
+    # 112, 10 as 80; padding the head count instead (13 -> 16) would make every such group look alike
+    convs = [Lattice(gid=i, size=13, block=8, unit=2, least=1) for i in range(6)]
+    probes = probe_codes(convs, pad=16)
+    assert len({tuple(pad(8 * p[lat.gid]) for p in probes) for lat in convs}) == len(convs)
 
 
 def test_kernels_onnxruntime_inserted_are_named_by_the_tensor_they_write_or_read():
