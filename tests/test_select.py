@@ -100,6 +100,19 @@ def test_global_ranking_normalizes_by_group_mean(net):
     slim_with(prog, glob)
 
 
+def test_shares_scale_each_groups_ratio_up_to_the_cap(net):
+    """With shares, group g loses ceil(min(SHARE_CAP, r * share_g) * N_g) of its lowest-scored
+    channels: A (10) at 0.5 x 0.4 loses 2, B (4) at 0.5 x 3 is capped at 0.9 (4 - min_keep = 3)."""
+    from pcompiler.passes.select import SHARE_CAP
+
+    prog, ga, gb, scores = net
+    out = select(prog.analysis, scores, SelectOptions(ratio=0.5, shares={ga: 0.4, gb: 3.0}))
+    assert out == {ga: (2, 4), gb: (0, 1, 3)} and SHARE_CAP == 0.9
+    assert select(prog.analysis, scores, SelectOptions(ratio=0.5, shares={ga: 1.0})) == \
+        select(prog.analysis, scores, SelectOptions(ratio=0.5))  # a group without a share: 1
+    slim_with(prog, out)
+
+
 @pytest.mark.parametrize("skip, kept_groups", [
     (("a",), "B"), (("h",), "A"), (("b",), ""), (("x*",), "AB"), (("[ab]",), ""), (("*",), ""),
 ])
