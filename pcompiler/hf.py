@@ -216,8 +216,8 @@ def slim_widths(model: nn.Module, prog: Program) -> dict[str, int]:
                          f"{' ...' if len(unheld) > 2 else ''}; --formats hf prunes only the widths it holds")
     uneven = {f: sorted(v) for f, v in found.items() if len(v) > 1}
     if uneven:
-        raise ValueError(f"the config holds one width per field, and the layers differ: {uneven} (use layer-wise "
-                         "selection, the default, not --global)")
+        raise ValueError(f"the config holds one width per field, and the layers differ: {uneven} (use one ratio "
+                         "for every layer, the default, not --global or calib's -p allocation=measured)")
     widths = {f: v.pop() for f, v in found.items()}
     if "num_key_value_heads" in widths:  # whole key/value heads went, each with its query heads
         config = model.config
