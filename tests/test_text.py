@@ -196,8 +196,8 @@ def test_the_readme_command_on_the_bundled_language_model(tmp_path):
 
     from pcompiler.cli import main
 
-    (line,) = [ln.strip() for ln in (ROOT / "README.md").read_text().splitlines()
-               if ln.strip().startswith("pcompile examples/kjv_llama")]
+    line = next(ln.strip() for ln in (ROOT / "README.md").read_text().splitlines()
+                if ln.strip().startswith("pcompile examples/kjv_llama"))  # the first: the README's set-up command
     args = line.split()[1:]
     args[args.index("-o") + 1] = str(tmp_path / "out")
     result = CliRunner().invoke(main, [str(ROOT / args[0]), *args[1:]])
