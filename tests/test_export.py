@@ -373,6 +373,29 @@ def test_a_meta_device_llama_is_analyzed_without_memory():
     assert "model.layers.1.mlp.gate_proj,model.layers.1.mlp.up_proj" in labels
 
 
+def test_multi_query_attention_keeps_its_query_heads_and_says_why():
+    """7 query heads over one key/value head: the key and value are copied to every query head by
+    an expand, and a query head zeroed still reads the copied values (softmax of zero logits
+    averages them), so removing it is not zeroing it: the query heads stay, pinned as copies of
+    one value (before, they went and verify failed). The value's 16 dims are plain channels of
+    every head's output and go."""
+    T = _transformers()
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(vocab_size=96, hidden_size=112, num_hidden_layers=1, num_attention_heads=7,
+                        num_key_value_heads=1, intermediate_size=64, use_cache=False)
+    model = T.LlamaForCausalLM(cfg)
+    prog = pcompiler.run(pcompiler.trace(model, (), kwargs=_text_inputs()), [make_pass("analyze")])
+    attn = "model.layers.0.self_attn"
+    assert not any(g.prunable for g in prog.analysis.groups
+                   if any(p.param == f"{attn}.q_proj.weight" and p.dim == 0 for p in g.params))
+    values = group_with(prog, f"{attn}.v_proj.weight", 0)
+    assert values.prunable and values.size == 16
+    prog = pcompiler.run(prog, [make_pass("l1", ratio=0.5), make_pass("slim"), make_pass("verify")])
+    assert prog.info["verify"]["ok"] and prog.info["verify"]["max_error"] < 1e-5
+    shapes = {n: tuple(prog.gm.get_parameter(f"{attn}.{n}_proj.weight").shape) for n in "qkvo"}
+    assert shapes["q"] == (112, 56) and shapes["v"] == (8, 56) and shapes["o"] == (56, 56)
+
+
 @pytest.mark.parametrize("kv_heads", [2, 8], ids=["gqa", "mha"])
 def test_attention_loses_whole_key_value_heads_with_their_query_heads(kv_heads):
     """8 query heads of 8 over `kv_heads` key/value heads (repeated for grouped-query attention):

@@ -7,6 +7,9 @@ grouped into the smallest blocks with equal products. A 1:1 block is the same ch
 split or n:1 merge is a `choice` the analysis resolves (see analyze.py); an n:m regroup carries
 channels through its outer dims where one's size divides the other's (`_regroup`), and pins the
 rest.
+An expand's broadcast dims (1 to n) are pinned: their n channels are copies of one value, which
+zeroing a producer does not zero (multi-query attention's key/value head, copied to every query
+head: a query head zeroed still averages the copied values).
 After slim, literal sizes in the arguments (view sizes, split sizes, slice bounds, expand
 sizes) are rewritten to the new channel counts, and so are sizes computed at run time from a
 dim that lost channels (`x.size(-1) // heads`).
@@ -451,6 +454,8 @@ def expand(node: fx.Node, ctx: RuleContext) -> None:
     for d in range(tx.ndim):
         if tx.shape[d] == to.shape[d + lead]:
             ctx.same(ctx.ref(x, d), ctx.ref(node, d + lead))
+        else:
+            ctx.pin(ctx.ref(node, d + lead), "copies of one value (an expanded dim): zeroing a producer zeroes none of them")
 
 
 @rewriter("expand", torch.broadcast_to, *aten_ops("expand"))
