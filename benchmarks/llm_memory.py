@@ -17,6 +17,7 @@ hf/ folder's size from report.json.
     python benchmarks/llm_memory.py --shapes 200m 1b   # smaller
     python benchmarks/llm_memory.py --keep DIR          # write the folders into DIR and keep them
     python benchmarks/llm_memory.py --quick             # 200m only, about 1 min, into a temporary folder
+    python benchmarks/llm_memory.py --params-removed 0.2  # the ratio searched for that fraction of the parameters
 
 Writes docs/bench_llm_memory.json and docs/bench_llm_memory.md (unless --out) and prints the table.
 """
@@ -88,11 +89,12 @@ def write_folder(folder: Path, shape: dict, seed: int = 0) -> int:
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
 
-def prune(folder: Path, out: Path, ratio: float, timeout: float) -> dict:
-    """The CLI on `folder` in a fresh process: exit status, wall time, peak RSS."""
+def prune(folder: Path, out: Path, budget: list[str], timeout: float) -> dict:
+    """The CLI on `folder` in a fresh process: exit status, wall time, peak RSS. `budget`: its
+    budget options (`--ratio 0.2`)."""
     peak_file = out.with_suffix(".peak")
     env = {**os.environ, "PCOMPILER_PEAK": str(peak_file)}
-    cmd = [sys.executable, "-c", PEAK_CLI, str(folder), "--method", "l1", "--ratio", str(ratio), "--formats", "hf",
+    cmd = [sys.executable, "-c", PEAK_CLI, str(folder), "--method", "l1", *budget, "--formats", "hf",
            "-o", str(out), "--overwrite", "--no-progress"]
     t0 = time.perf_counter()
     try:
@@ -109,11 +111,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=["1b", "7b"], choices=list(SHAPES))
     parser.add_argument("--ratio", type=float, default=0.2)
+    parser.add_argument("--params-removed", type=float, help="search the ratio that removes this fraction of the "
+                        "parameters instead (trial slims: what a search adds to the memory)")
     parser.add_argument("--keep", type=Path, help="write the folders here and keep them (default: a temporary folder)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per run (default: the issue's 30 min)")
     parser.add_argument("--out", type=Path, help="folder for the JSON and markdown (default: docs/)")
     parser.add_argument("--quick", action="store_true", help="the 200m shape only, results in a temporary folder")
     args = parser.parse_args()
+    budget = ["--ratio", str(args.ratio)] if args.params_removed is None else ["--params-removed", str(args.params_removed)]
     if args.quick:
         args.shapes, args.out = ["200m"], args.out or Path(tempfile.mkdtemp(prefix="pcompiler_llm_memory_out_"))
     root = args.keep or Path(tempfile.mkdtemp(prefix="pcompiler_llm_memory_"))
@@ -125,7 +130,7 @@ def main() -> None:
             size = write_folder(folder, SHAPES[name]) if not (folder / "config.json").is_file() else \
                 sum(f.stat().st_size for f in folder.glob("*.safetensors"))
             made = time.perf_counter() - t0
-            run = prune(folder, out, args.ratio, args.timeout)
+            run = prune(folder, out, budget, args.timeout)
             report = json.loads((out / "report.json").read_text()) if (out / "report.json").is_file() else {}
             hf = out / "hf"
             row = {"shape": name, **SHAPES[name], "checkpoint_bytes": size, "write_seconds": round(made, 1), **run,
@@ -143,7 +148,7 @@ def main() -> None:
     finally:
         if args.keep is None:
             shutil.rmtree(root, ignore_errors=True)
-    result = {"environment": environment(), "ratio": args.ratio, "runs": rows}
+    result = {"environment": environment(), "budget": " ".join(budget), "runs": rows}
     table = markdown_table(
         ["shape", "checkpoint", "peak RSS", "peak / checkpoint", "bound (1.5x + 1 GiB)", "within", "exit", "wall",
          "params before -> after", "hf/ on disk"],
@@ -153,7 +158,7 @@ def main() -> None:
           f"{r['params_before']} -> {r['params_after']}",
           "-" if r["hf_bytes"] is None else f"{r['hf_bytes'] / GIB:.2f} GiB"] for r in rows])
     text = (f"# Peak memory of pruning bfloat16 LLaMA-shaped checkpoints\n\n`python benchmarks/llm_memory.py "
-            f"--shapes {' '.join(args.shapes)}`: `pcompile FOLDER --method l1 --ratio {args.ratio} --formats hf`, "
+            f"--shapes {' '.join(args.shapes)}`: `pcompile FOLDER --method l1 {' '.join(budget)} --formats hf`, "
             f"one fresh process per shape, random weights.\n\n{table}\n")
     out_dir = args.out or DOCS
     write_json(out_dir / "bench_llm_memory.json", result)

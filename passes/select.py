@@ -30,7 +30,6 @@ and stores both on the Program.
 
 from __future__ import annotations
 
-import copy
 import fnmatch
 import logging
 import math
@@ -40,7 +39,16 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 
 from pcompiler.errors import CompileError
-from pcompiler.ir import Analysis, ChannelGroup, Lattice, Program, Selection, round_unit
+from pcompiler.ir import (
+    Analysis,
+    ChannelGroup,
+    Lattice,
+    Program,
+    Selection,
+    meta_copy,
+    round_unit,
+    shared_copy,
+)
 from pcompiler.passmanager import ANALYSIS, SELECTION, PassResult
 
 log = logging.getLogger("pcompiler")
@@ -315,11 +323,14 @@ class MethodPass(SelectOptions):
         return PassResult(prog.replace(scores=scores, selection=selection, info=info), changed=False)
 
 
-def _trial_slim(prog: Program, selection: Selection) -> Program:
-    """The program slimmed by `selection` on a copy of its model (the searches' trials)."""
+def _trial_slim(prog: Program, selection: Selection, shapes_only: bool = False) -> Program:
+    """The program slimmed by `selection` on a copy of its model that shares the tensors slim
+    leaves whole (the searches' trials: new memory for the sliced tensors only); with
+    `shapes_only`, on a copy on the meta device (parameter counts, no new memory)."""
     from pcompiler.passes.slim import slim_program
 
-    return slim_program(prog.replace(gm=copy.deepcopy(prog.gm), selection=selection), check=False)
+    gm = meta_copy(prog.gm) if shapes_only else shared_copy(prog.gm)
+    return slim_program(prog.replace(gm=gm, selection=selection), check=False)
 
 
 def plan_for(prog: Program, analysis: Analysis, scores: dict[int, np.ndarray], opts: SelectOptions) -> Plan:
@@ -465,8 +476,8 @@ def _search_ratio(prog: Program, analysis: Analysis, scores: dict[int, np.ndarra
         before = cost(prog.gm)
         target = before * (1 - opts.params)
 
-    def cost_at(r: float) -> float:
-        return cost(_trial_slim(prog, select(analysis, scores, opts, r)).gm)
+    def cost_at(r: float) -> float:  # parameters are counted on the meta device (FLOPs need a forward)
+        return cost(_trial_slim(prog, select(analysis, scores, opts, r), shapes_only=opts.speedup is None).gm)
 
     lo, hi = 0.0, 0.999
     if (most := cost_at(hi)) > target:

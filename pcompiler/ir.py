@@ -89,6 +89,17 @@ def shared_copy(gm: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(gm, memo)
 
 
+def meta_copy(gm: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `gm` (graph, modules) whose parameters and buffers are empty tensors of the same
+    shapes on the meta device: what a slim trial needs to count parameters, without the memory
+    of a second model."""
+    memo = {}
+    for t in (*gm.parameters(), *gm.buffers()):
+        empty = torch.empty_like(t, device="meta")
+        memo[id(t)] = torch.nn.Parameter(empty, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) else empty
+    return copy.deepcopy(gm, memo)
+
+
 def call_with(model: torch.nn.Module, inputs: tuple, keywords: tuple[str, ...] = ()) -> Any:
     """`model` called on a Program's inputs: the last len(keywords) of them by keyword."""
     n = len(inputs) - len(keywords)

@@ -113,6 +113,23 @@ def test_shares_scale_each_groups_ratio_up_to_the_cap(net):
     slim_with(prog, out)
 
 
+def test_a_trial_shares_what_slim_leaves_whole_and_counts_shapes_on_meta(net):
+    """The searches' trials: a slimmed copy that shares the tensors slim does not cut (h's bias)
+    and leaves the model as it was; on the meta device it has the same shapes, so the parameter
+    search counts with no second model in memory."""
+    from pcompiler.passes.select import _trial_slim
+
+    prog, ga, gb, scores = net
+    selection = select(prog.analysis, scores, SelectOptions(ratio=0.5))
+    before = {n: t.clone() for n, t in prog.gm.state_dict().items()}
+    trial, shapes = _trial_slim(prog, selection), _trial_slim(prog, selection, shapes_only=True)
+    assert trial.gm.h.bias is prog.gm.h.bias and trial.gm.a.weight.shape == (5, 3, 1, 1)
+    assert all(torch.equal(t, before[n]) for n, t in prog.gm.state_dict().items())
+    assert {p.device.type for p in shapes.gm.parameters()} == {"meta"}
+    assert {n: p.shape for n, p in shapes.gm.named_parameters()} == {n: p.shape for n, p in trial.gm.named_parameters()}
+    assert count_params(shapes.gm) == count_params(trial.gm) < count_params(prog.gm)
+
+
 @pytest.mark.parametrize("skip, kept_groups", [
     (("a",), "B"), (("h",), "A"), (("b",), ""), (("x*",), "AB"), (("[ab]",), ""), (("*",), ""),
 ])
