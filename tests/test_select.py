@@ -113,6 +113,30 @@ def test_shares_scale_each_groups_ratio_up_to_the_cap(net):
     slim_with(prog, out)
 
 
+@pytest.mark.parametrize("rise_a, rise_b", [(0.4, 0.26), (0.4, 0.4)])
+def test_measured_shares_weigh_each_groups_loss_by_what_its_cut_saves(net, monkeypatch, rise_a, rise_b):
+    """A group's share is (median harm / its harm) ** SHARE_EXPONENT, harm = the log-perplexity
+    rise with its lowest-scored half cut over the parameters that cut saves: A's half (5
+    channels) saves 5 x (3 + 1) + 5 x 4 = 40, B's (2) 2 x (10 + 1) + 2 x 2 = 26. Rises in that
+    proportion give equal shares; equal rises favour cutting A, which saves more."""
+    from types import SimpleNamespace
+
+    import pcompiler.inference
+    from pcompiler.passes.select import SHARE_EXPONENT, measured_shares
+    from pcompiler.tasks import CAUSAL_LM
+
+    prog, ga, gb, scores = net
+    widths = lambda gm: (gm.a.out_channels, gm.b.out_channels)  # noqa: E731
+    rise = {(10, 4): 0.0, (5, 4): rise_a, (10, 2): rise_b}
+    monkeypatch.setattr(pcompiler.inference, "evaluate", lambda gm, windows, **kw: math.exp(rise[widths(gm)]))
+    data = SimpleNamespace(train=torch.utils.data.TensorDataset(torch.randn(40, 3)), task=CAUSAL_LM)
+    shares = measured_shares(prog, prog.analysis, scores, SelectOptions(), data, seed=0, device="cpu")
+    harm = {ga: rise_a / 40, gb: rise_b / 26}
+    median = (harm[ga] + harm[gb]) / 2
+    assert shares == pytest.approx({g: (median / h) ** SHARE_EXPONENT for g, h in harm.items()})
+    assert (shares[ga] > 1 > shares[gb]) if rise_a == rise_b else shares[ga] == pytest.approx(shares[gb])
+
+
 def test_a_trial_shares_what_slim_leaves_whole_and_counts_shapes_on_meta(net):
     """The searches' trials: a slimmed copy that shares the tensors slim does not cut (h's bias)
     and leaves the model as it was; on the meta device it has the same shapes, so the parameter

@@ -210,9 +210,11 @@ def test_the_readme_command_on_the_bundled_language_model(tmp_path):
 
 def test_a_measured_allocation_beats_one_ratio_on_the_bundled_language_model(tmp_path):
     """calib -p allocation=measured on examples/kjv_llama at half its parameters, one-shot with
-    least squares: each group's share comes from the perplexity with it alone cut by half; the
-    stream (every layer's input) hurts most and loses least. Perplexity right after slim 45.9
-    against 63.4 with one ratio for all (on this machine); on classification data it is refused."""
+    least squares: each group's share comes from the perplexity with it alone cut by half, over
+    the parameters that cut saves; the shares spread over more than 5x, and the stream (every
+    layer's input: the most perplexity, but also the most parameters) loses less than the common
+    ratio. Perplexity right after slim 45.4 against 63.4 with one ratio for all (on this
+    machine); on classification data it is refused."""
     import importlib.util
 
     pytest.importorskip("transformers")
@@ -235,7 +237,7 @@ def test_a_measured_allocation_beats_one_ratio_on_the_bundled_language_model(tmp
     assert ppl["measured"] < 0.8 * ppl["uniform"], ppl
     shares = reports["measured"]["method_settings"]["shares"]
     stream = next(g for g in reports["measured"]["groups"]["items"] if "model.embed_tokens" in g["label"])
-    assert len(shares) >= 8 and shares[str(stream["id"])] == min(shares.values()) < 0.5
+    assert len(shares) >= 8 and shares[str(stream["id"])] < 1 and max(shares.values()) > 5 * min(shares.values())
     from pcompiler.data import DataSource
     from pcompiler.passmanager import make_pass
 
