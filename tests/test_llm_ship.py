@@ -168,17 +168,22 @@ def test_a_half_precision_folder_ships_in_its_dtype(tmp_path, name, dtype):
         torch.testing.assert_close(torch.from_numpy(logits), want.float(), rtol=0.05, atol=0.05)
 
 
+def _six_heads(tmp_path, hidden: int):
+    """A 2-layer LLaMA folder, `hidden` wide, 6 query heads over 2 key/value heads, MLP 256."""
+    torch.manual_seed(0)
+    model = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=128, hidden_size=hidden, num_hidden_layers=2,
+                                             num_attention_heads=6, num_key_value_heads=2, intermediate_size=256))
+    model.save_pretrained(tmp_path / "llama", safe_serialization=True)
+    return tmp_path / "llama"
+
+
 def test_hf_widths_are_ones_the_config_class_accepts(tmp_path):
     """hidden 192, 6 heads of 32 over 2 key/value heads at 0.2 would keep hidden 160 and 3 heads,
     which LlamaConfig refuses (160 is no multiple of 3): channels of the stream are kept back."""
     import json
 
-    torch.manual_seed(0)
-    model = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=128, hidden_size=192, num_hidden_layers=2,
-                                             num_attention_heads=6, num_key_value_heads=2, intermediate_size=256))
-    model.save_pretrained(tmp_path / "llama", safe_serialization=True)
     out = tmp_path / "out"
-    result = run_cli(tmp_path / "llama", "--method", "l1", "--ratio", "0.2", "--formats", "hf", "-o", out)
+    result = run_cli(_six_heads(tmp_path, 192), "--method", "l1", "--ratio", "0.2", "--formats", "hf", "-o", out)
     assert result.exit_code == 0, result.output
     config = json.loads((out / "hf" / "config.json").read_text())
     assert config["num_attention_heads"] == 3 and config["num_key_value_heads"] == 1
@@ -186,6 +191,22 @@ def test_hf_widths_are_ones_the_config_class_accepts(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["hf_config"]["field"] == "hidden_size" and report["hf_config"]["kept_back"] == 8
     assert "multiple of the number of attention heads" in report["hf_config"]["refused"]
+
+
+def test_a_budget_the_hf_config_cuts_short_is_reported(tmp_path):
+    """hidden 96, 6 heads of 16 over 2 key/value heads, --params-removed 0.3 with --formats hf:
+    the search's stream of 80 with 3 heads is refused by LlamaConfig, hf_config keeps 16 stream
+    channels back, and the run removes 21.5% of the parameters: report.json warns, naming the
+    field and the way out (about 0.6% over the budget, compensation's biases, does not)."""
+    import json
+
+    out = tmp_path / "out"
+    result = run_cli(_six_heads(tmp_path, 96), "--method", "l1", "--params-removed", "0.3", "--formats", "hf", "-o", out)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["hf_config"]["field"] == "hidden_size" and 0.75 < report["param_ratio"] < 0.8
+    (warning,) = report["warnings"]
+    assert "not the 30% asked" in warning and "16 channels of hidden_size" in warning and "without --formats hf" in warning
 
 
 def test_a_format_asked_for_that_fails_exits_4_and_says_which(tmp_path):
