@@ -5,7 +5,7 @@ fields hold, but a config class may refuse a combination of them (LLaMA's: hidde
 divide by num_attention_heads; hidden 192 and 6 heads at ratio 0.2 keep 160 and 3). Where
 transformers refuses the widths (`hf.config_problem`), this pass gives back removed channels,
 the best-scored first, in whole `round_to` units of the width and in every group of the field
-alike (the config holds one width per field): the stream (hidden_size) and the heads together,
+alike: the stream (hidden_size) and the heads together,
 which constrain each other (BERT: the stream is heads x head size), the fewest channels first,
 then each feed-forward width, until the config accepts the widths or the fields are whole
 again. Keeping a channel is always a valid rewrite; the run then removes a little less.
@@ -47,7 +47,7 @@ class HfConfig:
     def run(self, prog: Program) -> PassResult:
         try:
             problem = config_problem(self.model, slim_widths(self.model, prog))
-        except ValueError:  # widths no field holds, or uneven: the hf target says so
+        except ValueError:  # widths no field holds, or that differ other than by block: the hf target says so
             return PassResult(prog, changed=False)
         if problem is None:
             return PassResult(prog, changed=False)

@@ -1,13 +1,14 @@
 """hf_widths: keep to the widths a Hugging Face config can hold, for the `hf/` folder output.
 
 A `save_pretrained` folder rebuilds the model from its config, so every pruned width must be a
-config field with one value for all layers (pcompiler/hf.py, `width_fields`: the feed-forward
-widths; hidden_size and the head counts of RMSNorm'd models). This pass pins every prunable
+config field (pcompiler/hf.py, `width_fields`: the feed-forward widths; hidden_size and the
+head counts of RMSNorm'd models). This pass pins every prunable
 group whose width is none of those fields (`field_of`), with the reason, so the method never
 selects it, and records the field of each other group for the folder target. The same count
 per layer then follows from layer-wise selection (the default), which removes the same number
-from groups of the same size; the folder target checks the widths and the outputs, and says so
-where a run could not keep to them.
+from groups of the same size: a plain folder. A selection whose layers differ (calib's measured
+allocation, --global) gets a folder with its own modeling file (targets/hf.py). The folder
+target checks the widths and the outputs, and says so where a run could not keep to them.
 
 With `pin` off (the default formats, where hf/ is written only if it can be) nothing is pinned:
 the pass only records which field holds each group, and the folder target skips hf/ where the

@@ -5,7 +5,9 @@ the architecture the config names, with no pickle at all (`use_safetensors=True`
 code). transformers is an optional dependency: `pip install pcompiler[hf]`.
 
 The slim model goes out as a folder too (targets/hf.py), which needs every pruned width to be a
-field of the config, with the same value in every layer. `width_fields` lists the fields that
+field of the config. Where a field's layers differ (calib's measured allocation, --global), the
+config holds each block's value in `layer_widths` and the folder brings a modeling file that
+builds each block from it (loaded with trust_remote_code=True). `width_fields` lists the fields that
 hold a layer width independently of the others: the feed-forward widths, and the residual
 stream's `hidden_size` with the head counts where the config can hold a pruned stream:
 - RMSNorm'd streams (`rms_norm_eps`: LLaMA, Qwen2, Mistral). The analysis prunes such a stream
@@ -28,8 +30,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +41,7 @@ import torch
 from torch import nn
 
 from pcompiler.errors import CompileError, first_line, one_line
-from pcompiler.ir import Program
+from pcompiler.ir import ChannelGroup, Program
 
 # Feed-forward widths, by the names configs give them.
 FFN_FIELDS = ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "encoder_ffn_dim", "decoder_ffn_dim",
@@ -192,15 +196,27 @@ def field_of(group_size: int, block: int, widths: dict[str, int]) -> str | None:
     return next((f for f, v in widths.items() if v == group_size and f not in HEAD_FIELDS), None)
 
 
-def slim_widths(model: nn.Module, prog: Program) -> dict[str, int]:
-    """Each config width field -> its value in the slim program, from the groups the selection
-    shrank and the field the hf_widths pass found for each; raises ValueError where a group
-    shrank that no field holds, or where one field's layers differ."""
+@dataclass(frozen=True)
+class SlimWidths:
+    """The config widths of a slim model: each changed field -> its value (`fields`); where a
+    field's layers differ (a measured or global allocation), also its value in each layer of the
+    ModuleList named `layers` (`per_layer`; `fields` then holds the widest)."""
+
+    fields: dict[str, int]
+    per_layer: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+    layers: str | None = None
+
+
+def slim_widths(model: nn.Module, prog: Program) -> SlimWidths:
+    """The config widths of the slim program, from the groups the selection shrank and the
+    field the hf_widths pass found for each; raises ValueError where a group shrank that no field
+    holds, or where one field's widths differ and not layer by layer (one group per layer of one
+    ModuleList of the model's blocks)."""
     held = (prog.info.get("hf_widths") or {}).get("groups")
     if held is None:
         raise ValueError("no record of which groups the config's fields hold (prune with the hf_widths pass, as the "
                          "pipeline does for --formats hf, or leave out --formats hf)")
-    found: dict[str, set[int]] = {}
+    found: dict[str, dict[int, int]] = {}  # field -> group id -> kept width
     unheld = []
     for gid, removed in (prog.selection or {}).items():
         if not removed:
@@ -210,28 +226,63 @@ def slim_widths(model: nn.Module, prog: Program) -> dict[str, int]:
         if field is None:
             unheld.append(group.label())
         else:
-            found.setdefault(field, set()).add(group.size - len(removed))
+            found.setdefault(field, {})[gid] = group.size - len(removed)
     if unheld:
         raise ValueError(f"the config holds none of the {len(unheld)} widths pruned in {', '.join(unheld[:2])}"
                          f"{' ...' if len(unheld) > 2 else ''}; --formats hf prunes only the widths it holds")
-    uneven = {f: sorted(v) for f, v in found.items() if len(v) > 1}
-    if uneven:
-        raise ValueError(f"the config holds one width per field, and the layers differ: {uneven} (use one ratio "
-                         "for every layer, the default, not --global or calib's -p allocation=measured)")
-    widths = {f: v.pop() for f, v in found.items()}
+    uneven = [f for f, kept in found.items() if len(set(kept.values())) > 1]
+    layers, per_layer = (_per_layer(model, prog, held, uneven) if uneven else (None, {}))
+    widths = {f: max(kept.values()) for f, kept in found.items()}
     if "num_key_value_heads" in widths:  # whole key/value heads went, each with its query heads
         config = model.config
-        per_group = config.num_attention_heads // (getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+        per_group = config.num_attention_heads // (config.num_key_value_heads or config.num_attention_heads)
         widths["num_attention_heads"] = widths["num_key_value_heads"] * per_group
+        if "num_key_value_heads" in per_layer:
+            per_layer["num_attention_heads"] = tuple(n * per_group for n in per_layer["num_key_value_heads"])
     order = ("hidden_size", *HEAD_FIELDS, *FFN_FIELDS)
-    return dict(sorted(widths.items(), key=lambda kv: order.index(kv[0])))
+    by_order = lambda kv: order.index(kv[0])  # noqa: E731
+    return SlimWidths(dict(sorted(widths.items(), key=by_order)), dict(sorted(per_layer.items(), key=by_order)), layers)
 
 
-def stream_ratio(config: Any, widths: dict[str, int]) -> float:
+def _per_layer(model: nn.Module, prog: Program, held: dict[int, str], fields: list[str]) -> tuple[str, dict[str, tuple[int, ...]]]:
+    """The ModuleList of the model's blocks and each of `fields`' width in every block (its
+    group's kept width; the config's where the selection left it whole); a ValueError where the
+    groups of a field are not one per block."""
+    lists = [(name, len(m)) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
+    out: dict[str, tuple[int, ...]] = {}
+    where = None
+    for field in fields:
+        groups = [g for g in prog.analysis.groups if held.get(g.id) == field]
+        for name, n in lists:
+            blocks = [_block_of(g, name) for g in groups]
+            if None not in blocks and sorted(blocks) == list(range(n)):
+                break
+        else:
+            raise ValueError(f"the config holds one {field} for all layers, and the layers differ where they are not "
+                             "one per block of the model (use one ratio for every layer, the default)")
+        if where not in (None, name):
+            raise ValueError(f"the widths differ by layer in two lists of blocks ({where}, {name}): no config holds that")
+        where = name
+        kept = {_block_of(g, name): g.size - len((prog.selection or {}).get(g.id, ())) for g in groups}
+        out[field] = tuple(kept[i] for i in range(n))
+    return where, out
+
+
+def _block_of(group: ChannelGroup, layers: str) -> int | None:
+    """The index of the block of ModuleList `layers` that holds all of the group's modules (None:
+    not one block)."""
+    found = {m[len(layers) + 1:].split(".")[0] for m in group.modules if m.startswith(layers + ".")}
+    if len(found) != 1 or len(group.modules) != sum(m.startswith(layers + ".") for m in group.modules):
+        return None
+    index = found.pop()
+    return int(index) if index.isdigit() else None
+
+
+def stream_ratio(config: Any, widths: SlimWidths) -> float:
     """D/D' of the residual stream (1.0 where hidden_size kept); a ValueError where it changed
     and the config has no norm epsilon to rescale (a stream normalized some other way cannot be
     held)."""
-    new = widths.get("hidden_size")
+    new = widths.fields.get("hidden_size")
     if new is None or new == config.hidden_size:
         return 1.0
     if eps_field(config) is None:
@@ -240,43 +291,61 @@ def stream_ratio(config: Any, widths: dict[str, int]) -> float:
     return config.hidden_size / new
 
 
-def slim_config(model: nn.Module, widths: dict[str, int]) -> Any:
-    """A copy of the model's config holding `widths` (`slim_widths`): each field set, where the
+def slim_config(model: nn.Module, widths: SlimWidths) -> Any:
+    """A copy of the model's config holding `widths` (`slim_widths`): each field set (where its
+    layers differ, the widest, and `layer_widths` {"layers": the blocks' ModuleList, "fields":
+    field -> its value per block}, which the folder's own modeling file reads), where the
     stream shrank its norms' eps x D/D', and where hidden_size or the heads of an RMSNorm'd model
     changed an explicit head_dim (hidden_size / heads no longer is the head size); a field whose
     None meant a multiple of hidden_size holds its value. Every other setting stays (use_cache,
     rope, dtype). A ValueError with the reason where the config class refuses the widths
     (LLaMA's hidden_size must divide by the head count; a LayerNorm'd model's kept heads times
-    the head size must be the kept stream)."""
+    the head size must be the kept stream), in any of its blocks."""
     old = model.config
     ratio = stream_ratio(old, widths)
     eps = eps_field(old)
     config = copy.deepcopy(old)
     try:
         for field in _DEFAULTS:
-            if getattr(old, field, 0) is None and field not in widths:
+            if getattr(old, field, 0) is None and field not in widths.fields:
                 setattr(config, field, field_value(old, field))
-        for field, value in widths.items():
+        for field, value in widths.fields.items():
             setattr(config, field, value)
         if ratio != 1.0:
             setattr(config, eps, getattr(old, eps) * ratio)
-        if {"hidden_size", "num_attention_heads"} & set(widths):
+        if {"hidden_size", "num_attention_heads"} & set(widths.fields):
             head = old.hidden_size // old.num_attention_heads
             if eps == RMS_EPS:
                 config.head_dim = getattr(old, "head_dim", None) or head
             elif config.hidden_size != config.num_attention_heads * head:
                 raise ValueError(f"its attention's head size is hidden_size / num_attention_heads ({head}), and "
                                  f"{config.num_attention_heads} heads of {head} are not hidden_size {config.hidden_size}")
-        validate = getattr(config, "validate", None)  # transformers' strict configs check their architecture
-        if callable(validate):
-            validate()
+        for layer in _layer_configs(config, widths):
+            validate = getattr(layer, "validate", None)  # transformers' strict configs check their architecture
+            if callable(validate):
+                validate()
+        if widths.per_layer:
+            config.layer_widths = {"layers": widths.layers, "fields": {f: list(v) for f, v in widths.per_layer.items()}}
     except Exception as e:  # noqa: BLE001 - the config class's own validation error
         cause = e
         while cause.__cause__ is not None or cause.__context__ is not None:  # the validator's own words
             cause = cause.__cause__ or cause.__context__
-        shown = ", ".join(f"{k} {v}" for k, v in widths.items())
+        shown = ", ".join(f"{k} {list(widths.per_layer.get(k, ())) or v}" for k, v in widths.fields.items())
         raise ValueError(f"{type(old).__name__} refuses the widths {shown}: {first_line(str(cause))}") from e
     return config
+
+
+def _layer_configs(config: Any, widths: SlimWidths) -> list[Any]:
+    """The config as each distinct block sees it (the config alone where no field differs)."""
+    if not widths.per_layer:
+        return [config]
+    out = []
+    for values in sorted(set(zip(*widths.per_layer.values()))):
+        layer = copy.deepcopy(config)
+        for field, value in zip(widths.per_layer, values):
+            setattr(layer, field, value)
+        out.append(layer)
+    return out
 
 
 def biased(model: nn.Module) -> frozenset[str]:
@@ -309,7 +378,7 @@ def bias_holders(model: nn.Module) -> frozenset[str]:
     return biased(model).union(*bias_fields(model).values())
 
 
-def config_problem(model: nn.Module, widths: dict[str, int]) -> str | None:
+def config_problem(model: nn.Module, widths: SlimWidths) -> str | None:
     """Why the model's config cannot hold `widths` (None: it can)."""
     try:
         slim_config(model, widths)

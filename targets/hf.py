@@ -18,20 +18,30 @@ The new widths come from the selection: each group the method shrank holds the c
 the hf_widths pass found for it (`hf.field_of`); a group of key/value heads also sets
 num_attention_heads (its query heads go with it).
 
+Where a field's layers differ (calib's measured allocation, --global ranking), the config holds
+each block's width in `layer_widths` and the folder gets a modeling file, modeling_pcompiler.py
+(`_TEMPLATE`): the model's own class with each block rebuilt from a config holding its widths,
+registered in `auto_map`, so `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`
+(the Auto class that loads the model's class) reads it, KV cache and `generate` included. Other
+tools that read only the config (vLLM, llama.cpp converters) cannot: one ratio for every layer
+(the default selection) keeps the folder plain.
+
 Fails, with the reason, where a width changed that no config field holds (run with the
 `hf_widths` pass, as the pipeline does for Hugging Face models, so the method leaves those
-alone), where one field's layers have different widths (global ranking), or where a weight's
-shape does not fit the rebuilt model.
+alone), where one field's widths differ other than block by block, or where a weight's shape does
+not fit the rebuilt model.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import os
 import secrets
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,6 +49,7 @@ from torch import nn
 from pcompiler.compare import export_tolerance, flatten_tensors
 from pcompiler.costs import eval_mode
 from pcompiler.dtypes import HALF, PromotedInterpreter, dtype_name, dtype_of, promoted_modules
+from pcompiler.errors import one_line
 from pcompiler.hf import (
     RMS_EPS,
     bias_fields,
@@ -48,6 +59,7 @@ from pcompiler.hf import (
     slim_config,
     slim_widths,
     stream_ratio,
+    transformers_module,
 )
 from pcompiler.ir import Program, call_with
 from pcompiler.memory import streamed
@@ -76,8 +88,13 @@ def save_hf(prog: Program, model: nn.Module, path: str | Path) -> ExportResult:
         flags = _bias_flags(model, state)
         for flag in flags:
             setattr(config, flag, True)
+        cls, code = (type(model), None) if not widths.per_layer else _per_layer_class(model, config)
         with torch.device("meta"):  # no memory: the slim program's tensors are put in place
-            slim = type(model)._from_config(config, dtype=dtype_of(prog.gm))
+            try:
+                slim = cls._from_config(config, dtype=dtype_of(prog.gm))
+            except Exception as e:  # noqa: BLE001 - a block class that cannot be built from its config alone
+                raise NotApplicable(f"{type(model).__name__}'s blocks cannot be built one by one from a config, "
+                                    f"which widths that differ by layer need: {one_line(e)}") from e
         missing, unexpected = slim.load_state_dict(state, strict=False, assign=True)
         missing = [k for k in missing if not _zero_bias(slim, k, flags)]
         tied = {k for k in missing if k in _tied_keys(slim)}
@@ -86,12 +103,14 @@ def save_hf(prog: Program, model: nn.Module, path: str | Path) -> ExportResult:
                              f"unexpected {sorted(unexpected)[:4]}")
         slim.tie_weights()
         eps = eps_field(model.config)
-        norms = _rescale_stream_norms(slim, widths.get("hidden_size"), stream) if eps == RMS_EPS else 0
+        norms = _rescale_stream_norms(slim, widths.fields.get("hidden_size"), stream) if eps == RMS_EPS else 0
         if getattr(model, "generation_config", None) is not None:
             slim.generation_config = copy.deepcopy(model.generation_config)
         # Written beside, then renamed: a run killed halfway leaves the old folder (or none).
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
         slim.save_pretrained(tmp, safe_serialization=True)
+        if code is not None:
+            (tmp / f"{CODE}.py").write_text(code)
         copied = _copy_side_files(model, tmp)
         del slim
         if path.exists():
@@ -99,7 +118,10 @@ def save_hf(prog: Program, model: nn.Module, path: str | Path) -> ExportResult:
         os.replace(tmp, path)
         loaded = load_hf(model, path)
         err = _check(prog, loaded, f"the reloaded {path.name}/ folder")
-        changed = ", ".join(f"{f} {field_value(model.config, f)} -> {v}" for f, v in widths.items()) or "no width changed"
+        changed = ", ".join(f"{f} {field_value(model.config, f)} -> {list(widths.per_layer.get(f, ())) or v}"
+                            for f, v in widths.fields.items()) or "no width changed"
+        if code is not None:
+            changed += f"; {CODE}.py builds each layer at its width (load with trust_remote_code=True)"
         if stream != 1.0:
             changed += f"; {eps} x {stream:g}" + (f" and {norms} RMSNorm weights x sqrt({stream:g})" if norms else "")
         if flags:
@@ -112,8 +134,69 @@ def save_hf(prog: Program, model: nn.Module, path: str | Path) -> ExportResult:
 
 
 def load_hf(model: nn.Module, path: str | Path) -> nn.Module:
-    """The slim folder at `path` as `model`'s class (safetensors, no remote code), in eval mode."""
-    return type(model).from_pretrained(path, local_files_only=True, use_safetensors=True).eval()
+    """The slim folder at `path` as `model`'s class (safetensors, no remote code), in eval mode;
+    one whose layers differ in width as its users load it: through its Auto class with its own
+    modeling file (trust_remote_code)."""
+    config = json.loads((Path(path) / "config.json").read_text())
+    if "layer_widths" not in config:
+        return type(model).from_pretrained(path, local_files_only=True, use_safetensors=True).eval()
+    auto = getattr(transformers_module(), next(iter(config["auto_map"])))
+    return auto.from_pretrained(path, local_files_only=True, use_safetensors=True, trust_remote_code=True).eval()
+
+
+# The modeling file of a folder whose layers differ in width (`layer_widths` in its config).
+CODE = "modeling_pcompiler"
+_TEMPLATE = '''"""Written by pcompiler: transformers' {base} with blocks of different widths.
+
+config.layer_widths holds, for the ModuleList of blocks it names, each width field's value per
+block; every block is built from a copy of the config holding its own values. Load the folder
+with {auto}.from_pretrained(folder, trust_remote_code=True).
+"""
+
+import copy
+
+import transformers
+
+
+class {name}(transformers.{base}):
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        blocks = self.get_submodule(config.layer_widths["layers"])
+        for index, block in enumerate(blocks):
+            block_config = copy.copy(config)
+            for field, values in config.layer_widths["fields"].items():
+                setattr(block_config, field, values[index])
+            blocks[index] = type(block)(block_config, index)
+        self.post_init()
+'''
+# The Auto classes a folder's modeling file is registered under, the first that maps the model's config to its class.
+AUTO_CLASSES = ("AutoModelForCausalLM", "AutoModelForSequenceClassification", "AutoModelForTokenClassification",
+                "AutoModelForQuestionAnswering", "AutoModelForMaskedLM", "AutoModelForImageClassification", "AutoModel")
+
+
+def _per_layer_class(model: nn.Module, config: Any) -> tuple[type, str]:
+    """The class of `model` whose blocks are built at their own widths (`_TEMPLATE`), and its
+    source for the folder; `config` gains the `auto_map` that names it. NotApplicable where no
+    Auto class loads the model's class."""
+    transformers = transformers_module()
+    base = type(model).__name__
+    auto = next((a for a in AUTO_CLASSES if _maps(getattr(transformers, a, None), type(model.config), type(model))), None)
+    if auto is None:
+        raise NotApplicable(f"its layers differ in width, which needs a modeling file loaded through an Auto class, and "
+                            f"no Auto class of transformers loads {base} (use one ratio for every layer, the default)")
+    name = f"Pcompiler{base}"
+    code = _TEMPLATE.format(base=base, auto=auto, name=name)
+    namespace: dict[str, Any] = {}
+    exec(compile(code, f"{CODE}.py", "exec"), namespace)  # noqa: S102 - our own template
+    config.auto_map = {auto: f"{CODE}.{name}"}
+    return namespace[name], code
+
+
+def _maps(auto: Any, config_class: type, model_class: type) -> bool:
+    try:
+        return auto is not None and auto._model_mapping[config_class] is model_class
+    except (KeyError, AttributeError):
+        return False
 
 
 def _check(prog: Program, loaded: nn.Module, what: str) -> float:

@@ -153,3 +153,41 @@ def test_layer_normed_stream_and_heads_are_kept_to_whole_heads(tmp_path):
         assert (config["hidden_size"], config["num_attention_heads"]) == kept
         report = json.loads((out / "report.json").read_text())
         assert refused in report["hf_config"]["refused"], report["hf_config"]
+
+
+@pytest.mark.parametrize("name", ["Llama", "Qwen2"])
+def test_layers_of_different_widths_go_into_a_folder_with_its_own_modeling_file(tmp_path, name):
+    """--global cuts each layer's MLP and heads by its own count: the config holds each block's
+    widths (layer_widths), and the folder's modeling_pcompiler.py builds every block at its own,
+    registered for AutoModelForCausalLM: loaded with trust_remote_code=True it gives model.pt2's
+    logits, and generates with its KV cache what it generates without."""
+    torch.manual_seed(0)
+    config = getattr(T, f"{name}Config")(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                         num_key_value_heads=2, intermediate_size=64, max_position_embeddings=16)
+    folder, out = tmp_path / name, tmp_path / "out"
+    getattr(T, f"{name}ForCausalLM")(config).save_pretrained(folder, safe_serialization=True)
+    result = CliRunner().invoke(main, [str(folder), "--method", "l1", "--global", "--ratio", "0.5", "-o", str(out),
+                                       "--formats", "pt2,hf"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    exports = {e["format"]: e for e in report["exports"]}
+    assert exports["hf"]["ok"] and "modeling_pcompiler.py builds each layer at its width (load with " \
+        "trust_remote_code=True)" in exports["hf"]["note"], exports["hf"]
+    written = json.loads((out / "hf" / "config.json").read_text())
+    per_layer = written["layer_widths"]["fields"]
+    assert written["layer_widths"]["layers"] == "model.layers" and len(set(per_layer["intermediate_size"])) > 1
+    assert written["intermediate_size"] == max(per_layer["intermediate_size"])
+    assert written["auto_map"] == {"AutoModelForCausalLM": f"modeling_pcompiler.Pcompiler{name}ForCausalLM"}
+    slim = T.AutoModelForCausalLM.from_pretrained(out / "hf", trust_remote_code=True).eval()
+    assert [b.mlp.up_proj.out_features for b in slim.model.layers] == per_layer["intermediate_size"]
+    if "num_key_value_heads" in per_layer:
+        assert [b.self_attn.k_proj.out_features // 8 for b in slim.model.layers] == per_layer["num_key_value_heads"]
+    assert sum(p.numel() for p in slim.parameters()) == report["params_after"]
+    program = torch.export.load(out / "model.pt2").module()
+    ids, mask = torch.randint(0, 64, (1, 8)), torch.ones(1, 8, dtype=torch.long)
+    with torch.no_grad():
+        torch.testing.assert_close(slim(input_ids=ids, attention_mask=mask)[0],
+                                   program(input_ids=ids, attention_mask=mask)[0], rtol=1e-4, atol=1e-5)
+    cached = slim.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    uncached = slim.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
