@@ -10,7 +10,10 @@ which constrain each other (BERT: the stream is heads x head size), the fewest c
 then each feed-forward width, until the config accepts the widths or the fields are whole
 again. Keeping a channel is always a valid rewrite; the run then removes a little less.
 What it gave back is recorded under info["hf_config"]. A problem it cannot fix is left for the
-hf target, which says it.
+hf target, which says it. A method searching a budget (--params-removed, --speedup) applies the
+same give-back to each trial (`legalize`, wired by the pipeline as the method's `legal`), so the
+ratio it lands on meets the budget with the channels given back; after it this pass has nothing
+left to give.
 """
 
 from __future__ import annotations
@@ -45,12 +48,19 @@ class HfConfig:
     round_to: int = 1
 
     def run(self, prog: Program) -> PassResult:
+        return PassResult(self.legalize(prog, warn=True), changed=False)
+
+    def legalize(self, prog: Program, warn: bool = False) -> Program:
+        """`prog` with the fewest channels given back that make its widths ones the config accepts
+        (itself where they are, or where no field holds them: the hf target says so). The method
+        calls it on each trial of a budget search too (SelectOptions.legal), so that the budget
+        counts what the folder will hold."""
         try:
             problem = config_problem(self.model, slim_widths(self.model, prog))
         except ValueError:  # widths no field holds, or that differ other than by block: the hf target says so
-            return PassResult(prog, changed=False)
+            return prog
         if problem is None:
-            return PassResult(prog, changed=False)
+            return prog
         held: dict[int, str] = prog.info["hf_widths"]["groups"]
         shrunk = {f for gid, f in held.items() if prog.selection.get(gid)}
         searches = [[f for f in STRUCTURE if f in shrunk], *([f] for f in sorted(shrunk - set(STRUCTURE)))]
@@ -58,11 +68,12 @@ class HfConfig:
             found = self._search(prog, held, fields)
             if found is not None:
                 trial, given, which = found
-                log.info("hf_config: %s; %d channels of %s kept back", problem, given, which)
+                (log.info if warn else log.debug)("hf_config: %s; %d channels of %s kept back", problem, given, which)
                 info = {**prog.info, "hf_config": {"refused": problem, "field": which, "kept_back": given}}
-                return PassResult(trial.replace(info=info), changed=False)
-        log.warning("hf_config: %s, and no width kept back fixes it", problem)
-        return PassResult(prog, changed=False)
+                return trial.replace(info=info)
+        if warn:
+            log.warning("hf_config: %s, and no width kept back fixes it", problem)
+        return prog
 
     def _search(self, prog: Program, held: dict[int, str], fields: list[str]) -> tuple[Program, int, str] | None:
         """The selection with the fewest channels of `fields` given back (every combination of

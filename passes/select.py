@@ -33,6 +33,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from typing import Any, ClassVar, Protocol
 
@@ -84,6 +85,9 @@ class SelectOptions:
     params: float | None = None  # fraction of the model's parameters to remove (the ratio is searched)
     target: Budget | None = None  # a measured target (the ratio is searched)
     shares: dict[int, float] | None = None  # group id -> its ratio over the common one (measured_shares); None: all 1
+    # The program with its selection made one an output can hold (the hf folder's config: passes/hf_config.py,
+    # wired by the pipeline), applied to each trial of a budget search so that the budget counts what is written.
+    legal: Callable[[Program], Program] | None = None
 
     @property
     def searched(self) -> bool:
@@ -324,7 +328,7 @@ class MethodPass(SelectOptions):
         return self
 
     def settings(self) -> dict:
-        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "legal"}
         out["target"] = self.target.describe() if self.target is not None else None
         return out
 
@@ -351,6 +355,13 @@ def _trial_slim(prog: Program, selection: Selection, shapes_only: bool = False) 
 
     gm = meta_copy(prog.gm) if shapes_only else shared_copy(prog.gm)
     return slim_program(prog.replace(gm=gm, selection=selection), check=False)
+
+
+def legal_selection(prog: Program, scores: dict[int, np.ndarray], selection: Selection, opts: SelectOptions) -> Selection:
+    """`selection` as the output it is written to can hold it (`opts.legal`; itself without)."""
+    if opts.legal is None:
+        return selection
+    return opts.legal(prog.replace(scores=scores, selection=selection)).selection
 
 
 def plan_for(prog: Program, analysis: Analysis, scores: dict[int, np.ndarray], opts: SelectOptions) -> Plan:
@@ -493,7 +504,8 @@ def _search_ratio(prog: Program, analysis: Analysis, scores: dict[int, np.ndarra
         target = before * (1 - opts.params)
 
     def cost_at(r: float) -> float:  # parameters are counted on the meta device (FLOPs need a forward)
-        return cost(_trial_slim(prog, select(analysis, scores, opts, r), shapes_only=opts.speedup is None).gm)
+        return cost(_trial_slim(prog, legal_selection(prog, scores, select(analysis, scores, opts, r), opts),
+                                shapes_only=opts.speedup is None).gm)
 
     lo, hi = 0.0, 0.999
     if (most := cost_at(hi)) > target:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -196,10 +196,15 @@ def compensate_fit(s: Settings, data: DataSource | None) -> str:
     return s.compensate_fit or ("lstsq" if data is not None and data.task is CAUSAL_LM else "constant")
 
 
-def _method_pass(settings: Settings, data: DataSource | None, teacher: nn.Module | None, runtime: Runtime) -> Pass:
+def _method_pass(settings: Settings, data: DataSource | None, teacher: nn.Module | None, runtime: Runtime,
+                 legal: Callable[[Program], Program] | None = None) -> Pass:
+    """The method's pass; `legal`: the hf_config pass's give-back, which a budget search applies
+    to its trials (SelectOptions.legal)."""
     s = settings.resolved()
     options: dict[str, Any] = {"ratio": s.ratio if s.ratio is not None else 0.5, "skip": tuple(s.skip),
                                "speedup": s.speedup, "params": s.params_removed, "round_to": s.round_to}
+    if legal is not None:
+        options["legal"] = legal
     if s.latency is not None:
         from pcompiler.targets.latency import LatencyBudget
 
@@ -242,11 +247,11 @@ def build(settings: Settings, data: DataSource | None = None, teacher: nn.Module
         return [make_pass("evaluate", data=data, key=f"{data.task.prefix}_{stage}", runtime=runtime)] if data is not None else []
 
     hf = hf_model is not None
+    legal = [make_pass("hf_config", model=hf_model, round_to=s.resolved().round_to)] if hf and hf_exact else []
     passes = [make_pass("analyze", attention=s.attention, prune_normalized=s.prune_normalized),
               *([make_pass("hf_widths", fields=tuple(width_fields(hf_model, s.prune_normalized).items()), pin=hf_exact)] if hf else []),
-              *metric("before"), _method_pass(s, data, teacher, runtime),
-              *([make_pass("hf_config", model=hf_model, round_to=s.resolved().round_to)] if hf and hf_exact else []),
-              make_pass("slim")]
+              *metric("before"), _method_pass(s, data, teacher, runtime, legal[0].legalize if legal else None),
+              *legal, make_pass("slim")]
     if s.compensate:
         holders = bias_holders(hf_model) if hf_model is not None else None
         passes.append(make_pass("compensate", data=data, runtime=runtime, fit=compensate_fit(s, data), bias_holders=holders))

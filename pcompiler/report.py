@@ -41,6 +41,9 @@ log = logging.getLogger("pcompiler")
 # How far above its --params-removed budget a run may end before the report warns: compensation's
 # new biases (least squares on a LLaMA) add about 0.6% of the parameters after the search.
 BUDGET_SLACK = 0.02
+# How far beyond it a run may remove before the report says why (the search lands on the lowest
+# ratio that meets the budget; its steps are the widths' rounding units).
+BUDGET_OVER = 0.05
 
 # Keys build_report computes itself; prog.info keys of the same name are not passed through.
 CORE_KEYS = (
@@ -54,6 +57,25 @@ def _ratio(after: int | None, before: int | None) -> float | None:
     if after is None or not before:
         return None
     return after / before
+
+
+def _budget_warning(prog: Program, asked: float | None, before: int | None, after: int | None) -> str | None:
+    """Why the parameters removed are not the --params-removed asked (None: they are, within
+    BUDGET_SLACK below and BUDGET_OVER above)."""
+    if not asked or not before or after is None:
+        return None
+    removed = 1 - after / before
+    if removed < asked - BUDGET_SLACK:
+        given = prog.info.get("hf_config")
+        why = (f": {given['kept_back']} channels of {given['field']} were kept back so that the hf/ folder's config accepts "
+               f"the widths ({given['refused']}); without --formats hf the budget is met and hf/ written where it fits"
+               if given else "")
+        return f"removed {removed:.1%} of the parameters, not the {asked:.0%} asked{why}"
+    if removed > asked + BUDGET_OVER:
+        return (f"removed {removed:.1%} of the parameters, more than the {asked:.0%} asked: the lowest ratio that meets it "
+                "removes that much, as widths move in steps (--round-to, whole heads, and with --formats hf the widths "
+                "the config accepts: a small model's hidden_size in steps of its head count)")
+    return None
 
 
 def _groups_summary(prog: Program) -> dict[str, Any] | None:
@@ -122,13 +144,10 @@ def build_report(
 
     slim = dict(prog.info.get("slim") or {})
     asked = (settings or {}).get("params_removed")
-    if asked and params_before and params_after is not None and params_after > params_before * (1 - asked + BUDGET_SLACK):
-        given = prog.info.get("hf_config")
-        why = (f": {given['kept_back']} channels of {given['field']} were kept back so that the hf/ folder's config accepts "
-               f"the widths ({given['refused']}); without --formats hf the budget is met and hf/ written where it fits"
-               if given else "")
-        warnings.append(f"removed {1 - params_after / params_before:.1%} of the parameters, not the {asked:.0%} asked{why}")
-        log.warning("%s", warnings[-1])
+    budget = _budget_warning(prog, asked, params_before, params_after)
+    if budget is not None:
+        warnings.append(budget)
+        log.warning("%s", budget)
     report: dict[str, Any] = {
         "model": None if model_path is None else str(model_path),
         "method": method,

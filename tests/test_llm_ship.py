@@ -193,18 +193,37 @@ def test_hf_widths_are_ones_the_config_class_accepts(tmp_path):
     assert "multiple of the number of attention heads" in report["hf_config"]["refused"]
 
 
-def test_a_budget_the_hf_config_cuts_short_is_reported(tmp_path):
-    """hidden 96, 6 heads of 16 over 2 key/value heads, --params-removed 0.3 with --formats hf:
-    the search's stream of 80 with 3 heads is refused by LlamaConfig, hf_config keeps 16 stream
-    channels back, and the run removes 21.5% of the parameters: report.json warns, naming the
-    field and the way out (about 0.6% over the budget, compensation's biases, does not)."""
+def test_a_budget_with_formats_hf_counts_what_the_config_keeps_back(tmp_path, monkeypatch):
+    """hidden 96, 6 heads of 16 over 2 key/value heads, --formats hf: LlamaConfig refuses a
+    stream of 88 or 80 with 3 heads, and hf_config keeps those stream channels back. The search
+    applies that give-back to each of its trials (SelectOptions.legal), so the budget counts it:
+    --params-removed 0.2 removes 21.5% (15.2% when the give-back came after the search). At 0.3
+    the lowest ratio that meets it cuts the stream to 72 (its next accepted width), 44.2%, which
+    report.json says; a search blind to the give-back removed 21.5% there, which it warns of too,
+    naming the field and the way out."""
     import json
 
-    out = tmp_path / "out"
-    result = run_cli(_six_heads(tmp_path, 96), "--method", "l1", "--params-removed", "0.3", "--formats", "hf", "-o", out)
-    assert result.exit_code == 0, result.output
-    report = json.loads((out / "report.json").read_text())
-    assert report["hf_config"]["field"] == "hidden_size" and 0.75 < report["param_ratio"] < 0.8
+    import pcompiler.passes.select as select
+
+    folder = _six_heads(tmp_path, 96)
+
+    def run(ratio: str, out: str) -> tuple[dict, dict]:
+        result = run_cli(folder, "--method", "l1", "--params-removed", ratio, "--formats", "hf", "-o", tmp_path / out)
+        assert result.exit_code == 0, result.output
+        return (json.loads((tmp_path / out / "report.json").read_text()),
+                json.loads((tmp_path / out / "hf" / "config.json").read_text()))
+
+    report, config = run("0.2", "met")
+    assert 1 - report["param_ratio"] == pytest.approx(0.2148, abs=1e-3) and report["warnings"] == []
+    assert (config["hidden_size"], config["num_attention_heads"]) == (96, 3)
+    report, config = run("0.3", "over")
+    assert 1 - report["param_ratio"] == pytest.approx(0.4423, abs=1e-3) and config["hidden_size"] == 72
+    (warning,) = report["warnings"]
+    assert "more than the 30% asked" in warning and "widths the config accepts" in warning
+
+    monkeypatch.setattr(select, "legal_selection", lambda prog, scores, selection, opts: selection)
+    report, config = run("0.3", "short")
+    assert report["hf_config"]["field"] == "hidden_size" and 1 - report["param_ratio"] == pytest.approx(0.2148, abs=1e-3)
     (warning,) = report["warnings"]
     assert "not the 30% asked" in warning and "16 channels of hidden_size" in warning and "without --formats hf" in warning
 
