@@ -216,17 +216,15 @@ def slim_widths(model: nn.Module, prog: Program) -> SlimWidths:
     if held is None:
         raise ValueError("no record of which groups the config's fields hold (prune with the hf_widths pass, as the "
                          "pipeline does for --formats hf, or leave out --formats hf)")
-    found: dict[str, dict[int, int]] = {}  # field -> group id -> kept width
-    unheld = []
-    for gid, removed in (prog.selection or {}).items():
-        if not removed:
-            continue
-        group = prog.analysis.groups[gid]
-        field = held.get(gid)
-        if field is None:
-            unheld.append(group.label())
-        else:
-            found.setdefault(field, {})[gid] = group.size - len(removed)
+    selection = prog.selection or {}
+    shrunk, unheld = set(), []
+    for gid, removed in selection.items():
+        if removed and held.get(gid) is None:
+            unheld.append(prog.analysis.groups[gid].label())
+        elif removed:
+            shrunk.add(held[gid])
+    found = {f: {g.id: g.size - len(selection.get(g.id, ())) for g in prog.analysis.groups if held.get(g.id) == f}
+             for f in shrunk}  # field -> each of its groups (a layer left whole too) -> kept width
     if unheld:
         raise ValueError(f"the config holds none of the {len(unheld)} widths pruned in {', '.join(unheld[:2])}"
                          f"{' ...' if len(unheld) > 2 else ''}; --formats hf prunes only the widths it holds")

@@ -191,3 +191,24 @@ def test_layers_of_different_widths_go_into_a_folder_with_its_own_modeling_file(
     cached = slim.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
     uncached = slim.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, use_cache=False)
     assert torch.equal(cached, uncached)
+
+
+def test_a_layer_left_whole_keeps_its_width_in_the_folder(tmp_path):
+    """--skip keeps layer 0's MLP at 64 while one ratio cuts the others to 32: the config holds
+    the widths per layer (a single intermediate_size of 32 would not fit layer 0's weights)."""
+    torch.manual_seed(0)
+    config = T.LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                           num_key_value_heads=2, intermediate_size=64, max_position_embeddings=16)
+    folder, out = tmp_path / "llama", tmp_path / "out"
+    T.LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+    result = CliRunner().invoke(main, [str(folder), "--method", "l1", "--ratio", "0.5", "--skip", "model.layers.0.mlp.*",
+                                       "-o", str(out), "--formats", "pt2,hf"])
+    assert result.exit_code == 0, result.output
+    written = json.loads((out / "hf" / "config.json").read_text())
+    assert written["layer_widths"]["fields"] == {"intermediate_size": [64, 32, 32]} and written["intermediate_size"] == 64
+    slim = T.AutoModelForCausalLM.from_pretrained(out / "hf", trust_remote_code=True).eval()
+    program = torch.export.load(out / "model.pt2").module()
+    ids, mask = torch.randint(0, 64, (1, 8)), torch.ones(1, 8, dtype=torch.long)
+    with torch.no_grad():
+        torch.testing.assert_close(slim(input_ids=ids, attention_mask=mask)[0],
+                                   program(input_ids=ids, attention_mask=mask)[0], rtol=1e-4, atol=1e-5)
