@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -378,6 +378,8 @@ class Compensate:
     fit: str = "constant"
     ridge: float = RIDGE
     bias_holders: frozenset[str] | None = None  # the modules that may gain a bias (None: any; an hf/ folder's config limits them)
+    # Whether bias_holders applies to this program (None: always; with the default formats, only where hf/ will be written).
+    holders_apply: Callable[[Program], bool] | None = None
     runtime: Runtime = CPU  # where the reference runs on the calibration batches, a module at a time
 
     def run(self, prog: Program) -> PassResult:
@@ -396,7 +398,8 @@ class Compensate:
             raise CompileError(f"compensate: batches ({self.batches}) and batch_size ({self.batch_size}) must be at "
                                "least 1", hint="or pass data=None to fold only exactly constant channels")
         targets, described, skipped = consumers(prog)
-        if self.bias_holders is not None:  # a consumer without a bias whose folder cannot hold one
+        if self.bias_holders is not None and (self.holders_apply is None or self.holders_apply(prog)):
+            # a consumer without a bias whose folder cannot hold one
             cannot = [m for m in targets if m not in self.bias_holders and getattr(prog.reference.get_submodule(m), "bias",
                                                                                     None) is None]
             skipped += tuple((f"{m}.weight", "the hf/ folder's config cannot hold a bias here") for m in cannot)

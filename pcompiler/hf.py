@@ -376,6 +376,15 @@ def bias_holders(model: nn.Module) -> frozenset[str]:
     return biased(model).union(*bias_fields(model).values())
 
 
+def folder_fits(model: nn.Module, prog: Program) -> bool:
+    """Whether the slim program's widths are ones a folder of `model` can hold (the hf target
+    may still fail on what it finds writing it)."""
+    try:
+        return config_problem(model, slim_widths(model, prog)) is None
+    except ValueError:
+        return False
+
+
 def config_problem(model: nn.Module, widths: SlimWidths) -> str | None:
     """Why the model's config cannot hold `widths` (None: it can)."""
     try:

@@ -14,6 +14,7 @@ This module sits above the passes and targets: nothing below imports it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from pcompiler import distributed
 from pcompiler.data import DataSource
 from pcompiler.distill import Distillation
 from pcompiler.errors import CompileError, first_line
-from pcompiler.hf import bias_holders, is_model, width_fields
+from pcompiler.hf import bias_holders, folder_fits, is_model, width_fields
 from pcompiler.inputs import InputSpec, default_inputs, draw_integers, example_values, specs_text
 from pcompiler.ir import Program
 from pcompiler.passes.analyze import ATTENTION
@@ -254,7 +255,9 @@ def build(settings: Settings, data: DataSource | None = None, teacher: nn.Module
               *legal, make_pass("slim")]
     if s.compensate:
         holders = bias_holders(hf_model) if hf_model is not None else None
-        passes.append(make_pass("compensate", data=data, runtime=runtime, fit=compensate_fit(s, data), bias_holders=holders))
+        applies = None if hf_exact or hf_model is None else functools.partial(folder_fits, hf_model)  # hf/ where it fits
+        passes.append(make_pass("compensate", data=data, runtime=runtime, fit=compensate_fit(s, data), bias_holders=holders,
+                                holders_apply=applies))
     passes.append(make_pass("verify", runtime=runtime))
     if data is not None and s.recalibrate_batches > 0:
         passes += [*metric("before_recalibration"),

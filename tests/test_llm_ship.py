@@ -228,6 +228,30 @@ def test_a_budget_with_formats_hf_counts_what_the_config_keeps_back(tmp_path, mo
     assert "not the 30% asked" in warning and "16 channels of hidden_size" in warning and "without --formats hf" in warning
 
 
+def test_with_the_default_formats_the_folds_keep_to_the_folder_only_where_it_is_written(tmp_path):
+    """The default formats write hf/ only where its config accepts the widths. hidden 96 with 6
+    heads over 2: at ratio 0.5 the stream of 48 with 3 heads is accepted, so least squares leaves
+    lm_head (no LLaMA config holds its bias) and hf/ is written; at 0.2 the stream of 80 is
+    refused, hf/ is skipped, and lm_head gets its fold like any consumer."""
+    import json
+
+    import numpy as np
+
+    folder = _six_heads(tmp_path, 96)
+    np.save(tmp_path / "ids.npy", np.random.default_rng(0).integers(0, 128, 20000))
+    for ratio, written in (("0.5", True), ("0.2", False)):
+        out = tmp_path / f"out{ratio}"
+        result = run_cli(folder, "--method", "l1", "--ratio", ratio, "--data", f"tokens:{tmp_path / 'ids.npy'}",
+                         "--seq-len", "32", "--finetune-epochs", "0", "-o", out)
+        assert result.exit_code == 0, result.output
+        report = json.loads((out / "report.json").read_text())
+        skipped = report["compensation"]["skipped"]
+        assert ("lm_head.weight" in skipped) == written, skipped
+        assert (report["compensation"]["consumers"].get("lm_head", {}).get("fitted", 0) > 0) != written
+        hf = {e["format"]: e for e in report["exports"]}["hf"]
+        assert hf["ok"] == written and hf.get("skipped", False) != written, hf
+
+
 def test_a_format_asked_for_that_fails_exits_4_and_says_which(tmp_path):
     import json
 
