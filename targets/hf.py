@@ -93,6 +93,8 @@ def save_hf(prog: Program, model: nn.Module, path: str | Path) -> ExportResult:
             try:
                 slim = cls._from_config(config, dtype=dtype_of(prog.gm))
             except Exception as e:  # noqa: BLE001 - a block class that cannot be built from its config alone
+                if code is None:
+                    raise
                 raise NotApplicable(f"{type(model).__name__}'s blocks cannot be built one by one from a config, "
                                     f"which widths that differ by layer need: {one_line(e)}") from e
         missing, unexpected = slim.load_state_dict(state, strict=False, assign=True)
