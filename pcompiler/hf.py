@@ -32,7 +32,7 @@ import contextlib
 import copy
 import dataclasses
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -206,6 +206,10 @@ class SlimWidths:
     per_layer: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
     layers: str | None = None
 
+    def shown(self, field: str) -> str:
+        """The field's new value as text: its value, or its values per layer as a list."""
+        return str(list(self.per_layer[field]) if field in self.per_layer else self.fields[field])
+
 
 def slim_widths(model: nn.Module, prog: Program) -> SlimWidths:
     """The config widths of the slim program, from the groups the selection shrank and the
@@ -229,7 +233,7 @@ def slim_widths(model: nn.Module, prog: Program) -> SlimWidths:
         raise ValueError(f"the config holds none of the {len(unheld)} widths pruned in {', '.join(unheld[:2])}"
                          f"{' ...' if len(unheld) > 2 else ''}; --formats hf prunes only the widths it holds")
     uneven = [f for f, kept in found.items() if len(set(kept.values())) > 1]
-    layers, per_layer = (_per_layer(model, prog, held, uneven) if uneven else (None, {}))
+    layers, per_layer = (_per_layer(model, prog.analysis.groups, {f: found[f] for f in uneven}) if uneven else (None, {}))
     widths = {f: max(kept.values()) for f, kept in found.items()}
     if "num_key_value_heads" in widths:  # whole key/value heads went, each with its query heads
         config = model.config
@@ -242,18 +246,18 @@ def slim_widths(model: nn.Module, prog: Program) -> SlimWidths:
     return SlimWidths(dict(sorted(widths.items(), key=by_order)), dict(sorted(per_layer.items(), key=by_order)), layers)
 
 
-def _per_layer(model: nn.Module, prog: Program, held: dict[int, str], fields: list[str]) -> tuple[str, dict[str, tuple[int, ...]]]:
-    """The ModuleList of the model's blocks and each of `fields`' width in every block (its
-    group's kept width; the config's where the selection left it whole); a ValueError where the
-    groups of a field are not one per block."""
+def _per_layer(model: nn.Module, groups: Sequence[ChannelGroup], kept: dict[str, dict[int, int]]
+               ) -> tuple[str, dict[str, tuple[int, ...]]]:
+    """The ModuleList of the model's blocks and each field's width in every block, from `kept`
+    (field -> its groups' ids -> kept width, a group the selection left whole at its size); a
+    ValueError where the groups of a field are not one per block."""
     lists = [(name, len(m)) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
     out: dict[str, tuple[int, ...]] = {}
     where = None
-    for field in fields:
-        groups = [g for g in prog.analysis.groups if held.get(g.id) == field]
+    for field, widths in kept.items():
         for name, n in lists:
-            blocks = [_block_of(g, name) for g in groups]
-            if None not in blocks and sorted(blocks) == list(range(n)):
+            blocks = {_block_of(groups[gid], name): width for gid, width in widths.items()}
+            if None not in blocks and len(blocks) == len(widths) and sorted(blocks) == list(range(n)):
                 break
         else:
             raise ValueError(f"the config holds one {field} for all layers, and the layers differ where they are not "
@@ -261,8 +265,7 @@ def _per_layer(model: nn.Module, prog: Program, held: dict[int, str], fields: li
         if where not in (None, name):
             raise ValueError(f"the widths differ by layer in two lists of blocks ({where}, {name}): no config holds that")
         where = name
-        kept = {_block_of(g, name): g.size - len((prog.selection or {}).get(g.id, ())) for g in groups}
-        out[field] = tuple(kept[i] for i in range(n))
+        out[field] = tuple(blocks[i] for i in range(n))
     return where, out
 
 
@@ -328,7 +331,7 @@ def slim_config(model: nn.Module, widths: SlimWidths) -> Any:
         cause = e
         while cause.__cause__ is not None or cause.__context__ is not None:  # the validator's own words
             cause = cause.__cause__ or cause.__context__
-        shown = ", ".join(f"{k} {list(widths.per_layer.get(k, ())) or v}" for k, v in widths.fields.items())
+        shown = ", ".join(f"{k} {widths.shown(k)}" for k in widths.fields)
         raise ValueError(f"{type(old).__name__} refuses the widths {shown}: {first_line(str(cause))}") from e
     return config
 

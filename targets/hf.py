@@ -120,8 +120,8 @@ def save_hf(prog: Program, model: nn.Module, path: str | Path) -> ExportResult:
         os.replace(tmp, path)
         loaded = load_hf(model, path)
         err = _check(prog, loaded, f"the reloaded {path.name}/ folder")
-        changed = ", ".join(f"{f} {field_value(model.config, f)} -> {list(widths.per_layer.get(f, ())) or v}"
-                            for f, v in widths.fields.items()) or "no width changed"
+        changed = ", ".join(f"{f} {field_value(model.config, f)} -> {widths.shown(f)}" for f in widths.fields) \
+            or "no width changed"
         if code is not None:
             changed += f"; {CODE}.py builds each layer at its width (load with trust_remote_code=True)"
         if stream != 1.0:
