@@ -429,7 +429,7 @@ def _search_measured(prog: Program, analysis: Analysis, scores: dict[int, np.nda
             if record:
                 break  # a larger reduction is out of the predictor's reach: the best measured so far stands
             raise
-        selection = candidate.selection(analysis, scores, opts)
+        selection = legal_selection(prog, scores, candidate.selection(analysis, scores, opts), opts)
         if any(selection == p[1] for p in plans):
             break  # no channel differs from a step already measured
         slim = _trial_slim(prog, selection)

@@ -123,6 +123,29 @@ def test_a_step_that_meets_the_target_is_timed_twice_and_judged_by_the_mean():
     assert prog.info["budget_search"]["measured"] == pytest.approx(2.05) and prog.info["budget_search"]["within_tolerance"]
 
 
+@dataclass(frozen=True)
+class FirstWidth(Modelled):
+    """Measured as Modelled; records the width each measured model keeps of its first convolution."""
+
+    widths: list = None
+
+    def reduction(self, original: Any, slim: Any, example_inputs: tuple) -> float:
+        self.widths.append(next(m for m in slim.modules() if isinstance(m, torch.nn.Conv2d)).out_channels)
+        return super().reduction(original, slim, example_inputs)
+
+
+def test_the_measured_search_times_the_selection_its_output_can_hold():
+    """With `legal` (the pipeline wires hf_config's give-back there) keeping the first layer whole,
+    every step the search times keeps its 16 channels, and the others lose more to meet 1.5x."""
+    keep_first = lambda prog: prog.replace(selection={g: v for g, v in prog.selection.items()  # noqa: E731
+                                                      if g != min(prog.selection)})
+    budget = FirstWidth(target=1.5, calls=[], widths=[])
+    prog = prune(conv_bn_stack(), X, target=budget, legal=keep_first)
+    search = prog.info["budget_search"]
+    assert budget.widths and set(budget.widths) == {16}
+    assert 1.5 <= search["measured"] <= 1.5 * (1 + budget.tolerance) and search["met"]
+
+
 def test_allocate_spends_the_budget_where_it_saves_most_per_unit_of_score():
     """Two groups of 32 (steps of 8), group 0 four times as costly per channel: with equal scores
     the cut goes to group 0, in two steps (its second step is worth more than its first, by
