@@ -86,7 +86,8 @@ class SelectOptions:
     target: Budget | None = None  # a measured target (the ratio is searched)
     shares: dict[int, float] | None = None  # group id -> its ratio over the common one (measured_shares); None: all 1
     # The program with its selection made one an output can hold (the hf folder's config: passes/hf_config.py,
-    # wired by the pipeline), applied to each trial of a budget search so that the budget counts what is written.
+    # wired by the pipeline), applied to each trial of a budget search (counted, or slimmed and measured) so
+    # that the budget counts what is written.
     legal: Callable[[Program], Program] | None = None
 
     @property
@@ -384,7 +385,7 @@ def _search_measured(prog: Program, analysis: Analysis, scores: dict[int, np.nda
     falls short and another meets the target, the next knob is the prediction corrected by the
     measured efficiency (measured / predicted); after that it interpolates between the two (a
     backend's latency steps with its kernels' channel blocks, so efficiency is not constant).
-    Aims at the middle of [target, target x (1 + tolerance)]; takes the first step measured in
+    Each step is measured as its output can hold it (`opts.legal`). Aims at the middle of [target, target x (1 + tolerance)]; takes the first step measured in
     that band; else the least pruned that met the target; else
     says it cannot."""
     from pcompiler.costs import count_flops
