@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -45,11 +45,16 @@ class InputStats:
     high: torch.Tensor | None = None
     column_norms: torch.Tensor | None = None  # ||W[:, j]||^2 over the other dims, float64
     kernel: int = 1  # a convolution's taps per input channel (1 for a Linear)
-    gram: torch.Tensor | None = None  # sum over rows of x x^T (channels x channels, float64), where asked for
+    # Where asked for: the sum over rows of (x - shift)(x - shift)^T (channels x channels, float64), each
+    # batch's product in float32 on inputs shifted by the first batch's mean (`shift`, float32), so the
+    # float32 product loses nothing to a large mean.
+    gram: torch.Tensor | None = None
+    shift: torch.Tensor | None = None
 
     def add(self, x: torch.Tensor) -> None:
         """`x`: the input with its channel dim last, any leading dims."""
-        flat = x.detach().reshape(-1, x.shape[-1]).double()
+        rows = x.detach().reshape(-1, x.shape[-1])
+        flat = rows.double()
         total, squares = flat.sum(0), (flat * flat).sum(0)
         low, high = flat.min(0).values, flat.max(0).values
         self.total = total if self.total is None else self.total + total
@@ -58,13 +63,16 @@ class InputStats:
         self.high = high if self.high is None else torch.maximum(self.high, high)
         self.rows += flat.shape[0]
         if self.gram is not None:
-            self.gram += flat.T @ flat
+            if self.shift is None:
+                self.shift = (total / max(flat.shape[0], 1)).float()
+            centred = rows.float() - self.shift
+            self.gram += (centred.T @ centred).double()
 
     @property
     def covariance(self) -> torch.Tensor:
         """Of the input's channels over the calibration rows (needs `gram`)."""
-        mean = self.mean
-        return self.gram / max(self.rows, 1) - torch.outer(mean, mean)
+        offset = self.mean - self.shift.double()
+        return self.gram / max(self.rows, 1) - torch.outer(offset, offset)
 
     @property
     def input_rms(self) -> float:
@@ -115,20 +123,31 @@ def readers(gm: fx.GraphModule, weights: Iterable[str]) -> dict[str, fx.Node]:
     return {k: v for k, v in found.items() if k not in twice}
 
 
+def _linear(gm: fx.GraphModule, n: fx.Node) -> bool:
+    """Whether reader `n` reads its input's channels last (a linear), not at dim 1 (a convolution)."""
+    return n.op == "call_function" and op_name(n.target) in _LINEAR or \
+        n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Linear)
+
+
+def _input_of(gm: fx.GraphModule, n: fx.Node) -> Hashable:
+    """What reader `n` reads, as a key: readers of one input the same way (a block's q, k and v
+    projections; gate and up) share its statistics, measured once."""
+    return (n.args[0], _linear(gm, n)) if isinstance(n.args[0], fx.Node) else n
+
+
 class _Collect(PromotedInterpreter):
-    def __init__(self, gm: fx.GraphModule, watched: dict[fx.Node, InputStats], dtype: torch.dtype | None,
+    def __init__(self, gm: fx.GraphModule, watched: dict[fx.Node, tuple[InputStats, bool]], dtype: torch.dtype | None,
                  device: torch.device | None):
         super().__init__(gm, dtype, device)
-        self.watched = watched
+        self.watched, self.added = watched, set()
 
     def run_node(self, n: fx.Node) -> Any:
-        stats = self.watched.get(n)
-        if stats is not None:
+        stats, linear = self.watched.get(n, (None, False))
+        if stats is not None and id(stats) not in self.added:
             x = self.env[n.args[0]] if isinstance(n.args[0], fx.Node) else None
             if isinstance(x, torch.Tensor):
-                linear = n.op == "call_function" and op_name(n.target) in _LINEAR or \
-                    n.op == "call_module" and isinstance(self.fetch_attr(n.target), nn.Linear)
                 stats.add(x if linear or x.ndim < 2 else x.movedim(1, -1))
+                self.added.add(id(stats))
         return super().run_node(n)
 
 
@@ -138,19 +157,24 @@ def calibrate(gm: fx.GraphModule, weights: Iterable[str], batches: Iterable[tupl
     """Run `gm` (eval mode, no gradients) on `batches` (its positional inputs), a module's weights
     at a time on `device` (in `dtype` where half: see dtypes), and gather the InputStats of each
     of `weights` that `readers` finds (with `norms`, their weights' column norms too; for those
-    in `grams`, their inputs' second-moment matrices: channels^2 float64 each, on `device`)."""
+    in `grams`, their inputs' second-moment matrices: channels^2 float64 each, on `device`).
+    Weights that read one input the same way share its statistics (the same tensors), measured
+    once per batch: on a LLaMA block, q, k and v read one, gate and up another."""
     nodes, grams = readers(gm, weights), set(grams)
-    out = Calibration({name: InputStats() for name in nodes})
-    for name, stats in out.stats.items():
-        if name in grams:
+    shared: dict[Hashable, InputStats] = {}
+    for name, node in nodes.items():
+        stats = shared.setdefault(_input_of(gm, node), InputStats())
+        if name in grams and stats.gram is None:
             w = tensor_of(gm, name)
             stats.gram = torch.zeros(w.shape[1], w.shape[1], dtype=torch.float64, device=device or w.device)
-    watched = {node: out.stats[name] for name, node in nodes.items()}
+    watched = {node: (shared[_input_of(gm, node)], _linear(gm, node)) for node in nodes.values()}
+    out = Calibration()
     with torch.no_grad(), eval_mode(gm), streamed(gm):  # a memory-mapped checkpoint's pages go back after each module
         for inputs in batches:
             _Collect(gm, watched, dtype, device).run(*inputs)
             out.batches += 1
-    for name, stats in out.stats.items():
+    for name, node in nodes.items():  # each weight's own record of the shared input's (same tensors)
+        stats = out.stats[name] = replace(shared[_input_of(gm, node)])
         w = tensor_of(gm, name).detach()
         stats.kernel = math.prod(w.shape[2:]) if w.ndim > 2 else 1
         if norms:

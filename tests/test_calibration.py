@@ -52,6 +52,36 @@ def test_the_statistics_are_those_of_what_each_consumer_reads(frontend):
     torch.testing.assert_close(stats.column_norms, mlp()[2].weight.double().square().sum(0))
 
 
+class ThreeReaders(nn.Module):
+    """q, k and v read one input, as in an attention block; o reads their sum."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.q, self.k, self.v, self.o = nn.Linear(6, 5), nn.Linear(6, 5), nn.Linear(6, 3), nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.o(self.q(x) + self.k(x)) + self.v(x).sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_readers_of_one_input_share_its_statistics_and_the_covariance_survives_a_large_mean(frontend):
+    """q, k and v's statistics are one measurement (the same tensors), each with its own column
+    norms; the covariance, its float32 products taken on inputs shifted by the first batch's
+    mean, matches float64's on inputs whose mean is 10^4 their spread."""
+    x = torch.randn(512, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    x = x @ torch.randn(6, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64) + 1e4
+    prog = pcompiler.trace(ThreeReaders(), (x[:4].float(),), frontend=frontend)
+    names = {"q.weight", "k.weight", "v.weight", "o.weight"}
+    cal = calibrate(prog.gm, readers(prog.gm, names), [(x[:256].float(),), (x[256:].float(),)], norms=True,
+                    grams={"q.weight"})
+    q, k, v, o = (cal.stats[n] for n in ("q.weight", "k.weight", "v.weight", "o.weight"))
+    assert q.gram is k.gram is v.gram and q.total is v.total and q.rows == v.rows == 512 and o.gram is None
+    assert not torch.equal(q.column_norms, k.column_norms) and len(v.column_norms) == 6
+    xf = x.float().double()  # what the model reads
+    torch.testing.assert_close(q.covariance, torch.cov(xf.T, correction=0), rtol=1e-5, atol=1e-5 * float(xf.var(0).min()))
+
+
 def test_calib_keeps_the_channel_that_carries_the_signal_where_l1_drops_it():
     x = inputs()
     data = DataSource("planted", torch.utils.data.TensorDataset(x, torch.zeros(256, dtype=torch.long)),
