@@ -388,9 +388,9 @@ def _search_measured(prog: Program, analysis: Analysis, scores: dict[int, np.nda
     falls short and another meets the target, the next knob is the prediction corrected by the
     measured efficiency (measured / predicted); after that it interpolates between the two (a
     backend's latency steps with its kernels' channel blocks, so efficiency is not constant).
-    Each step is measured as its output can hold it (`opts.legal`). Aims at the middle of [target, target x (1 + tolerance)]; takes the first step measured in
-    that band; else the least pruned that met the target; else
-    says it cannot."""
+    Each step is measured as its output can hold it (`opts.legal`). Aims at the middle of
+    [target, target x (1 + tolerance)]; takes the first step measured in that band; else the
+    least pruned that met the target; else says it cannot."""
     from pcompiler.costs import count_flops
 
     budget = opts.target

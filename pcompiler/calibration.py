@@ -161,20 +161,21 @@ def calibrate(gm: fx.GraphModule, weights: Iterable[str], batches: Iterable[tupl
     Weights that read one input the same way share its statistics (the same tensors), measured
     once per batch: on a LLaMA block, q, k and v read one, gate and up another."""
     nodes, grams = readers(gm, weights), set(grams)
+    keys = {name: _input_of(gm, node) for name, node in nodes.items()}
     shared: dict[Hashable, InputStats] = {}
-    for name, node in nodes.items():
-        stats = shared.setdefault(_input_of(gm, node), InputStats())
+    for name, key in keys.items():
+        stats = shared.setdefault(key, InputStats())
         if name in grams and stats.gram is None:
             w = tensor_of(gm, name)
             stats.gram = torch.zeros(w.shape[1], w.shape[1], dtype=torch.float64, device=device or w.device)
-    watched = {node: (shared[_input_of(gm, node)], _linear(gm, node)) for node in nodes.values()}
+    watched = {node: (shared[keys[name]], _linear(gm, node)) for name, node in nodes.items()}
     out = Calibration()
     with torch.no_grad(), eval_mode(gm), streamed(gm):  # a memory-mapped checkpoint's pages go back after each module
         for inputs in batches:
             _Collect(gm, watched, dtype, device).run(*inputs)
             out.batches += 1
-    for name, node in nodes.items():  # each weight's own record of the shared input's (same tensors)
-        stats = out.stats[name] = replace(shared[_input_of(gm, node)])
+    for name, key in keys.items():  # each weight's own record of the shared input's (same tensors)
+        stats = out.stats[name] = replace(shared[key])
         w = tensor_of(gm, name).detach()
         stats.kernel = math.prod(w.shape[2:]) if w.ndim > 2 else 1
         if norms:
