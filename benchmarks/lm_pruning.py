@@ -14,8 +14,10 @@ for every group, is searched):
   importance, one ratio for the stream, the heads and the MLP, no calibration, no compensation),
   as `--method l1 --no-compensate` (its norm is L1 where Torch-Pruning's is L2);
 - l1: the same, with the default compensation (least squares on calibration data);
-- calib: the calibration method (activation score, its default) with compensation of
-  near-constant channels only, and by least squares (the default for text data);
+- calib: the calibration method (activation score, its default) with one ratio for every group,
+  with compensation of near-constant channels only and by least squares (the default for text
+  data); and with its default allocation, each group's share of the ratio measured
+  (passes/select.py `measured_shares`), least squares;
 - tpp, greg1: the seed methods, trained on next-token loss for the same token budget
   (--reg-steps x batch x 256 tokens), with the default compensation;
 and each again with a distillation recovery (the unpruned model's logits as teacher) of the same
@@ -50,11 +52,13 @@ SEQ = 256
 def configs(reg_steps: int, recovery_steps: int) -> list[tuple[str, list[str], bool]]:
     """(name, CLI arguments, whether it varies with the seed)."""
     reg = ["--reg-steps", str(reg_steps), "--lr", "1e-3"]
+    one_ratio = ["--method", "calib", "-p", "score=activation", "-p", "allocation=uniform"]
     return [
         ("magnitude, uniform (Torch-Pruning)", ["--method", "l1", "--no-compensate"], False),
         ("l1 + lstsq", ["--method", "l1"], True),
-        ("calib", ["--method", "calib", "-p", "score=activation", "--compensate", "constant"], True),
-        ("calib + lstsq", ["--method", "calib", "-p", "score=activation", "--compensate", "lstsq"], True),
+        ("calib, one ratio", [*one_ratio, "--compensate", "constant"], True),
+        ("calib + lstsq, one ratio", [*one_ratio, "--compensate", "lstsq"], True),
+        ("calib + lstsq, measured (default)", ["--method", "calib", "-p", "score=activation"], True),
         ("tpp + lstsq", ["--method", "tpp", *reg], True),
         ("greg1 + lstsq", ["--method", "greg1", *reg], True),
     ]

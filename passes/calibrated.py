@@ -31,15 +31,18 @@ of the three at 20% and 50% of the parameters each time (at 50%: 63.4, 122.3, 11
 fluctuation's 68.8, 135.7, 115.4): what a channel carries beyond what the kept channels
 predict is restored by the fold, and the activation's size then ranks better. With constant
 folds, on the digits networks at ratio 0.5 right after slim, fluctuation kept 78.6% and 79.4%
-right against activation's 67.8% and 75.3%. A group none of
-whose consumers is a Linear or convolution read as such (a consumer the graph reads another
-way) is scored by l1. Selection is the usual layer-wise one (the same width per layer: configs
-and kernels want that), or global with --global, or (`-p allocation=measured`, language models)
-each group's share of the ratio measured by select.measured_shares: the model's perplexity on
-calibration windows with that group alone cut by half, over the parameters the cut saves.
-Opt-in for now; on held-out models at 50% of the parameters, one-shot with least squares:
-wiki_a 97.5 against 122.3 with the same ratio for all, wiki_b 86.6 against 110.5, the bundled
-kjv_llama 45.4 against 63.4 (docs/bench_lm_heldout.md).
+right against activation's 67.8% and 75.3%. A group none of whose consumers is a Linear or
+convolution read as such (a consumer the graph reads another way) is scored by l1. Selection is
+layer-wise (the same width per layer), or global with --global, or (the default for a causal
+language model on text data, `-p allocation=measured`) each group's share of the ratio measured
+by select.measured_shares: the model's perplexity on calibration windows with that group alone
+cut by half, over the parameters the cut saves. On held-out models at 50% of the parameters,
+one-shot with least squares: wiki_a 96.8 against 122.3 with one ratio for all, wiki_b 86.2
+against 110.5, the bundled kjv_llama 45.4 against 63.4 (docs/bench_lm_heldout.md); its cost on a
+200M LLaMA, 20 s beside calibration's 43 s. The layers then differ in width: the `hf/` folder
+holds each layer's widths and a modeling file (trust_remote_code); `-p allocation=uniform` keeps
+one width per layer, a plain folder. With --global or --latency the default is uniform (global
+ranking sets the widths itself; a latency budget spends its own).
 """
 
 from __future__ import annotations
@@ -149,7 +152,7 @@ class Calibrated(MethodPass):
     fit: str = "constant"  # what compensate folds back after slim (its `fit`), which the default score follows
     seed: int = 0
     runtime: Runtime = CPU
-    allocation: str = "uniform"  # or "measured": each group's share of the ratio from its measured loss (select.measured_shares)
+    allocation: str | None = None  # ALLOCATIONS; None: `chosen_allocation`
 
     def check(self) -> None:
         super().check()
@@ -160,7 +163,7 @@ class Calibrated(MethodPass):
             raise CompileError(f"calib: unknown score {self.score!r}", hint=f"-p score= one of {', '.join(SCORES)}")
         if self.samples < 1:
             raise CompileError(f"--calibration-samples must be >= 1, got {self.samples}")
-        if self.allocation not in ALLOCATIONS:
+        if self.allocation is not None and self.allocation not in ALLOCATIONS:
             raise CompileError(f"calib: unknown allocation {self.allocation!r}", hint=f"-p allocation= one of {', '.join(ALLOCATIONS)}")
         if self.allocation == "measured" and self.data.task is not CAUSAL_LM:
             raise CompileError("calib: -p allocation=measured measures perplexity: it needs a language model on text data",
@@ -170,15 +173,24 @@ class Calibrated(MethodPass):
                                hint="drop one of them")
 
     @property
+    def chosen_allocation(self) -> str:
+        """`allocation`, or by default measured for a causal language model on text data (module
+        docstring) unless --global or --latency sets the widths another way."""
+        if self.allocation is not None:
+            return self.allocation
+        lm = self.data is not None and self.data.task is CAUSAL_LM
+        return "measured" if lm and not self.global_ranking and self.target is None else "uniform"
+
+    @property
     def chosen_score(self) -> str:
         return self.score or ("activation" if self.fit == "lstsq" else "fluctuation")
 
     def settings(self) -> dict:
         out = {k: v for k, v in super().settings().items() if k not in ("data", "runtime")}
-        return {**out, "score": self.chosen_score}
+        return {**out, "score": self.chosen_score, "allocation": self.chosen_allocation}
 
     def allocated(self, prog: Program, analysis: Any, scores: dict[int, np.ndarray]) -> SelectOptions:
-        if self.allocation == "uniform":
+        if self.chosen_allocation == "uniform":
             return self
         shares = measured_shares(prog, analysis, scores, self, self.data, self.seed, self.runtime.device)
         log.info("calib: measured shares of the ratio %s", {g: round(v, 2) for g, v in shares.items()})

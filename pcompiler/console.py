@@ -85,6 +85,8 @@ def summary(console: Console, report: dict[str, Any], report_path: Path) -> None
         state = ("[green]ok[/]" if e.get("ok") else f"[yellow]skipped[/] {escape(str(e.get('error')))}"
                  if e.get("skipped") else f"[red]FAILED[/] {escape(str(e.get('error')))}")
         err = f", max error {_num(e.get('max_error'))}" if e.get("ok") and e.get("max_error") is not None else ""
+        if e.get("ok") and "trust_remote_code=True" in str(e.get("note")):  # targets/hf.py: layers that differ in width
+            err += "; its layers differ in width: load with trust_remote_code=True (report.json says how to get one width)"
         rows.append((f"{e.get('format')}", f"{escape(str(e.get('path')))} {state}{err}"))
     rows.append(("report", f"{escape(str(report_path))}, {escape(str(report_path.with_suffix('.md')))}"))
     # Plain soft-wrapped lines, not a table: paths stay whole for scripts that read them.

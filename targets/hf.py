@@ -123,7 +123,8 @@ def save_hf(prog: Program, model: nn.Module, path: str | Path) -> ExportResult:
         changed = ", ".join(f"{f} {field_value(model.config, f)} -> {widths.shown(f)}" for f in widths.fields) \
             or "no width changed"
         if code is not None:
-            changed += f"; {CODE}.py builds each layer at its width (load with trust_remote_code=True)"
+            changed += (f"; {CODE}.py builds each layer at its width (load with trust_remote_code=True; one width "
+                        f"per layer, a plain folder: calib's -p allocation=uniform, no --global)")
         if stream != 1.0:
             changed += f"; {eps} x {stream:g}" + (f" and {norms} RMSNorm weights x sqrt({stream:g})" if norms else "")
         if flags:

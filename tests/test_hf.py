@@ -169,10 +169,11 @@ def test_layers_of_different_widths_go_into_a_folder_with_its_own_modeling_file(
     result = CliRunner().invoke(main, [str(folder), "--method", "l1", "--global", "--ratio", "0.5", "-o", str(out),
                                        "--formats", "pt2,hf"])
     assert result.exit_code == 0, result.output
+    assert "its layers differ in width: load with trust_remote_code=True" in " ".join(result.output.split())
     report = json.loads((out / "report.json").read_text())
     exports = {e["format"]: e for e in report["exports"]}
-    assert exports["hf"]["ok"] and "modeling_pcompiler.py builds each layer at its width (load with " \
-        "trust_remote_code=True)" in exports["hf"]["note"], exports["hf"]
+    assert exports["hf"]["ok"] and "modeling_pcompiler.py builds each layer at its width (load with trust_remote_code=True; one " \
+        "width per layer, a plain folder: calib's -p allocation=uniform, no --global)" in exports["hf"]["note"], exports["hf"]
     written = json.loads((out / "hf" / "config.json").read_text())
     per_layer = written["layer_widths"]["fields"]
     assert written["layer_widths"]["layers"] == "model.layers" and len(set(per_layer["intermediate_size"])) > 1

@@ -4,6 +4,7 @@ the CLI and the pass API."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -142,7 +143,8 @@ def _byte_tokenizer(folder: Path, text: str) -> None:
 
 def test_a_hugging_face_folder_prunes_on_text_with_perplexity(tmp_path):
     """`--data text:FILE` tokenized with the folder's tokenizer; the traced model takes
-    input_ids and attention_mask (ones); report.json and the closing table carry perplexity."""
+    input_ids and attention_mask (ones); report.json and the closing table carry perplexity. One
+    width per layer (`-p allocation=uniform`): a plain folder, with the fold's biases."""
     T = pytest.importorskip("transformers")
     from click.testing import CliRunner
 
@@ -157,8 +159,8 @@ def test_a_hugging_face_folder_prunes_on_text_with_perplexity(tmp_path):
     _byte_tokenizer(folder, text)
     (tmp_path / "book.txt").write_text(text)
     out = tmp_path / "out"
-    result = CliRunner().invoke(main, [str(folder), "--method", "calib", "--ratio", "0.25", "--data", f"text:{tmp_path / 'book.txt'}",
-                                       "--calibration-samples", "16", "--finetune-epochs", "0.1", "--formats", "pt2,hf",
+    result = CliRunner().invoke(main, [str(folder), "--method", "calib", "-p", "allocation=uniform", "--ratio", "0.25",
+                                       "--data", f"text:{tmp_path / 'book.txt'}", "--calibration-samples", "16", "--finetune-epochs", "0.1", "--formats", "pt2,hf",
                                        "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert "perplexity, right after slim" in result.output and "least-squares predicted inputs of removed channels folded" in result.output
@@ -209,12 +211,13 @@ def test_the_readme_command_on_the_bundled_language_model(tmp_path):
 
 
 def test_a_measured_allocation_beats_one_ratio_on_the_bundled_language_model(tmp_path):
-    """calib -p allocation=measured on examples/kjv_llama at half its parameters, one-shot with
-    least squares: each group's share comes from the perplexity with it alone cut by half, over
-    the parameters that cut saves; the shares spread over more than 5x, and the stream (every
-    layer's input: the most perplexity, but also the most parameters) loses less than the common
-    ratio. Perplexity right after slim 45.4 against 63.4 with one ratio for all (on this
-    machine); on classification data it is refused."""
+    """calib on examples/kjv_llama at half its parameters, one-shot with least squares, measured
+    allocation (the default on text data) against `-p allocation=uniform`: each group's share
+    comes from the perplexity with it alone cut by half, over the parameters that cut saves; the
+    shares spread over more than 5x, and the stream (every layer's input: the most perplexity,
+    but also the most parameters) loses less than the common ratio. Perplexity right after slim
+    45.4 against 63.4 with one ratio for all (on this machine); asked for on classification data
+    it is refused, and there (or with --global) the default is uniform."""
     import importlib.util
 
     pytest.importorskip("transformers")
@@ -225,15 +228,16 @@ def test_a_measured_allocation_beats_one_ratio_on_the_bundled_language_model(tmp
     from pcompiler.cli import main
 
     ppl, reports = {}, {}
-    for allocation in ("uniform", "measured"):
+    for allocation, asked in (("uniform", ["-p", "allocation=uniform"]), ("measured", [])):
         out = tmp_path / allocation
-        result = CliRunner().invoke(main, [str(ROOT / "examples" / "kjv_llama"), "--method", "calib", "-p", f"allocation={allocation}",
+        result = CliRunner().invoke(main, [str(ROOT / "examples" / "kjv_llama"), "--method", "calib", *asked,
                                            "--params-removed", "0.5", "--data", "kjv", "--finetune-epochs", "0",
                                            "--no-recalibrate", "--formats", "pt2", "-o", str(out)])
         assert result.exit_code == 0, result.output
         reports[allocation] = json.loads((out / "report.json").read_text())
         ppl[allocation] = reports[allocation]["ppl_pruned"]
         assert 0.49 < reports[allocation]["param_ratio"] < 0.52
+        assert reports[allocation]["method_settings"]["allocation"] == allocation
     assert ppl["measured"] < 0.8 * ppl["uniform"], ppl
     shares = reports["measured"]["method_settings"]["shares"]
     stream = next(g for g in reports["measured"]["groups"]["items"] if "model.embed_tokens" in g["label"])
@@ -242,8 +246,13 @@ def test_a_measured_allocation_beats_one_ratio_on_the_bundled_language_model(tmp
     from pcompiler.passmanager import make_pass
 
     pairs = torch.utils.data.TensorDataset(torch.randn(8, 4), torch.zeros(8, dtype=torch.long))
+    planted = DataSource("planted", pairs, pairs, 2, (4,), None)
     with pytest.raises(CompileError, match="allocation=measured measures perplexity"):
-        make_pass("calib", data=DataSource("planted", pairs, pairs, 2, (4,), None), allocation="measured").check()
+        make_pass("calib", data=planted, allocation="measured").check()
+    assert make_pass("calib", data=planted).chosen_allocation == "uniform"
+    text = dataclasses.replace(planted, task=CAUSAL_LM)
+    assert make_pass("calib", data=text).chosen_allocation == "measured"
+    assert make_pass("calib", data=text, global_ranking=True).chosen_allocation == "uniform"
 
 
 def test_seq_len_needs_text_data():
