@@ -135,11 +135,19 @@ def _input_of(gm: fx.GraphModule, n: fx.Node) -> Hashable:
     return (n.args[0], _linear(gm, n)) if isinstance(n.args[0], fx.Node) else n
 
 
+def _last_read(gm: fx.GraphModule, watched: Iterable[fx.Node]) -> fx.Node | None:
+    """The last node in graph order that computes what a watched reader reads: the nodes after
+    it (a language model's head and its logits, the largest tensor of the run) change no
+    statistic and are not run."""
+    wanted = {n.args[0] for n in watched if isinstance(n.args[0], fx.Node)}
+    return next((n for n in reversed(gm.graph.nodes) if n in wanted), None)
+
+
 class _Collect(PromotedInterpreter):
     def __init__(self, gm: fx.GraphModule, watched: dict[fx.Node, tuple[InputStats, bool]], dtype: torch.dtype | None,
-                 device: torch.device | None):
+                 device: torch.device | None, last: fx.Node | None):
         super().__init__(gm, dtype, device)
-        self.watched, self.added = watched, set()
+        self.watched, self.added, self.last, self.done = watched, set(), last, last is None
 
     def run_node(self, n: fx.Node) -> Any:
         stats, linear = self.watched.get(n, (None, False))
@@ -148,6 +156,9 @@ class _Collect(PromotedInterpreter):
             if isinstance(x, torch.Tensor):
                 stats.add(x if linear or x.ndim < 2 else x.movedim(1, -1))
                 self.added.add(id(stats))
+        if self.done and n.op != "output":
+            return None  # past the last input a reader reads (`_last_read`)
+        self.done = n is self.last
         return super().run_node(n)
 
 
@@ -169,10 +180,10 @@ def calibrate(gm: fx.GraphModule, weights: Iterable[str], batches: Iterable[tupl
             w = tensor_of(gm, name)
             stats.gram = torch.zeros(w.shape[1], w.shape[1], dtype=torch.float64, device=device or w.device)
     watched = {node: (shared[keys[name]], _linear(gm, node)) for name, node in nodes.items()}
-    out = Calibration()
+    out, last = Calibration(), _last_read(gm, watched)
     with torch.no_grad(), eval_mode(gm), streamed(gm):  # a memory-mapped checkpoint's pages go back after each module
         for inputs in batches:
-            _Collect(gm, watched, dtype, device).run(*inputs)
+            _Collect(gm, watched, dtype, device, last).run(*inputs)
             out.batches += 1
     for name, key in keys.items():  # each weight's own record of the shared input's (same tensors)
         stats = out.stats[name] = replace(shared[key])

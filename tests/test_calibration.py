@@ -52,6 +52,21 @@ def test_the_statistics_are_those_of_what_each_consumer_reads(frontend):
     torch.testing.assert_close(stats.column_norms, mlp()[2].weight.double().square().sum(0))
 
 
+def test_what_comes_after_the_last_input_a_reader_reads_is_not_run():
+    """The last reader's own call and what follows it (a language model's head and its logits)
+    change no statistic: calibration stops at the last input a reader reads, and the statistics
+    are the same as the whole graph's."""
+    model = nn.Sequential(*mlp(), nn.Softmax(-1))
+    prog = pcompiler.trace(model, (inputs(4),), frontend="fx")
+    calls = {name: 0 for name in ("0", "2", "3")}
+    for name in calls:
+        prog.gm.get_submodule(name).register_forward_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+    x = inputs()
+    cal = calibrate(prog.gm, readers(prog.gm, {"0.weight", "2.weight"}), [(x[:100],), (x[100:],)])
+    assert calls == {"0": 2, "2": 0, "3": 0}
+    torch.testing.assert_close(cal.stats["2.weight"].mean, torch.relu(mlp()[0](x)).double().mean(0))
+
+
 class ThreeReaders(nn.Module):
     """q, k and v read one input, as in an attention block; o reads their sum."""
 
