@@ -38,11 +38,11 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from pcompiler.calibration import GRAM_BYTES, InputStats, calibrate, in_runs, readers
+from pcompiler.calibration import GRAM_BYTES, InputStats, calibrate, in_runs, readers, shared_inputs
 from pcompiler.data import DataSource
 from pcompiler.dtypes import HALF, dtype_of
 from pcompiler.errors import CompileError, VerifyError
-from pcompiler.ir import Compensation, DimRef, Fold, Program, Removal, Role, op_name, shared_copy
+from pcompiler.ir import Compensation, DimRef, Fold, Program, Removal, Role, op_name, shared_copy, tensor_of
 from pcompiler.passmanager import SLIMMED, PassResult, register_pass
 from pcompiler.runtime import CPU, Runtime
 
@@ -421,8 +421,12 @@ class Compensate:
                                             self.seed, device)
         half = torch.float32 if dtype_of(prog.reference) in HALF else None
         stats: dict[str, InputStats] = {}
-        runs = (in_runs({f"{m}.weight": prog.reference.get_submodule(m).weight.shape[1] ** 2 * 8 for m in targets}, GRAM_BYTES)
-                if lstsq else [[f"{m}.weight" for m in targets]])
+        weights = [f"{m}.weight" for m in targets]
+        if lstsq:  # readers of one input (q, k and v; gate and up) share one matrix, so they go in one run
+            shared = {tuple(g): tensor_of(prog.reference, g[0]).shape[1] ** 2 * 8 for g in shared_inputs(prog.reference, weights)}
+            runs = [[name for g in run for name in g] for run in in_runs(shared, GRAM_BYTES)]
+        else:
+            runs = [weights]
         if len(runs) > 1:
             log.info("compensate: the least-squares fits need more than %d GiB of second moments: %d runs over the "
                      "calibration batches (--compensate mean needs one)", GRAM_BYTES >> 30, len(runs))

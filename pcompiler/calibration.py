@@ -135,6 +135,16 @@ def _input_of(gm: fx.GraphModule, n: fx.Node) -> Hashable:
     return (n.args[0], _linear(gm, n)) if isinstance(n.args[0], fx.Node) else n
 
 
+def shared_inputs(gm: fx.GraphModule, weights: Iterable[str]) -> list[list[str]]:
+    """`weights` (those `readers` finds) grouped by the input they read: `calibrate` measures each
+    group's statistics, its second moments included, once, so a run's memory plan counts one
+    matrix per group."""
+    groups: dict[Hashable, list[str]] = {}
+    for name, node in readers(gm, weights).items():
+        groups.setdefault(_input_of(gm, node), []).append(name)
+    return list(groups.values())
+
+
 def _last_read(gm: fx.GraphModule, watched: Iterable[fx.Node]) -> fx.Node | None:
     """The last node in graph order that computes what a watched reader reads: the nodes after
     it (a language model's head and its logits, the largest tensor of the run) change no

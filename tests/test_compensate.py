@@ -363,6 +363,33 @@ def test_least_squares_over_several_runs_fits_the_same(monkeypatch):
         np.testing.assert_allclose(a.predict, b.predict, rtol=1e-6, atol=1e-7)
 
 
+class _Fan(nn.Module):
+    """Two layers read one hidden input, as q, k and v read a block's."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c = nn.Linear(6, 8), nn.Linear(8, 3), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(h) + self.c(h)
+
+
+def test_readers_of_one_input_go_in_one_run_and_count_one_matrix(monkeypatch):
+    """b and c read one input: with room for one 8-input matrix per run, their fits take one run
+    (one shared measurement), and are the ones of an unlimited budget."""
+    _, x, data = _correlated(256)
+    remove = {"a.weight": [0, 2, 5]}
+    one = compensated(_Fan().eval(), x[:2], remove, data=data, batches=2, batch_size=64, fit="lstsq")
+    monkeypatch.setattr(compensate, "GRAM_BYTES", 8 * 8 * 8)
+    tight = compensated(_Fan().eval(), x[:2], remove, data=data, batches=2, batch_size=64, fit="lstsq")
+    assert one.info["compensation"]["runs"] == tight.info["compensation"]["runs"] == 1
+    assert {f.module for f in tight.compensation.folds} == {"b", "c"}
+    for a, b in zip(one.compensation.folds, tight.compensation.folds, strict=True):
+        np.testing.assert_allclose(a.predict, b.predict, rtol=1e-6, atol=1e-7)
+
+
 def test_least_squares_on_a_bfloat16_model_is_proved():
     """A bfloat16 consumer's folded weight is rounded to bfloat16; verify takes the fold out by
     restoring the reference's own slice (after checking the slim weight is exactly that slice
