@@ -139,10 +139,15 @@ def shared_inputs(gm: fx.GraphModule, weights: Iterable[str]) -> list[list[str]]
     """`weights` (those `readers` finds) grouped by the input they read: `calibrate` measures each
     group's statistics, its second moments included, once, so a run's memory plan counts one
     matrix per group."""
+    return list(_by_input(gm, readers(gm, weights)).values())
+
+
+def _by_input(gm: fx.GraphModule, nodes: Mapping[str, fx.Node]) -> dict[Hashable, list[str]]:
+    """The weights of `nodes` (name -> reader, as `readers` gives) by what they read (`_input_of`)."""
     groups: dict[Hashable, list[str]] = {}
-    for name, node in readers(gm, weights).items():
+    for name, node in nodes.items():
         groups.setdefault(_input_of(gm, node), []).append(name)
-    return list(groups.values())
+    return groups
 
 
 def _last_read(gm: fx.GraphModule, watched: Iterable[fx.Node]) -> fx.Node | None:
@@ -182,21 +187,21 @@ def calibrate(gm: fx.GraphModule, weights: Iterable[str], batches: Iterable[tupl
     Weights that read one input the same way share its statistics (the same tensors), measured
     once per batch: on a LLaMA block, q, k and v read one, gate and up another."""
     nodes, grams = readers(gm, weights), set(grams)
-    keys = {name: _input_of(gm, node) for name, node in nodes.items()}
-    shared: dict[Hashable, InputStats] = {}
-    for name, key in keys.items():
-        stats = shared.setdefault(key, InputStats())
-        if name in grams and stats.gram is None:
-            w = tensor_of(gm, name)
+    of: dict[str, InputStats] = {}  # each weight's shared record
+    for names in _by_input(gm, nodes).values():
+        stats = InputStats()
+        if grams.intersection(names):  # one input: one width
+            w = tensor_of(gm, names[0])
             stats.gram = torch.zeros(w.shape[1], w.shape[1], dtype=torch.float64, device=device or w.device)
-    watched = {node: (shared[keys[name]], _linear(gm, node)) for name, node in nodes.items()}
+        of.update(dict.fromkeys(names, stats))
+    watched = {node: (of[name], _linear(gm, node)) for name, node in nodes.items()}
     out, last = Calibration(), _last_read(gm, watched)
     with torch.no_grad(), eval_mode(gm), streamed(gm):  # a memory-mapped checkpoint's pages go back after each module
         for inputs in batches:
             _Collect(gm, watched, dtype, device, last).run(*inputs)
             out.batches += 1
-    for name, key in keys.items():  # each weight's own record of the shared input's (same tensors)
-        stats = out.stats[name] = replace(shared[key])
+    for name in nodes:  # each weight's own record of the shared input's (same tensors)
+        stats = out.stats[name] = replace(of[name])
         w = tensor_of(gm, name).detach()
         stats.kernel = math.prod(w.shape[2:]) if w.ndim > 2 else 1
         if norms:
