@@ -420,7 +420,6 @@ class Compensate:
             batches = lambda: _data_batches(self.data, prog.reference, self.batches, self.batch_size,  # noqa: E731
                                             self.seed, device)
         half = torch.float32 if dtype_of(prog.reference) in HALF else None
-        stats: dict[str, InputStats] = {}
         weights = [f"{m}.weight" for m in targets]
         if lstsq:  # readers of one input (q, k and v; gate and up) share one matrix, so they go in one run
             shared = {tuple(g): tensor_of(prog.reference, g[0]).shape[1] ** 2 * 8 for g in shared_inputs(prog.reference, weights)}
@@ -430,16 +429,19 @@ class Compensate:
         if len(runs) > 1:
             log.info("compensate: the least-squares fits need more than %d GiB of second moments: %d runs over the "
                      "calibration batches (--compensate mean needs one)", GRAM_BYTES >> 30, len(runs))
-        for run in runs:
-            if run:
-                stats.update(calibrate(prog.reference, run, batches(), device=device, dtype=half,
-                                       grams=run if lstsq else ()).stats)
-        folds, per_consumer = [], {}
-        for module, positions in targets.items():
-            found, per_consumer[module] = _choose(described[module], positions, _kept_inputs(prog, module),
-                                                  stats.get(f"{module}.weight"), tol,
-                                                  self.fit if self.data is not None else "constant", self.ridge)
-            folds += found
+        def choose(module: str, stats: InputStats | None) -> tuple[list[Fold], dict[str, Any]]:
+            return _choose(described[module], targets[module], _kept_inputs(prog, module), stats, tol,
+                           self.fit if self.data is not None else "constant", self.ridge)
+
+        chosen: dict[str, tuple[list[Fold], dict[str, Any]]] = {}
+        for run in runs:  # each run's consumers are fitted before the next run measures: one run's matrices at a time
+            stats = calibrate(prog.reference, run, batches(), device=device, dtype=half,
+                              grams=run if lstsq else ()).stats if run else {}
+            chosen |= {m: choose(m, stats.get(f"{m}.weight")) for m in targets if f"{m}.weight" in stats}
+            del stats
+        chosen |= {m: choose(m, None) for m in targets if m not in chosen}  # measured in no run
+        folds = [f for module in targets for f in chosen[module][0]]
+        per_consumer = {module: chosen[module][1] for module in targets}
         gm = prog.gm
         if folds:
             gm = shared_copy(prog.gm)  # add_to_bias and add_to_weight put new Parameters in place
