@@ -18,7 +18,11 @@ default 450 s from the start of gpu_check.sh, so the whole check ends within 8 m
    each CUDA backend (`torch-cuda-fp32`, `torch-cuda-bf16`, `onnxruntime-cuda`,
    `torch-cuda-compile`; eager backends first, torch.compile last since it compiles per model and
    batch size); results are written as they come, so a step stopped by its time limit keeps them.
-5. `torchrun-ddp`: `python -m torch.distributed.run --standalone --nproc_per_node 2 -m
+5. `latency-model-cuda`: the kernel model of `--latency` on torch-cuda-fp32 (torch.profiler's GPU
+   kernel times; targets/latency_model.py) for resnet50 at batch 8, against 10 random prunings
+   timed original against slim: `benchmarks/latency_target.py --part fidelity`, whose JSON's
+   figures (mean absolute % error and rank correlation of the model and of FLOPs) are kept.
+6. `torchrun-ddp`: `python -m torch.distributed.run --standalone --nproc_per_node 2 -m
    pcompiler.cli ... --device cuda` when torch sees 2 or more GPUs, else skipped with that reason.
 
 With `--dry`, or when `torch.cuda.is_available()` is False, every CUDA step is recorded as
@@ -112,6 +116,12 @@ TORCHRUN_ARGS = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_nod
                               "--reg-steps", "300", "--finetune-epochs", "2", "-o", "OUT", "--device", "cuda",
                               "--formats", "pt2", "--no-progress")]
 
+# The latency model's fidelity on a CUDA backend (benchmarks/latency_target.py); FIDELITY_CPU: the
+# CPU rehearsal's replacements (--dry-cpu, --rehearse-cpu)
+FIDELITY_ARGS = ["benchmarks/latency_target.py", "--part", "fidelity", "--backend", "torch-cuda-fp32",
+                 "--models", "resnet50", "--batches", "8", "--threads", "1", "--prunings", "10", "--out", "OUT"]
+FIDELITY_CPU = {"--backend": "torch-cpu", "--models": "digits_resnet", "--prunings": "3"}
+
 CUDA_BACKENDS = ("torch-cuda-fp32", "torch-cuda-bf16", "onnxruntime-cuda", "torch-cuda-compile")
 LATENCY_SPEC: dict[str, Any] = {
     "models": ["cnn", "decoder"], "cnn": "resnet50", "size": 224, "tokens": 128, "decoder_layers": 4,
@@ -146,6 +156,8 @@ STEPS = (
          CLI_NEEDS + DIGITS_NEEDS, 100),
     Step("latency-cuda", "latency of resnet50 and a LLaMA-shaped decoder, original vs slim (l1, 2x fewer FLOPs), "
          "on every CUDA backend", ("torch", "torchvision", "numpy", "scipy"), 240),
+    Step("latency-model-cuda", "the torch-cuda-fp32 latency model of resnet50 at batch 8 against 10 random "
+         "prunings, predicted vs measured speedup", CLI_NEEDS + ("torchvision",), 120),
     Step("torchrun-ddp", "2-process torchrun (DDP over NCCL) of the tpp run, --device cuda",
          CLI_NEEDS + DIGITS_NEEDS, 100, min_gpus=2),
 )
@@ -451,7 +463,8 @@ def _run_step(step: Step, ctx: Context, rec: dict[str, Any], selected: set[str] 
     timeout = min(step.budget, left)
     rec["timeout_s"] = round(timeout, 1)
     {"pytest-gpu": step_pytest, "main-tpp-amp": step_cli, "distill-greg1-amp": step_cli,
-     "latency-cuda": step_latency, "torchrun-ddp": step_cli}[step.name](step, ctx, rec, timeout)
+     "latency-cuda": step_latency, "latency-model-cuda": step_latency_model,
+     "torchrun-ddp": step_cli}[step.name](step, ctx, rec, timeout)
 
 
 def _finish(rec: dict[str, Any], ran: Ran, prefer_stdout: bool = False) -> None:
@@ -521,6 +534,47 @@ def step_latency(step: Step, ctx: Context, rec: dict[str, Any], timeout: float) 
         rec["reason"] = f"{len(timed)} timings kept; " + rec["reason"]
 
 
+def fidelity_args(out: Path, cpu: bool) -> list[str]:
+    """The latency model step's arguments, writing to `out`; on the CPU (`cpu`) FIDELITY_CPU's."""
+    args = with_out(FIDELITY_ARGS, out)
+    return [FIDELITY_CPU.get(args[i - 1], a) if cpu and i else a for i, a in enumerate(args)]
+
+
+def fidelity_figures(out: Path) -> dict[str, Any]:
+    """Per model and batch of the fidelity JSON in `out`: the backend, the model's size and build
+    time, mean absolute % error and rank correlation of each predictor, and every pruning's
+    (measured, predicted, FLOPs) speedups."""
+    paths = sorted(out.glob("bench_latency_fidelity*.json"))
+    if not paths:
+        return {"rows": []}
+    data = json.loads(paths[0].read_text())
+    rows = [{"model": r["model"], "backend": r.get("backend"), "batch": r["batch"], "kernels": r["kernels"],
+             "build_seconds": r["build_seconds"], "summary": r["summary"],
+             "samples": [{k: round(v, 4) for k, v in x.items()} for x in r["samples"]]} for r in data["rows"]]
+    return {"file": str(paths[0]), "rows": rows, "gpu": data["environment"].get("gpu")}
+
+
+def fidelity_line(figures: dict[str, Any]) -> str:
+    """One line per fidelity row: the model's and FLOPs' mean absolute % error and rank correlation."""
+    parts = []
+    for r in figures.get("rows") or []:
+        model = next((v for k, v in r["summary"].items() if k.startswith("model_")), {})
+        parts.append(f"{r['model']} {r['backend']} b{r['batch']}: model {_pct(model.get('mape'))} error, rho "
+                     f"{model.get('spearman', float('nan')):.2f}; FLOPs {_pct(r['summary']['flops']['mape'])} error, rho "
+                     f"{r['summary']['flops']['spearman']:.2f}")
+    return "; ".join(parts) or "no rows"
+
+
+def step_latency_model(step: Step, ctx: Context, rec: dict[str, Any], timeout: float) -> None:
+    out = ctx.out / step.name
+    shutil.rmtree(out, ignore_errors=True)  # ours: a fresh folder for each run
+    ran = ctx.run(fidelity_args(out, ctx.rehearse), step.name, timeout)
+    _finish(rec, ran)
+    rec["figures"] = fidelity_figures(out)
+    if rec["status"] == "ok" and not rec["figures"]["rows"]:
+        rec["status"], rec["reason"] = "failed", f"exit code 0 but no fidelity JSON in {out}"
+
+
 # ---------------------------------------------------------------------------------------------
 # Dry checks (no CUDA, or --dry)
 
@@ -535,6 +589,8 @@ def dry_check(step: Step, ctx: Context, lacking: list[str], parsed: dict[str, An
             out = _dry_pytest(ctx)
         elif step.name == "latency-cuda":
             out = _dry_latency(ctx)
+        elif step.name == "latency-model-cuda":
+            out = _dry_latency_model(ctx)
         else:
             out = _dry_cli(step, ctx, parsed)
     except Exception as e:  # noqa: BLE001
@@ -583,6 +639,27 @@ def _dry_cli(step: Step, ctx: Context, parsed: dict[str, Any]) -> dict[str, Any]
         out["cpu_run"] = cpu
         if cpu["status"] != "ok":
             out["status"], out["reason"] = "failed", "CPU run: " + (cpu.get("reason") or "; ".join(cpu["problems"]))
+    return out
+
+
+def _dry_latency_model(ctx: Context) -> dict[str, Any]:
+    """The script's options parsed (its imports done: `--help`); with --dry-cpu, the CPU rehearsal."""
+    args = fidelity_args(ctx.out / "latency-model-cuda", cpu=False)
+    ran = ctx.run([args[0], "--help"], "dry-latency-model-help", min(120.0, max(MIN_STEP, ctx.left())))
+    out: dict[str, Any] = {"status": "ok" if ran.returncode == 0 else "failed", "command": shlex.join(args)}
+    if out["status"] != "ok":
+        out["reason"] = ran.reason()
+        return out
+    if ctx.dry_cpu:
+        dest = ctx.out / "dry-cpu" / "latency-model-cuda"
+        shutil.rmtree(dest, ignore_errors=True)
+        ran = ctx.run(fidelity_args(dest, cpu=True), "dry-cpu-latency-model", min(300.0, max(MIN_STEP, ctx.left())))
+        figures = fidelity_figures(dest)
+        out["cpu_run"] = {"status": "ok" if ran.returncode == 0 and figures["rows"] else "failed",
+                          "command": ran.command, "seconds": round(ran.seconds, 2), "figures": figures}
+        if out["cpu_run"]["status"] != "ok":
+            out["status"] = "failed"
+            out["reason"] = out["cpu_run"]["reason"] = ran.reason()
     return out
 
 
@@ -1091,6 +1168,8 @@ def _ok_detail(s: dict[str, Any]) -> str:
         return f"{f.get('passed')} passed, {f.get('skipped')} skipped, {f.get('failures')} failed"
     if s["name"] == "latency-cuda":
         return f"{sum('speedup' in r for r in f.get('rows') or [])} timings"
+    if s["name"] == "latency-model-cuda":
+        return fidelity_line(f)
     rt = f.get("runtime") or {}
     text = f"acc {_pct(f.get('acc_before'))} -> {_pct(f.get('acc_after_slim'))} -> {_pct(f.get('acc_finetuned'))}"
     reg = f.get("regularization_seconds")
@@ -1107,6 +1186,8 @@ def _dry_detail(name: str, dc: dict[str, Any]) -> str:
     if name == "latency-cuda":
         extra = f"; CPU run {len(dc['cpu_run']['summary'])} rows" if dc.get("cpu_run") else ""
         return ": models build, backends known" + extra
+    if name == "latency-model-cuda":
+        return ": the script loads" + (f"; CPU run {fidelity_line(dc['cpu_run']['figures'])}" if dc.get("cpu_run") else "")
     cpu = dc.get("cpu_run")
     if cpu and cpu.get("figures"):
         f = cpu["figures"]

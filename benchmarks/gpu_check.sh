@@ -15,7 +15,7 @@
 #   --budget S     seconds for the whole check from this script's start (default 450: with the
 #                  device tool's 8-minute limit there is room to spare)
 #   --steps LIST   only these steps: pytest-gpu, main-tpp-amp, distill-greg1-amp, latency-cuda,
-#                  torchrun-ddp
+#                  latency-model-cuda, torchrun-ddp
 #   --python PY    the interpreter with the machine's torch (default: the first of python3.12,
 #                  python3, python, .venv/bin/python that imports torch)
 #   --wheelhouse   folder of wheels to install missing packages from (default: .whl/)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,17 @@ def cuda_device(name: str = "cuda") -> torch.device:
         raise CompileError(f"bench device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)",
                            hint="cuda:0 is the first")
     return device
+
+
+@contextlib.contextmanager
+def cpu_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to `n` while inside."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _device_id(device: torch.device | None) -> int:

@@ -40,7 +40,7 @@ import math
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,7 @@ from pcompiler.targets.backends import (
     RUNNERS,
     available_backends,
     cpu_channel_block,
+    cpu_threads,
     cuda_device,
     machine,
     unavailable_backends,
@@ -159,16 +160,6 @@ def make_inputs(example_inputs: Sequence[torch.Tensor], batch: int, seed: int = 
     return tuple(out)
 
 
-@contextlib.contextmanager
-def _threads(n: int) -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 
 def _timed(fn: Callable[[], Any]) -> float:
     t0 = time.perf_counter()
@@ -218,7 +209,7 @@ def measure_latency(models: Mapping[str, torch.nn.Module], example_inputs: Seque
     cuda = cuda_device(settings.device) if any(RUNNERS[b][0] == "cuda" for b in backends) else None
     rows = []
     with contextlib.ExitStack() as stack:
-        stack.enter_context(_threads(threads))
+        stack.enter_context(cpu_threads(threads))
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pcompiler-bench-")))
         for model in models.values():
             stack.enter_context(eval_mode(model))

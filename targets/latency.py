@@ -3,9 +3,9 @@
 `reduction(original, slim)` times both models on one backend at one batch size, alternately
 (`bench.measure_latency`: the same loop, warm-up and paired ratios as `--bench`), and returns the
 median per-round ratio original / slim. `model(...)` is the predictor of the search
-(passes/select.py, `_search_measured`): on the onnxruntime backends the kernel model measured
-with onnxruntime's profiler (targets/latency_model.py), which the search spends unevenly across
-groups; `predictor="flops"`, another backend, or a model whose kernels cannot be tied to the
+(passes/select.py, `_search_measured`): the kernel model measured with the backend's profiler
+(targets/latency_model.py: onnxruntime's, or torch.profiler on torch-cpu and the eager CUDA
+backends); `predictor="flops"`, torch-cuda-compile, or a model whose kernels cannot be tied to the
 groups: None, and the search predicts by FLOPs with one ratio for every group. Each step of the
 search costs one export and one timing of both models.
 """
@@ -22,7 +22,7 @@ import torch
 
 from pcompiler.errors import CompileError
 from pcompiler.ir import Lattice
-from pcompiler.targets.backends import BACKENDS, available_backends
+from pcompiler.targets.backends import BACKENDS, PROVIDERS, available_backends
 from pcompiler.targets.bench import LatencySettings, measure_latency
 from pcompiler.targets.latency_model import KernelModel, ModelUnavailable, measure_model
 
@@ -33,10 +33,13 @@ PREDICTORS = ("profile", "flops")
 # fine-tuned alike, the knapsack kept 96.2% (ResNet, 3 seeds, 93.6-98.9) against 98.8% with one
 # ratio; docs/bench_latency_accuracy.md.
 ALLOCATIONS = ("uniform", "knapsack")
-# The kernel model is profiled on one thread whatever --threads is: on resnet50, mobilenet_v2 and
-# vit_b_16 at batch 1 and 8, a model profiled at 1 thread predicted the 2-thread speedups of 20
-# random prunings with 2-7% mean error, one profiled at 2 threads with 11-27% (parallel kernels'
-# times under the profiler do not add up to the call); docs/bench_latency_fidelity.md.
+# onnxruntime's kernel model is profiled on one thread whatever --threads is: on resnet50,
+# mobilenet_v2 and vit_b_16 at batch 1 and 8, a model profiled at 1 thread predicted the 2-thread
+# speedups of 20 random prunings with 2-7% mean error, one profiled at 2 threads with 11-27%
+# (parallel kernels' times under its profiler do not add up to the call);
+# docs/bench_latency_fidelity.md. torch's is profiled at --threads (an op's time under
+# torch.profiler is the calling thread's wall time, its parallel work inside it): on resnet50 at
+# batch 1, 2 threads, 2.9% error against 13.5% for a 1-thread model; docs/bench_latency_fidelity_torch_cpu.md.
 PROFILE_THREADS = 1
 
 TOLERANCE = 0.05  # relative: about the spread of paired medians on a shared 2-core machine
@@ -89,11 +92,15 @@ class LatencyBudget:
             return None, {"kind": "flops", "why": "asked for (--latency-predictor flops)"}
         try:
             model = measure_model(original, example_inputs, lattices, slim, self.backend, self.batch,
-                                  PROFILE_THREADS)
+                                  self.profile_threads(), self.device)
         except ModelUnavailable as e:
             log.warning("latency model unavailable (%s): predicting by FLOPs, one ratio for every group", e)
             return None, {"kind": "flops", "why": str(e)}
-        return model, {**model.describe(), "profiled_threads": PROFILE_THREADS}
+        return model, {**model.describe(), "profiled_threads": self.profile_threads()}
+
+    def profile_threads(self) -> int:
+        """The CPU threads the kernel model is profiled at (see PROFILE_THREADS)."""
+        return PROFILE_THREADS if self.backend in PROVIDERS else self.threads or torch.get_num_threads()
 
     def describe(self) -> dict[str, Any]:
         return {"what": self.what, **dataclasses.asdict(self),

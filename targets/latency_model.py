@@ -1,5 +1,9 @@
-"""The latency model behind `--latency` on onnxruntime: each kernel's time as a function of the
-channel groups' widths, measured on this machine with onnxruntime's own profiler.
+"""The latency model behind `--latency`: each kernel's time as a function of the channel groups'
+widths, measured on this machine with the backend's profiler: onnxruntime's own on the
+onnxruntime backends (a kernel: a node of the graph it optimized), torch.profiler on torch-cpu
+and the eager CUDA backends (a kernel: an operator the model calls, timed on the CPU or by the GPU
+kernels it launches; `profile_torch`). torch-cuda-compile has none: its generated kernels carry no
+tensor shapes to tie to the groups.
 
 Built by `measure_model` (passes/select.py's allocation and search read it through `predict` and
 `saving`):
@@ -10,20 +14,19 @@ Built by `measure_model` (passes/select.py's allocation and search read it throu
    measured at several widths, not twice at one), none full in every probe, and no two groups
    whose widths could show as the same tensor size sharing one. K starts at 3 and grows until
    the codes are unique.
-2. Profiles. Each model is exported to ONNX (as the backend runs it) and run under onnxruntime's
-   profiler at the budget's batch, on the threads asked for (`--latency` asks for one: see
-   targets/latency.py's PROFILE_THREADS): per kernel of the optimized graph, its median
-   time and tensor shapes, and the median time of a whole call.
+2. Profiles. Each model is run as the backend runs it (exported to ONNX for onnxruntime) under
+   its profiler at the budget's batch, on the threads asked for (targets/latency.py's
+   PROFILE_THREADS says which): per kernel, its median time and tensor shapes, and the median
+   time of a whole call.
 3. Identification. A tensor dimension whose size changes across the runs belongs to the group
    whose kept widths it follows in every run, times 1, the group's block (heads counted as
-   channels), padded up to the CPU's channel block (NCHWc) or, failing these, one constant
-   factor (a flatten of C x H x W). A dimension that
-   changes and follows no group, or several, stops the model (`ModelUnavailable` names the
-   kernel), as does a set of kernels that changes with the widths (onnxruntime fused the pruned
-   graph differently) beyond ODD_SHARE of a call: the search then predicts by FLOPs and the
-   report says why. Kernels in some runs only, within it, join the constant rest
-   (efficientnet_b0: 3 NCHWc reorders of its 236 kernels, 0.2-0.3% of a call, come and go with
-   the widths).
+   channels), padded up to the CPU's channel block (onnxruntime's NCHWc) or, failing these, one
+   constant factor (a flatten of C x H x W). A dimension that changes and follows no group, or
+   several, stops the model (`ModelUnavailable` names the kernel), as does a set of kernels that
+   changes with the widths (onnxruntime fused the pruned graph differently, or torch called
+   other operators) beyond ODD_SHARE of a call: the search then predicts by FLOPs and the report
+   says why. Kernels in some runs only, within it, join the constant rest (efficientnet_b0: 3
+   NCHWc reorders of its 236 kernels, 0.2-0.3% of a call, come and go with the widths).
 4. Fit. Per kernel, its time against x, the product of its groups' kept fractions (a convolution
    from group A to group B: x = kA kB; an elementwise op or a depthwise convolution in A: x = kA),
    at the K + 1 runs' x: made non-decreasing in x (pool-adjacent-violators: a narrower kernel is
@@ -35,8 +38,8 @@ Built by `measure_model` (passes/select.py's allocation and search read it throu
 A kernel's widths move on the lattice only (the selection rounds kept widths to `round_to`, for
 `--latency` the CPU's channel block by default), so the model never has to predict between
 onnxruntime's NCHWc steps. The fitted model is cached as JSON under PCOMPILER_CACHE (default
-~/.cache/pcompiler) per model graph and widths, backend, batch, threads, onnxruntime version and
-CPU; `fit_error` is the model's mean relative error on its own probes' whole calls.
+~/.cache/pcompiler) per model graph and widths, backend, batch, threads, runtime version, CPU
+and GPU; `fit_error` is the model's mean relative error on its own probes' whole calls.
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ from pcompiler.costs import eval_mode
 from pcompiler.errors import CompileError
 from pcompiler.ir import Lattice
 from pcompiler.outdir import atomic_write
-from pcompiler.targets.backends import PROVIDERS, machine
+from pcompiler.targets.backends import PROVIDERS, RUNNERS, cpu_threads, cuda_device, machine
 from pcompiler.targets.onnx import import_onnxruntime, write_onnx
 
 log = logging.getLogger("pcompiler")
@@ -104,6 +107,7 @@ class KernelModel:
     probes: int
     fit_error: float
     seconds: float  # to build
+    source: str = "onnxruntime profile"  # the profiler it was measured with
     cached: bool = False
     by_group: dict[int, list[int]] = field(default_factory=dict, repr=False)
 
@@ -134,7 +138,7 @@ class KernelModel:
         return {g for i in self.by_group.get(gid, ()) for g in self.kernels[i].groups}
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "onnxruntime profile", "kernels": len(self.kernels), "probes": self.probes,
+        return {"kind": self.source, "kernels": len(self.kernels), "probes": self.probes,
                 "fit_error": self.fit_error, "seconds": self.seconds, "cached": self.cached,
                 "grouped_kernels": sum(1 for k in self.kernels if k.groups)}
 
@@ -250,6 +254,70 @@ def profile(model: torch.nn.Module, inputs: Sequence[torch.Tensor], threads: int
     kernels = {name: (info[name][0], statistics.median(ts[2:] if len(ts) > 2 else ts) * 1e-6, info[name][1])
                for name, ts in per.items()}
     return Profile(call=statistics.median(calls) * 1e-6, kernels=kernels)
+
+
+# The backends whose kernels a profiler ties to tensor shapes: onnxruntime's (its own profiler) and
+# eager torch's (torch.profiler). torch.compile runs generated kernels that carry no shapes.
+PROFILED = (*PROVIDERS, "torch-cpu", "torch-cuda-fp32", "torch-cuda-bf16")
+CALL = "pcompiler::call"  # the record_function around one call under torch.profiler
+
+
+def profile_torch(model: torch.nn.Module, inputs: Sequence[torch.Tensor], threads: int, backend: str,
+                  device: str, workdir: Path, min_seconds: float = 0.5, reps: tuple[int, int] = (5, 50)) -> Profile:
+    """Run `model` as `backend` runs it (targets/backends.py's runner: eager, on the CPU or a copy on
+    `device` in the backend's dtype) under torch.profiler. A kernel is an operator called by the
+    model itself (an aten op directly under the call, its nested ops inside it), named by its kind
+    and its place among the call's operators of that kind (`aten::conv2d#3`), with its input
+    tensors' shapes; its time is its CPU time with what it calls (torch-cpu) or the time of the GPU
+    kernels it launched (CUDA); a call's time is its wall time, synchronized."""
+    from torch.profiler import ProfilerActivity, record_function
+    from torch.profiler import profile as torch_profile
+
+    kind = RUNNERS[backend][0]
+    on = cuda_device(device) if kind == "cuda" else None
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if kind == "cuda" else [])
+    with eval_mode(model), cpu_threads(threads):
+        call = RUNNERS[backend][2](model, tuple(inputs), threads, workdir, on)
+        for _ in range(3):
+            call()
+        t0 = time.perf_counter()
+        call()
+        n = max(reps[0], min(reps[1], math.ceil(min_seconds / max(time.perf_counter() - t0, 1e-6))))
+        with torch_profile(activities=activities, record_shapes=True) as prof:
+            for _ in range(2 + n):  # the first two calls (warm-up) are dropped below
+                with record_function(CALL):
+                    call()
+    cpu = torch.autograd.DeviceType.CPU
+    events = [e for e in prof.events() if e.device_type == cpu]
+    calls = sorted((e for e in events if e.name == CALL), key=lambda e: e.time_range.start)[2:]
+    index = {c.id: i for i, c in enumerate(calls)}
+    ops: list[list[Any]] = [[] for _ in calls]
+    for e in events:
+        if e.cpu_parent is not None and e.cpu_parent.id in index:
+            ops[index[e.cpu_parent.id]].append(e)
+    per: dict[str, list[float]] = {}
+    info: dict[str, tuple[str, tuple[tuple[int, ...], ...]]] = {}
+    for call_ops in ops:
+        seen: dict[str, int] = {}
+        for e in sorted(call_ops, key=lambda e: e.time_range.start):
+            name = f"{e.name}#{seen.get(e.name, 0)}"
+            seen[e.name] = seen.get(e.name, 0) + 1
+            per.setdefault(name, []).append(e.device_time_total if kind == "cuda" else e.cpu_time_total)
+            info.setdefault(name, (e.name, tuple(_tensor_shapes(e.input_shapes))))
+    kernels = {name: (info[name][0], statistics.median(ts) * 1e-6, info[name][1]) for name, ts in per.items()}
+    return Profile(call=statistics.median(c.cpu_time_total for c in calls) * 1e-6, kernels=kernels)
+
+
+def _tensor_shapes(shapes: Any) -> list[tuple[int, ...]]:
+    """The shapes torch.profiler records for an op's arguments, flattened (a tensor list's
+    tensors in order), without the scalars' and non-tensors' empty ones."""
+    out: list[tuple[int, ...]] = []
+    for s in shapes or ():
+        if isinstance(s, (list, tuple)) and s and all(isinstance(d, int) for d in s):
+            out.append(tuple(s))
+        elif isinstance(s, (list, tuple)):
+            out.extend(_tensor_shapes(s))
+    return out
 
 
 GENERATED = re.compile(r"_token_\d+$")  # a node or tensor onnxruntime's optimizer inserted, named by a global counter
@@ -368,27 +436,32 @@ def cache_dir() -> Path:
 
 
 def model_key(gm: torch.nn.Module, inputs: Sequence[torch.Tensor], lattices: Sequence[Lattice],
-              backend: str, batch: int, threads: int) -> str:
+              backend: str, batch: int, threads: int, device: str = "cuda") -> str:
     """What the model depends on: the graph's code and parameter shapes, the inputs' shapes, the
-    lattices, the backend and its settings, onnxruntime's version and the CPU."""
-    ort = import_onnxruntime()
+    lattices, the backend and its settings, the runtime's version (onnxruntime's or torch's), the
+    CPU and, on a CUDA backend, the GPU."""
+    where = machine(device)
+    gpu = where["gpu"] if RUNNERS[backend][0] == "cuda" else None
+    runtime = import_onnxruntime().__version__ if backend in PROVIDERS else torch.__version__
     h = hashlib.sha256()
     code = getattr(gm, "code", type(gm).__qualname__)
     shapes = [(n, tuple(p.shape)) for n, p in itertools.chain(gm.named_parameters(), gm.named_buffers())]
     parts = (code, shapes, [tuple(t.shape) for t in inputs], [asdict(lat) for lat in lattices], backend, batch,
-             threads, ort.__version__, machine()["cpu"], VERSION)
+             threads, runtime, where["cpu"], gpu, VERSION)
     h.update(repr(parts).encode())
     return h.hexdigest()[:24]
 
 
 def measure_model(gm: torch.nn.Module, inputs: Sequence[torch.Tensor], lattices: Sequence[Lattice],
                   slim: Callable[[Mapping[int, int]], torch.nn.Module], backend: str, batch: int,
-                  threads: int) -> KernelModel:
-    """The kernel model of `gm` on `backend` (an onnxruntime one) at `batch` and `threads`, from the
-    cache or measured. `slim(widths)`: a copy of the model with those groups cut to those widths."""
-    if backend not in PROVIDERS:
-        raise ModelUnavailable(f"the latency model reads onnxruntime's profiler; {backend} has none")
-    key = model_key(gm, inputs, lattices, backend, batch, threads)
+                  threads: int, device: str = "cuda") -> KernelModel:
+    """The kernel model of `gm` on `backend` (one of PROFILED; a CUDA one on `device`) at `batch` and
+    `threads`, from the cache or measured. `slim(widths)`: a copy of the model with those groups cut
+    to those widths."""
+    if backend not in PROFILED:
+        raise ModelUnavailable(f"the latency model reads a profiler that ties kernels to tensor shapes; {backend} "
+                               f"has none (torch.compile's generated kernels carry no shapes)")
+    key = model_key(gm, inputs, lattices, backend, batch, threads, device)
     path = cache_dir() / f"{key}.json"
     if path.is_file():
         try:
@@ -396,7 +469,8 @@ def measure_model(gm: torch.nn.Module, inputs: Sequence[torch.Tensor], lattices:
             model = KernelModel(key=key, sizes={int(g): s for g, s in data["sizes"].items()},
                                 kernels=[Kernel(**{**k, "groups": tuple(k["groups"]),
                                                    "points": tuple(map(tuple, k["points"]))}) for k in data["kernels"]], rest=data["rest"],
-                                probes=data["probes"], fit_error=data["fit_error"], seconds=data["seconds"], cached=True)
+                                probes=data["probes"], fit_error=data["fit_error"], seconds=data["seconds"],
+                                source=data.get("source", "onnxruntime profile"), cached=True)
             log.info("latency model: from the cache (%s)", path)
             return model
         except (OSError, ValueError, KeyError, TypeError) as e:
@@ -405,14 +479,17 @@ def measure_model(gm: torch.nn.Module, inputs: Sequence[torch.Tensor], lattices:
     from pcompiler.targets.bench import backend_round_to, make_inputs
 
     xs = make_inputs(inputs, batch)
-    pad = backend_round_to(backend)  # the NCHWc block, to which onnxruntime pads a convolution's channels
+    # onnxruntime pads a convolution's channels to the NCHWc block; torch.profiler shows the shapes as given
+    pad = backend_round_to(backend) if backend in PROVIDERS else 1
     probes = probe_codes(lattices, pad)
     runs = []
     with tempfile.TemporaryDirectory(prefix="pcompiler-latency-model-") as tmp:
         for i, widths in enumerate([{}, *probes]):
             work = Path(tmp) / str(i)
             work.mkdir()
-            runs.append(profile(gm if not widths else slim(widths), xs, threads, PROVIDERS[backend], work))
+            model = gm if not widths else slim(widths)
+            runs.append(profile(model, xs, threads, PROVIDERS[backend], work) if backend in PROVIDERS
+                        else profile_torch(model, xs, threads, backend, device, work))
             log.info("latency model: profiled %s (%.3g ms a call)", "the original" if not widths else f"probe {i}",
                      runs[-1].call * 1e3)
     widths = [{}, *probes]
@@ -426,14 +503,14 @@ def measure_model(gm: torch.nn.Module, inputs: Sequence[torch.Tensor], lattices:
         kernels.append(Kernel(name=name, op=runs[0].kernels[name][0], groups=gs, points=points))
     rest = max(0.0, runs[0].call - sum(runs[0].kernels[name][1] for name in groups))
     model = KernelModel(key=key, sizes=sizes, kernels=kernels, rest=rest, probes=len(probes), fit_error=0.0,
-                        seconds=0.0)
+                        seconds=0.0, source="onnxruntime profile" if backend in PROVIDERS else "torch profile")
     model.fit_error = statistics.fmean(abs(model.predict(w) / run.call - 1) for w, run in zip(widths, runs))
     model.seconds = time.perf_counter() - start
     log.info("latency model: %d kernels (%d scale with a group), %d probes, %.1f%% error on its probes, %.0f s",
              len(kernels), sum(1 for k in kernels if k.groups), len(probes), 100 * model.fit_error, model.seconds)
     try:
         data = {"sizes": sizes, "kernels": [asdict(k) for k in kernels], "rest": rest, "probes": len(probes),
-                "fit_error": model.fit_error, "seconds": model.seconds}
+                "fit_error": model.fit_error, "seconds": model.seconds, "source": model.source}
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(path) as tmp:
             tmp.write_text(json.dumps(data))

@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
-STEP_NAMES = ["pytest-gpu", "main-tpp-amp", "distill-greg1-amp", "latency-cuda", "torchrun-ddp"]
+STEP_NAMES = ["pytest-gpu", "main-tpp-amp", "distill-greg1-amp", "latency-cuda", "latency-model-cuda", "torchrun-ddp"]
 
 
 def _load():
@@ -90,6 +90,29 @@ def test_pytest_counts_reads_junit_xml(tmp_path):
     assert [x["outcome"] for x in c["cases"]] == ["passed", "failure", "skipped"]
 
 
+def test_the_latency_model_step_runs_the_fidelity_benchmark_and_reads_its_figures(tmp_path):
+    """On the GPU: torch-cuda-fp32, resnet50 at batch 8; on the CPU rehearsal: torch-cpu, the
+    digits ResNet, 3 prunings. Its figures are the JSON's rows, one summary line each."""
+    args = gc.fidelity_args(tmp_path, cpu=False)
+    assert args[0] == "benchmarks/latency_target.py" and str(tmp_path) in args and "OUT" not in args
+    assert [args[args.index(k) + 1] for k in ("--part", "--backend", "--models", "--batches")] == [
+        "fidelity", "torch-cuda-fp32", "resnet50", "8"]
+    cpu = gc.fidelity_args(tmp_path, cpu=True)
+    assert [cpu[cpu.index(k) + 1] for k in ("--backend", "--models", "--prunings")] == ["torch-cpu", "digits_resnet", "3"]
+    assert gc.fidelity_figures(tmp_path) == {"rows": []}
+    row = {"model": "resnet50", "backend": "torch-cuda-fp32", "batch": 8, "kernels": {"kernels": 175},
+           "build_seconds": {"1t": 9.0}, "summary": {"model_1t": {"mape": 0.031, "spearman": 0.97},
+                                                      "flops": {"mape": 0.42, "spearman": 0.91}},
+           "samples": [{"measured": 1.23456, "model_1t": 1.2, "flops": 1.9}]}
+    (tmp_path / "bench_latency_fidelity_torch_cuda_fp32.json").write_text(
+        json.dumps({"environment": {"gpu": "NVIDIA H200"}, "rows": [row]}))
+    figures = gc.fidelity_figures(tmp_path)
+    assert figures["gpu"] == "NVIDIA H200" and figures["rows"][0]["samples"] == [{"measured": 1.2346, "model_1t": 1.2,
+                                                                                  "flops": 1.9}]
+    assert gc.fidelity_line(figures) == ("resnet50 torch-cuda-fp32 b8: model 3.1% error, rho 0.97; "
+                                         "FLOPs 42.0% error, rho 0.91")
+
+
 def test_latency_summary_lines():
     data = {"rows": [
         {"model": "resnet50", "backend": "torch-cuda-bf16", "batch": 64, "speedup": 1.8, "efficiency": 0.9,
@@ -124,4 +147,5 @@ def test_dry_run_skips_every_cuda_step_with_a_reason_and_validates_the_commands(
     assert steps["main-tpp-amp"]["dry_check"]["parse"]["params"]["device"] == "cuda"
     assert steps["torchrun-ddp"]["dry_check"]["parse"]["torchrun"]["standalone"] is True
     assert set(steps["latency-cuda"]["dry_check"]["check"]["models"]) >= {"resnet50"}
+    assert "--backend torch-cuda-fp32" in steps["latency-model-cuda"]["dry_check"]["command"]
     assert "gpu_check: mode dry" in run.stdout and "torchrun-ddp" in run.stdout  # the summary table

@@ -17,11 +17,13 @@ from pcompiler.targets.latency_model import (
     ModelUnavailable,
     Node,
     Profile,
+    _tensor_shapes,
     identify,
     levels,
     measure_model,
     monotone,
     probe_codes,
+    profile_torch,
     stable_names,
 )
 
@@ -167,12 +169,17 @@ def _wide_stack() -> nn.Sequential:
                          nn.Conv2d(64, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 10, 1))
 
 
-def test_a_model_measured_with_onnxruntime_ties_its_kernels_to_the_groups_and_is_cached(tmp_path, monkeypatch):
-    """The real thing on a 3-group conv stack (widths on a lattice of 16): every convolution's
-    kernel scales with a group, the model predicts the original's whole call within its fit error
-    and a smaller call for a narrower model, savings agree with predictions, and a second build
-    comes from the cache with the same kernels."""
-    pytest.importorskip("onnxruntime")
+@pytest.mark.parametrize("backend, conv, source", [("onnxruntime-cpu", "Conv", "onnxruntime profile"),
+                                                   ("torch-cpu", "aten::conv2d", "torch profile")])
+def test_a_model_measured_with_the_backends_profiler_ties_its_kernels_to_the_groups_and_is_cached(
+        tmp_path, monkeypatch, backend, conv, source):
+    """The real thing on a 3-group conv stack (widths on a lattice of 16), with onnxruntime's
+    profiler and with torch.profiler: every convolution's kernel scales with a group, the model
+    predicts the original's whole call within its fit error and a smaller call for a narrower
+    model, savings agree with predictions, and a second build comes from the cache with the same
+    kernels."""
+    if backend.startswith("onnxruntime"):
+        pytest.importorskip("onnxruntime")
     monkeypatch.setenv("PCOMPILER_CACHE", str(tmp_path))
     torch.manual_seed(0)
     x = torch.randn(1, 3, 16, 16)
@@ -187,9 +194,9 @@ def test_a_model_measured_with_onnxruntime_ties_its_kernels_to_the_groups_and_is
         return _trial_slim(prog, select_counts(scores, {g: next(lat.size for lat in lats if lat.gid == g) - w
                                                         for g, w in widths.items()})).gm
 
-    model = measure_model(prog.gm, (x,), lats, slim, "onnxruntime-cpu", batch=2, threads=1)
-    assert len(built) == model.probes >= 3 and not model.cached
-    convs = [k for k in model.kernels if k.op == "Conv"]
+    model = measure_model(prog.gm, (x,), lats, slim, backend, batch=2, threads=1)
+    assert len(built) == model.probes >= 3 and not model.cached and model.describe()["kind"] == source
+    convs = [k for k in model.kernels if k.op == conv]
     assert len(convs) == 4 and all(k.groups for k in convs)
     assert {g for k in model.kernels for g in k.groups} == {lat.gid for lat in lats}
     assert model.fit_error < 0.5
@@ -197,13 +204,30 @@ def test_a_model_measured_with_onnxruntime_ties_its_kernels_to_the_groups_and_is
     assert model.predict(narrow) < model.predict({})
     gid = lats[0].gid
     assert model.saving({}, gid, 16) == pytest.approx(model.predict({}) - model.predict({gid: 16}))
-    again = measure_model(prog.gm, (x,), lats, slim, "onnxruntime-cpu", batch=2, threads=1)
-    assert again.cached and len(built) == model.probes
+    again = measure_model(prog.gm, (x,), lats, slim, backend, batch=2, threads=1)
+    assert again.cached and len(built) == model.probes and again.source == source
     assert [(k.name, k.groups) for k in again.kernels] == [(k.name, k.groups) for k in model.kernels]
     assert list(tmp_path.glob("latency/*.json"))
 
 
-def test_a_backend_without_a_profiler_has_no_model(tmp_path, monkeypatch):
+def test_a_backend_whose_kernels_carry_no_shapes_has_no_model(tmp_path, monkeypatch):
     monkeypatch.setenv("PCOMPILER_CACHE", str(tmp_path))
-    with pytest.raises(ModelUnavailable, match="torch-cpu has none"):
-        measure_model(nn.Linear(2, 2), (torch.zeros(1, 2),), [], lambda w: None, "torch-cpu", 1, 1)
+    with pytest.raises(ModelUnavailable, match="torch-cuda-compile has none"):
+        measure_model(nn.Linear(2, 2), (torch.zeros(1, 2),), [], lambda w: None, "torch-cuda-compile", 1, 1)
+
+
+def test_torch_profiler_shapes_are_the_tensors_in_order_with_tensor_lists_flattened():
+    """As torch.profiler records an op's inputs: a tensor's shape, [] for a scalar or a
+    non-tensor, a list of shapes for a tensor list (aten::cat)."""
+    assert _tensor_shapes([[[1, 2], [1, 3]], [], [4, 5], None]) == [(1, 2), (1, 3), (4, 5)]
+
+
+def test_torch_profiler_names_each_op_by_its_place_among_its_kind_and_times_it(tmp_path):
+    """profile_torch on a two-linear model: the model's own ops (not their nested ones), named
+    aten::linear#0 and #1, with their input shapes and times that fit inside the call."""
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    run = profile_torch(model, (torch.randn(4, 16),), 1, "torch-cpu", "cuda", tmp_path, min_seconds=0.01)
+    assert {"aten::linear#0", "aten::linear#1", "aten::relu#0"} <= set(run.kernels)
+    assert not any(name.startswith(("aten::addmm", "aten::t#")) for name in run.kernels)  # nested in linear
+    assert run.kernels["aten::linear#1"][2] == ((4, 32), (8, 32), (8,))
+    assert 0 < sum(t for _, t, _ in run.kernels.values()) <= run.call

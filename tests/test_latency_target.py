@@ -232,6 +232,14 @@ def test_latency_budget_times_both_models_on_the_backend():
     assert budget.describe()["backend"] == "onnxruntime-cpu" and budget.describe()["threads"] == 1
 
 
+def test_the_kernel_model_is_profiled_at_one_thread_on_onnxruntime_and_at_threads_on_torch():
+    """onnxruntime's kernel times at 2 threads do not add up to its call, torch's do (the
+    fidelity benchmarks): see targets/latency.py's PROFILE_THREADS."""
+    assert LatencyBudget(2.0, "onnxruntime-cpu", threads=2).profile_threads() == 1
+    assert LatencyBudget(2.0, "torch-cpu", threads=2).profile_threads() == 2
+    assert LatencyBudget(2.0, "torch-cpu").profile_threads() == torch.get_num_threads()
+
+
 @pytest.mark.parametrize("args, fragments", [
     (("--method", "l1", "--latency", "2", "--ratio", "0.5"), ("--ratio and --latency each set how much is removed",)),
     (("--method", "l1", "--latency", "2", "--backend", "tensorrt"), ("--backend tensorrt: unknown backend",)),
@@ -249,25 +257,28 @@ def test_latency_option_errors(tmp_path, args, fragments):
     assert_one_line_error(invoke(EXAMPLE, *args, "-o", tmp_path / "o"), 2, *fragments)
 
 
-def test_latency_target_through_the_cli_records_its_search(tmp_path):
+@pytest.mark.parametrize("backend, profiler", [("onnxruntime-cpu", "onnxruntime profile"),
+                                               ("torch-cpu", "torch profile")])
+def test_latency_target_through_the_cli_records_its_search(tmp_path, backend, profiler):
     """The mechanics end to end on the bundled digits network: the report records the target,
-    the backend, batch and threads, and each step's ratio, FLOPs reduction and measured
-    speedup. (Whether the target is met is the machine's: a too-small model may not reach it,
-    which is exit 2 with the best measured, also a correct answer.)"""
+    the backend, batch and threads, the kernel model (each backend's profiler) and each step's
+    ratio, FLOPs reduction and measured speedup. (Whether the target is met is the machine's: a
+    too-small model may not reach it, which is exit 2 with the best measured, also a correct
+    answer.)"""
     result = invoke(EXAMPLE, "--method", "l1", "--latency", "1.3", "--latency-batch", "16", "--threads", "1",
-                    "--formats", "pt", "-o", tmp_path / "out")
+                    "--backend", backend, "--formats", "pt", "-o", tmp_path / "out")
     if result.exit_code == 2:
         assert "latency reduction was not reached: the best of" in result.output
         return
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     search = report["budget_search"]
-    assert search["backend"] == "onnxruntime-cpu" and search["batch"] == 16 and search["threads"] == 1
+    assert search["backend"] == backend and search["batch"] == 16 and search["threads"] == 1
     assert search["steps"] and all(s["measured"] > 0 and s["flops_reduction"] >= 1 for s in search["steps"])
     assert report["method_settings"]["ratio_used"] == search["ratio"]
     predictor = search["predictor"]
-    assert predictor["kind"] == "onnxruntime profile" or predictor["kind"] == "flops" and predictor["why"]
-    line = f"1.3x lower latency on onnxruntime-cpu at batch 16, 1 threads: measured {search['measured']:.2f}x"
+    assert predictor["kind"] == profiler and predictor["profiled_threads"] == 1 or predictor["kind"] == "flops" and predictor["why"]
+    line = f"1.3x lower latency on {backend} at batch 16, 1 threads: measured {search['measured']:.2f}x"
     assert line in " ".join(result.output.split())
     markdown = (tmp_path / "out" / "report.md").read_text()
     assert "## Latency target" in markdown and markdown.count("x |") >= len(search["steps"])
