@@ -74,12 +74,13 @@ def build(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
 
 
 def run(name: str, batch: int, target: float, threads: int, independent_seconds: float,
-        predictor: str = "profile") -> dict:
+        predictor: str = "profile", backend: str = "onnxruntime-cpu") -> dict:
     model, x = build(name)
     settings = Settings(method="l1", latency=target, latency_batch=batch, threads=threads, compensate=False,
-                        latency_predictor=predictor)
+                        latency_predictor=predictor, latency_backend=backend)
     t0 = time.perf_counter()
-    row = {"model": name, "batch": batch, "target": target, "threads": threads, "predictor": predictor}
+    row = {"model": name, "backend": backend, "batch": batch, "target": target, "threads": threads,
+           "predictor": predictor}
     try:
         prog, _ = compile_model(model, settings, inputs=[InputSpec(tuple(x.shape))], formats=())
     except CompileError as e:
@@ -91,7 +92,7 @@ def run(name: str, batch: int, target: float, threads: int, independent_seconds:
             "fallback": (search["predictor"] or {}).get("why"),
             "predicted": search["predicted"], "measured": search["measured"],
             "within_tolerance": search["within_tolerance"]}
-    check = LatencySettings(batch_sizes=(batch,), backends=("onnxruntime-cpu",), threads=threads,
+    check = LatencySettings(batch_sizes=(batch,), backends=(backend,), threads=threads,
                             min_seconds=independent_seconds)
     (again,) = measure_latency({"original": prog.reference, "slim": prog.gm}, (x,), check)
     row["independent"] = again.get("speedup")
@@ -115,12 +116,16 @@ def markdown(rows: list[dict], env: dict, threads: int) -> str:
                       f"{r.get('removed', r['ratio']):.3f}", f"{r['predicted']:.2f}x", f"{r['measured']:.2f}x",
                       f"{r['independent']:.2f}x", f"{miss:+.0%}",
                       f"{r['seconds']:.0f}" + (f" ({r['model_seconds']:.0f})" if r.get("model_seconds") else ""), steps])
+    backend = rows[0].get("backend", "onnxruntime-cpu") if rows else "onnxruntime-cpu"
+    runtime = (f"onnxruntime {env.get('onnxruntime')} CPU provider" if backend == "onnxruntime-cpu"
+               else f"torch {env.get('torch')} eager ({backend})")
+    profiler = "onnxruntime's profiler" if backend in PROVIDERS else "torch.profiler"
     return "\n".join([
-        "# Pruning to a measured latency",
+        "# Pruning to a measured latency" + ("" if backend == "onnxruntime-cpu" else f": {backend}"),
         "",
-        f"`python benchmarks/latency_target.py`: onnxruntime {env.get('onnxruntime')} CPU provider, {threads} threads, "
+        f"`python benchmarks/latency_target.py --backend {backend}`: {runtime}, {threads} threads, "
         f"on {env.get('cpu')} ({env.get('cpu_count')} cores). Method l1, `--latency X` at the batch size shown. "
-        "predictor: what predicted the steps: the kernel model measured with onnxruntime's profiler (the default; one "
+        f"predictor: what predicted the steps: the kernel model measured with {profiler} (the default; one "
         "ratio bisected on it); FLOPs: one ratio, FLOPs predicting (what `--speedup` assumes), `(fallback)` where the "
         "kernel model could not be built (the JSON's `fallback` says why). removed: the "
         "fraction of the candidate channels removed; predicted: the predictor's speedup for the chosen step; "
@@ -325,8 +330,8 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--backend", default="onnxruntime-cpu", choices=("onnxruntime-cpu", "torch-cpu", "torch-cuda-fp32",
                                                                      "torch-cuda-bf16", "onnxruntime-cuda"),
-                    help="fidelity: the backend whose kernel model is measured (another than onnxruntime-cpu writes "
-                         "bench_latency_fidelity_<backend>)")
+                    help="attain and fidelity: the backend timed and modelled (another than onnxruntime-cpu writes "
+                         "bench_latency_<part>_<backend>)")
     ap.add_argument("--prunings", type=int, default=20, help="fidelity: random prunings per model and batch")
     args = ap.parse_args()
     env = {**_common.environment(), "cpu": machine()["cpu"], "gpu": machine()["gpu"]}
@@ -346,13 +351,14 @@ def main() -> None:
         return
     if args.quick:
         args.models, args.batches, args.targets, args.out = "digits_resnet,digits_vgg", "8", "1.5", Path("/tmp")
-    rows = _earlier(args, "bench_latency_target.json")
-    rows += [run(m, int(b), float(t), args.threads, 1.0 if args.quick else 3.0, p)
+    stem = "bench_latency_target" + ("" if args.backend == "onnxruntime-cpu" else "_" + args.backend.replace("-", "_"))
+    rows = _earlier(args, f"{stem}.json")
+    rows += [run(m, int(b), float(t), args.threads, 1.0 if args.quick else 3.0, p, args.backend)
              for m in args.models.split(",") for b in args.batches.split(",") for t in args.targets.split(",")
              for p in args.predictors.split(",")]
-    _common.write_json(args.out / "bench_latency_target.json", {"environment": env, "rows": rows})
+    _common.write_json(args.out / f"{stem}.json", {"environment": env, "rows": rows})
     text = markdown(rows, env, args.threads)
-    _common.write_text(args.out / "bench_latency_target.md", text)
+    _common.write_text(args.out / f"{stem}.md", text)
     print(text)
 
 
