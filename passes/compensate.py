@@ -38,7 +38,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from pcompiler.calibration import GRAM_BYTES, InputStats, calibrate, in_runs, readers, shared_inputs
+from pcompiler.calibration import GRAM_BYTES, InputStats, calibrate_runs, in_runs, readers, shared_inputs
 from pcompiler.data import DataSource
 from pcompiler.dtypes import HALF, dtype_of
 from pcompiler.errors import CompileError, VerifyError
@@ -434,11 +434,13 @@ class Compensate:
                            self.fit if self.data is not None else "constant", self.ridge)
 
         chosen: dict[str, tuple[list[Fold], dict[str, Any]]] = {}
-        for run in runs:  # each run's consumers are fitted before the next run measures: one run's matrices at a time
-            stats = calibrate(prog.reference, run, batches(), device=device, dtype=half,
-                              grams=run if lstsq else ()).stats if run else {}
+        # Each run's consumers are fitted before the next run measures: one run's matrices at a time;
+        # the runs share one pass over the batches, each resuming where the last stopped.
+        for measured in calibrate_runs(prog.reference, runs, batches, device=device, dtype=half,
+                                       grams=weights if lstsq else ()):
+            stats = measured.stats
             chosen |= {m: choose(m, stats.get(f"{m}.weight")) for m in targets if f"{m}.weight" in stats}
-            del stats
+            del stats, measured
         chosen |= {m: choose(m, None) for m in targets if m not in chosen}  # measured in no run
         folds = [f for module in targets for f in chosen[module][0]]
         per_consumer = {module: chosen[module][1] for module in targets}

@@ -16,7 +16,7 @@ end.
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -159,10 +159,15 @@ def _last_read(gm: fx.GraphModule, watched: Iterable[fx.Node]) -> fx.Node | None
 
 
 class _Collect(PromotedInterpreter):
+    """Runs the graph, adding each watched reader's input to its statistics, up to `last` (the
+    nodes after it return None). At `cut`, keeps `frontier`: the values computed so far that a
+    later node reads, from which a run that starts after `cut` resumes (`calibrate_runs`)."""
+
     def __init__(self, gm: fx.GraphModule, watched: dict[fx.Node, tuple[InputStats, bool]], dtype: torch.dtype | None,
-                 device: torch.device | None, last: fx.Node | None):
+                 device: torch.device | None, last: fx.Node | None, done: bool = False, cut: _Cut | None = None):
         super().__init__(gm, dtype, device)
-        self.watched, self.added, self.last, self.done = watched, set(), last, last is None
+        self.watched, self.added, self.last, self.done = watched, set(), last, done or last is None
+        self.cut, self.frontier = cut, None
 
     def run_node(self, n: fx.Node) -> Any:
         stats, linear = self.watched.get(n, (None, False))
@@ -174,7 +179,41 @@ class _Collect(PromotedInterpreter):
         if self.done and n.op != "output":
             return None  # past the last input a reader reads (`_last_read`)
         self.done = n is self.last
-        return super().run_node(n)
+        value = super().run_node(n)
+        if self.cut is not None and n is self.cut.node:
+            self.frontier = {m: value if m is n else self.env[m] for m in self.cut.live}
+        return value
+
+
+@dataclass(frozen=True)
+class _Cut:
+    """A place in the graph to resume from: `node` (at `index`), the nodes up to it that a resumed
+    run skips (`before`) and those of them a later node reads (`live`, the frontier's). An
+    attribute a later node reads is in neither: a resumed run fetches it again (a weight's copy
+    is not kept per batch)."""
+
+    node: fx.Node
+    index: int
+    before: frozenset[fx.Node]
+    live: tuple[fx.Node, ...]
+
+    @classmethod
+    def at(cls, gm: fx.GraphModule, index: int) -> _Cut:
+        nodes = list(gm.graph.nodes)
+        after = set(nodes[index + 1:])
+        read = [m for m in nodes[:index + 1] if any(u in after for u in m.users)]
+        refetched = {m for m in read if m.op == "get_attr"}
+        return cls(nodes[index], index, frozenset(m for m in nodes[:index + 1] if m not in refetched),
+                   tuple(m for m in read if m not in refetched))
+
+    def env(self, frontier: dict[fx.Node, Any]) -> dict[fx.Node, Any]:
+        """An interpreter's starting values: the frontier, and None for the other nodes up to the
+        cut (computed already, and read by nothing after it), which it then skips."""
+        return {**dict.fromkeys(self.before), **frontier}
+
+    def resume(self, c: _Collect, frontier: dict[fx.Node, Any]) -> None:
+        """Run `c` from this cut on one batch's frontier (no inputs: the placeholders are in it)."""
+        c.run(initial_env=self.env(frontier), enable_io_processing=False)
 
 
 def calibrate(gm: fx.GraphModule, weights: Iterable[str], batches: Iterable[tuple[torch.Tensor, ...]],
@@ -186,7 +225,75 @@ def calibrate(gm: fx.GraphModule, weights: Iterable[str], batches: Iterable[tupl
     in `grams`, their inputs' second-moment matrices: channels^2 float64 each, on `device`).
     Weights that read one input the same way share its statistics (the same tensors), measured
     once per batch: on a LLaMA block, q, k and v read one, gate and up another."""
-    nodes, grams = readers(gm, weights), set(grams)
+    return next(calibrate_runs(gm, [list(weights)], lambda: batches, device, dtype, norms, grams))
+
+
+def calibrate_runs(gm: fx.GraphModule, runs: Sequence[Sequence[str]],
+                   batches: Callable[[], Iterable[tuple[torch.Tensor, ...]]], device: torch.device | None = None,
+                   dtype: torch.dtype | None = None, norms: bool = False,
+                   grams: Iterable[str] = ()) -> Iterator[Calibration]:
+    """`calibrate` for each run of weights in turn, yielding its Calibration before the next run
+    allocates its own (a run's second moments are dropped once the caller lets go of them).
+
+    The graph is run over the batches about once, not once per run: each batch's run stops at
+    the last input its readers read and keeps the values a later node reads at a cut before the
+    next run's first reader (the frontier: a language model's residual stream, its position
+    embeddings and mask); the next run resumes each batch from there. A run whose readers do not
+    all come after the previous cut starts again from `batches()` (called again: it must give
+    the same batches)."""
+    grams, order = set(grams), {n: i for i, n in enumerate(gm.graph.nodes)}
+    found = [readers(gm, run) for run in runs]
+    frontiers: list[dict[fx.Node, Any]] | None = None  # per batch, where the previous run stopped
+    cut: _Cut | None = None
+    for k, nodes in enumerate(found):
+        if not nodes:
+            yield Calibration()  # nothing to measure: no data read
+            continue
+        first = min(order[n] for n in nodes.values())
+        if frontiers is not None and (cut is None or cut.index >= first):
+            frontiers = None  # readers before the cut: from the start
+        following = [order[n] for later in found[k + 1:] for n in later.values()]
+        out, frontiers, cut = _one_run(gm, nodes, batches, frontiers, cut if frontiers is not None else None,
+                                       min(following) if following else None, grams, device, dtype, norms)
+        yield out
+        del out  # before the next run's records: one run's second moments at a time
+
+
+def _one_run(gm: fx.GraphModule, nodes: Mapping[str, fx.Node], batches: Callable[[], Iterable[tuple[torch.Tensor, ...]]],
+             frontiers: list[dict[fx.Node, Any]] | None, start: _Cut | None, following: int | None,
+             grams: set[str], device: torch.device | None, dtype: torch.dtype | None,
+             norms: bool) -> tuple[Calibration, list[dict[fx.Node, Any]] | None, _Cut | None]:
+    """One run of `calibrate_runs`: from the batches, or from `start` on `frontiers`; with the
+    frontiers at the cut before node index `following` (the next runs' first reader), if any."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    watched, of = _watch(gm, nodes, grams, device)
+    last = _last_read(gm, watched)
+    nxt = None
+    if last is not None and following is not None:
+        at = min(order[last], following - 1)
+        nxt = start if start is not None and at <= start.index else _Cut.at(gm, at)  # else: where it started
+    done = start is not None and last is not None and order[last] <= start.index  # nothing after the cut to run
+    out, kept = Calibration(), []
+    with torch.no_grad(), eval_mode(gm), streamed(gm):  # a memory-mapped checkpoint's pages go back after each module
+        for item in (_drain(frontiers) if start is not None and frontiers is not None else batches()):
+            c = _Collect(gm, watched, dtype, device, last, done=done, cut=nxt if nxt is not start else None)
+            start.resume(c, item) if start is not None else c.run(*item)
+            out.batches += 1
+            if nxt is not None:
+                kept.append(item if nxt is start else c.frontier)
+    return _finished(out, gm, nodes, of, norms), kept if nxt is not None else None, nxt
+
+
+def _drain(items: list) -> Iterator:
+    """The items of `items`, each let go of as it is given."""
+    while items:
+        yield items.pop(0)
+
+
+def _watch(gm: fx.GraphModule, nodes: Mapping[str, fx.Node], grams: set[str],
+           device: torch.device | None) -> tuple[dict[fx.Node, tuple[InputStats, bool]], dict[str, InputStats]]:
+    """The records of `nodes` (weight -> reader): one per input read, a second-moment matrix where
+    one of its weights is in `grams`; the readers watched, and each weight's record."""
     of: dict[str, InputStats] = {}  # each weight's shared record
     for names in _by_input(gm, nodes).values():
         stats = InputStats()
@@ -194,12 +301,11 @@ def calibrate(gm: fx.GraphModule, weights: Iterable[str], batches: Iterable[tupl
             w = tensor_of(gm, names[0])
             stats.gram = torch.zeros(w.shape[1], w.shape[1], dtype=torch.float64, device=device or w.device)
         of.update(dict.fromkeys(names, stats))
-    watched = {node: (of[name], _linear(gm, node)) for name, node in nodes.items()}
-    out, last = Calibration(), _last_read(gm, watched)
-    with torch.no_grad(), eval_mode(gm), streamed(gm):  # a memory-mapped checkpoint's pages go back after each module
-        for inputs in batches:
-            _Collect(gm, watched, dtype, device, last).run(*inputs)
-            out.batches += 1
+    return {node: (of[name], _linear(gm, node)) for name, node in nodes.items()}, of
+
+
+def _finished(out: Calibration, gm: fx.GraphModule, nodes: Mapping[str, fx.Node], of: Mapping[str, InputStats],
+              norms: bool) -> Calibration:
     for name in nodes:  # each weight's own record of the shared input's (same tensors)
         stats = out.stats[name] = replace(of[name])
         w = tensor_of(gm, name).detach()

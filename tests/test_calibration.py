@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import pcompiler
-from pcompiler.calibration import calibrate, readers
+from pcompiler.calibration import calibrate, calibrate_runs, readers
 from pcompiler.data import DataSource
 from pcompiler.errors import CompileError
 from pcompiler.passes.calibrated import reconstruction
@@ -168,3 +168,33 @@ def test_reconstruction_removes_a_channel_the_others_predict_where_activation_ke
     scores = reconstruction([(w, torch.cov(x.T, correction=0), torch.arange(8).reshape(8, 1).numpy())], 8, steps=8)
     assert int(scores.argmin()) in (1, 5)
     assert x.square().mean(0).argmin() == 3 and scores[3] > scores[1:6:4].min()
+
+
+def test_runs_resume_where_the_last_stopped_on_a_traced_decoder():
+    """calibrate_runs on a traced bfloat16 LLaMA, its weights in four runs: each run resumes
+    each batch from the values the last one kept (the residual stream, rotary embeddings, the
+    mask), the embedding runs once per batch, not once per run, and every statistic is the one
+    a single run measures."""
+    T = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                             num_key_value_heads=2, intermediate_size=128, max_position_embeddings=64))
+    model = model.to(torch.bfloat16).eval()
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randint(0, 128, (2, 16), generator=g), torch.ones(2, 16, dtype=torch.long)) for _ in range(3)]
+    prog = pcompiler.trace(model, (), kwargs={"input_ids": batches[0][0], "attention_mask": batches[0][1]})
+    names = list(readers(prog.gm, [n for n, p in prog.gm.named_parameters() if n.endswith("proj.weight")]))
+    assert len(names) == 14
+    runs = [names[:3], names[3:7], names[7:10], names[10:]]
+    embedded = []
+    embedding = next(m for m in prog.gm.modules() if isinstance(m, nn.Embedding))
+    embedding.register_forward_hook(lambda *_: embedded.append(1))
+    whole = calibrate(prog.gm, names, batches, dtype=torch.float32, grams=names)
+    assert len(embedded) == 3
+    parts = list(calibrate_runs(prog.gm, runs, lambda: batches, dtype=torch.float32, grams=names))
+    assert len(embedded) == 6 and [len(p.stats) for p in parts] == [3, 4, 3, 4]
+    for part in parts:
+        assert part.batches == 3
+        for name, stats in part.stats.items():
+            torch.testing.assert_close(stats.total, whole.stats[name].total, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(stats.gram, whole.stats[name].gram, rtol=1e-6, atol=1e-6)

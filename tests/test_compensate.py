@@ -372,21 +372,52 @@ def test_a_runs_second_moments_are_let_go_before_the_next_run_measures(monkeypat
     model = nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)).eval()
     _, x, data = _correlated(256)
     monkeypatch.setattr(compensate, "GRAM_BYTES", 8 * 8 * 8)  # one 8-input consumer per run
-    real, earlier, alive = compensate.calibrate, [], []
+    real, earlier, alive = compensate.calibrate_runs, [], []
 
     def watched(*args, **kwargs):
-        gc.collect()
-        alive.append(sum(ref() is not None for ref in earlier))
-        out = real(*args, **kwargs)
-        earlier.extend(weakref.ref(s) for s in out.stats.values())
-        return out
+        for out in real(*args, **kwargs):
+            gc.collect()
+            alive.append(sum(ref() is not None for ref in earlier))
+            earlier.extend(weakref.ref(s) for s in out.stats.values())
+            yield out
+            del out
 
-    monkeypatch.setattr(compensate, "calibrate", watched)
+    monkeypatch.setattr(compensate, "calibrate_runs", watched)
     prog = compensated(model, x[:2], {"0.weight": [0, 2], "1.weight": [1, 5]}, data=data, batches=2, batch_size=64,
                        fit="lstsq")
     assert prog.info["compensation"]["runs"] == 2 and alive == [0, 0]
     assert [f.module for f in prog.compensation.folds] == ["1", "2"] and all(f.predict is not None
                                                                             for f in prog.compensation.folds)
+
+
+def test_the_runs_share_one_pass_over_the_batches(monkeypatch):
+    """Three runs, each resuming each batch where the last stopped: every layer runs once per
+    batch (three passes from the start would run the first layer three times), and the fits
+    are those of one run."""
+    model = nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 3)).eval()
+    _, x, data = _correlated(256)
+    remove = {"0.weight": [0, 2], "1.weight": [1, 5], "2.weight": [3]}
+    one = compensated(copy.deepcopy(model), x[:2], remove, data=data, batches=2, batch_size=64, fit="lstsq")
+    monkeypatch.setattr(compensate, "GRAM_BYTES", 8 * 8 * 8)  # one 8-input consumer per run
+    calls, measuring, real = {}, [False], compensate.calibrate_runs
+
+    def counted(*args, **kwargs):
+        measuring[0] = True
+        yield from real(*args, **kwargs)
+        measuring[0] = False
+
+    monkeypatch.setattr(compensate, "calibrate_runs", counted)
+    def count(name: str) -> None:
+        if measuring[0]:
+            calls[name] = calls.get(name, 0) + 1
+
+    for name, m in model.named_children():
+        m.register_forward_hook(lambda mod, args, out, name=name: count(name))
+    three = compensated(model, x[:2], remove, data=data, batches=2, batch_size=64, fit="lstsq")
+    assert one.info["compensation"]["runs"] == 1 and three.info["compensation"]["runs"] == 3
+    assert calls == {"0": 2, "1": 2, "2": 2}  # 2 batches; the head "3" reads no measured input: never run
+    for a, b in zip(one.compensation.folds, three.compensation.folds, strict=True):
+        np.testing.assert_allclose(a.predict, b.predict, rtol=1e-6, atol=1e-7)
 
 
 class _Fan(nn.Module):
