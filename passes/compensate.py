@@ -427,8 +427,9 @@ class Compensate:
         else:
             runs = [weights]
         if len(runs) > 1:
-            log.info("compensate: the least-squares fits need more than %d GiB of second moments: %d runs over the "
-                     "calibration batches (--compensate mean needs one)", GRAM_BYTES >> 30, len(runs))
+            log.info("compensate: the least-squares fits need more than %d GiB of second moments: %d runs, each fitted "
+                     "and let go before the next, sharing one pass over the calibration batches", GRAM_BYTES >> 30,
+                     len(runs))
         def choose(module: str, stats: InputStats | None) -> tuple[list[Fold], dict[str, Any]]:
             return _choose(described[module], targets[module], _kept_inputs(prog, module), stats, tol,
                            self.fit if self.data is not None else "constant", self.ridge)
