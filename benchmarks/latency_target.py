@@ -316,6 +316,11 @@ def _earlier(args: argparse.Namespace, name: str) -> list[dict]:
     return json.loads(path.read_text())["rows"] if args.append and path.exists() else []
 
 
+def _stem(part: str, backend: str) -> str:
+    """The file name, less its suffix, of a part's results on `backend` (onnxruntime-cpu's unmarked)."""
+    return f"bench_latency_{part}" + ("" if backend == "onnxruntime-cpu" else "_" + backend.replace("-", "_"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(MODELS))
@@ -336,7 +341,7 @@ def main() -> None:
     args = ap.parse_args()
     env = {**_common.environment(), "cpu": machine()["cpu"], "gpu": machine()["gpu"]}
     if args.part == "fidelity":
-        stem = "bench_latency_fidelity" + ("" if args.backend == "onnxruntime-cpu" else "_" + args.backend.replace("-", "_"))
+        stem = _stem("fidelity", args.backend)
         rows = _earlier(args, f"{stem}.json")
         rows += [fidelity(m, int(b), args.threads, n=args.prunings, backend=args.backend)
                  for m in args.models.split(",") for b in args.batches.split(",")]
@@ -351,7 +356,7 @@ def main() -> None:
         return
     if args.quick:
         args.models, args.batches, args.targets, args.out = "digits_resnet,digits_vgg", "8", "1.5", Path("/tmp")
-    stem = "bench_latency_target" + ("" if args.backend == "onnxruntime-cpu" else "_" + args.backend.replace("-", "_"))
+    stem = _stem("target", args.backend)
     rows = _earlier(args, f"{stem}.json")
     rows += [run(m, int(b), float(t), args.threads, 1.0 if args.quick else 3.0, p, args.backend)
              for m in args.models.split(",") for b in args.batches.split(",") for t in args.targets.split(",")

@@ -250,22 +250,21 @@ def calibrate_runs(gm: fx.GraphModule, runs: Sequence[Sequence[str]],
             yield Calibration()  # nothing to measure: no data read
             continue
         first = min(order[n] for n in nodes.values())
-        if frontiers is not None and (cut is None or cut.index >= first):
-            frontiers = None  # readers before the cut: from the start
+        start = cut if cut is not None and cut.index < first else None  # else readers before the cut: from the start
         following = [order[n] for later in found[k + 1:] for n in later.values()]
-        out, frontiers, cut = _one_run(gm, nodes, batches, frontiers, cut if frontiers is not None else None,
+        out, frontiers, cut = _one_run(gm, order, nodes, batches, frontiers if start is not None else None, start,
                                        min(following) if following else None, grams, device, dtype, norms)
         yield out
         del out  # before the next run's records: one run's second moments at a time
 
 
-def _one_run(gm: fx.GraphModule, nodes: Mapping[str, fx.Node], batches: Callable[[], Iterable[tuple[torch.Tensor, ...]]],
-             frontiers: list[dict[fx.Node, Any]] | None, start: _Cut | None, following: int | None,
-             grams: set[str], device: torch.device | None, dtype: torch.dtype | None,
-             norms: bool) -> tuple[Calibration, list[dict[fx.Node, Any]] | None, _Cut | None]:
-    """One run of `calibrate_runs`: from the batches, or from `start` on `frontiers`; with the
-    frontiers at the cut before node index `following` (the next runs' first reader), if any."""
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+def _one_run(gm: fx.GraphModule, order: Mapping[fx.Node, int], nodes: Mapping[str, fx.Node],
+             batches: Callable[[], Iterable[tuple[torch.Tensor, ...]]], frontiers: list[dict[fx.Node, Any]] | None,
+             start: _Cut | None, following: int | None, grams: set[str], device: torch.device | None,
+             dtype: torch.dtype | None, norms: bool) -> tuple[Calibration, list[dict[fx.Node, Any]] | None, _Cut | None]:
+    """One run of `calibrate_runs`: from the batches, or from `start` on `frontiers` (given
+    together); with the frontiers at the cut before node index `following` (the next runs' first
+    reader), if any. `order`: each node's index in the graph."""
     watched, of = _watch(gm, nodes, grams, device)
     last = _last_read(gm, watched)
     nxt = None
@@ -275,7 +274,7 @@ def _one_run(gm: fx.GraphModule, nodes: Mapping[str, fx.Node], batches: Callable
     done = start is not None and last is not None and order[last] <= start.index  # nothing after the cut to run
     out, kept = Calibration(), []
     with torch.no_grad(), eval_mode(gm), streamed(gm):  # a memory-mapped checkpoint's pages go back after each module
-        for item in (_drain(frontiers) if start is not None and frontiers is not None else batches()):
+        for item in (_drain(frontiers) if start is not None else batches()):
             c = _Collect(gm, watched, dtype, device, last, done=done, cut=nxt if nxt is not start else None)
             start.resume(c, item) if start is not None else c.run(*item)
             out.batches += 1

@@ -38,8 +38,9 @@ ALLOCATIONS = ("uniform", "knapsack")
 # speedups of 20 random prunings with 2-7% mean error, one profiled at 2 threads with 11-27%
 # (parallel kernels' times under its profiler do not add up to the call);
 # docs/bench_latency_fidelity.md. torch's is profiled at --threads (an op's time under
-# torch.profiler is the calling thread's wall time, its parallel work inside it): on resnet50 at
-# batch 1, 2 threads, 2.9% error against 13.5% for a 1-thread model; docs/bench_latency_fidelity_torch_cpu.md.
+# torch.profiler is the calling thread's wall time, its parallel work inside it): over the same
+# 12 rows at 2 threads, 3.5% mean error against 5.6% for a 1-thread model (resnet50 at batch 1:
+# 2.7% against 17.4%); docs/bench_latency_fidelity_torch_cpu.md.
 PROFILE_THREADS = 1
 
 TOLERANCE = 0.05  # relative: about the spread of paired medians on a shared 2-core machine

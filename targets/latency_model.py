@@ -479,8 +479,9 @@ def measure_model(gm: torch.nn.Module, inputs: Sequence[torch.Tensor], lattices:
     from pcompiler.targets.bench import backend_round_to, make_inputs
 
     xs = make_inputs(inputs, batch)
+    onnx = backend in PROVIDERS
     # onnxruntime pads a convolution's channels to the NCHWc block; torch.profiler shows the shapes as given
-    pad = backend_round_to(backend) if backend in PROVIDERS else 1
+    pad = backend_round_to(backend) if onnx else 1
     probes = probe_codes(lattices, pad)
     runs = []
     with tempfile.TemporaryDirectory(prefix="pcompiler-latency-model-") as tmp:
@@ -488,7 +489,7 @@ def measure_model(gm: torch.nn.Module, inputs: Sequence[torch.Tensor], lattices:
             work = Path(tmp) / str(i)
             work.mkdir()
             model = gm if not widths else slim(widths)
-            runs.append(profile(model, xs, threads, PROVIDERS[backend], work) if backend in PROVIDERS
+            runs.append(profile(model, xs, threads, PROVIDERS[backend], work) if onnx
                         else profile_torch(model, xs, threads, backend, device, work))
             log.info("latency model: profiled %s (%.3g ms a call)", "the original" if not widths else f"probe {i}",
                      runs[-1].call * 1e3)
@@ -503,7 +504,7 @@ def measure_model(gm: torch.nn.Module, inputs: Sequence[torch.Tensor], lattices:
         kernels.append(Kernel(name=name, op=runs[0].kernels[name][0], groups=gs, points=points))
     rest = max(0.0, runs[0].call - sum(runs[0].kernels[name][1] for name in groups))
     model = KernelModel(key=key, sizes=sizes, kernels=kernels, rest=rest, probes=len(probes), fit_error=0.0,
-                        seconds=0.0, source="onnxruntime profile" if backend in PROVIDERS else "torch profile")
+                        seconds=0.0, source="onnxruntime profile" if onnx else "torch profile")
     model.fit_error = statistics.fmean(abs(model.predict(w) / run.call - 1) for w, run in zip(widths, runs))
     model.seconds = time.perf_counter() - start
     log.info("latency model: %d kernels (%d scale with a group), %d probes, %.1f%% error on its probes, %.0f s",
